@@ -1,0 +1,445 @@
+"""Engine throughput benchmark: client-steps per second of the client-parallel strategies.
+
+Every contender does the same per-client work: N clients, each taking K local adamw steps
+(`lax.scan` inside jit) on B random windows of T tokens drawn from its own token stream, on one
+frozen GPT-2-like base with LoRA on the q and v slices of `c_attn`. Contenders:
+
+- the engine strategies (`vmap`, `map`, `chunked`, `sharded`): one jitted `train_clients` call
+  over the stacked clients, clients' buffers donated;
+- `python_loop`: a Python loop over the N clients calling one jitted single-client
+  `client_update` (the same K-step scan), each client's buffers donated, one sync at the end;
+- `big_batch`: one adapter trained on all N clients' windows at once (batch N·B, the same
+  per-client sampling), K steps in `lax.scan`; one big step counts as N client-steps.
+
+Each (contender, N) runs in a fresh subprocess, so its peak RSS (`ru_maxrss`) is its own. Compile
+time is AOT `lower().compile()` (trace included), with no persistent compilation cache. Throughput
+is the median over `--reps` timed calls after `--warmup` untimed ones.
+
+    python experiments/benchmarks/engine.py --json experiments/benchmarks/results/engine_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+ENGINE_STRATEGIES = ("vmap", "map", "chunked", "sharded")
+BASELINES = ("python_loop", "big_batch")
+
+# The probe of docs (research/environment.md §3): GPT-2-like, 4 layers, d=128, V=8192, 8x128.
+FULL = {
+    "vocab_size": 8192,
+    "d_model": 128,
+    "n_layers": 4,
+    "n_heads": 4,
+    "d_ff": 512,
+    "seq_len": 128,
+    "batch_size": 8,
+    "rank": 8,
+    "stream_len": 4096,
+    "steps": 4,
+    "reps": 3,
+    "warmup": 1,
+    "num_clients": [1, 8, 32],
+}
+QUICK = {
+    "vocab_size": 256,
+    "d_model": 32,
+    "n_layers": 2,
+    "n_heads": 2,
+    "d_ff": 64,
+    "seq_len": 16,
+    "batch_size": 2,
+    "rank": 4,
+    "stream_len": 256,
+    "steps": 2,
+    "reps": 2,
+    "warmup": 1,
+    "num_clients": [1, 4],
+}
+TARGETS = ("c_attn.q", "c_attn.v")
+
+
+def _rss_gb() -> float:
+    """Peak resident set size of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+
+# --------------------------------------------------------------------------------------------
+# Worker: one (contender, N) in this process.
+# --------------------------------------------------------------------------------------------
+
+
+def run_one(spec: dict) -> dict:
+    """Builds the model and clients, compiles the contender, times it; returns one result row."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    from fedjax_lora import lora
+    from fedjax_lora.engine import (
+        LocalTraining,
+        OptimizerConfig,
+        Strategy,
+        init_clients,
+        lm_loss,
+        make_client_update,
+        sample_starts,
+        train_clients,
+        windows_at,
+    )
+    from fedjax_lora.models.config import ModelConfig
+    from fedjax_lora.models.factory import from_config
+
+    jax.devices()
+    rss_start = _rss_gb()
+    kind, n = spec["contender"], spec["num_clients"]
+    c = spec["config"]
+    t_len, b, k, length = c["seq_len"], c["batch_size"], c["steps"], c["stream_len"]
+
+    cfg = ModelConfig(
+        family="gpt2",
+        vocab_size=c["vocab_size"],
+        d_model=c["d_model"],
+        n_layers=c["n_layers"],
+        n_heads=c["n_heads"],
+        d_ff=c["d_ff"],
+        max_positions=t_len,
+    )
+    model = from_config(cfg, seed=0)
+    lora.add_lora(model, lora.LoRAConfig(targets=TARGETS, rank=c["rank"]))
+    graphdef, template, base = lora.split(model)
+    tx = OptimizerConfig(name="adamw", lr=1e-3).build()
+    training = LocalTraining(steps=k, batch_size=b, seq_len=t_len, dropout=False)
+    max_windows = length // t_len
+    update = make_client_update(graphdef, tx, training, max_windows=max_windows)
+
+    rng = np.random.default_rng(0)
+    tokens = jnp.asarray(rng.integers(0, c["vocab_size"], (n, length)), jnp.int32)
+    lengths = jnp.full((n,), length, jnp.int32)
+    clients = init_clients(template, tx, n, jax.random.key(0))
+    n_params = sum(x.size for x in jax.tree.leaves(clients.params)) // n
+
+    if kind in ENGINE_STRATEGIES:
+        strategy = Strategy(kind=kind, chunk_size=c["chunk_size"])
+        strategy.check_clients(n)
+        clients, tokens, lengths = strategy.place((clients, tokens, lengths))
+        fn = jax.jit(
+            lambda cl, tok, ln, bs: train_clients(update, strategy, cl, tok, ln, None, bs),
+            donate_argnums=0,
+        )
+        t0 = time.perf_counter()
+        compiled = fn.lower(clients, tokens, lengths, base).compile()
+        compile_s = time.perf_counter() - t0
+        state = clients
+
+        def call(state):
+            out, metrics = compiled(state, tokens, lengths, base)
+            jax.block_until_ready((out, metrics))
+            return out, metrics["train_loss"]
+
+        steps_per_call = n * k
+    elif kind == "python_loop":
+        fn = jax.jit(lambda cl, tok, ln, bs: update(cl, tok, ln, None, bs), donate_argnums=0)
+        state = [jax.tree.map(lambda x, i=i: x[i], clients) for i in range(n)]
+        rows = [tokens[i] for i in range(n)]
+        rows_len = [lengths[i] for i in range(n)]
+        del clients
+        t0 = time.perf_counter()
+        compiled = fn.lower(state[0], rows[0], rows_len[0], base).compile()
+        compile_s = time.perf_counter() - t0
+
+        def call(state):
+            outs = [compiled(s, tok, ln, base) for s, tok, ln in zip(state, rows, rows_len)]
+            jax.block_until_ready(outs)
+            return [o[0] for o in outs], jnp.stack([o[1]["train_loss"] for o in outs])
+
+        steps_per_call = n * k
+    elif kind == "big_batch":
+        value_and_grad = jax.value_and_grad(
+            lambda p, bs, batch: lm_loss(graphdef, p, bs, batch, None), has_aux=True
+        )
+
+        def big_update(carry, tok, ln, bs):
+            def client_windows(key, row, row_len):
+                starts = sample_starts(
+                    key,
+                    row_len,
+                    jnp.int32(0),
+                    batch_size=b,
+                    seq_len=t_len,
+                    max_windows=max_windows,
+                    sampling="random",
+                )
+                return windows_at(row, starts, t_len, None)
+
+            def step(carry, _):
+                params, opt_state, key = carry
+                key, k_batch = jax.random.split(key)
+                batch = jax.vmap(client_windows)(jax.random.split(k_batch, n), tok, ln)
+                batch = jax.tree.map(lambda x: x.reshape(n * b, *x.shape[2:]), batch)
+                (loss, _), grads = value_and_grad(params, bs, batch)
+                updates, opt_state = tx.update(grads, opt_state, params)
+                return (optax.apply_updates(params, updates), opt_state, key), loss
+
+            return jax.lax.scan(step, carry, None, length=k)
+
+        fn = jax.jit(big_update, donate_argnums=0)
+        one = jax.tree.map(lambda x: x[0], clients)
+        state = (one.params, one.opt_state, one.rng)
+        del clients, one
+        t0 = time.perf_counter()
+        compiled = fn.lower(state, tokens, lengths, base).compile()
+        compile_s = time.perf_counter() - t0
+
+        def call(state):
+            out = compiled(state, tokens, lengths, base)
+            jax.block_until_ready(out)
+            return out
+
+        steps_per_call = n * k  # k big steps of N*B windows = N*k client-steps of B windows
+    else:
+        raise ValueError(f"unknown contender {kind!r}")
+
+    for _ in range(c["warmup"]):
+        state, losses = call(state)
+    times = []
+    for _ in range(c["reps"]):
+        t0 = time.perf_counter()
+        state, losses = call(state)
+        times.append(time.perf_counter() - t0)
+    losses = np.asarray(losses)
+    if not np.all(np.isfinite(losses)):
+        raise FloatingPointError(f"{kind} N={n}: non-finite training loss")
+    median = statistics.median(times)
+    sps = steps_per_call / median
+    return {
+        "strategy": kind,
+        "num_clients": n,
+        "client_steps_per_s": sps,
+        "tokens_per_s": sps * b * t_len,
+        "peak_rss_gb": _rss_gb(),
+        "rss_after_import_gb": rss_start,
+        "compile_s": compile_s,
+        "call_s_median": median,
+        "call_s": times,
+        "client_steps_per_call": steps_per_call,
+        "trainable_params_per_client": int(n_params),
+        "final_loss": float(losses.mean()),
+        "devices": len(jax.devices()),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Driver: one subprocess per (contender, N), then a table and the JSON file.
+# --------------------------------------------------------------------------------------------
+
+
+def machine_info() -> dict:
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
+    except (ValueError, OSError):
+        mem_gb = None
+    versions = {}
+    for pkg in ("jax", "jaxlib", "flax", "optax", "numpy"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    probe = subprocess.run(
+        [sys.executable, "-c", "import jax; print(repr(jax.devices()))"],
+        env=_worker_env(None),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "memory_gb": mem_gb,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "jax_version": versions["jax"],
+        "versions": versions,
+        "devices": probe.stdout.strip() or probe.stderr.strip()[-500:],
+    }
+
+
+def _worker_env(host_devices: int | None) -> dict:
+    """A clean JAX environment: no persistent compile cache, forced host devices only for
+    `sharded` (the test session's XLA_FLAGS are dropped)."""
+    env = dict(os.environ)
+    for var in ("XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"):
+        env.pop(var, None)
+    env.setdefault("JAX_PLATFORMS", "cpu")
+    if host_devices:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={host_devices}"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return env
+
+
+def run_subprocess(spec: dict, timeout: float) -> dict:
+    host_devices = spec["config"]["host_devices"] if spec["contender"] == "sharded" else None
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)],
+        env=_worker_env(host_devices),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+        raise RuntimeError(f"worker {spec['contender']} N={spec['num_clients']} failed: {tail}")
+    return json.loads(lines[-1])
+
+
+def summarize(results: list[dict], strategies: list[str]) -> dict:
+    """Per N: the best engine strategy against the Python loop and the big batch."""
+    out = {}
+    for n in sorted({r["num_clients"] for r in results}):
+        rows = {r["strategy"]: r for r in results if r["num_clients"] == n}
+        engine = [rows[s] for s in strategies if s in rows]
+        if not engine:
+            continue
+        best = max(engine, key=lambda r: r["client_steps_per_s"])
+        entry = {"best_strategy": best["strategy"], "best_steps_per_s": best["client_steps_per_s"]}
+        for base in BASELINES:
+            if base in rows:
+                entry[f"best_vs_{base}"] = best["client_steps_per_s"] / rows[base][
+                    "client_steps_per_s"
+                ]
+        out[str(n)] = entry
+    return out
+
+
+def format_table(results: list[dict]) -> str:
+    head = (
+        f"{'N':>3}  {'contender':<12} {'steps/s':>8} {'tok/s':>8} {'x loop':>7} {'x big':>6} "
+        f"{'peak RSS GB':>11} {'compile s':>9}"
+    )
+    lines = [head, "-" * len(head)]
+    for n in sorted({r["num_clients"] for r in results}):
+        rows = [r for r in results if r["num_clients"] == n]
+        ref = {r["strategy"]: r["client_steps_per_s"] for r in rows}
+        for r in rows:
+            sps = r["client_steps_per_s"]
+            loop = f"{sps / ref['python_loop']:.2f}" if "python_loop" in ref else "-"
+            big = f"{sps / ref['big_batch']:.2f}" if "big_batch" in ref else "-"
+            lines.append(
+                f"{n:>3}  {r['strategy']:<12} {sps:>8.2f} {r['tokens_per_s']:>8.0f} {loop:>7} "
+                f"{big:>6} {r['peak_rss_gb']:>11.2f} {r['compile_s']:>9.2f}"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--json", type=Path, help="write the results here")
+    p.add_argument("--num-clients", type=int, nargs="+")
+    p.add_argument(
+        "--strategies", nargs="+", default=["vmap", "map", "chunked"], choices=ENGINE_STRATEGIES
+    )
+    p.add_argument(
+        "--baselines", nargs="*", default=list(BASELINES), choices=BASELINES,
+        help="reference contenders (default: both)",
+    )
+    p.add_argument("--steps", type=int, help="local steps K per call (lax.scan)")
+    p.add_argument("--reps", type=int, help="timed calls; the median is reported")
+    p.add_argument("--warmup", type=int, help="untimed calls after compilation")
+    p.add_argument("--chunk-size", type=int, default=4, help="clients per vmap of `chunked`")
+    p.add_argument("--host-devices", type=int, default=2, help="forced CPU devices of `sharded`")
+    p.add_argument("--quick", action="store_true", help="tiny model, for the smoke test")
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds per subprocess")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.worker:
+        print(json.dumps(run_one(json.loads(args.worker))), flush=True)
+        return 0
+
+    config = dict(QUICK if args.quick else FULL)
+    for name in ("num_clients", "steps", "reps", "warmup"):
+        if getattr(args, name) is not None:
+            config[name] = getattr(args, name)
+    config.update(
+        chunk_size=args.chunk_size,
+        host_devices=args.host_devices,
+        quick=args.quick,
+        lora_targets=list(TARGETS),
+        optimizer="adamw",
+        dtype="float32",
+        donated=True,
+        sampling="random windows with replacement",
+        timing="median of reps after warmup; compile = AOT lower().compile()",
+        command=" ".join([Path(sys.executable).name, *sys.argv]) if argv is None else None,
+    )
+    contenders = [*args.strategies, *args.baselines]
+    machine = machine_info()
+    print(f"machine: {machine['cpu']}, {machine['cores']} cores, jax {machine['jax_version']}")
+    results, skipped = [], []
+    t_all = time.perf_counter()
+    for n in config["num_clients"]:
+        for kind in contenders:
+            if kind == "sharded" and n % args.host_devices:
+                skipped.append({"strategy": kind, "num_clients": n, "reason": "N % devices != 0"})
+                continue
+            t0 = time.perf_counter()
+            row = run_subprocess({"contender": kind, "num_clients": n, "config": config},
+                                 args.timeout)
+            results.append(row)
+            print(
+                f"  N={n:<3} {kind:<12} {row['client_steps_per_s']:8.2f} steps/s  "
+                f"peak {row['peak_rss_gb']:.2f} GB  compile {row['compile_s']:.2f} s  "
+                f"({time.perf_counter() - t0:.0f} s)",
+                flush=True,
+            )
+            if args.json:
+                _write(args.json, machine, config, results, skipped, args.strategies)
+    print(f"\ntotal {time.perf_counter() - t_all:.0f} s\n")
+    print(format_table(results))
+    summary = summarize(results, args.strategies)
+    for n, s in summary.items():
+        parts = [f"N={n}: best engine strategy {s['best_strategy']}"]
+        parts += [f"{v:.2f}x {k[8:]}" for k, v in s.items() if k.startswith("best_vs_")]
+        print(", ".join(parts))
+    if args.json:
+        _write(args.json, machine, config, results, skipped, args.strategies)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _write(path: Path, machine, config, results, skipped, strategies) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {
+        "machine": machine,
+        "config": config,
+        "results": results,
+        "skipped": skipped,
+        "summary": summarize(results, strategies),
+    }
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

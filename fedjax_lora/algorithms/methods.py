@@ -1,0 +1,67 @@
+"""The engine's baselines as named methods: `local`, `fedavg`, `centralized`.
+
+Each factory maps a `Problem` to an `Algorithm`; `METHODS` is the registry the CLI lists.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+from fedjax_lora.aggregation import fedavg_aggregator, local_aggregator
+from fedjax_lora.algorithms.base import Algorithm, federated
+from fedjax_lora.algorithms.problem import Problem
+
+
+def local(problem: Problem) -> Algorithm:
+    """Local training only: every client trains its own adapters, nothing is exchanged; each client
+    draws its own initial adapters."""
+    return federated("local", problem, local_aggregator(), shared_init=False)
+
+
+def fedavg(problem: Problem, weighting: Literal["uniform", "tokens"] = "uniform") -> Algorithm:
+    """FedAvg (McMahan et al., 2017) over the adapters: after every round each client receives
+    `Σ_j w_j θ_j`, `w` uniform or proportional to the clients' training-token counts. Optimizer
+    states stay local. All clients start from the same adapters."""
+    if weighting not in ("uniform", "tokens"):
+        raise ValueError(f"fedavg weighting must be 'uniform' or 'tokens', got {weighting!r}")
+    inputs = None
+    if weighting == "tokens":
+        inputs = lambda data, clients: {"weights": data.token_counts()}
+    return federated(
+        "fedavg", problem, fedavg_aggregator(), shared_init=True, aggregation_inputs=inputs
+    )
+
+
+def centralized(problem: Problem) -> Algorithm:
+    """One model trained on all clients' pooled training data (the upper reference of
+    collaboration without personalization), evaluated on every client's sets."""
+    return federated(
+        "centralized",
+        problem,
+        local_aggregator(),
+        shared_init=True,
+        train=problem.train.pooled(),
+        broadcast_to=problem.num_clients,
+    )
+
+
+METHODS: dict[str, Callable[..., Algorithm]] = {
+    "local": local,
+    "fedavg": fedavg,
+    "centralized": centralized,
+}
+
+
+def register(name: str, factory: Callable[..., Algorithm]) -> None:
+    """Adds a method to the registry (later method families register here)."""
+    if name in METHODS:
+        raise ValueError(f"method {name!r} is already registered")
+    METHODS[name] = factory
+
+
+def get_method(name: str) -> Callable[..., Algorithm]:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; available: {sorted(METHODS)}") from None

@@ -1,0 +1,149 @@
+"""`Problem`: everything a federated simulation holds fixed — base model, adapter template,
+client data on device, evaluation sets, local-training and optimizer settings, strategy."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from fedjax_lora import lora
+from fedjax_lora.data.streams import ClientTokens
+from fedjax_lora.engine.evaluate import EvalSet, make_eval_set, shared_eval_set
+from fedjax_lora.engine.optim import OptimizerConfig
+from fedjax_lora.engine.strategy import Strategy
+from fedjax_lora.engine.train import LocalTraining
+
+PyTree = Any
+
+
+class TrainData(NamedTuple):
+    """Training streams on device (a pytree): `tokens int32 [N, L]`, `lengths int32 [N]`, optional
+    `mask uint8 [N, L]` (1 where a token counts as a target)."""
+
+    tokens: jax.Array
+    lengths: jax.Array
+    mask: jax.Array | None
+
+    @property
+    def num_clients(self) -> int:
+        return int(self.tokens.shape[0])
+
+    def max_windows(self, seq_len: int) -> int:
+        return max(int(self.tokens.shape[1]) // seq_len, 1)
+
+    def token_counts(self) -> jax.Array:
+        return self.lengths.astype(jnp.float32)
+
+    @classmethod
+    def from_client_tokens(cls, ct: ClientTokens, seq_len: int, names=None) -> TrainData:
+        short = np.flatnonzero(np.asarray(ct.lengths) < seq_len + 1)
+        if short.size:
+            who = [names[i] if names else int(i) for i in short]
+            raise ValueError(
+                f"clients {who} have fewer than seq_len + 1 = {seq_len + 1} training tokens; "
+                "give them more data or lower the sequence length"
+            )
+        mask = None if ct.loss_mask is None else jnp.asarray(ct.loss_mask, jnp.uint8)
+        return cls(jnp.asarray(ct.tokens, jnp.int32), jnp.asarray(ct.lengths, jnp.int32), mask)
+
+    def pooled(self) -> TrainData:
+        """All clients' streams concatenated into one client (centralized training)."""
+        lengths = np.asarray(self.lengths)
+        tokens = np.asarray(self.tokens)
+        pooled = np.concatenate([tokens[i, : lengths[i]] for i in range(len(lengths))])
+        mask = None
+        if self.mask is not None:
+            m = np.asarray(self.mask)
+            mask = jnp.asarray(np.concatenate([m[i, : lengths[i]] for i in range(len(lengths))]))
+            mask = mask[None]
+        return TrainData(jnp.asarray(pooled[None]), jnp.asarray([pooled.size], jnp.int32), mask)
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """A simulation's fixed parts. `graphdef`/`template`/`base` come from `lora.split` of a model
+    with adapters attached; `eval_sets` maps a name (`val`, `test`, shared sets) to an `EvalSet`."""
+
+    graphdef: nnx.GraphDef
+    template: nnx.State
+    base: nnx.State
+    train: TrainData
+    eval_sets: dict[str, EvalSet]
+    training: LocalTraining
+    optimizer: OptimizerConfig
+    strategy: Strategy = Strategy()
+    eval_batch_size: int = 8
+    client_names: tuple[str, ...] = ()
+    mixtures: np.ndarray | None = None
+    reference: jax.Array | None = None
+
+    @property
+    def num_clients(self) -> int:
+        return self.train.num_clients
+
+    def tx(self) -> optax.GradientTransformation:
+        return self.optimizer.build()
+
+    @classmethod
+    def create(
+        cls,
+        model: nnx.Module,
+        train: ClientTokens,
+        eval_windows: dict[str, tuple[np.ndarray, np.ndarray]],
+        *,
+        training: LocalTraining,
+        optimizer: OptimizerConfig,
+        strategy: Strategy = Strategy(),
+        eval_batch_size: int = 8,
+        client_names: tuple[str, ...] = (),
+        shared_windows: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+        mixtures: np.ndarray | None = None,
+        reference: np.ndarray | None = None,
+    ) -> Problem:
+        """Builds a problem from a model that already holds its adapters.
+
+        eval_windows: per-client sets `{name: (windows [N, W, T+1], valid [N, W])}`;
+        shared_windows: sets every client is evaluated on `{name: (windows [W, T+1], valid [W])}`;
+        mixtures: the clients' known data proportions `[N, K]` (oracle trust);
+        reference: shared reference sequences `int32 [S, T]` (prediction trust).
+        """
+        graphdef, template, base = lora.split(model)
+        if not jax.tree.leaves(template):
+            raise ValueError("the model holds no adapters; attach some with lora.add_lora first")
+        cfg = model.config
+        if training.seq_len > cfg.max_positions:
+            raise ValueError(
+                f"sequence length {training.seq_len} is longer than the model's context of "
+                f"{cfg.max_positions} positions; lower seq_len"
+            )
+        top = int(np.max(train.tokens)) if np.size(train.tokens) else 0
+        if top >= cfg.vocab_size:
+            raise ValueError(
+                f"training data holds token id {top} but the model's vocabulary has "
+                f"{cfg.vocab_size} entries; tokenize with the model's tokenizer"
+            )
+        data = TrainData.from_client_tokens(train, training.seq_len, client_names or None)
+        strategy.check_clients(data.num_clients)
+        sets = {k: make_eval_set(w, v, eval_batch_size) for k, (w, v) in eval_windows.items()}
+        for k, (w, v) in (shared_windows or {}).items():
+            sets[k] = shared_eval_set(w, v, data.num_clients, eval_batch_size)
+        return cls(
+            graphdef=graphdef,
+            template=template,
+            base=base,
+            train=data,
+            eval_sets=sets,
+            training=training,
+            optimizer=optimizer,
+            strategy=strategy,
+            eval_batch_size=eval_batch_size,
+            client_names=tuple(client_names),
+            mixtures=None if mixtures is None else np.asarray(mixtures, np.float32),
+            reference=None if reference is None else jnp.asarray(reference, jnp.int32),
+        )

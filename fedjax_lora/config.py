@@ -1,0 +1,191 @@
+"""Typed experiment configurations: frozen dataclasses loaded from YAML with dotted overrides.
+
+Every configuration error is raised before any compute starts, naming the field and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from fedjax_lora.engine.optim import OptimizerConfig
+from fedjax_lora.engine.strategy import Strategy
+from fedjax_lora.engine.train import LocalTraining
+from fedjax_lora.lora import LoRAConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """The frozen base: `source` is a local HF directory, a hub id or a `.gguf` file; without a
+    source a randomly initialised model of the given sizes is built (the embedded tiny base)."""
+
+    source: str | None = None
+    family: Literal["gpt2", "llama"] = "gpt2"
+    vocab_size: int = 256
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    d_ff: int = 256
+    max_positions: int = 128
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+    """Client data. `synthetic`: the embedded heterogeneous corpus (groups of clients drawn from
+    distinct token sources, `overlap` in [0, 1]); `fortunes`: Debian fortune files by topic or
+    language (`categories`), tokenized with the model's tokenizer."""
+
+    source: Literal["synthetic", "fortunes"] = "synthetic"
+    num_groups: int = 2
+    clients_per_group: int = 2
+    tokens_per_client: int = 4096
+    overlap: float = 0.0
+    categories: tuple[str, ...] = ()
+    fortunes_dir: str | None = None
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSpec:
+    """Evaluation windows: at most `max_windows` fixed windows per client and split, processed
+    `batch_size` at a time."""
+
+    max_windows: int = 16
+    batch_size: int = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    methods: tuple[str, ...] = ("local", "fedavg")
+    rounds: int = 10
+    seed: int = 0
+    model: ModelSpec = ModelSpec()
+    lora: LoRAConfig = LoRAConfig(targets=("c_attn.q", "c_attn.v"), rank=4, alpha=8.0)
+    data: DataSpec = DataSpec()
+    training: LocalTraining = LocalTraining(steps=5, batch_size=8, seq_len=32)
+    optimizer: OptimizerConfig = OptimizerConfig(lr=5e-3)
+    strategy: Strategy = Strategy()
+    eval: EvalSpec = EvalSpec()
+
+    def __post_init__(self):
+        if self.rounds < 1:
+            raise ValueError(f"rounds must be >= 1, got {self.rounds}")
+        if not self.methods:
+            raise ValueError("methods is empty; name at least one (see `fedjax-lora methods`)")
+
+
+def _convert(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ValueError(f"config field {where!r} must be a mapping, got {value!r}")
+        return from_dict(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return None if value is None else _convert(args[0], value, where)
+    if origin is tuple:
+        items = [value] if isinstance(value, str) else list(value)
+        return tuple(items)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ValueError(f"config field {where!r} must be one of {choices}, got {value!r}")
+        return value
+    if tp is float and isinstance(value, int | float):
+        return float(value)
+    if tp is int and isinstance(value, bool | float) or tp is int and not isinstance(value, int):
+        raise ValueError(f"config field {where!r} must be an integer, got {value!r}")
+    return value
+
+
+def from_dict(cls: type, values: dict[str, Any], where: str = "") -> Any:
+    """Builds dataclass `cls` from a nested dict, rejecting unknown fields by name."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ValueError(
+            f"unknown config field(s) {[prefix + u for u in unknown]}; valid fields of "
+            f"{where or 'the experiment'}: {sorted(names)}"
+        )
+    kwargs = {}
+    for key, value in values.items():
+        path = f"{where}.{key}" if where else key
+        kwargs[key] = _convert(hints[key], value, path)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"invalid config section {where or 'experiment'!r}: {e}") from None
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists), suitable for YAML/JSON."""
+
+    def plain(x):
+        if isinstance(x, tuple):
+            return [plain(v) for v in x]
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        return x
+
+    return plain(dataclasses.asdict(config))
+
+
+def merge_base(base: ExperimentConfig, values: dict[str, Any]) -> ExperimentConfig:
+    """`base` with the fields in the nested dict `values` replaced (sections merged key by key)."""
+    merged = to_dict(base)
+
+    def update(dst, src, where):
+        for k, v in src.items():
+            if isinstance(v, dict) and isinstance(dst.get(k), dict):
+                update(dst[k], v, f"{where}{k}.")
+            else:
+                dst[k] = v
+
+    update(merged, values, "")
+    return from_dict(ExperimentConfig, merged)
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`["training.steps=3", "methods=[local,fedavg]"]` -> nested dict; values parsed as YAML."""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like section.field=value")
+        key, raw = item.split("=", 1)
+        node = nested
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = yaml.safe_load(raw)
+    return nested
+
+
+def load(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    base: ExperimentConfig | None = None,
+) -> ExperimentConfig:
+    """Reads a YAML experiment config (if given) on top of `base`, then applies overrides."""
+    config = base or ExperimentConfig()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"config file {str(p)!r} does not exist")
+        values = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"config file {str(p)!r} must hold a mapping at the top level")
+        config = merge_base(config, values)
+    if overrides:
+        config = merge_base(config, parse_overrides(overrides))
+    return config

@@ -1,0 +1,211 @@
+"""Per-client token streams: the padded `ClientTokens` layout, evaluation windows, and on-disk
+memmapped streams.
+
+A client's data is one flat token stream (documents concatenated). `ClientTokens` stacks the N
+streams right-padded with 0 into `tokens [N, L]`, with the true `lengths [N]`. A training or
+evaluation window is `tokens[i, s : s + T + 1]`; its inputs are the first T tokens and its targets
+the last T. `loss_mask[i, j] = 1` where token j counts as a *target* (e.g. only the response of an
+instruction example).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+UINT16_MAX_VOCAB = 1 << 16
+
+
+class ClientTokens(NamedTuple):
+    """N clients' token streams, right-padded with 0."""
+
+    tokens: np.ndarray  # int32 [N, L]
+    lengths: np.ndarray  # int32 [N]
+    loss_mask: np.ndarray | None  # uint8 [N, L]: 1 where the token counts as a target; None = all
+
+    @property
+    def num_clients(self) -> int:
+        return int(self.tokens.shape[0])
+
+    def stream(self, i: int) -> np.ndarray:
+        """Client `i`'s unpadded token stream."""
+        return self.tokens[i, : self.lengths[i]]
+
+
+class MaskedStream(NamedTuple):
+    """One token stream with its target mask (1 where the token counts as a target)."""
+
+    tokens: np.ndarray  # int [L]
+    loss_mask: np.ndarray  # uint8 [L]
+
+
+def stack_streams(
+    streams: Sequence[np.ndarray], loss_masks: Sequence[np.ndarray] | None = None
+) -> ClientTokens:
+    """Stack 1-D token streams (one per client) into a right-padded `ClientTokens`."""
+    arrays = [np.asarray(s) for s in streams]
+    for i, s in enumerate(arrays):
+        if s.ndim != 1:
+            raise ValueError(f"client {i}: token stream must be 1-D, got shape {s.shape}")
+    n = len(arrays)
+    lengths = np.array([s.shape[0] for s in arrays], dtype=np.int32)
+    width = int(lengths.max()) if n else 0
+    tokens = np.zeros((n, width), dtype=np.int32)
+    for i, s in enumerate(arrays):
+        tokens[i, : s.shape[0]] = s
+    mask = None
+    if loss_masks is not None:
+        if len(loss_masks) != n:
+            raise ValueError(f"got {len(loss_masks)} loss masks for {n} streams")
+        mask = np.zeros((n, width), dtype=np.uint8)
+        for i, m in enumerate(loss_masks):
+            m = np.asarray(m)
+            if m.shape != arrays[i].shape:
+                raise ValueError(
+                    f"client {i}: loss mask shape {m.shape} != token stream shape {arrays[i].shape}"
+                )
+            mask[i, : m.shape[0]] = m
+    return ClientTokens(tokens, lengths, mask)
+
+
+def _client_label(i: int, names: Sequence[str] | None) -> str:
+    return f"client {i} ({names[i]!r})" if names is not None else f"client {i}"
+
+
+def eval_window_starts(
+    lengths: np.ndarray,
+    seq_len: int,
+    max_windows: int,
+    names: Sequence[str] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Start positions of a fixed set of evaluation windows per client.
+
+    Client i's stream holds `n_i = (length_i - 1) // seq_len` windows of `seq_len + 1` tokens at
+    stride `seq_len` (consecutive windows share only their boundary token, so every target is
+    counted at most once). If `n_i > max_windows`, `W = max_windows` of those slots are taken
+    evenly spread over the stream (slot `floor(k * n_i / W)`, k = 0..W-1). Returns
+    `starts int32 [N, W]` and `valid bool [N, W]`; clients with fewer windows are padded with
+    start 0 and marked invalid. Deterministic: no randomness.
+    """
+    if seq_len < 1 or max_windows < 1:
+        raise ValueError(f"seq_len and max_windows must be >= 1, got {seq_len}, {max_windows}")
+    lengths = np.asarray(lengths, dtype=np.int64)
+    slots = (lengths - 1) // seq_len
+    for i, length in enumerate(lengths):
+        if slots[i] < 1:
+            raise ValueError(
+                f"{_client_label(i, names)} has {length} tokens, fewer than seq_len + 1 = "
+                f"{seq_len + 1} needed for one evaluation window; give it more data or use a "
+                "smaller seq_len"
+            )
+    width = int(min(max_windows, slots.max())) if len(lengths) else 0
+    starts = np.zeros((len(lengths), width), dtype=np.int32)
+    valid = np.zeros((len(lengths), width), dtype=bool)
+    for i, n in enumerate(slots):
+        w = int(min(n, width))
+        slot = (np.arange(w, dtype=np.int64) * n) // w
+        starts[i, :w] = slot * seq_len
+        valid[i, :w] = True
+    return starts, valid
+
+
+def gather_windows(array: np.ndarray, starts: np.ndarray, width: int) -> np.ndarray:
+    """`array[i, starts[i, w] : starts[i, w] + width]` for every client i and window w."""
+    offsets = starts[..., None].astype(np.int64) + np.arange(width)
+    return np.take_along_axis(array, offsets.reshape(array.shape[0], -1), axis=1).reshape(
+        offsets.shape
+    )
+
+
+def eval_windows(
+    ct: ClientTokens,
+    seq_len: int,
+    max_windows: int,
+    names: Sequence[str] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A fixed, reproducible set of evaluation windows per client.
+
+    Returns `windows int32 [N, W, seq_len + 1]` (see `eval_window_starts` for which) and
+    `valid bool [N, W]`; invalid (padding) windows are all zeros. For a masked stream, the target
+    weights of the same windows are `gather_windows(ct.loss_mask, starts, seq_len + 1)[..., 1:]`.
+    `names` only improves error messages.
+    """
+    starts, valid = eval_window_starts(ct.lengths, seq_len, max_windows, names)
+    windows = gather_windows(ct.tokens, starts, seq_len + 1).astype(np.int32)
+    windows[~valid] = 0
+    return windows, valid
+
+
+def stream_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits (vocab_size <= 65536), else uint32."""
+    if vocab_size < 1:
+        raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
+    return np.dtype(np.uint16 if vocab_size <= UINT16_MAX_VOCAB else np.uint32)
+
+
+def sidecar_path(path: str | Path) -> Path:
+    """The JSON sidecar next to a stream file: `<path>.json`."""
+    path = Path(path)
+    return path.with_name(path.name + ".json")
+
+
+def write_stream(path: str | Path, tokens: np.ndarray, vocab_size: int) -> Path:
+    """Write a flat token stream as raw uint16/uint32 plus a JSON sidecar; returns `path`.
+
+    The raw file has no header (readable by nanoGPT-style `np.memmap` code); the sidecar holds
+    `{"dtype", "length", "vocab_size"}`.
+    """
+    path = Path(path)
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 1:
+        raise ValueError(f"token stream must be 1-D, got shape {tokens.shape}")
+    if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size):
+        raise ValueError(
+            f"token ids must lie in [0, {vocab_size}); got range "
+            f"[{int(tokens.min())}, {int(tokens.max())}] (vocabulary mismatch?)"
+        )
+    dtype = stream_dtype(vocab_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tokens.astype(dtype).tofile(path)
+    meta = {"dtype": dtype.name, "length": int(tokens.shape[0]), "vocab_size": int(vocab_size)}
+    sidecar_path(path).write_text(json.dumps(meta))
+    return path
+
+
+def open_stream(path: str | Path) -> np.memmap | np.ndarray:
+    """Memory-map a stream written by `write_stream` (read-only), using its JSON sidecar."""
+    path = Path(path)
+    meta_path = sidecar_path(path)
+    if not meta_path.exists():
+        raise FileNotFoundError(
+            f"no sidecar {meta_path} for token stream {path}; write streams with write_stream()"
+        )
+    meta = json.loads(meta_path.read_text())
+    dtype = np.dtype(meta["dtype"])
+    expected = meta["length"] * dtype.itemsize
+    if path.stat().st_size != expected:
+        raise ValueError(
+            f"{path} has {path.stat().st_size} bytes but its sidecar says {meta['length']} "
+            f"{dtype.name} tokens ({expected} bytes); the file is truncated or stale"
+        )
+    if meta["length"] == 0:
+        return np.zeros(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r", shape=(meta["length"],))
+
+
+def reference_windows(stream: np.ndarray, num_sequences: int, length: int) -> np.ndarray:
+    """`num_sequences` fixed, evenly spread, non-overlapping windows of `length` tokens from one
+    stream: the shared reference set `int32 [S, T]` for prediction-similarity trust."""
+    stream = np.asarray(stream)
+    slots = stream.shape[0] // length
+    if slots < num_sequences:
+        raise ValueError(
+            f"reference stream has {stream.shape[0]} tokens, fewer than {num_sequences} x "
+            f"{length} needed; give it more data or ask for fewer/shorter sequences"
+        )
+    starts = (np.arange(num_sequences, dtype=np.int64) * slots // num_sequences) * length
+    return stream[starts[:, None] + np.arange(length)].astype(np.int32)

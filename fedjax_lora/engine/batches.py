@@ -1,0 +1,64 @@
+"""On-device batch sampling from one client's token stream.
+
+A client's stream is `tokens: int32 [L]` (right-padded) with a true `length`; a window is
+`tokens[s : s + T + 1]`, inputs are its first T tokens and targets the last T (shifted by one).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+Sampling = Literal["random", "epoch"]
+
+
+class Batch(NamedTuple):
+    inputs: jax.Array  # int32 [B, T]
+    targets: jax.Array  # int32 [B, T]
+    weights: jax.Array  # f32 [B, T]: 1 where the target counts in the loss
+
+
+def windows_at(tokens: jax.Array, starts: jax.Array, seq_len: int, mask: jax.Array | None) -> Batch:
+    """Windows of `seq_len + 1` tokens starting at `starts [B]`; `mask` marks counted targets."""
+    take = jax.vmap(lambda s: jax.lax.dynamic_slice_in_dim(tokens, s, seq_len + 1))
+    w = take(starts)
+    if mask is None:
+        weights = jnp.ones((starts.shape[0], seq_len), jnp.float32)
+    else:
+        weights = jax.vmap(lambda s: jax.lax.dynamic_slice_in_dim(mask, s + 1, seq_len))(starts)
+        weights = weights.astype(jnp.float32)
+    return Batch(w[:, :-1], w[:, 1:], weights)
+
+
+def sample_starts(
+    key: jax.Array,
+    length: jax.Array,
+    counter: jax.Array,
+    *,
+    batch_size: int,
+    seq_len: int,
+    max_windows: int,
+    sampling: Sampling,
+) -> jax.Array:
+    """Window start positions for one batch.
+
+    `random`: uniform with replacement over `[0, length - seq_len - 1]` (nanoGPT's `get_batch`, as
+    the reference codes do). `epoch`: the stream's non-overlapping windows (stride `seq_len`) in a
+    fresh random order each epoch; `counter` counts windows drawn so far, so the permutation of
+    epoch `e = counter // n` is drawn from `fold_in(key, e)`. `max_windows` is the static bound on
+    any client's window count (padded windows are sorted to the end of the permutation).
+    """
+    if sampling == "random":
+        return jax.random.randint(key, (batch_size,), 0, length - seq_len)
+    n = jnp.maximum((length - 1) // seq_len, 1)
+    idx = counter + jnp.arange(batch_size)
+    epoch, pos = idx // n, idx % n
+
+    def start(e, p):
+        u = jax.random.uniform(jax.random.fold_in(key, e), (max_windows,))
+        order = jnp.argsort(jnp.where(jnp.arange(max_windows) < n, u, 2.0))
+        return order[p] * seq_len
+
+    return jax.vmap(start)(epoch, pos)

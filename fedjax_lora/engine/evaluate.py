@@ -1,0 +1,95 @@
+"""Per-client evaluation on fixed windows: mean token cross-entropy, perplexity, accuracy."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from fedjax_lora.engine.loss import token_cross_entropy
+from fedjax_lora.engine.strategy import Strategy, map_clients
+
+PyTree = Any
+
+
+class EvalSet(NamedTuple):
+    """Fixed evaluation windows, stacked over clients.
+
+    windows: int32 [N, W, T+1]; weights: f32 [N, W, T], 0 for padded windows and masked targets.
+    A shared set (every client evaluated on the same data) has the same windows in every row.
+    """
+
+    windows: jax.Array
+    weights: jax.Array
+
+
+def make_eval_set(
+    windows: np.ndarray,
+    valid: np.ndarray,
+    batch_size: int,
+    target_mask: np.ndarray | None = None,
+) -> EvalSet:
+    """Pads the window axis to a multiple of `batch_size` and folds validity (and an optional
+    target mask `[N, W, T]`) into per-token weights."""
+    n, w, t1 = windows.shape
+    weights = np.broadcast_to(valid[:, :, None], (n, w, t1 - 1)).astype(np.float32)
+    if target_mask is not None:
+        weights = weights * target_mask.astype(np.float32)
+    pad = (-w) % batch_size
+    if pad:
+        windows = np.concatenate([windows, np.zeros((n, pad, t1), windows.dtype)], axis=1)
+        weights = np.concatenate([weights, np.zeros((n, pad, t1 - 1), np.float32)], axis=1)
+    return EvalSet(jnp.asarray(windows, jnp.int32), jnp.asarray(weights))
+
+
+def shared_eval_set(windows: np.ndarray, valid: np.ndarray, num_clients: int, batch_size: int):
+    """An evaluation set of shared windows `[W, T+1]` given to every client."""
+    return make_eval_set(
+        np.broadcast_to(windows, (num_clients, *windows.shape)),
+        np.broadcast_to(valid, (num_clients, *valid.shape)),
+        batch_size,
+    )
+
+
+def make_client_eval(graphdef: nnx.GraphDef, batch_size: int) -> Callable:
+    """`client_eval(params, windows [W, T+1], weights [W, T], base) -> sums` for one client, with
+    windows processed `batch_size` at a time by `lax.map`; dropout off."""
+
+    def client_eval(params, windows, weights, base):
+        model = nnx.merge(graphdef, params, base)
+        w, t1 = windows.shape
+        batches = (
+            windows.reshape(w // batch_size, batch_size, t1),
+            weights.reshape(w // batch_size, batch_size, t1 - 1),
+        )
+
+        def one(batch):
+            win, wt = batch
+            logits = model(win[:, :-1])
+            ce = token_cross_entropy(logits, win[:, 1:])
+            hit = (jnp.argmax(logits, -1) == win[:, 1:]).astype(jnp.float32)
+            return jnp.sum(ce * wt), jnp.sum(hit * wt), jnp.sum(wt)
+
+        ce, hit, count = jax.tree.map(jnp.sum, jax.lax.map(one, batches))
+        return {"ce_sum": ce, "correct": hit, "tokens": count}
+
+    return client_eval
+
+
+def summarize(sums: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """`loss = Σ CE / tokens`, `ppl = exp(loss)` (perplexity of the mean token CE), `accuracy`."""
+    tokens = jnp.maximum(sums["tokens"], 1.0)
+    loss = sums["ce_sum"] / tokens
+    return {"loss": loss, "ppl": jnp.exp(loss), "accuracy": sums["correct"] / tokens}
+
+
+def evaluate_clients(
+    client_eval: Callable, strategy: Strategy, params: PyTree, eval_set: EvalSet, base: nnx.State
+) -> dict[str, jax.Array]:
+    """Every client's model on its own row of `eval_set`; per-client `loss`, `ppl`, `accuracy`."""
+    sums = map_clients(client_eval, strategy, (params, eval_set.windows, eval_set.weights), (base,))
+    return summarize(sums)

@@ -1,0 +1,130 @@
+"""Local training: K optimizer steps of one client as a `lax.scan`, mapped over clients."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from fedjax_lora.engine.batches import Sampling, sample_starts, windows_at
+from fedjax_lora.engine.loss import lm_loss
+from fedjax_lora.engine.state import ClientState
+from fedjax_lora.engine.strategy import Strategy, map_clients
+
+PyTree = Any
+LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalTraining:
+    """One round of local work per client.
+
+    steps: optimizer steps per round; batch_size: windows per micro-batch; grad_accum: micro-batches
+    averaged into one step; seq_len: tokens per window; sampling: `random` windows with
+    replacement (the reference codes) or `epoch` iteration; dropout: whether model/LoRA dropout is
+    active during training.
+    """
+
+    steps: int
+    batch_size: int
+    seq_len: int
+    grad_accum: int = 1
+    sampling: Sampling = "random"
+    dropout: bool = True
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "seq_len", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"LocalTraining.{name} must be >= 1, got {getattr(self, name)}")
+        if self.sampling not in ("random", "epoch"):
+            raise ValueError(f"sampling must be 'random' or 'epoch', got {self.sampling!r}")
+
+
+def _tree_zeros(tree: PyTree) -> PyTree:
+    return jax.tree.map(jnp.zeros_like, tree)
+
+
+def make_client_update(
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    cfg: LocalTraining,
+    *,
+    max_windows: int,
+    loss_fn: LossFn = lm_loss,
+) -> Callable:
+    """`client_update(client, tokens [L], length, mask [L] | None, base) -> (client, metrics)` for one
+    (unstacked) client: `cfg.steps` steps of `lax.scan`, each averaging `grad_accum` micro-batch
+    gradients (the mean of the micro-batch losses, as dividing each loss by `grad_accum`)."""
+    value_and_grad = jax.value_and_grad(
+        lambda p, base, batch, rng: loss_fn(graphdef, p, base, batch, rng), has_aux=True
+    )
+
+    def client_update(client: ClientState, tokens, length, mask, base):
+        def micro_batch(params, counter, k_batch, k_drop, i):
+            key = jax.random.fold_in(k_batch, i) if cfg.sampling == "random" else client.data_key
+            starts = sample_starts(
+                key,
+                length,
+                counter,
+                batch_size=cfg.batch_size,
+                seq_len=cfg.seq_len,
+                max_windows=max_windows,
+                sampling=cfg.sampling,
+            )
+            batch = windows_at(tokens, starts, cfg.seq_len, mask)
+            rng = jax.random.fold_in(k_drop, i) if cfg.dropout else None
+            return value_and_grad(params, base, batch, rng)
+
+        def step(carry, _):
+            params, opt_state, rng, counter = carry
+            rng, k_batch, k_drop = jax.random.split(rng, 3)
+
+            def accumulate(acc, i):
+                grads, counter = acc
+                (loss, parts), g = micro_batch(params, counter, k_batch, k_drop, i)
+                grads = jax.tree.map(jnp.add, grads, g)
+                return (grads, counter + cfg.batch_size), (loss, parts["ce"])
+
+            (grads, counter), (losses, ces) = jax.lax.scan(
+                accumulate, (_tree_zeros(params), counter), jnp.arange(cfg.grad_accum)
+            )
+            grads = jax.tree.map(lambda g: g / cfg.grad_accum, grads)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            params = optax.apply_updates(params, updates)
+            return (params, opt_state, rng, counter), (losses.mean(), ces.mean())
+
+        carry = (client.params, client.opt_state, client.rng, client.windows_seen)
+        (params, opt_state, rng, counter), (loss, ce) = jax.lax.scan(
+            step, carry, None, length=cfg.steps
+        )
+        client = client._replace(
+            params=params,
+            opt_state=opt_state,
+            rng=rng,
+            step=client.step + cfg.steps,
+            windows_seen=counter,
+        )
+        return client, {"train_loss": loss, "train_ce": ce}
+
+    return client_update
+
+
+def train_clients(
+    client_update: Callable,
+    strategy: Strategy,
+    clients: ClientState,
+    tokens: jax.Array,
+    lengths: jax.Array,
+    mask: jax.Array | None,
+    base: nnx.State,
+) -> tuple[ClientState, dict[str, jax.Array]]:
+    """Runs `client_update` over all clients with the chosen strategy (inside `jit`)."""
+    if mask is None:
+        fn = lambda c, t, n, b: client_update(c, t, n, None, b)
+        return map_clients(fn, strategy, (clients, tokens, lengths), (base,))
+    return map_clients(client_update, strategy, (clients, tokens, lengths, mask), (base,))

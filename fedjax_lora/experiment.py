@@ -1,0 +1,266 @@
+"""`train_and_evaluate`: build the problem from an `ExperimentConfig`, run every method, write
+`metrics.jsonl`, `summary.json` and a plot."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from fedjax_lora import lora
+from fedjax_lora.algorithms import Problem, get_method
+from fedjax_lora.config import ExperimentConfig, to_dict
+from fedjax_lora.data import FederatedData, eval_windows, stack_streams, synthetic_corpus
+from fedjax_lora.models.config import ModelConfig
+from fedjax_lora.models.factory import from_config
+
+SPLITS = ("val", "test")
+
+
+def build_model(config: ExperimentConfig):
+    """The base model with the config's LoRA attached, and its tokenizer (None for the tiny
+    random base)."""
+    spec = config.model
+    dtype = jnp.dtype(spec.dtype)
+    if spec.source:
+        from fedjax_lora import models
+
+        model, tokenizer = models.load(spec.source, dtype=dtype), models.load_tokenizer(spec.source)
+    else:
+        cfg = ModelConfig(
+            family=spec.family,
+            vocab_size=spec.vocab_size,
+            d_model=spec.d_model,
+            n_layers=spec.n_layers,
+            n_heads=spec.n_heads,
+            d_ff=spec.d_ff,
+            max_positions=spec.max_positions,
+        )
+        model, tokenizer = from_config(cfg, dtype=dtype, seed=spec.seed), None
+    lora.add_lora(model, config.lora, key=jax.random.key(config.seed))
+    return model, tokenizer
+
+
+def build_data(config: ExperimentConfig, vocab_size: int, tokenizer=None) -> FederatedData:
+    """The clients' data as the config describes it, validated for the sequence length."""
+    spec = config.data
+    seq = config.training.seq_len
+    if spec.source == "synthetic":
+        per_split = spec.tokens_per_client
+        data = synthetic_corpus(
+            spec.num_groups,
+            spec.clients_per_group,
+            vocab_size=vocab_size,
+            overlap=spec.overlap,
+            train_tokens=per_split,
+            val_tokens=max(int(per_split * spec.val_fraction), seq + 1),
+            test_tokens=max(int(per_split * spec.test_fraction), seq + 1),
+            reference_shape=(16, seq),
+            seed=spec.seed,
+        )
+    else:
+        data = _fortunes_data(config, vocab_size, tokenizer)
+    return data.validate(seq, vocab_size)
+
+
+def _fortunes_data(config: ExperimentConfig, vocab_size: int, tokenizer) -> FederatedData:
+    from fedjax_lora.data import build_federated, fortunes
+
+    spec = config.data
+    if tokenizer is None:
+        raise ValueError(
+            "data.source='fortunes' needs a real tokenizer: set model.source to a Hugging Face "
+            "directory, hub id or .gguf file"
+        )
+    root = spec.fortunes_dir or fortunes.FORTUNES_ROOT
+    if not spec.categories:
+        raise ValueError("data.categories is empty; name fortune languages (en, de, ...) or topics")
+    languages = set(fortunes.list_languages(root))
+    clients, names, groups = [], [], []
+    for g, category in enumerate(spec.categories):
+        texts = (
+            fortunes.load_language(category, root)
+            if category in languages
+            else fortunes.load_topic(category, "en", root)
+        )
+        rng = np.random.default_rng(spec.seed + g)
+        order = rng.permutation(len(texts))
+        for c in range(spec.clients_per_group):
+            clients.append([texts[i] for i in order[c :: spec.clients_per_group]])
+            names.append(f"{category}-{c}")
+            groups.append(g)
+    train = 1.0 - spec.val_fraction - spec.test_fraction
+    return build_federated(
+        clients,
+        vocab_size=vocab_size,
+        split=(train, spec.val_fraction, spec.test_fraction),
+        tokenizer=tokenizer,
+        client_names=names,
+        groups=np.asarray(groups),
+    )
+
+
+def build_problem(config: ExperimentConfig) -> tuple[Problem, FederatedData]:
+    """Model, adapters, data and evaluation windows assembled into a `Problem`."""
+    for name in config.methods:
+        get_method(name)  # unknown method names fail before any compute
+    model, tokenizer = build_model(config)
+    data = build_data(config, model.config.vocab_size, tokenizer)
+    seq, ev = config.training.seq_len, config.eval
+    windows = {
+        split: eval_windows(data.split(split), seq, ev.max_windows, data.client_names)
+        for split in SPLITS
+    }
+    shared = {}
+    for name, stream in (data.shared_eval or {}).items():
+        w, v = eval_windows(stack_streams([stream]), seq, ev.max_windows)
+        shared[f"shared_{name}"] = (w[0], v[0])
+    problem = Problem.create(
+        model,
+        data.train,
+        windows,
+        training=config.training,
+        optimizer=config.optimizer,
+        strategy=config.strategy,
+        eval_batch_size=ev.batch_size,
+        client_names=data.client_names,
+        shared_windows=shared,
+        mixtures=data.mixtures,
+        reference=data.reference,
+    )
+    return problem, data
+
+
+def _finite_or_raise(method: str, round_idx: int, metrics: dict, names) -> None:
+    loss = np.asarray(metrics["train"]["train_loss"])
+    bad = np.flatnonzero(~np.all(np.isfinite(loss), axis=-1))
+    if bad.size:
+        who = [names[i] if names else int(i) for i in bad]
+        raise FloatingPointError(
+            f"method {method!r}: non-finite training loss for client(s) {who} in round "
+            f"{round_idx}; lower the learning rate or check the data"
+        )
+
+
+def _round_record(method: str, round_idx: int, metrics: dict, seconds: float) -> dict[str, Any]:
+    record: dict[str, Any] = {"method": method, "round": round_idx, "seconds": seconds}
+    if "train" in metrics:
+        record["train_loss"] = np.asarray(metrics["train"]["train_loss"])[:, -1].tolist()
+    for split, values in metrics.items():
+        if split == "train":
+            continue
+        for key in ("ppl", "loss", "accuracy"):
+            per_client = np.asarray(values[key], np.float64)
+            record[f"{split}_{key}"] = per_client.tolist()
+            record[f"{split}_mean_{key}"] = float(per_client.mean())
+    return record
+
+
+def run_method(
+    name: str, problem: Problem, config: ExperimentConfig, log, *, progress: bool = True
+) -> list[dict[str, Any]]:
+    """Runs one method for `config.rounds` rounds; returns and logs one record per round (round 0
+    is the evaluation before training)."""
+    algo = get_method(name)(problem)
+    sim = algo.init(jax.random.key(config.seed))
+    records = [_round_record(name, 0, algo.evaluate(sim), 0.0)]
+    log(records[-1])
+    bar = tqdm(range(1, config.rounds + 1), desc=name, disable=not progress, leave=False)
+    for r in bar:
+        start = time.perf_counter()
+        sim, metrics = algo.round(sim)
+        metrics = jax.device_get(metrics)
+        _finite_or_raise(name, r, metrics, problem.client_names)
+        records.append(_round_record(name, r, metrics, time.perf_counter() - start))
+        log(records[-1])
+        bar.set_postfix(val_ppl=f"{records[-1]['val_mean_ppl']:.3f}")
+    return records
+
+
+def summarize(history: dict[str, list[dict[str, Any]]], client_names) -> dict[str, Any]:
+    """Per method: final mean and per-client perplexity (test and validation splits)."""
+    summary = {}
+    for method, records in history.items():
+        last = records[-1]
+        summary[method] = {
+            "rounds": last["round"],
+            "client_names": list(client_names),
+            **{
+                f"{split}_{what}": last[f"{split}_{what}"]
+                for split in SPLITS
+                for what in ("mean_ppl", "ppl", "mean_accuracy")
+            },
+        }
+    return summary
+
+
+def plot_history(history: dict[str, list[dict[str, Any]]], path: Path, split: str = "val") -> None:
+    """Per-client perplexity over rounds, one panel per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(history)
+    fig, axes = plt.subplots(
+        1, len(methods), figsize=(4 * len(methods), 3.2), squeeze=False, sharey=True
+    )
+    for ax, method in zip(axes[0], methods, strict=True):
+        rounds = [r["round"] for r in history[method]]
+        ppl = np.asarray([r[f"{split}_ppl"] for r in history[method]])
+        for c in range(ppl.shape[1]):
+            ax.plot(rounds, ppl[:, c], lw=1, alpha=0.7)
+        ax.plot(rounds, ppl.mean(1), "k-", lw=2, label="mean")
+        ax.set_title(method)
+        ax.set_xlabel("round")
+        ax.set_yscale("log")
+    axes[0][0].set_ylabel(f"{split} perplexity per client")
+    axes[0][0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def results_table(summary: dict[str, Any]) -> str:
+    """A Markdown table of final mean perplexities and accuracy per method."""
+    lines = [
+        "| method | val ppl (mean) | test ppl (mean) | test accuracy |",
+        "|---|---|---|---|",
+    ]
+    for method, s in summary.items():
+        lines.append(
+            f"| {method} | {s['val_mean_ppl']:.3f} | {s['test_mean_ppl']:.3f} | "
+            f"{s['test_mean_accuracy']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def train_and_evaluate(
+    config: ExperimentConfig, out_dir: str | Path, *, progress: bool = True
+) -> dict[str, Any]:
+    """Runs every method of `config`; writes `config.json`, `metrics.jsonl`, `summary.json`,
+    `results.md` and `ppl.png` under `out_dir`; returns the summary."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    problem, _ = build_problem(config)
+    (out / "config.json").write_text(json.dumps(to_dict(config), indent=2))
+    history = {}
+    with open(out / "metrics.jsonl", "w") as f:
+
+        def log(record):
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+
+        for name in config.methods:
+            history[name] = run_method(name, problem, config, log, progress=progress)
+    summary = summarize(history, problem.client_names)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / "results.md").write_text(results_table(summary) + "\n")
+    plot_history(history, out / "ppl.png")
+    return summary

@@ -1,0 +1,217 @@
+"""LoRA adapters on frozen projections, as separate trainable pytrees.
+
+A LoRA on a projection `y = x W + b` adds `s · dropout(x) A B` with `A: (in, r)`, `B: (r, out)`,
+`B = 0` at init (Hu et al., 2021), and `s = alpha / r` or `alpha / sqrt(r)` (rsLoRA; CoMiGS).
+Adapters are `Adapter` variables, so `split(model)` gives `(graphdef, adapters, base)`: the base is
+held once, and adapters can be stacked on a leading client axis (`init_adapters` under `vmap`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from fedjax_lora.models.layers import Adapter, Linear, dropout
+
+__all__ = [
+    "Adapter",
+    "Init",
+    "LoRA",
+    "LoRAConfig",
+    "add_lora",
+    "init_adapters",
+    "merge",
+    "projection_paths",
+    "split",
+]
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Init:
+    """How an adapter variable is (re)drawn; kept as the variable's metadata.
+
+    kinds: `"zeros"`; `"uniform"` on `[-bound, bound]`; `"normal"` with standard deviation `std`.
+    """
+
+    kind: Literal["zeros", "uniform", "normal"]
+    bound: float = 0.0
+    std: float = 0.0
+
+    def draw(self, key: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Array:
+        if self.kind == "zeros":
+            return jnp.zeros(shape, dtype)
+        if self.kind == "uniform":
+            return jax.random.uniform(key, shape, dtype, -self.bound, self.bound)
+        if self.kind == "normal":
+            return self.std * jax.random.normal(key, shape, dtype)
+        raise ValueError(f"unknown init kind {self.kind!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+    """Which projections get LoRA and how.
+
+    targets: patterns over projection paths. A plain pattern matches a path that equals it or ends
+        with `.pattern` (PEFT's `target_modules` rule): `"c_attn"` (GPT-2 fused qkv, whole),
+        `"c_attn.q"` (its q slice), `"attn.c_proj"`, `"mlp.c_fc"`, `"q_proj"`, `"down_proj"`.
+        A pattern starting with `re:` is a regular expression matched against the full path.
+    scaling: `"alpha/r"` (Hu et al.; trust-weighted, FedAMoLE) or `"alpha/sqrt(r)"` (rsLoRA; CoMiGS).
+    init: `"kaiming_uniform"` is PyTorch's `kaiming_uniform_(a=sqrt(5))`, i.e. U(±1/sqrt(fan)), with
+        `init_fan="in"` for the reference layout `A: (r, in)` (PEFT, CoMiGS, FedAMoLE) or
+        `init_fan="rank"` for `A: (in, r)` (the trust-weighted reference: U(±1/sqrt(r))).
+        `"gaussian"` draws A ~ N(0, init_std²) (default std 1/r, PEFT's `gaussian`). B = 0 always.
+    """
+
+    targets: tuple[str, ...]
+    rank: int = 8
+    alpha: float = 16.0
+    scaling: Literal["alpha/r", "alpha/sqrt(r)"] = "alpha/r"
+    dropout: float = 0.0
+    init: Literal["kaiming_uniform", "gaussian"] = "kaiming_uniform"
+    init_fan: Literal["in", "rank"] = "in"
+    init_std: float | None = None
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        if isinstance(self.targets, str):
+            object.__setattr__(self, "targets", (self.targets,))
+        else:
+            object.__setattr__(self, "targets", tuple(self.targets))
+        if not self.targets:
+            raise ValueError("LoRAConfig.targets is empty; name at least one projection")
+        if self.rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
+        if self.scaling not in ("alpha/r", "alpha/sqrt(r)"):
+            raise ValueError(f"scaling must be 'alpha/r' or 'alpha/sqrt(r)', got {self.scaling!r}")
+        if self.init not in ("kaiming_uniform", "gaussian"):
+            raise ValueError(f"init must be 'kaiming_uniform' or 'gaussian', got {self.init!r}")
+        if self.init_fan not in ("in", "rank"):
+            raise ValueError(f"init_fan must be 'in' or 'rank', got {self.init_fan!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def scale(self) -> float:
+        """`s = alpha / r` or `alpha / sqrt(r)`."""
+        if self.scaling == "alpha/r":
+            return self.alpha / self.rank
+        return self.alpha / math.sqrt(self.rank)
+
+    def a_init(self, in_features: int) -> Init:
+        if self.init == "gaussian":
+            return Init("normal", std=self.init_std or 1.0 / self.rank)
+        fan = in_features if self.init_fan == "in" else self.rank
+        return Init("uniform", bound=1.0 / math.sqrt(fan))
+
+
+class LoRA(nnx.Module):
+    """`delta(x) = scale · dropout(x) @ a @ b`, computed in the adapter dtype (f32 by default)."""
+
+    def __init__(self, in_features: int, out_features: int, config: LoRAConfig):
+        dtype = jnp.dtype(config.dtype)
+        # Host zeros; `add_lora` draws every adapter at once with `init_adapters`.
+        self.a = Adapter(np.zeros((in_features, config.rank), dtype), init=config.a_init(in_features))
+        self.b = Adapter(np.zeros((config.rank, out_features), dtype), init=Init("zeros"))
+        self.scale = config.scale
+        self.dropout = config.dropout
+
+    def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
+        a, b = self.a[...], self.b[...]
+        h = dropout(x.astype(a.dtype), self.dropout, rngs)
+        return self.scale * ((h @ a) @ b)
+
+
+def _path_str(path: Sequence[Any]) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def projection_paths(model: nnx.Module) -> dict[str, tuple[Linear, str]]:
+    """Every adapter slot of the model: `{"transformer.h.0.attn.c_attn.q": (linear, "q"), ...}`."""
+    slots = {}
+    for path, module in nnx.iter_graph(model):
+        if isinstance(module, Linear):
+            base = _path_str(path)
+            for slot in module.slot_names():
+                slots[base if slot == "" else f"{base}.{slot}"] = (module, slot)
+    return slots
+
+
+def _matches(pattern: str, path: str) -> bool:
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], path) is not None
+    return path == pattern or path.endswith("." + pattern)
+
+
+def add_lora(model: nnx.Module, config: LoRAConfig, *, key: jax.Array | None = None) -> list[str]:
+    """Attaches a LoRA to every projection slot matching `config.targets`, in place, and draws
+    all of the model's adapters from `key` (`init_adapters`).
+
+    Returns the adapted paths. Raises if a pattern matches nothing (naming the available
+    projections), if a slot already holds an adapter, or if a projection would get LoRA both on its
+    whole output and on one of its slices.
+    """
+    key = jax.random.key(0) if key is None else key
+    slots = projection_paths(model)
+    chosen: dict[str, tuple[Linear, str]] = {}
+    for pattern in config.targets:
+        hits = {p: s for p, s in slots.items() if _matches(pattern, p)}
+        if not hits:
+            names = sorted({re.sub(r"\.\d+\.", ".*.", p) for p in slots})
+            raise ValueError(
+                f"LoRA target {pattern!r} matches no projection of this model; available "
+                f"projections: {names}"
+            )
+        chosen.update(hits)
+    by_linear: dict[int, set[str]] = {}
+    for linear, slot in chosen.values():
+        by_linear.setdefault(id(linear), set()).add(slot)
+    for slots_of_linear in by_linear.values():
+        if "" in slots_of_linear and len(slots_of_linear) > 1:
+            raise ValueError(
+                "LoRA targets select both a fused projection and one of its slices "
+                f"({sorted(s for s in slots_of_linear if s)}); choose one of the two"
+            )
+    for path, (linear, slot) in sorted(chosen.items()):
+        attr = Linear.slot_attr(slot)
+        if getattr(linear, attr, None) is not None:
+            raise ValueError(f"projection {path!r} already holds an adapter")
+        setattr(linear, attr, LoRA(linear.in_features, linear.slot_width(slot), config))
+    nnx.update(model, jax.jit(init_adapters)(nnx.state(model, Adapter), key))
+    return sorted(chosen)
+
+
+def split(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    """`(graphdef, adapters, base)`: the trainable `Adapter` variables and the frozen rest."""
+    return nnx.split(model, Adapter, ...)
+
+
+def merge(graphdef: nnx.GraphDef, adapters: PyTree, base: nnx.State) -> nnx.Module:
+    """Rebuilds a callable model from its parts (inside `jit`, a trace-time operation)."""
+    return nnx.merge(graphdef, adapters, base)
+
+
+def init_adapters(adapters: nnx.State, key: jax.Array) -> nnx.State:
+    """Redraws every adapter variable from its `Init` metadata; pure and `vmap`-able over keys.
+
+    Leaf `i` (in flattened order) uses `fold_in(key, i)`: `vmap(init_adapters, (None, 0))(t, keys)`
+    gives independent per-client draws, a single key broadcast gives identical (shared) init.
+    """
+    flat = nnx.to_flat_state(adapters)
+    drawn = []
+    for i, (path, var) in enumerate(flat):
+        value = var.get_value()
+        new = var.get_metadata()["init"].draw(
+            jax.random.fold_in(key, i), value.shape, value.dtype
+        )
+        drawn.append((path, var.replace(new)))
+    return nnx.from_flat_state(drawn)

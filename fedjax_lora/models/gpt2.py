@@ -1,0 +1,112 @@
+"""GPT-2 family (gpt2, gpt2-medium/large/xl, distilgpt2) in Flax NNX.
+
+Module paths mirror Hugging Face `GPT2LMHeadModel` (`transformer.h.0.attn.c_attn`, ...): learned
+positions, pre-LayerNorm blocks, fused `c_attn` with named q/k/v slices, tied output head.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from fedjax_lora.models.config import ModelConfig
+from fedjax_lora.models.layers import (
+    Embed,
+    LayerNorm,
+    Linear,
+    activation,
+    causal_attention,
+    dropout,
+)
+
+
+class GPT2Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype: Any):
+        d = cfg.d_model
+        self.cfg = cfg
+        slices = {"q": (0, d), "k": (d, 2 * d), "v": (2 * d, 3 * d)}
+        self.c_attn = Linear(d, 3 * d, use_bias=True, dtype=dtype, slices=slices)
+        self.c_proj = Linear(d, d, use_bias=True, dtype=dtype)
+
+    def __call__(self, x, attention_mask, rngs):
+        b, t, _ = x.shape
+        h, dh = self.cfg.n_heads, self.cfg.dim_per_head
+        q, k, v = jnp.split(self.c_attn(x, rngs), 3, axis=-1)
+        shape = (b, t, h, dh)
+        out = causal_attention(
+            q.reshape(shape),
+            k.reshape(shape),
+            v.reshape(shape),
+            attention_mask=attention_mask,
+            dropout_rate=self.cfg.attn_dropout,
+            rngs=rngs,
+        )
+        return dropout(self.c_proj(out.reshape(b, t, h * dh), rngs), self.cfg.dropout, rngs)
+
+
+class GPT2MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype: Any):
+        self.cfg = cfg
+        self.c_fc = Linear(cfg.d_model, cfg.d_ff, use_bias=True, dtype=dtype)
+        self.c_proj = Linear(cfg.d_ff, cfg.d_model, use_bias=True, dtype=dtype)
+
+    def __call__(self, x, rngs):
+        hidden = activation(self.cfg.activation, self.c_fc(x, rngs))
+        return dropout(self.c_proj(hidden, rngs), self.cfg.dropout, rngs)
+
+
+class GPT2Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype: Any):
+        self.ln_1 = LayerNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dtype)
+        self.attn = GPT2Attention(cfg, dtype)
+        self.ln_2 = LayerNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dtype)
+        self.mlp = GPT2MLP(cfg, dtype)
+
+    def __call__(self, x, attention_mask, rngs):
+        x = x + self.attn(self.ln_1(x), attention_mask, rngs)
+        return x + self.mlp(self.ln_2(x), rngs)
+
+
+class GPT2Model(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype: Any):
+        self.wte = Embed(cfg.vocab_size, cfg.d_model, dtype=dtype)
+        self.wpe = Embed(cfg.max_positions, cfg.d_model, dtype=dtype)
+        self.h = nnx.List([GPT2Block(cfg, dtype) for _ in range(cfg.n_layers)])
+        self.ln_f = LayerNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dtype)
+
+
+class GPT2LMHeadModel(nnx.Module):
+    """`tokens [B, T] -> logits f32 [B, T, V]`; dropout active iff `rngs` is given."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype: Any = jnp.float32):
+        if cfg.family != "gpt2":
+            raise ValueError(f"GPT2LMHeadModel needs family='gpt2', got {cfg.family!r}")
+        self.config = cfg
+        self.transformer = GPT2Model(cfg, dtype)
+        self.lm_head = (
+            None
+            if cfg.tie_embeddings
+            else Linear(cfg.d_model, cfg.vocab_size, use_bias=False, dtype=dtype)
+        )
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        *,
+        positions: jax.Array | None = None,
+        attention_mask: jax.Array | None = None,
+        rngs: nnx.Rngs | None = None,
+    ) -> jax.Array:
+        tr = self.transformer
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[-1]), tokens.shape)
+        x = dropout(tr.wte(tokens) + tr.wpe(positions), self.config.dropout, rngs)
+        for block in tr.h:
+            x = block(x, attention_mask, rngs)
+        x = tr.ln_f(x)
+        if self.lm_head is None:
+            return tr.wte.attend(x)
+        return self.lm_head(x).astype(jnp.float32)

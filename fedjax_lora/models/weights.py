@@ -1,0 +1,268 @@
+"""Hugging Face checkpoints (config.json + safetensors) → NNX models, without torch.
+
+`load_state_dict(model, state)` copies a Hugging Face state dict (`{hf_name: np.ndarray}` in the HF
+layout) into a model built by `factory.build`: `nn.Linear.weight (out, in)` is transposed to our
+`kernel (in, out)`, GPT-2's `Conv1D.weight` is already `(in, out)`; norms and embeddings keep
+`weight`. Every model parameter must be filled exactly once; missing, unexpected or mis-shaped
+tensors raise a `CheckpointError` naming them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from fedjax_lora.models.config import ModelConfig
+from fedjax_lora.models.factory import LanguageModel, build
+
+__all__ = [
+    "CheckpointError",
+    "PICKLE_SUFFIXES",
+    "hf_param_names",
+    "load_hf",
+    "load_hf_config",
+    "load_state_dict",
+    "read_safetensors",
+    "resolve_hf",
+]
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+SAFETENSORS = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+# Files fetched for a hub id: configs, weights, tokenizer files.
+HUB_PATTERNS = [
+    "*.json",
+    "*.safetensors",
+    "tokenizer.model",
+    "*.txt",
+    "*.tiktoken",
+]
+# Non-parameter buffers some checkpoints carry: GPT-2's causal-mask `attn.bias`/`attn.masked_bias`,
+# rotary `inv_freq`.
+_IGNORED = re.compile(r"(^|\.)attn\.(bias|masked_bias)$|rotary_emb\.inv_freq$|\.inv_freq$")
+# Backbone prefix as HF names it; bare checkpoints (e.g. the hub's `gpt2`) omit it.
+_PREFIX = {"gpt2": "transformer.", "llama": "model."}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be read or does not fit the model."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Name mapping
+
+
+def _path_name(path: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def hf_param_names(model: nnx.Module) -> dict[str, tuple[tuple[Any, ...], bool]]:
+    """`{hf_name: (our_param_path, transpose)}` for every base parameter of the model.
+
+    Our `...kernel` is HF's `...weight`; it is transposed at load except for GPT-2's `Conv1D`
+    projections (everything under `transformer.` in a GPT-2 model), which HF stores `(in, out)`.
+    """
+    family = model.config.family
+    names = {}
+    for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        leaf = path[-1]
+        hf = _path_name((*path[:-1], "weight" if leaf == "kernel" else leaf))
+        transpose = leaf == "kernel" and not (family == "gpt2" and path[0] == "transformer")
+        names[hf] = (tuple(path), transpose)
+    return names
+
+
+def _canonical(name: str, family: str, known: Mapping[str, Any]) -> str:
+    """The model's name for a checkpoint tensor name (adds the backbone prefix when omitted)."""
+    if name in known:
+        return name
+    prefixed = _PREFIX[family] + name
+    return prefixed if prefixed in known else name
+
+
+def load_state_dict(
+    model: LanguageModel, state: Mapping[str, np.ndarray], *, source: str = "checkpoint"
+) -> LanguageModel:
+    """Copies an HF-named, HF-layout state dict into `model` (in place; also returned).
+
+    Tensors are cast to each parameter's dtype. A tied head's `lm_head.weight` and known buffers
+    are skipped. Raises `CheckpointError` listing missing, unexpected and mis-shaped tensors.
+    """
+    cfg: ModelConfig = model.config
+    names = hf_param_names(model)
+    flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    filled: dict[str, np.ndarray] = {}
+    unexpected, mismatched, duplicated = [], [], []
+    for raw_name, array in state.items():
+        if _IGNORED.search(raw_name):
+            continue
+        name = _canonical(raw_name, cfg.family, names)
+        if name == "lm_head.weight" and cfg.tie_embeddings:
+            continue
+        if name not in names:
+            unexpected.append(f"{raw_name} {tuple(array.shape)}")
+            continue
+        if name in filled:
+            duplicated.append(raw_name)
+            continue
+        path, transpose = names[name]
+        expected = tuple(flat[path].get_value().shape)
+        value = np.asarray(array)
+        if transpose and value.ndim == 2:
+            value = value.T
+        if tuple(value.shape) != expected:
+            hf_shape = expected[::-1] if transpose else expected
+            mismatched.append(
+                f"{raw_name}: checkpoint {tuple(array.shape)}, model expects {tuple(hf_shape)}"
+            )
+            continue
+        filled[name] = value
+    missing = sorted(set(names) - set(filled))
+    problems = []
+    if missing:
+        problems.append(f"missing tensors ({len(missing)}): {_listing(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors ({len(unexpected)}): {_listing(unexpected)}")
+    if mismatched:
+        problems.append(f"shape mismatches ({len(mismatched)}): {_listing(mismatched)}")
+    if duplicated:
+        problems.append(f"tensors given twice ({len(duplicated)}): {_listing(duplicated)}")
+    if problems:
+        raise CheckpointError(
+            f"{source} does not fit the {cfg.family!r} model "
+            f"(d_model={cfg.d_model}, n_layers={cfg.n_layers}, vocab={cfg.vocab_size}, "
+            f"tied head={cfg.tie_embeddings}): " + "; ".join(problems)
+        )
+    for name, value in filled.items():
+        var = flat[names[name][0]]
+        dtype = var.get_value().dtype
+        if value.dtype != np.float32 and value.dtype != dtype:
+            value = value.astype(np.float32)  # e.g. f16 via f32 to bf16
+        var.set_value(jnp.asarray(value, dtype=dtype))
+    return model
+
+
+def _listing(items: list[str], limit: int = 12) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+
+
+def _refuse_pickle(path: Path) -> None:
+    raise CheckpointError(
+        f"{path} is a pickle (PyTorch) checkpoint; fedjax_lora reads only safetensors (pickle "
+        "files can execute code and need torch). Convert it once in an environment with torch: "
+        "`from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained"
+        "(src).save_pretrained(dst, safe_serialization=True)` (or `safetensors.torch.save_file"
+        "(torch.load(path), 'model.safetensors')`), then load the new directory."
+    )
+
+
+def read_safetensors(directory: str | os.PathLike) -> dict[str, np.ndarray]:
+    """All tensors of `model.safetensors` or of the shards listed in `model.safetensors.index.json`.
+
+    bf16 tensors come back as `ml_dtypes.bfloat16` numpy arrays.
+    """
+    from safetensors.numpy import load_file
+
+    directory = Path(directory)
+    single, index = directory / SAFETENSORS, directory / SAFETENSORS_INDEX
+    if single.is_file():
+        return dict(load_file(single))
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        state: dict[str, np.ndarray] = {}
+        for shard in sorted(set(weight_map.values())):
+            shard_path = directory / shard
+            if not shard_path.is_file():
+                raise CheckpointError(f"shard {shard_path} listed in {index} does not exist")
+            state.update(load_file(shard_path))
+        return state
+    others = sorted(directory.glob("*.safetensors"))
+    if len(others) == 1:
+        return dict(load_file(others[0]))
+    pickles = sorted(p for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        _refuse_pickle(pickles[0])
+    raise CheckpointError(
+        f"no weights in {directory}: expected {SAFETENSORS} or {SAFETENSORS_INDEX} "
+        f"(found: {sorted(p.name for p in directory.iterdir())})"
+    )
+
+
+def load_hf_config(directory: str | os.PathLike) -> tuple[ModelConfig, dict[str, Any]]:
+    """`(ModelConfig, raw config.json dict)` of a local HF model directory."""
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"missing {path}: a Hugging Face model directory needs config.json")
+    raw = json.loads(path.read_text())
+    return ModelConfig.from_hf(raw), raw
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    env = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    return env or bool(getattr(constants, "HF_HUB_OFFLINE", False))
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """`org/name` or `name`, without a local file-system meaning."""
+    return (
+        re.fullmatch(r"[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?", name) is not None
+        and not name.endswith((".gguf", ".safetensors", ".json") + PICKLE_SUFFIXES)
+        and not name.startswith((".", "/", "~"))
+    )
+
+
+def resolve_hf(name_or_path: str | os.PathLike) -> Path:
+    """A local directory for a local path or a hub id (fetched, or taken from the cache offline)."""
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if path.is_file():
+            if path.suffix in PICKLE_SUFFIXES:
+                _refuse_pickle(path)
+            raise CheckpointError(
+                f"{path} is a file; pass a Hugging Face model directory (config.json + "
+                "model.safetensors), a hub id, or a .gguf file"
+            )
+        return path
+    name = str(name_or_path)
+    if not looks_like_hub_id(name):
+        raise CheckpointError(f"no such file or directory: {path}")
+    from huggingface_hub import snapshot_download
+
+    offline = _offline()
+    try:
+        return Path(snapshot_download(name, allow_patterns=HUB_PATTERNS, local_files_only=offline))
+    except Exception as e:  # network, auth, cache misses
+        how = (
+            "HF_HUB_OFFLINE is set and it is not in the local Hugging Face cache"
+            if offline
+            else "downloading it failed"
+        )
+        raise CheckpointError(
+            f"{name!r} is neither a local path nor an available hub model: {how} "
+            f"({type(e).__name__}: {e}). Pass a local directory with config.json and "
+            "model.safetensors, or a .gguf file."
+        ) from e
+
+
+def load_hf(name_or_path: str | os.PathLike, *, dtype: Any = jnp.float32) -> LanguageModel:
+    """An NNX model from a local HF directory or a hub id, weights cast to `dtype`."""
+    directory = resolve_hf(name_or_path)
+    cfg, _ = load_hf_config(directory)
+    state = read_safetensors(directory)
+    model = build(cfg, dtype=dtype)
+    return load_state_dict(model, state, source=str(directory))

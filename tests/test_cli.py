@@ -1,0 +1,111 @@
+"""The product as a user runs it: the CLI, configs, clear errors, and the README example."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedjax_lora import config as config_lib
+from fedjax_lora.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "model.d_model=32",
+    "model.d_ff=64",
+    "model.n_layers=1",
+    "model.n_heads=2",
+    "model.vocab_size=64",
+    "model.max_positions=32",
+    "data.tokens_per_client=600",
+    "training.steps=2",
+    "training.batch_size=4",
+    "training.seq_len=16",
+    "eval.max_windows=4",
+    "eval.batch_size=4",
+]
+
+
+def test_methods_lists_the_engine_baselines(capsys):
+    assert main(["methods"]) == 0
+    names = {line.split()[0] for line in capsys.readouterr().out.splitlines()}
+    assert {"local", "fedavg", "centralized"} <= names
+
+
+def test_demo_runs_and_writes_metrics_summary_and_plot(tmp_path, capsys):
+    out = tmp_path / "demo"
+    argv = ["demo", "--rounds", "2", "--methods", "local", "fedavg", "--out", str(out),
+            "--no-progress", "--set", *TINY]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "| local |" in printed and "| fedavg |" in printed
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["method"], r["round"]) for r in records] == [
+        (m, r) for m in ("local", "fedavg") for r in range(3)
+    ]
+    summary = json.loads((out / "summary.json").read_text())
+    for method in ("local", "fedavg"):
+        per_client = summary[method]["test_ppl"]
+        assert len(per_client) == 8  # 4 groups x 2 clients
+        np.testing.assert_allclose(summary[method]["test_mean_ppl"], np.mean(per_client))
+        # the summary is the last logged round
+        np.testing.assert_allclose(per_client, records[-1 if method == "fedavg" else 2]["test_ppl"])
+    assert (out / "ppl.png").stat().st_size > 1000
+
+
+def test_run_reads_yaml_with_overrides(tmp_path):
+    cfg = config_lib.load(
+        ROOT / "experiments/configs/quickstart.yaml", ["rounds=1", "methods=[fedavg]", *TINY]
+    )
+    assert cfg.rounds == 1 and cfg.methods == ("fedavg",) and cfg.training.steps == 2
+    assert cfg.lora.targets == ("c_attn.q", "c_attn.v", "mlp.c_fc")
+    argv = ["run", str(ROOT / "experiments/configs/quickstart.yaml"), "--out", str(tmp_path),
+            "--no-progress", "--set", "rounds=1", "methods=[fedavg]", *TINY]
+    assert main(argv) == 0
+    assert json.loads((tmp_path / "summary.json").read_text())["fedavg"]["rounds"] == 1
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["methods=[fedsgd]"], "unknown method 'fedsgd'"),
+        (["strategy.kind=pmap"], "strategy.kind"),
+        (["training.seq_len=64"], "longer than the model's context"),
+        (["training.stepz=1"], "unknown config field"),
+        (["strategy.kind=sharded", "data.num_groups=3", "data.clients_per_group=1"],
+         "divisible by 4"),
+        (["data.tokens_per_client=10"], "too short for one window"),
+    ],
+)
+def test_bad_configs_fail_before_compute_with_a_clear_message(tmp_path, capsys, overrides,
+                                                              message):
+    argv = ["demo", "--out", str(tmp_path), "--no-progress", "--set", *TINY, *overrides]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_vocabulary_mismatch_is_reported():
+    from fedjax_lora.algorithms import Problem
+    from fedjax_lora.data import stack_streams
+    from fedjax_lora.engine import LocalTraining, OptimizerConfig
+    from tests.tiny import VOCAB, tiny_model
+
+    train = stack_streams([np.arange(100) % (VOCAB + 5)])
+    with pytest.raises(ValueError, match="vocabulary"):
+        Problem.create(tiny_model(), train, {}, training=LocalTraining(1, 2, 8),
+                       optimizer=OptimizerConfig())
+
+
+def test_missing_config_file_is_reported(capsys):
+    assert main(["run", "no/such/config.yaml"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_readme_python_example_runs():
+    code = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)[0]
+    code = code.replace("range(3)", "range(1)").replace("steps=5", "steps=1")
+    exec(compile(code, "README.md", "exec"), {})
