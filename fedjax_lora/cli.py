@@ -48,8 +48,13 @@ def main(argv: list[str] | None = None) -> int:
 
     p_run = sub.add_parser("run", help="run an experiment config (YAML)")
     p_run.add_argument("config")
-    p_run.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                       help="overrides such as training.steps=3 methods=[local]")
+    p_run.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="overrides such as training.steps=3 methods=[local]",
+    )
     p_run.add_argument("--out", default=None, help="output directory (default runs/<config>)")
     p_run.add_argument("--no-progress", action="store_true")
 

@@ -69,10 +69,12 @@ class ExperimentConfig:
     rounds: int = 10
     seed: int = 0
     model: ModelSpec = ModelSpec()
-    lora: LoRAConfig = LoRAConfig(targets=("c_attn.q", "c_attn.v"), rank=4, alpha=8.0)
+    lora: LoRAConfig = LoRAConfig(
+        targets=("c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"), rank=8, alpha=16.0
+    )
     data: DataSpec = DataSpec()
     training: LocalTraining = LocalTraining(steps=5, batch_size=8, seq_len=32)
-    optimizer: OptimizerConfig = OptimizerConfig(lr=5e-3)
+    optimizer: OptimizerConfig = OptimizerConfig(lr=1e-2)
     strategy: Strategy = Strategy()
     eval: EvalSpec = EvalSpec()
 

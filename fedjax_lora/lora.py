@@ -65,7 +65,8 @@ class LoRAConfig:
         with `.pattern` (PEFT's `target_modules` rule): `"c_attn"` (GPT-2 fused qkv, whole),
         `"c_attn.q"` (its q slice), `"attn.c_proj"`, `"mlp.c_fc"`, `"q_proj"`, `"down_proj"`.
         A pattern starting with `re:` is a regular expression matched against the full path.
-    scaling: `"alpha/r"` (Hu et al.; trust-weighted, FedAMoLE) or `"alpha/sqrt(r)"` (rsLoRA; CoMiGS).
+    scaling: `"alpha/r"` (Hu et al.; trust-weighted, FedAMoLE) or `"alpha/sqrt(r)"` (rsLoRA;
+        CoMiGS).
     init: `"kaiming_uniform"` is PyTorch's `kaiming_uniform_(a=sqrt(5))`, i.e. U(±1/sqrt(fan)), with
         `init_fan="in"` for the reference layout `A: (r, in)` (PEFT, CoMiGS, FedAMoLE) or
         `init_fan="rank"` for `A: (in, r)` (the trust-weighted reference: U(±1/sqrt(r))).
@@ -120,7 +121,9 @@ class LoRA(nnx.Module):
     def __init__(self, in_features: int, out_features: int, config: LoRAConfig):
         dtype = jnp.dtype(config.dtype)
         # Host zeros; `add_lora` draws every adapter at once with `init_adapters`.
-        self.a = Adapter(np.zeros((in_features, config.rank), dtype), init=config.a_init(in_features))
+        self.a = Adapter(
+            np.zeros((in_features, config.rank), dtype), init=config.a_init(in_features)
+        )
         self.b = Adapter(np.zeros((config.rank, out_features), dtype), init=Init("zeros"))
         self.scale = config.scale
         self.dropout = config.dropout
@@ -210,8 +213,6 @@ def init_adapters(adapters: nnx.State, key: jax.Array) -> nnx.State:
     drawn = []
     for i, (path, var) in enumerate(flat):
         value = var.get_value()
-        new = var.get_metadata()["init"].draw(
-            jax.random.fold_in(key, i), value.shape, value.dtype
-        )
+        new = var.get_metadata()["init"].draw(jax.random.fold_in(key, i), value.shape, value.dtype)
         drawn.append((path, var.replace(new)))
     return nnx.from_flat_state(drawn)

@@ -37,8 +37,19 @@ def test_methods_lists_the_engine_baselines(capsys):
 
 def test_demo_runs_and_writes_metrics_summary_and_plot(tmp_path, capsys):
     out = tmp_path / "demo"
-    argv = ["demo", "--rounds", "2", "--methods", "local", "fedavg", "--out", str(out),
-            "--no-progress", "--set", *TINY]
+    argv = [
+        "demo",
+        "--rounds",
+        "2",
+        "--methods",
+        "local",
+        "fedavg",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--set",
+        *TINY,
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "| local |" in printed and "| fedavg |" in printed
@@ -62,8 +73,17 @@ def test_run_reads_yaml_with_overrides(tmp_path):
     )
     assert cfg.rounds == 1 and cfg.methods == ("fedavg",) and cfg.training.steps == 2
     assert cfg.lora.targets == ("c_attn.q", "c_attn.v", "mlp.c_fc")
-    argv = ["run", str(ROOT / "experiments/configs/quickstart.yaml"), "--out", str(tmp_path),
-            "--no-progress", "--set", "rounds=1", "methods=[fedavg]", *TINY]
+    argv = [
+        "run",
+        str(ROOT / "experiments/configs/quickstart.yaml"),
+        "--out",
+        str(tmp_path),
+        "--no-progress",
+        "--set",
+        "rounds=1",
+        "methods=[fedavg]",
+        *TINY,
+    ]
     assert main(argv) == 0
     assert json.loads((tmp_path / "summary.json").read_text())["fedavg"]["rounds"] == 1
 
@@ -75,13 +95,14 @@ def test_run_reads_yaml_with_overrides(tmp_path):
         (["strategy.kind=pmap"], "strategy.kind"),
         (["training.seq_len=64"], "longer than the model's context"),
         (["training.stepz=1"], "unknown config field"),
-        (["strategy.kind=sharded", "data.num_groups=3", "data.clients_per_group=1"],
-         "divisible by 4"),
+        (
+            ["strategy.kind=sharded", "data.num_groups=3", "data.clients_per_group=1"],
+            "divisible by 4",
+        ),
         (["data.tokens_per_client=10"], "too short for one window"),
     ],
 )
-def test_bad_configs_fail_before_compute_with_a_clear_message(tmp_path, capsys, overrides,
-                                                              message):
+def test_bad_configs_fail_before_compute_with_a_clear_message(tmp_path, capsys, overrides, message):
     argv = ["demo", "--out", str(tmp_path), "--no-progress", "--set", *TINY, *overrides]
     assert main(argv) == 2
     assert message in capsys.readouterr().err
@@ -96,8 +117,9 @@ def test_vocabulary_mismatch_is_reported():
 
     train = stack_streams([np.arange(100) % (VOCAB + 5)])
     with pytest.raises(ValueError, match="vocabulary"):
-        Problem.create(tiny_model(), train, {}, training=LocalTraining(1, 2, 8),
-                       optimizer=OptimizerConfig())
+        Problem.create(
+            tiny_model(), train, {}, training=LocalTraining(1, 2, 8), optimizer=OptimizerConfig()
+        )
 
 
 def test_missing_config_file_is_reported(capsys):

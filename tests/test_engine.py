@@ -37,8 +37,13 @@ def test_windows_match_numpy_slices():
 
 def test_random_starts_stay_inside_the_stream():
     starts = sample_starts(
-        jax.random.key(0), jnp.int32(50), jnp.int32(0), batch_size=4000, seq_len=16,
-        max_windows=3, sampling="random",
+        jax.random.key(0),
+        jnp.int32(50),
+        jnp.int32(0),
+        batch_size=4000,
+        seq_len=16,
+        max_windows=3,
+        sampling="random",
     )
     assert int(starts.min()) == 0 and int(starts.max()) == 50 - 17
 
@@ -46,8 +51,13 @@ def test_random_starts_stay_inside_the_stream():
 def test_epoch_sampling_visits_every_window_once_per_epoch():
     length, seq = 16 * 7 + 1, 16  # 7 full windows
     draw = lambda counter: sample_starts(
-        jax.random.key(3), jnp.int32(length), jnp.int32(counter), batch_size=7, seq_len=seq,
-        max_windows=10, sampling="epoch",
+        jax.random.key(3),
+        jnp.int32(length),
+        jnp.int32(counter),
+        batch_size=7,
+        seq_len=seq,
+        max_windows=10,
+        sampling="epoch",
     )
     first, second = np.asarray(draw(0)), np.asarray(draw(7))
     assert sorted(first) == [16 * i for i in range(7)]
@@ -57,8 +67,15 @@ def test_epoch_sampling_visits_every_window_once_per_epoch():
 
 def test_one_cycle_matches_the_trust_weighted_reference_values():
     sched = one_cycle(2e-3, 500, pct_start=0.02, div_factor=100, final_div_factor=0.05)
-    expected = {0: 2.0e-5, 5: 1.18e-3, 9: 2.0e-3, 100: 1.87e-3, 250: 1.22e-3, 400: 5.6e-4,
-                499: 4.0e-4}
+    expected = {
+        0: 2.0e-5,
+        5: 1.18e-3,
+        9: 2.0e-3,
+        100: 1.87e-3,
+        250: 1.22e-3,
+        400: 5.6e-4,
+        499: 4.0e-4,
+    }
     for step, lr in expected.items():
         np.testing.assert_allclose(float(sched(step)), lr, rtol=0.02, err_msg=f"step {step}")
 
@@ -117,8 +134,12 @@ def test_local_round_equals_a_python_loop_reference():
 
 @pytest.mark.parametrize(
     "strategy",
-    [Strategy("vmap"), Strategy("chunked", chunk_size=2), Strategy("sharded"),
-     Strategy("sharded", inner="vmap")],
+    [
+        Strategy("vmap"),
+        Strategy("chunked", chunk_size=2),
+        Strategy("sharded"),
+        Strategy("sharded", inner="vmap"),
+    ],
     ids=["vmap", "chunked", "sharded-map", "sharded-vmap"],
 )
 def test_every_strategy_gives_the_same_numbers(strategy):
@@ -143,14 +164,16 @@ def test_fedavg_round_is_the_mean_of_the_local_updates():
     key = jax.random.key(2)
     local_sim, _ = plain.round(plain.init(key))
     avg_sim, _ = averaged.round(averaged.init(key))
-    for trained, mixed in zip(leaves(local_sim.clients.params), leaves(avg_sim.clients.params),
-                              strict=True):
+    for trained, mixed in zip(
+        leaves(local_sim.clients.params), leaves(avg_sim.clients.params), strict=True
+    ):
         mean = trained.astype(np.float64).mean(axis=0)
         for c in range(4):
             np.testing.assert_allclose(mixed[c], mean, atol=1e-6)
     # optimizer states are untouched by aggregation
-    for a, b in zip(leaves(local_sim.clients.opt_state), leaves(avg_sim.clients.opt_state),
-                    strict=True):
+    for a, b in zip(
+        leaves(local_sim.clients.opt_state), leaves(avg_sim.clients.opt_state), strict=True
+    ):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
@@ -163,8 +186,9 @@ def test_token_weighted_fedavg_uses_training_token_counts():
     sim, _ = weighted.round(weighted.init(key))
     counts = np.asarray(problem.train.lengths, np.float64)
     w = counts / counts.sum()
-    for trained, mixed in zip(leaves(local_sim.clients.params), leaves(sim.clients.params),
-                              strict=True):
+    for trained, mixed in zip(
+        leaves(local_sim.clients.params), leaves(sim.clients.params), strict=True
+    ):
         expected = np.tensordot(w, trained.astype(np.float64), axes=1)
         np.testing.assert_allclose(mixed[0], expected, atol=1e-6)
 
@@ -182,8 +206,9 @@ def test_evaluation_equals_numpy_cross_entropy():
         windows = np.asarray(es.windows[c])
         weights = np.asarray(es.weights[c])
         logits = np.asarray(model(jnp.asarray(windows[:, :-1])), np.float64)
-        logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1,
-                                                                                   keepdims=True))
+        logp = logits - np.log(
+            np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)
+        )
         logp -= logits.max(-1, keepdims=True)
         targets = windows[:, 1:]
         ce = -np.take_along_axis(logp, targets[..., None], -1)[..., 0]
@@ -209,8 +234,11 @@ def test_loss_mask_excludes_prompt_tokens_from_the_gradient():
 def test_no_recompilation_after_the_first_round():
     compiles = []
     jax.monitoring.register_event_duration_secs_listener(
-        lambda event, duration, **kw: compiles.append(event)
-        if event == "/jax/core/compile/backend_compile_duration" else None
+        lambda event, duration, **kw: (
+            compiles.append(event)
+            if event == "/jax/core/compile/backend_compile_duration"
+            else None
+        )
     )
     algo = fedavg(tiny_problem(num_clients=4))
     sim = algo.init(jax.random.key(7))
@@ -242,3 +270,36 @@ def test_local_training_lowers_the_loss():
     after = algo.evaluate(sim)["val"]["loss"]
     assert np.all(np.asarray(after) < np.asarray(before))
     assert isinstance(OptimizerConfig().build(), optax.GradientTransformation)
+
+
+class _SowingDelta(nnx.Module):
+    """A LoRA-like adapter that also sows an auxiliary loss `c · Σ a²` (as a mixture's load
+    balancing loss would)."""
+
+    def __init__(self, width):
+        from fedjax_lora.lora import Adapter, Init
+
+        self.a = Adapter(jnp.full((width,), 0.5), init=Init("zeros"))
+
+    def __call__(self, x, rngs=None):
+        self.sow(nnx.Intermediate, "aux_loss", 0.1 * jnp.sum(self.a[...] ** 2))
+        return x[..., : self.a.shape[0]] * self.a[...]
+
+
+def test_sown_auxiliary_losses_are_added_to_the_loss():
+    from fedjax_lora import lora
+    from fedjax_lora.engine import lm_loss
+    from fedjax_lora.engine.batches import Batch
+    from fedjax_lora.models.factory import from_config
+    from tests.tiny import CONFIG, VOCAB
+
+    model = from_config(CONFIG)
+    for block in model.transformer.h:
+        block.mlp.c_proj.lora = _SowingDelta(CONFIG.d_model)
+    graphdef, adapters, base = lora.split(model)
+    tokens = jnp.arange(2 * 9).reshape(2, 9) % VOCAB
+    batch = Batch(tokens[:, :-1], tokens[:, 1:], jnp.ones((2, 8)))
+    total, parts = lm_loss(graphdef, adapters, base, batch, None)
+    expected_aux = CONFIG.n_layers * 0.1 * CONFIG.d_model * 0.25
+    np.testing.assert_allclose(parts["aux"], expected_aux, rtol=1e-6)
+    np.testing.assert_allclose(total, parts["ce"] + expected_aux, rtol=1e-6)

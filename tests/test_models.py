@@ -10,6 +10,7 @@ from pathlib import Path
 import chex
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 from flax import nnx
@@ -118,6 +119,38 @@ def test_sharded_safetensors(tmp_path):
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     shutil.copy(src / "config.json", tmp_path / "config.json")
     assert _max_diff(models.load(tmp_path), "llama") < 1e-4
+
+
+def _save_bf16_safetensors(state: dict[str, np.ndarray], path: Path) -> None:
+    """Writes the safetensors layout by hand (safetensors.numpy cannot write bf16)."""
+    header, chunks, offset = {}, [], 0
+    for name in sorted(state):
+        raw = np.ascontiguousarray(state[name].astype(ml_dtypes.bfloat16)).tobytes()
+        header[name] = {
+            "dtype": "BF16",
+            "shape": list(state[name].shape),
+            "data_offsets": [offset, offset + len(raw)],
+        }
+        chunks.append(raw)
+        offset += len(raw)
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    path.write_bytes(len(blob).to_bytes(8, "little") + blob + b"".join(chunks))
+
+
+def test_bf16_checkpoint(tmp_path):
+    """Real HF checkpoints are often stored in bf16, which numpy cannot name without ml_dtypes."""
+    state = read_safetensors(FIXTURES / "qwen2")
+    _save_bf16_safetensors(state, tmp_path / "model.safetensors")
+    shutil.copy(FIXTURES / "qwen2" / "config.json", tmp_path / "config.json")
+    loaded = read_safetensors(tmp_path)
+    assert loaded["model.norm.weight"].dtype == ml_dtypes.bfloat16
+    want = state["model.norm.weight"].astype(ml_dtypes.bfloat16).astype(np.float32)
+    np.testing.assert_array_equal(loaded["model.norm.weight"].astype(np.float32), want)
+    model = models.load(tmp_path)  # f32 model from bf16 weights
+    ids, expected = _expected("qwen2")
+    diff = float(np.abs(forward(model, ids) - expected).max())
+    assert 0 < diff < 0.1 * float(np.abs(expected).max())
 
 
 def test_bare_gpt2_names_without_prefix():

@@ -55,7 +55,7 @@ FULL = {
 QUICK = {
     "vocab_size": 256,
     "d_model": 32,
-    "n_layers": 2,
+    "n_layers": 1,
     "n_heads": 2,
     "d_ff": 64,
     "seq_len": 16,
@@ -63,9 +63,9 @@ QUICK = {
     "rank": 4,
     "stream_len": 256,
     "steps": 2,
-    "reps": 2,
+    "reps": 1,
     "warmup": 1,
-    "num_clients": [1, 4],
+    "num_clients": [2],
 }
 TARGETS = ("c_attn.q", "c_attn.v")
 
@@ -80,33 +80,15 @@ def _rss_gb() -> float:
 # --------------------------------------------------------------------------------------------
 
 
-def run_one(spec: dict) -> dict:
-    """Builds the model and clients, compiles the contender, times it; returns one result row."""
-    import jax
+def setup(c: dict, n: int) -> dict:
+    """The frozen base with LoRA slots, the optimizer, the per-client update and N clients' data."""
     import jax.numpy as jnp
     import numpy as np
-    import optax
 
     from fedjax_lora import lora
-    from fedjax_lora.engine import (
-        LocalTraining,
-        OptimizerConfig,
-        Strategy,
-        init_clients,
-        lm_loss,
-        make_client_update,
-        sample_starts,
-        train_clients,
-        windows_at,
-    )
+    from fedjax_lora.engine import LocalTraining, OptimizerConfig, make_client_update
     from fedjax_lora.models.config import ModelConfig
     from fedjax_lora.models.factory import from_config
-
-    jax.devices()
-    rss_start = _rss_gb()
-    kind, n = spec["contender"], spec["num_clients"]
-    c = spec["config"]
-    t_len, b, k, length = c["seq_len"], c["batch_size"], c["steps"], c["stream_len"]
 
     cfg = ModelConfig(
         family="gpt2",
@@ -115,20 +97,50 @@ def run_one(spec: dict) -> dict:
         n_layers=c["n_layers"],
         n_heads=c["n_heads"],
         d_ff=c["d_ff"],
-        max_positions=t_len,
+        max_positions=c["seq_len"],
     )
     model = from_config(cfg, seed=0)
     lora.add_lora(model, lora.LoRAConfig(targets=TARGETS, rank=c["rank"]))
     graphdef, template, base = lora.split(model)
     tx = OptimizerConfig(name="adamw", lr=1e-3).build()
-    training = LocalTraining(steps=k, batch_size=b, seq_len=t_len, dropout=False)
-    max_windows = length // t_len
-    update = make_client_update(graphdef, tx, training, max_windows=max_windows)
-
+    training = LocalTraining(
+        steps=c["steps"], batch_size=c["batch_size"], seq_len=c["seq_len"], dropout=False
+    )
+    max_windows = c["stream_len"] // c["seq_len"]
     rng = np.random.default_rng(0)
-    tokens = jnp.asarray(rng.integers(0, c["vocab_size"], (n, length)), jnp.int32)
-    lengths = jnp.full((n,), length, jnp.int32)
-    clients = init_clients(template, tx, n, jax.random.key(0))
+    tokens = rng.integers(0, c["vocab_size"], (n, c["stream_len"]))
+    return {
+        "graphdef": graphdef,
+        "template": template,
+        "base": base,
+        "tx": tx,
+        "max_windows": max_windows,
+        "update": make_client_update(graphdef, tx, training, max_windows=max_windows),
+        "tokens": jnp.asarray(tokens, jnp.int32),
+        "lengths": jnp.full((n,), c["stream_len"], jnp.int32),
+    }
+
+
+def run_contender(kind: str, n: int, c: dict, env: dict) -> dict:
+    """Compiles one contender over N fresh clients, times it; returns one result row."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    from fedjax_lora.engine import (
+        Strategy,
+        init_clients,
+        lm_loss,
+        sample_starts,
+        train_clients,
+        windows_at,
+    )
+
+    t_len, b, k = c["seq_len"], c["batch_size"], c["steps"]
+    graphdef, base, tx, update = env["graphdef"], env["base"], env["tx"], env["update"]
+    tokens, lengths, max_windows = env["tokens"], env["lengths"], env["max_windows"]
+    clients = init_clients(env["template"], tx, n, jax.random.key(0))
     n_params = sum(x.size for x in jax.tree.leaves(clients.params)) // n
 
     if kind in ENGINE_STRATEGIES:
@@ -149,7 +161,6 @@ def run_one(spec: dict) -> dict:
             jax.block_until_ready((out, metrics))
             return out, metrics["train_loss"]
 
-        steps_per_call = n * k
     elif kind == "python_loop":
         fn = jax.jit(lambda cl, tok, ln, bs: update(cl, tok, ln, None, bs), donate_argnums=0)
         state = [jax.tree.map(lambda x, i=i: x[i], clients) for i in range(n)]
@@ -161,29 +172,30 @@ def run_one(spec: dict) -> dict:
         compile_s = time.perf_counter() - t0
 
         def call(state):
-            outs = [compiled(s, tok, ln, base) for s, tok, ln in zip(state, rows, rows_len)]
+            outs = [
+                compiled(s, tok, ln, base) for s, tok, ln in zip(state, rows, rows_len, strict=True)
+            ]
             jax.block_until_ready(outs)
             return [o[0] for o in outs], jnp.stack([o[1]["train_loss"] for o in outs])
 
-        steps_per_call = n * k
     elif kind == "big_batch":
         value_and_grad = jax.value_and_grad(
             lambda p, bs, batch: lm_loss(graphdef, p, bs, batch, None), has_aux=True
         )
 
-        def big_update(carry, tok, ln, bs):
-            def client_windows(key, row, row_len):
-                starts = sample_starts(
-                    key,
-                    row_len,
-                    jnp.int32(0),
-                    batch_size=b,
-                    seq_len=t_len,
-                    max_windows=max_windows,
-                    sampling="random",
-                )
-                return windows_at(row, starts, t_len, None)
+        def client_windows(key, row, row_len):
+            starts = sample_starts(
+                key,
+                row_len,
+                jnp.int32(0),
+                batch_size=b,
+                seq_len=t_len,
+                max_windows=max_windows,
+                sampling="random",
+            )
+            return windows_at(row, starts, t_len, None)
 
+        def big_update(carry, tok, ln, bs):
             def step(carry, _):
                 params, opt_state, key = carry
                 key, k_batch = jax.random.split(key)
@@ -208,17 +220,20 @@ def run_one(spec: dict) -> dict:
             jax.block_until_ready(out)
             return out
 
-        steps_per_call = n * k  # k big steps of N*B windows = N*k client-steps of B windows
     else:
         raise ValueError(f"unknown contender {kind!r}")
+    # Every contender: N clients x K steps of B windows per call (big_batch: K steps of N*B).
+    steps_per_call = n * k
 
     for _ in range(c["warmup"]):
         state, losses = call(state)
-    times = []
+    times, cpu = [], time.process_time()
+    load_before = os.getloadavg()[0]
     for _ in range(c["reps"]):
         t0 = time.perf_counter()
         state, losses = call(state)
         times.append(time.perf_counter() - t0)
+    cpu = time.process_time() - cpu
     losses = np.asarray(losses)
     if not np.all(np.isfinite(losses)):
         raise FloatingPointError(f"{kind} N={n}: non-finite training loss")
@@ -230,15 +245,32 @@ def run_one(spec: dict) -> dict:
         "client_steps_per_s": sps,
         "tokens_per_s": sps * b * t_len,
         "peak_rss_gb": _rss_gb(),
-        "rss_after_import_gb": rss_start,
         "compile_s": compile_s,
         "call_s_median": median,
         "call_s": times,
         "client_steps_per_call": steps_per_call,
+        "cpu_utilization": cpu / sum(times),  # process CPU seconds per wall second, timed reps
+        "loadavg_1min": [load_before, os.getloadavg()[0]],
         "trainable_params_per_client": int(n_params),
         "final_loss": float(losses.mean()),
         "devices": len(jax.devices()),
     }
+
+
+def worker(spec: dict) -> list[dict]:
+    """Runs `spec["contenders"]` for `spec["num_clients"]` in this process."""
+    import jax
+
+    jax.devices()
+    rss_start = _rss_gb()
+    n, c = spec["num_clients"], spec["config"]
+    env = setup(c, n)
+    rows = []
+    for kind in spec["contenders"]:
+        row = run_contender(kind, n, c, env)
+        row["rss_after_import_gb"] = rss_start
+        rows.append(row)
+    return rows
 
 
 # --------------------------------------------------------------------------------------------
@@ -285,32 +317,33 @@ def machine_info() -> dict:
     }
 
 
-def _worker_env(host_devices: int | None) -> dict:
-    """A clean JAX environment: no persistent compile cache, forced host devices only for
-    `sharded` (the test session's XLA_FLAGS are dropped)."""
+def _worker_env(host_devices: int | None, keep_cache: bool = False) -> dict:
+    """A clean JAX environment: forced host devices only for `sharded` (a caller's XLA_FLAGS, e.g.
+    the test session's, are dropped) and no persistent compilation cache unless `keep_cache`."""
     env = dict(os.environ)
-    for var in ("XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"):
-        env.pop(var, None)
-    env.setdefault("JAX_PLATFORMS", "cpu")
+    env.pop("XLA_FLAGS", None)
+    if not keep_cache:
+        env.pop("JAX_COMPILATION_CACHE_DIR", None)
+        env.pop("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", None)
     if host_devices:
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={host_devices}"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     return env
 
 
-def run_subprocess(spec: dict, timeout: float) -> dict:
-    host_devices = spec["config"]["host_devices"] if spec["contender"] == "sharded" else None
+def run_subprocess(spec: dict, timeout: float) -> list[dict]:
+    host_devices = spec["config"]["host_devices"] if "sharded" in spec["contenders"] else None
     proc = subprocess.run(
         [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)],
-        env=_worker_env(host_devices),
+        env=_worker_env(host_devices, keep_cache=spec["config"]["quick"]),
         capture_output=True,
         text=True,
         timeout=timeout,
     )
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("[")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-        raise RuntimeError(f"worker {spec['contender']} N={spec['num_clients']} failed: {tail}")
+        raise RuntimeError(f"worker {spec['contenders']} N={spec['num_clients']} failed: {tail}")
     return json.loads(lines[-1])
 
 
@@ -326,9 +359,9 @@ def summarize(results: list[dict], strategies: list[str]) -> dict:
         entry = {"best_strategy": best["strategy"], "best_steps_per_s": best["client_steps_per_s"]}
         for base in BASELINES:
             if base in rows:
-                entry[f"best_vs_{base}"] = best["client_steps_per_s"] / rows[base][
-                    "client_steps_per_s"
-                ]
+                entry[f"best_vs_{base}"] = (
+                    best["client_steps_per_s"] / rows[base]["client_steps_per_s"]
+                )
         out[str(n)] = entry
     return out
 
@@ -361,7 +394,10 @@ def main(argv: list[str] | None = None) -> int:
         "--strategies", nargs="+", default=["vmap", "map", "chunked"], choices=ENGINE_STRATEGIES
     )
     p.add_argument(
-        "--baselines", nargs="*", default=list(BASELINES), choices=BASELINES,
+        "--baselines",
+        nargs="*",
+        default=list(BASELINES),
+        choices=BASELINES,
         help="reference contenders (default: both)",
     )
     p.add_argument("--steps", type=int, help="local steps K per call (lax.scan)")
@@ -369,13 +405,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, help="untimed calls after compilation")
     p.add_argument("--chunk-size", type=int, default=4, help="clients per vmap of `chunked`")
     p.add_argument("--host-devices", type=int, default=2, help="forced CPU devices of `sharded`")
-    p.add_argument("--quick", action="store_true", help="tiny model, for the smoke test")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny model, N=2, all contenders of one N in one process (the smoke test)",
+    )
+    p.add_argument(
+        "--one-process",
+        action="store_true",
+        help="run all contenders of one N in one subprocess (faster; peak RSS then cumulative)",
+    )
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per subprocess")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     if args.worker:
-        print(json.dumps(run_one(json.loads(args.worker))), flush=True)
+        print(json.dumps(worker(json.loads(args.worker))), flush=True)
         return 0
 
     config = dict(QUICK if args.quick else FULL)
@@ -386,6 +431,12 @@ def main(argv: list[str] | None = None) -> int:
         chunk_size=args.chunk_size,
         host_devices=args.host_devices,
         quick=args.quick,
+        compile_cache=(
+            "caller's JAX_COMPILATION_CACHE_DIR kept"
+            if args.quick and os.environ.get("JAX_COMPILATION_CACHE_DIR")
+            else "none"
+        ),
+        isolation="process" if not (args.quick or args.one_process) else "one process per N",
         lora_targets=list(TARGETS),
         optimizer="adamw",
         dtype="float32",
@@ -400,20 +451,32 @@ def main(argv: list[str] | None = None) -> int:
     results, skipped = [], []
     t_all = time.perf_counter()
     for n in config["num_clients"]:
+        runnable = []
         for kind in contenders:
             if kind == "sharded" and n % args.host_devices:
                 skipped.append({"strategy": kind, "num_clients": n, "reason": "N % devices != 0"})
-                continue
+            else:
+                runnable.append(kind)
+        if config["isolation"] == "process":
+            groups = [[kind] for kind in runnable]
+        else:  # one process per N (sharded apart: it needs forced host devices)
+            groups = [
+                [k for k in runnable if k != "sharded"],
+                [k for k in runnable if k == "sharded"],
+            ]
+        for group in filter(None, groups):
             t0 = time.perf_counter()
-            row = run_subprocess({"contender": kind, "num_clients": n, "config": config},
-                                 args.timeout)
-            results.append(row)
-            print(
-                f"  N={n:<3} {kind:<12} {row['client_steps_per_s']:8.2f} steps/s  "
-                f"peak {row['peak_rss_gb']:.2f} GB  compile {row['compile_s']:.2f} s  "
-                f"({time.perf_counter() - t0:.0f} s)",
-                flush=True,
-            )
+            spec = {"contenders": group, "num_clients": n, "config": config}
+            rows = run_subprocess(spec, args.timeout)
+            results.extend(rows)
+            for row in rows:
+                print(
+                    f"  N={n:<3} {row['strategy']:<12} {row['client_steps_per_s']:8.2f} steps/s  "
+                    f"peak {row['peak_rss_gb']:.2f} GB  compile {row['compile_s']:.2f} s  "
+                    f"cpu {row['cpu_utilization']:.2f}  load {row['loadavg_1min'][1]:.1f}",
+                    flush=True,
+                )
+            print(f"    ({time.perf_counter() - t0:.0f} s)", flush=True)
             if args.json:
                 _write(args.json, machine, config, results, skipped, args.strategies)
     print(f"\ntotal {time.perf_counter() - t_all:.0f} s\n")

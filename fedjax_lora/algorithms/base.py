@@ -69,7 +69,10 @@ def federated(
     train = train or problem.train
     tx = problem.tx()
     update = make_client_update(
-        problem.graphdef, tx, problem.training, max_windows=train.max_windows(problem.training.seq_len)
+        problem.graphdef,
+        tx,
+        problem.training,
+        max_windows=train.max_windows(problem.training.seq_len),
     )
 
     def eval_params(params, eval_sets, base):
@@ -80,7 +83,9 @@ def federated(
         return evaluation(problem, params, eval_sets, base)
 
     def init(key: jax.Array) -> SimState:
-        clients = init_clients(problem.template, tx, train.num_clients, key, shared_init=shared_init)
+        clients = init_clients(
+            problem.template, tx, train.num_clients, key, shared_init=shared_init
+        )
         clients = problem.strategy.place(clients)
         return SimState(clients, jnp.zeros((), jnp.int32), aggregator.init(clients.params))
 
@@ -95,7 +100,9 @@ def federated(
         metrics = {"train": train_metrics, **eval_params(params, eval_sets, base)}
         return SimState(clients, sim.round + 1, agg_state), metrics
 
-    _evaluate = jax.jit(lambda sim, eval_sets, base: eval_params(sim.clients.params, eval_sets, base))
+    _evaluate = jax.jit(
+        lambda sim, eval_sets, base: eval_params(sim.clients.params, eval_sets, base)
+    )
 
     def round_fn(sim: SimState) -> tuple[SimState, Metrics]:
         return _round(sim, train, problem.eval_sets, problem.base)

@@ -21,11 +21,11 @@ def token_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
 
 
-def collect_aux_losses(model: nnx.Module) -> jax.Array:
-    """Sum of the already-weighted auxiliary losses modules sowed as `nnx.Intermediate` under the
-    name `aux_loss` (e.g. load balancing of a mixture of experts); 0 when none."""
+def sum_aux_losses(intermediates: nnx.State) -> jax.Array:
+    """Sum of the already-weighted auxiliary losses that modules sowed as `nnx.Intermediate` under
+    the name `aux_loss` (e.g. load balancing of a mixture of experts); 0 when none."""
     total = jnp.zeros((), jnp.float32)
-    for path, value in nnx.to_flat_state(nnx.state(model, nnx.Intermediate)):
+    for path, value in nnx.to_flat_state(intermediates):
         if AUX_LOSS in (str(p) for p in path):
             for v in jax.tree.leaves(value):
                 total = total + jnp.sum(v)
@@ -45,8 +45,9 @@ def lm_loss(
     """
     model = nnx.merge(graphdef, params, base)
     rngs = None if rng is None else nnx.Rngs(dropout=rng)
-    logits = model(batch.inputs, rngs=rngs)
+    forward = nnx.capture(lambda m, x: m(x, rngs=rngs), nnx.Intermediate)
+    logits, intermediates = forward(model, batch.inputs)
     ce = token_cross_entropy(logits, batch.targets)
     ce = jnp.sum(ce * batch.weights) / jnp.maximum(jnp.sum(batch.weights), 1.0)
-    aux = collect_aux_losses(model)
+    aux = sum_aux_losses(intermediates)
     return ce + aux, {"ce": ce, "aux": aux}

@@ -105,7 +105,10 @@ def map_clients(
     sharded = jax.shard_map(
         local,
         mesh=strategy.mesh(),
-        in_specs=(jax.tree.map(lambda _: spec, per_client), jax.tree.map(lambda _: replicated, shared)),
+        in_specs=(
+            jax.tree.map(lambda _: spec, per_client),
+            jax.tree.map(lambda _: replicated, shared),
+        ),
         out_specs=spec,
         check_vma=False,
     )

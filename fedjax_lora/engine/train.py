@@ -57,9 +57,10 @@ def make_client_update(
     max_windows: int,
     loss_fn: LossFn = lm_loss,
 ) -> Callable:
-    """`client_update(client, tokens [L], length, mask [L] | None, base) -> (client, metrics)` for one
-    (unstacked) client: `cfg.steps` steps of `lax.scan`, each averaging `grad_accum` micro-batch
-    gradients (the mean of the micro-batch losses, as dividing each loss by `grad_accum`)."""
+    """`client_update(client, tokens [L], length, mask [L] | None, base) -> (client, metrics)`
+    for one (unstacked) client: `cfg.steps` steps of `lax.scan`, each averaging `grad_accum`
+    micro-batch gradients (the mean of the micro-batch losses, as dividing each loss by
+    `grad_accum`)."""
     value_and_grad = jax.value_and_grad(
         lambda p, base, batch, rng: loss_fn(graphdef, p, base, batch, rng), has_aux=True
     )

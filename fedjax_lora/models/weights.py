@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from flax import nnx
 
@@ -144,9 +145,7 @@ def load_state_dict(
     for name, value in filled.items():
         var = flat[names[name][0]]
         dtype = var.get_value().dtype
-        if value.dtype != np.float32 and value.dtype != dtype:
-            value = value.astype(np.float32)  # e.g. f16 via f32 to bf16
-        var.set_value(jnp.asarray(value, dtype=dtype))
+        var.set_value(jnp.asarray(value.astype(dtype, copy=False)))
     return model
 
 
@@ -169,13 +168,54 @@ def _refuse_pickle(path: Path) -> None:
     )
 
 
+_SAFETENSORS_DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+
+
+def _read_raw_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """Parses the safetensors layout directly (8-byte header length, JSON header, raw buffer);
+    used for dtypes `safetensors.numpy` cannot express (bf16 → `ml_dtypes.bfloat16`)."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    buffer = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n)
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in _SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+        start, stop = info["data_offsets"]
+        dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+        out[name] = np.asarray(buffer[start:stop]).view(dtype).reshape(info["shape"])
+    return out
+
+
+def load_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """One safetensors file as numpy arrays (`safetensors.numpy`; bf16 via `ml_dtypes`)."""
+    from safetensors.numpy import load_file as st_load_file
+
+    try:
+        return dict(st_load_file(path))
+    except TypeError:  # e.g. "data type 'bfloat16' not understood"
+        return _read_raw_safetensors(Path(path))
+
+
 def read_safetensors(directory: str | os.PathLike) -> dict[str, np.ndarray]:
     """All tensors of `model.safetensors` or of the shards listed in `model.safetensors.index.json`.
 
     bf16 tensors come back as `ml_dtypes.bfloat16` numpy arrays.
     """
-    from safetensors.numpy import load_file
-
     directory = Path(directory)
     single, index = directory / SAFETENSORS, directory / SAFETENSORS_INDEX
     if single.is_file():
