@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 import yaml
 
+from fedjax_lora.algorithms.trust_weighted import TrustOptions
 from fedjax_lora.engine.optim import OptimizerConfig
 from fedjax_lora.engine.strategy import Strategy
 from fedjax_lora.engine.train import LocalTraining
@@ -22,7 +23,9 @@ from fedjax_lora.lora import LoRAConfig
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
     """The frozen base: `source` is a local HF directory, a hub id or a `.gguf` file; without a
-    source a randomly initialised model of the given sizes is built (the embedded tiny base)."""
+    source a randomly initialised model of the given sizes is built (the embedded tiny base).
+    `dropout`, `attn_dropout`, `activation`: `ModelConfig` overrides when set (the trust-weighted
+    reference: 0.2, 0.2, `gelu_erf`)."""
 
     source: str | None = None
     family: Literal["gpt2", "llama"] = "gpt2"
@@ -34,15 +37,24 @@ class ModelSpec:
     max_positions: int = 128
     dtype: Literal["float32", "bfloat16"] = "float32"
     seed: int = 0
+    dropout: float | None = None
+    attn_dropout: float | None = None
+    activation: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class DataSpec:
     """Client data. `synthetic`: the embedded heterogeneous corpus (groups of clients drawn from
     distinct token sources, `overlap` in [0, 1]); `fortunes`: Debian fortune files by topic or
-    language (`categories`), tokenized with the model's tokenizer."""
+    language (`categories`), tokenized with the model's tokenizer. `ag_news`,
+    `multilingual_wikipedia`, `code_wiki`: the trust-weighted paper's splits
+    (`fedjax_lora.data.trust_datasets`; `variant`, `paper_bug_compatible`, `paths` = local files
+    or hub ids, `tokens_per_client` train tokens, `val_fraction · tokens_per_client` validation
+    tokens per client, `reference_sequences` shared reference windows)."""
 
-    source: Literal["synthetic", "fortunes"] = "synthetic"
+    source: Literal[
+        "synthetic", "fortunes", "ag_news", "multilingual_wikipedia", "code_wiki"
+    ] = "synthetic"
     num_groups: int = 2
     clients_per_group: int = 2
     tokens_per_client: int = 4096
@@ -51,6 +63,10 @@ class DataSpec:
     fortunes_dir: str | None = None
     val_fraction: float = 0.1
     test_fraction: float = 0.1
+    variant: Literal["mixed", "specific"] = "specific"
+    paper_bug_compatible: bool = False
+    paths: tuple[str, ...] = ()
+    reference_sequences: int = 16
     seed: int = 0
 
 
@@ -77,6 +93,7 @@ class ExperimentConfig:
     optimizer: OptimizerConfig = OptimizerConfig(lr=1e-2)
     strategy: Strategy = Strategy()
     eval: EvalSpec = EvalSpec()
+    trust: TrustOptions = TrustOptions()
 
     def __post_init__(self):
         if self.rounds < 1:

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import time
 from pathlib import Path
@@ -28,10 +30,16 @@ def build_model(config: ExperimentConfig):
     random base)."""
     spec = config.model
     dtype = jnp.dtype(spec.dtype)
+    overrides = {
+        k: getattr(spec, k)
+        for k in ("dropout", "attn_dropout", "activation")
+        if getattr(spec, k) is not None
+    }
     if spec.source:
         from fedjax_lora import models
 
-        model, tokenizer = models.load(spec.source, dtype=dtype), models.load_tokenizer(spec.source)
+        model = models.load(spec.source, dtype=dtype, **overrides)
+        tokenizer = models.load_tokenizer(spec.source)
     else:
         cfg = ModelConfig(
             family=spec.family,
@@ -41,6 +49,7 @@ def build_model(config: ExperimentConfig):
             n_heads=spec.n_heads,
             d_ff=spec.d_ff,
             max_positions=spec.max_positions,
+            **overrides,
         )
         model, tokenizer = from_config(cfg, dtype=dtype, seed=spec.seed), None
     lora.add_lora(model, config.lora, key=jax.random.key(config.seed))
@@ -61,11 +70,15 @@ def build_data(config: ExperimentConfig, vocab_size: int, tokenizer=None) -> Fed
             train_tokens=per_split,
             val_tokens=max(int(per_split * spec.val_fraction), seq + 1),
             test_tokens=max(int(per_split * spec.test_fraction), seq + 1),
-            reference_shape=(16, seq),
+            reference_shape=(spec.reference_sequences, seq),
             seed=spec.seed,
         )
-    else:
+    elif spec.source == "fortunes":
         data = _fortunes_data(config, vocab_size, tokenizer)
+    else:
+        from fedjax_lora.data import trust_datasets
+
+        data = trust_datasets.from_spec(spec, tokenizer=tokenizer, vocab_size=vocab_size, seq_len=seq)
     return data.validate(seq, vocab_size)
 
 
@@ -152,8 +165,13 @@ def _round_record(method: str, round_idx: int, metrics: dict, seconds: float) ->
     record: dict[str, Any] = {"method": method, "round": round_idx, "seconds": seconds}
     if "train" in metrics:
         record["train_loss"] = np.asarray(metrics["train"]["train_loss"])[:, -1].tolist()
+    if "aggregation" in metrics:
+        agg = metrics["aggregation"]
+        record["aggregated"] = bool(agg["applied"])
+        if "matrix" in agg:
+            record["trust"] = np.asarray(agg["matrix"], np.float64).tolist()
     for split, values in metrics.items():
-        if split == "train":
+        if split in ("train", "aggregation"):
             continue
         for key in ("ppl", "loss", "accuracy"):
             per_client = np.asarray(values[key], np.float64)
@@ -162,12 +180,21 @@ def _round_record(method: str, round_idx: int, metrics: dict, seconds: float) ->
     return record
 
 
+def method_factory(name: str, config: ExperimentConfig):
+    """`problem -> Algorithm` for method `name`; factories with a `trust` option get
+    `config.trust`."""
+    factory = get_method(name)
+    if "trust" in inspect.signature(factory).parameters:
+        return functools.partial(factory, trust=config.trust)
+    return factory
+
+
 def run_method(
     name: str, problem: Problem, config: ExperimentConfig, log, *, progress: bool = True
 ) -> list[dict[str, Any]]:
     """Runs one method for `config.rounds` rounds; returns and logs one record per round (round 0
     is the evaluation before training)."""
-    algo = get_method(name)(problem)
+    algo = method_factory(name, config)(problem)
     sim = algo.init(jax.random.key(config.seed))
     records = [_round_record(name, 0, algo.evaluate(sim), 0.0)]
     log(records[-1])
@@ -227,6 +254,39 @@ def plot_history(history: dict[str, list[dict[str, Any]]], path: Path, split: st
     plt.close(fig)
 
 
+def final_trust(history: dict[str, list[dict[str, Any]]]) -> dict[str, np.ndarray]:
+    """Per method, the mixing matrix of its last aggregated round (methods that never aggregated
+    with a matrix are left out)."""
+    out = {}
+    for method, records in history.items():
+        mixed = [r["trust"] for r in records if r.get("aggregated") and "trust" in r]
+        if mixed:
+            out[method] = np.asarray(mixed[-1])
+    return out
+
+
+def plot_trust(matrices: dict[str, np.ndarray], client_names, path: Path, title: str = "") -> None:
+    """Heatmaps of `N × N` mixing matrices side by side (row `i`: the weights client `i` uses)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(matrices)
+    fig, axes = plt.subplots(1, n, figsize=(3.4 * n, 3.2), squeeze=False)
+    for ax, (method, w) in zip(axes[0], matrices.items(), strict=True):
+        im = ax.imshow(w, vmin=0.0, vmax=1.0, cmap="viridis")
+        ax.set_title(method)
+        ticks = np.arange(w.shape[0])
+        ax.set_xticks(ticks, list(client_names), rotation=90, fontsize=6)
+        ax.set_yticks(ticks, list(client_names), fontsize=6)
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
+    if title:
+        fig.suptitle(title)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
 def results_table(summary: dict[str, Any]) -> str:
     """A Markdown table of final mean perplexities and accuracy per method."""
     lines = [
@@ -244,8 +304,9 @@ def results_table(summary: dict[str, Any]) -> str:
 def train_and_evaluate(
     config: ExperimentConfig, out_dir: str | Path, *, progress: bool = True
 ) -> dict[str, Any]:
-    """Runs every method of `config`; writes `config.json`, `metrics.jsonl`, `summary.json`,
-    `results.md` and `ppl.png` under `out_dir`; returns the summary."""
+    """Runs every method of `config`; writes `config.json`, `metrics.jsonl` (with the mixing
+    matrix of every round), `summary.json`, `results.md`, `ppl.png` and `trust.png` (final mixing
+    matrices) under `out_dir`; returns the summary."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     problem, _ = build_problem(config)
@@ -263,4 +324,7 @@ def train_and_evaluate(
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     (out / "results.md").write_text(results_table(summary) + "\n")
     plot_history(history, out / "ppl.png")
+    trust = final_trust(history)
+    if trust:
+        plot_trust(trust, problem.client_names, out / "trust.png")
     return summary

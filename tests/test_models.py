@@ -437,3 +437,20 @@ def test_gguf_tokenizer_byte_level_bpe(tmp_path):
     models.check_vocab(tok, models.load(path).config)
     with pytest.raises(TokenizerMismatchError):
         models.check_vocab(tok, models.load(FIXTURES / "qwen2").config)  # vocab 288 < 384
+
+
+def test_config_overrides_set_dropout_which_is_off_without_rngs():
+    model = models.load(FIXTURES / "gpt2", dropout=0.2, attn_dropout=0.2)
+    assert model.config.dropout == 0.2 and model.config.attn_dropout == 0.2
+    ids, expected = _expected("gpt2")
+    assert _max_diff(model, "gpt2") < 1e-4  # evaluation: no rngs, no dropout
+    noisy = np.asarray(model(jnp.asarray(ids), rngs=nnx.Rngs(dropout=0)))
+    assert np.abs(noisy - expected).max() > 1e-2
+
+
+def test_exact_erf_gelu_option_changes_the_mlp_only_slightly():
+    exact = models.load(FIXTURES / "gpt2", activation="gelu_erf")
+    assert exact.config.activation == "gelu_erf"
+    ids, expected = _expected("gpt2")
+    diff = np.abs(forward(exact, ids) - expected).max()
+    assert 0 < diff < 0.1  # tanh-approximate vs exact GELU differ by < 1e-3 per unit

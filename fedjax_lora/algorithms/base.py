@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from fedjax_lora.aggregation import Aggregator
+from fedjax_lora.aggregation import Aggregator, MixState
 from fedjax_lora.algorithms.problem import Problem, TrainData
 from fedjax_lora.engine.evaluate import evaluate_clients, make_client_eval
 from fedjax_lora.engine.state import ClientState, init_clients
@@ -41,9 +41,18 @@ class Algorithm(NamedTuple):
     evaluate: Callable[[SimState], Metrics]
 
 
-def evaluation(problem: Problem, params: PyTree, eval_sets: dict, base: PyTree) -> Metrics:
-    """Per-client `loss`/`ppl`/`accuracy` on every evaluation set (call inside `jit`)."""
-    client_eval = make_client_eval(problem.graphdef, problem.eval_batch_size)
+def evaluation(
+    problem: Problem,
+    params: PyTree,
+    eval_sets: dict,
+    base: PyTree,
+    client_eval: Callable | None = None,
+) -> Metrics:
+    """Per-client `loss`/`ppl`/`accuracy` on every evaluation set (call inside `jit`).
+
+    client_eval: the per-client evaluation (`make_client_eval`'s contract); default: the problem's
+    model with dropout off."""
+    client_eval = client_eval or make_client_eval(problem.graphdef, problem.eval_batch_size)
     return {
         name: evaluate_clients(client_eval, problem.strategy, params, es, base)
         for name, es in eval_sets.items()
@@ -56,16 +65,27 @@ def federated(
     aggregator: Aggregator,
     *,
     shared_init: bool,
-    aggregation_inputs: Callable[[TrainData, ClientState], dict] | None = None,
+    aggregation_inputs: Callable[[TrainData, ClientState, dict, PyTree], dict] | None = None,
+    aggregate_from: int = 1,
+    client_eval: Callable | None = None,
     train: TrainData | None = None,
     broadcast_to: int | None = None,
 ) -> Algorithm:
     """The generic round: train locally, aggregate with `aggregator`, evaluate.
 
-    aggregation_inputs: side information for the aggregator computed inside the round (e.g. token
-    counts, cross-evaluation perplexities). `train` overrides the problem's training data and
-    `broadcast_to` evaluates a single trained model for every client (centralized training).
+    aggregation_inputs: `(data, clients, eval_sets, base) -> inputs`, side information for the
+    aggregator computed inside the round from the freshly trained clients (e.g. token counts,
+    cross-evaluation perplexities). aggregate_from: the first round (1-based) that ends with an
+    aggregation; earlier rounds are local warm-up (`lax.cond`: neither the inputs nor the
+    aggregation are computed there). client_eval: the per-client evaluation (see `evaluation`).
+    `train` overrides the problem's training data and `broadcast_to` evaluates a single trained
+    model for every client (centralized training).
+
+    Metrics: `train`, one entry per evaluation set, and `aggregation`: `applied` (bool) and, for
+    matrix aggregators, the `matrix` in use after this round (trust heatmaps).
     """
+    if aggregate_from < 1:
+        raise ValueError(f"aggregate_from must be >= 1, got {aggregate_from}")
     train = train or problem.train
     tx = problem.tx()
     update = make_client_update(
@@ -80,7 +100,7 @@ def federated(
             params = jax.tree.map(
                 lambda x: jnp.broadcast_to(x, (broadcast_to, *x.shape[1:])), params
             )
-        return evaluation(problem, params, eval_sets, base)
+        return evaluation(problem, params, eval_sets, base, client_eval)
 
     def init(key: jax.Array) -> SimState:
         clients = init_clients(
@@ -94,10 +114,28 @@ def federated(
         clients, train_metrics = train_clients(
             update, problem.strategy, sim.clients, data.tokens, data.lengths, data.mask, base
         )
-        inputs = {} if aggregation_inputs is None else aggregation_inputs(data, clients)
-        params, agg_state = aggregator.apply(clients.params, sim.agg_state, inputs)
+
+        def aggregate(_):
+            inputs = {}
+            if aggregation_inputs is not None:
+                inputs = aggregation_inputs(data, clients, eval_sets, base)
+            return aggregator.apply(clients.params, sim.agg_state, inputs)
+
+        applied = sim.round + 1 >= aggregate_from
+        if aggregate_from == 1:
+            params, agg_state = aggregate(None)
+        else:
+            keep = lambda _: (clients.params, sim.agg_state)
+            params, agg_state = jax.lax.cond(applied, aggregate, keep, None)
         clients = clients._replace(params=params)
-        metrics = {"train": train_metrics, **eval_params(params, eval_sets, base)}
+        agg_metrics = {"applied": applied}
+        if isinstance(agg_state, MixState):
+            agg_metrics["matrix"] = agg_state.matrix
+        metrics = {
+            "train": train_metrics,
+            "aggregation": agg_metrics,
+            **eval_params(params, eval_sets, base),
+        }
         return SimState(clients, sim.round + 1, agg_state), metrics
 
     _evaluate = jax.jit(

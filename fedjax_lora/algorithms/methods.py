@@ -1,4 +1,5 @@
-"""The engine's baselines as named methods: `local`, `fedavg`, `centralized`.
+"""The engine's baselines as named methods: `local`, `fedavg`, `centralized`; and the
+trust-weighted family (`pcl-*`, `fedjax_lora.algorithms.trust_weighted`).
 
 Each factory maps a `Problem` to an `Algorithm`; `METHODS` is the registry the CLI lists.
 """
@@ -9,6 +10,7 @@ from collections.abc import Callable
 from typing import Literal
 
 from fedjax_lora.aggregation import fedavg_aggregator, local_aggregator
+from fedjax_lora.algorithms import trust_weighted
 from fedjax_lora.algorithms.base import Algorithm, federated
 from fedjax_lora.algorithms.problem import Problem
 
@@ -27,7 +29,7 @@ def fedavg(problem: Problem, weighting: Literal["uniform", "tokens"] = "uniform"
         raise ValueError(f"fedavg weighting must be 'uniform' or 'tokens', got {weighting!r}")
     inputs = None
     if weighting == "tokens":
-        inputs = lambda data, clients: {"weights": data.token_counts()}
+        inputs = lambda data, clients, eval_sets, base: {"weights": data.token_counts()}
     return federated(
         "fedavg", problem, fedavg_aggregator(), shared_init=True, aggregation_inputs=inputs
     )
@@ -50,6 +52,7 @@ METHODS: dict[str, Callable[..., Algorithm]] = {
     "local": local,
     "fedavg": fedavg,
     "centralized": centralized,
+    **trust_weighted.METHODS,
 }
 
 

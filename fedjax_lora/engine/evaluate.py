@@ -55,9 +55,14 @@ def shared_eval_set(windows: np.ndarray, valid: np.ndarray, num_clients: int, ba
     )
 
 
-def make_client_eval(graphdef: nnx.GraphDef, batch_size: int) -> Callable:
+def make_client_eval(
+    graphdef: nnx.GraphDef, batch_size: int, dropout_key: jax.Array | None = None
+) -> Callable:
     """`client_eval(params, windows [W, T+1], weights [W, T], base) -> sums` for one client, with
-    windows processed `batch_size` at a time by `lax.map`; dropout off."""
+    windows processed `batch_size` at a time by `lax.map`; dropout off, unless `dropout_key` is
+    given: then batch `b` runs with `rngs = Rngs(dropout=fold_in(dropout_key, b))` (the
+    trust-weighted reference's evaluation-time attention dropout, with a graphdef from
+    `fedjax_lora.engine.crosseval.attention_dropout_only`)."""
 
     def client_eval(params, windows, weights, base):
         model = nnx.merge(graphdef, params, base)
@@ -65,11 +70,15 @@ def make_client_eval(graphdef: nnx.GraphDef, batch_size: int) -> Callable:
         batches = (
             windows.reshape(w // batch_size, batch_size, t1),
             weights.reshape(w // batch_size, batch_size, t1 - 1),
+            jnp.arange(w // batch_size),
         )
 
         def one(batch):
-            win, wt = batch
-            logits = model(win[:, :-1])
+            win, wt, b = batch
+            rngs = None
+            if dropout_key is not None:
+                rngs = nnx.Rngs(dropout=jax.random.fold_in(dropout_key, b))
+            logits = model(win[:, :-1], rngs=rngs)
             ce = token_cross_entropy(logits, win[:, 1:])
             hit = (jnp.argmax(logits, -1) == win[:, 1:]).astype(jnp.float32)
             return jnp.sum(ce * wt), jnp.sum(hit * wt), jnp.sum(wt)

@@ -35,8 +35,14 @@ __all__ = [
 ]
 
 
-def load(name_or_path: str | os.PathLike, dtype: Any = jnp.float32) -> LanguageModel:
+def load(
+    name_or_path: str | os.PathLike, dtype: Any = jnp.float32, **config_overrides: Any
+) -> LanguageModel:
     """A pretrained model as an NNX module, weights (`nnx.Param`) cast to `dtype`.
+
+    `config_overrides` replace `ModelConfig` fields that do not change the weights' shapes, e.g.
+    `activation="gelu_erf"` (the trust-weighted reference's exact GELU), `dropout=0.2`,
+    `attn_dropout=0.2` (dropout is active only when the model is called with `rngs`).
 
     `name_or_path`: a local HF model directory, a hub id (downloaded unless `HF_HUB_OFFLINE=1`,
     then taken from the cache), or a `.gguf` file. Supported HF `model_type`s: see
@@ -44,5 +50,5 @@ def load(name_or_path: str | os.PathLike, dtype: Any = jnp.float32) -> LanguageM
     """
     path = Path(name_or_path).expanduser()
     if is_gguf(path):
-        return load_gguf(path, dtype=dtype)
-    return load_hf(name_or_path, dtype=dtype)
+        return load_gguf(path, dtype=dtype, config_overrides=config_overrides)
+    return load_hf(name_or_path, dtype=dtype, config_overrides=config_overrides)

@@ -295,9 +295,15 @@ def gguf_state_dict(path_or_reader) -> tuple[ModelConfig, dict[str, np.ndarray]]
     return cfg, state
 
 
-def load_gguf(path: str | os.PathLike, *, dtype: Any = jnp.float32) -> LanguageModel:
+def load_gguf(
+    path: str | os.PathLike,
+    *,
+    dtype: Any = jnp.float32,
+    config_overrides: dict[str, Any] | None = None,
+) -> LanguageModel:
     """An NNX model with the dequantized weights of a GGUF file, cast to `dtype`."""
     cfg, state = gguf_state_dict(path)
+    cfg = cfg.replace(**(config_overrides or {}))
     return load_state_dict(build(cfg, dtype=dtype), state, source=str(path))
 
 

@@ -299,10 +299,16 @@ def resolve_hf(name_or_path: str | os.PathLike) -> Path:
         ) from e
 
 
-def load_hf(name_or_path: str | os.PathLike, *, dtype: Any = jnp.float32) -> LanguageModel:
+def load_hf(
+    name_or_path: str | os.PathLike,
+    *,
+    dtype: Any = jnp.float32,
+    config_overrides: dict[str, Any] | None = None,
+) -> LanguageModel:
     """An NNX model from a local HF directory or a hub id, weights cast to `dtype`."""
     directory = resolve_hf(name_or_path)
     cfg, _ = load_hf_config(directory)
+    cfg = cfg.replace(**(config_overrides or {}))
     state = read_safetensors(directory)
     model = build(cfg, dtype=dtype)
     return load_state_dict(model, state, source=str(directory))

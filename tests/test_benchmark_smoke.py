@@ -1,0 +1,51 @@
+"""The engine benchmark runs end to end on a tiny config and writes the documented JSON schema
+(no timing assertions: numbers on a shared CI machine mean nothing)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "experiments" / "benchmarks" / "engine.py"
+CONTENDERS = {"vmap", "map", "chunked", "python_loop", "big_batch"}
+
+
+def test_engine_benchmark_quick_writes_the_schema(tmp_path):
+    out = tmp_path / "engine.json"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--json", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "steps/s" in proc.stdout  # the readable table
+
+    doc = json.loads(out.read_text())
+    assert {"machine", "config", "results"} <= set(doc)
+    machine = doc["machine"]
+    for key in ("cpu", "cores", "jax_version", "devices"):
+        assert key in machine
+    assert isinstance(machine["cores"], int) and machine["cores"] >= 1
+
+    config = doc["config"]
+    for key in ("vocab_size", "d_model", "n_layers", "seq_len", "batch_size", "rank", "steps"):
+        assert isinstance(config[key], int) and config[key] >= 1
+    assert config["quick"] is True
+
+    results = doc["results"]
+    assert {r["strategy"] for r in results} == CONTENDERS
+    for row in results:
+        assert row["num_clients"] in config["num_clients"]
+        for key in ("client_steps_per_s", "peak_rss_gb", "compile_s"):
+            value = row[key]
+            assert isinstance(value, float) and math.isfinite(value) and value > 0, (key, row)
+        assert math.isfinite(row["final_loss"])
+        assert row["client_steps_per_call"] == row["num_clients"] * config["steps"]
+    for summary in doc["summary"].values():
+        assert summary["best_strategy"] in {"vmap", "map", "chunked", "sharded"}
