@@ -1,0 +1,183 @@
+"""Export a client's adapters to Hugging Face PEFT, or its merged full weights to safetensors.
+
+PEFT layout (`peft.LoraConfig` + `adapter_model.safetensors`): for a projection at HF path `m`,
+`base_model.model.{m}.lora_A.weight: (r, in)` and `base_model.model.{m}.lora_B.weight: (out, r)`;
+the delta is `scale · B A x` with `scale = lora_alpha / r` (`lora_alpha / sqrt(r)` with
+`use_rslora`). Our LoRA on slices of a fused projection (GPT-2's `c_attn.q`, `c_attn.v`) becomes
+one PEFT LoRA on the whole projection of rank `Σ r_k`: `A = [A_q; A_v]`, and `B` block-structured so
+that each slice's rows only write its own output columns — the same function exactly.
+
+Merged weights: `W' = W + scale · A B` for every adapted projection, written with the HF names and
+layouts of the base (so `models.load` and transformers read them) with a `config.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from safetensors.numpy import save_file
+
+from fedjax_lora.lora import LoRA
+from fedjax_lora.models.config import ModelConfig
+from fedjax_lora.models.layers import Linear
+from fedjax_lora.models.weights import hf_param_names
+
+PyTree = Any
+
+
+def client_adapters(stacked: PyTree, client: int) -> PyTree:
+    """Client `client`'s row of a stacked adapter tree."""
+    return jax.tree.map(lambda x: x[client], stacked)
+
+
+def with_client(graphdef: nnx.GraphDef, stacked: PyTree, base: nnx.State, client: int):
+    """The model of one client: the shared base with that client's adapters."""
+    return nnx.merge(graphdef, client_adapters(stacked, client), base)
+
+
+def _module_deltas(model: nnx.Module) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
+    """`{hf_module_path: (A (in, R), B (R, out), scale)}`, slices of a projection combined (each
+    slice's scale folded into its rows of B relative to the first slice's scale)."""
+    out = {}
+    for path, linear in nnx.iter_graph(model):
+        if not isinstance(linear, Linear):
+            continue
+        parts = []
+        for slot in linear.slot_names():
+            lora = getattr(linear, Linear.slot_attr(slot), None)
+            if lora is None:
+                continue
+            if not isinstance(lora, LoRA):
+                raise TypeError(f"{path}: only plain LoRA adapters can be exported to PEFT")
+            start, stop = (0, linear.out_features) if slot == "" else linear.slices[slot]
+            a, b = np.asarray(lora.a[...], np.float32), np.asarray(lora.b[...], np.float32)
+            parts.append((a, b, lora.scale, start, stop))
+        if not parts:
+            continue
+        scale = parts[0][2]
+        a = np.concatenate([p[0] for p in parts], axis=1)
+        b = np.zeros((a.shape[1], linear.out_features), np.float32)
+        row = 0
+        for pa, pb, s, start, stop in parts:
+            b[row : row + pa.shape[1], start:stop] = pb * (s / scale)
+            row += pa.shape[1]
+        out[".".join(str(p) for p in path)] = (a, b, scale)
+    if not out:
+        raise ValueError("the model holds no LoRA adapters to export")
+    return out
+
+
+def to_peft(
+    model: nnx.Module,
+    out_dir: str | os.PathLike,
+    *,
+    base_model_name_or_path: str | None = None,
+) -> Path:
+    """Writes `adapter_config.json` and `adapter_model.safetensors` (PEFT's names) for a model
+    holding one client's LoRA adapters. Each module's `lora_alpha` reproduces its scale exactly
+    (`alpha = scale · r`, `use_rslora` off); modules whose rank or alpha differ from the most
+    common one go into PEFT's `rank_pattern` / `alpha_pattern`."""
+    deltas = _module_deltas(model)
+    tensors = {}
+    ranks, alphas = {}, {}
+    for module, (a, b, scale) in deltas.items():
+        tensors[f"base_model.model.{module}.lora_A.weight"] = np.ascontiguousarray(a.T)
+        tensors[f"base_model.model.{module}.lora_B.weight"] = np.ascontiguousarray(b.T)
+        ranks[module] = a.shape[1]
+        alphas[module] = scale * a.shape[1]
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    cfg: ModelConfig = model.config
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "use_rslora": False,
+        "fan_in_fan_out": cfg.family == "gpt2",
+        "target_modules": "^(?:" + "|".join(m.replace(".", r"\.") for m in deltas) + ")$",
+        "rank_pattern": {m: k for m, k in ranks.items() if k != r},
+        "alpha_pattern": {m: k for m, k in alphas.items() if not math.isclose(k, alpha)},
+        "inference_mode": True,
+    }
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    return out
+
+
+def hf_config(cfg: ModelConfig) -> dict[str, Any]:
+    """A transformers `config.json` dictionary for a model config."""
+    if cfg.family == "gpt2":
+        return {
+            "model_type": "gpt2",
+            "architectures": ["GPT2LMHeadModel"],
+            "vocab_size": cfg.vocab_size,
+            "n_embd": cfg.d_model,
+            "n_layer": cfg.n_layers,
+            "n_head": cfg.n_heads,
+            "n_inner": cfg.d_ff,
+            "n_positions": cfg.max_positions,
+            "layer_norm_epsilon": cfg.norm_eps,
+            "activation_function": "gelu_new" if cfg.activation == "gelu_tanh" else "gelu",
+            "tie_word_embeddings": cfg.tie_embeddings,
+            "bos_token_id": cfg.bos_token_id,
+            "eos_token_id": cfg.eos_token_id,
+        }
+    model_type = "qwen2" if cfg.qkv_bias else "llama"
+    return {
+        "model_type": model_type,
+        "architectures": ["Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM"],
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.dim_per_head,
+        "intermediate_size": cfg.d_ff,
+        "max_position_embeddings": cfg.max_positions,
+        "rms_norm_eps": cfg.norm_eps,
+        "hidden_act": "silu",
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "attention_bias": cfg.qkv_bias,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": dict(cfg.rope_scaling) if cfg.rope_scaling else None,
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": cfg.eos_token_id,
+    }
+
+
+def merged_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
+    """The base weights with every LoRA merged in (`W + scale · A B`), HF names and layouts."""
+    deltas = _module_deltas(model)
+    flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    state = {}
+    for hf_name, (path, transpose) in hf_param_names(model).items():
+        value = np.asarray(flat[path].get_value(), np.float32)
+        module = ".".join(str(p) for p in path[:-1])
+        if path[-1] == "kernel" and module in deltas:
+            a, b, scale = deltas[module]
+            value = value + scale * (a @ b)
+        state[hf_name] = np.ascontiguousarray(value.T if transpose else value)
+    return state
+
+
+def save_merged(model: nnx.Module, out_dir: str | os.PathLike) -> Path:
+    """Writes `config.json` and `model.safetensors` (f32) of the merged model."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(hf_config(model.config), indent=2))
+    save_file(merged_state_dict(model), str(out / "model.safetensors"))
+    return out
