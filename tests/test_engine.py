@@ -132,6 +132,30 @@ def test_local_round_equals_a_python_loop_reference():
     np.testing.assert_array_equal(sim.clients.step, [2, 2, 2])
 
 
+def test_any_optax_transformation_with_a_schedule_runs_per_client():
+    schedule = optax.linear_schedule(0.05, 0.0, transition_steps=4)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(schedule, momentum=0.9))
+    problem = tiny_problem(num_clients=2, steps=3, optimizer=tx)
+    algo = local(problem)
+    sim = algo.init(jax.random.key(10))
+    expected = _reference_local_training(problem, sim.clients, 3)
+    sim, _ = algo.round(sim)
+    for c, ref in enumerate(expected):
+        got = jax.tree.map(lambda x, c=c: x[c], sim.clients.params)
+        for a, b in zip(leaves(got), leaves(ref), strict=True):
+            np.testing.assert_allclose(a, b, atol=2e-5)
+
+
+def test_shared_init_gives_identical_clients_and_independent_init_different_ones():
+    problem = tiny_problem(num_clients=3)
+    shared = fedavg(problem).init(jax.random.key(11)).clients.params
+    independent = local(problem).init(jax.random.key(11)).clients.params
+    for s, i in zip(leaves(shared), leaves(independent), strict=True):
+        if np.any(i):  # A factors (B starts at zero in both)
+            assert np.array_equal(s[0], s[1]) and np.array_equal(s[0], s[2])
+            assert not np.array_equal(i[0], i[1])
+
+
 @pytest.mark.parametrize(
     "strategy",
     [

@@ -44,6 +44,7 @@ def tiny_problem(
     sampling: str = "random",
     lr: float = 1e-2,
     masks=None,
+    optimizer=None,
 ) -> Problem:
     streams = client_streams(num_clients)
     train = stack_streams(streams, masks)
@@ -55,7 +56,7 @@ def tiny_problem(
         training=LocalTraining(
             steps=steps, batch_size=3, seq_len=SEQ, grad_accum=grad_accum, sampling=sampling
         ),
-        optimizer=OptimizerConfig(lr=lr),
+        optimizer=optimizer or OptimizerConfig(lr=lr),
         strategy=strategy,
         eval_batch_size=4,
     )

@@ -76,7 +76,7 @@ class Problem:
     train: TrainData
     eval_sets: dict[str, EvalSet]
     training: LocalTraining
-    optimizer: OptimizerConfig
+    optimizer: OptimizerConfig | optax.GradientTransformation
     strategy: Strategy = Strategy()
     eval_batch_size: int = 8
     client_names: tuple[str, ...] = ()
@@ -88,7 +88,10 @@ class Problem:
         return self.train.num_clients
 
     def tx(self) -> optax.GradientTransformation:
-        return self.optimizer.build()
+        """The clients' optimizer: any optax transformation, or one built from `OptimizerConfig`."""
+        if isinstance(self.optimizer, OptimizerConfig):
+            return self.optimizer.build()
+        return self.optimizer
 
     @classmethod
     def create(
@@ -98,7 +101,7 @@ class Problem:
         eval_windows: dict[str, tuple[np.ndarray, np.ndarray]],
         *,
         training: LocalTraining,
-        optimizer: OptimizerConfig,
+        optimizer: OptimizerConfig | optax.GradientTransformation,
         strategy: Strategy = Strategy(),
         eval_batch_size: int = 8,
         client_names: tuple[str, ...] = (),
