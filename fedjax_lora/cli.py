@@ -24,12 +24,29 @@ def demo_config(args: argparse.Namespace) -> config_lib.ExperimentConfig:
     return config_lib.load(None, overrides)
 
 
-def _run(config: config_lib.ExperimentConfig, out: str, progress: bool) -> None:
+def _run(config: config_lib.ExperimentConfig, out: str, args: argparse.Namespace) -> None:
     from fedjax_lora.experiment import results_table, train_and_evaluate
 
-    summary = train_and_evaluate(config, out, progress=progress)
+    if args.checkpoint_every is not None:
+        config = config_lib.merge_base(config, {"checkpoint": {"every": args.checkpoint_every}})
+    summary = train_and_evaluate(config, out, progress=not args.no_progress, resume=args.resume)
     print(results_table(summary))
     print(f"\nwrote {Path(out) / 'metrics.jsonl'}, summary.json, results.md and ppl.png")
+
+
+def _checkpoint_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=None,
+        metavar="K",
+        help="save the whole simulation every K rounds (and after the last)",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest readable checkpoint in the output directory",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     p_demo.add_argument("--out", default="runs/demo")
     p_demo.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
     p_demo.add_argument("--no-progress", action="store_true")
+    _checkpoint_flags(p_demo)
 
     sub.add_parser("methods", help="list every implemented method")
 
@@ -57,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p_run.add_argument("--out", default=None, help="output directory (default runs/<config>)")
     p_run.add_argument("--no-progress", action="store_true")
+    _checkpoint_flags(p_run)
 
     args = parser.parse_args(argv)
     if args.command == "methods":
@@ -73,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             config = config_lib.load(args.config, args.set)
             out = args.out or str(Path("runs") / Path(args.config).stem)
-        _run(config, out, not args.no_progress)
+        _run(config, out, args)
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         print(f"fedjax-lora: error: {e}", file=sys.stderr)
         return 2

@@ -52,9 +52,9 @@ class DataSpec:
     or hub ids, `tokens_per_client` train tokens, `val_fraction · tokens_per_client` validation
     tokens per client, `reference_sequences` shared reference windows)."""
 
-    source: Literal[
-        "synthetic", "fortunes", "ag_news", "multilingual_wikipedia", "code_wiki"
-    ] = "synthetic"
+    source: Literal["synthetic", "fortunes", "ag_news", "multilingual_wikipedia", "code_wiki"] = (
+        "synthetic"
+    )
     num_groups: int = 2
     clients_per_group: int = 2
     tokens_per_client: int = 4096
@@ -80,6 +80,22 @@ class EvalSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class CheckpointSpec:
+    """Save the whole simulation every `every` rounds (0: never; the last round is always saved
+    when checkpointing is on), keeping the last `keep` checkpoints per method."""
+
+    every: int = 0
+    keep: int = 3
+
+    def __post_init__(self):
+        if self.every < 0 or self.keep < 1:
+            raise ValueError(
+                f"checkpoint.every must be >= 0 and checkpoint.keep >= 1, got {self.every}, "
+                f"{self.keep}"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
     methods: tuple[str, ...] = ("local", "fedavg")
     rounds: int = 10
@@ -94,6 +110,7 @@ class ExperimentConfig:
     strategy: Strategy = Strategy()
     eval: EvalSpec = EvalSpec()
     trust: TrustOptions = TrustOptions()
+    checkpoint: CheckpointSpec = CheckpointSpec()
 
     def __post_init__(self):
         if self.rounds < 1:
@@ -119,8 +136,11 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
         if value not in choices:
             raise ValueError(f"config field {where!r} must be one of {choices}, got {value!r}")
         return value
-    if tp is float and isinstance(value, int | float):
-        return float(value)
+    if tp is float and isinstance(value, int | float | str) and not isinstance(value, bool):
+        try:
+            return float(value)  # YAML 1.1 reads `1e-3` as a string
+        except ValueError:
+            raise ValueError(f"config field {where!r} must be a number, got {value!r}") from None
     if tp is int and isinstance(value, bool | float) or tp is int and not isinstance(value, int):
         raise ValueError(f"config field {where!r} must be an integer, got {value!r}")
     return value

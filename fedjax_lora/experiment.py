@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from fedjax_lora import lora
 from fedjax_lora.algorithms import Problem, get_method
+from fedjax_lora.checkpoint import Checkpointer
 from fedjax_lora.config import ExperimentConfig, to_dict
 from fedjax_lora.data import FederatedData, eval_windows, stack_streams, synthetic_corpus
 from fedjax_lora.models.config import ModelConfig
@@ -78,7 +79,9 @@ def build_data(config: ExperimentConfig, vocab_size: int, tokenizer=None) -> Fed
     else:
         from fedjax_lora.data import trust_datasets
 
-        data = trust_datasets.from_spec(spec, tokenizer=tokenizer, vocab_size=vocab_size, seq_len=seq)
+        data = trust_datasets.from_spec(
+            spec, tokenizer=tokenizer, vocab_size=vocab_size, seq_len=seq
+        )
     return data.validate(seq, vocab_size)
 
 
@@ -150,14 +153,25 @@ def build_problem(config: ExperimentConfig) -> tuple[Problem, FederatedData]:
     return problem, data
 
 
-def _finite_or_raise(method: str, round_idx: int, metrics: dict, names) -> None:
+@jax.jit
+def _finite_per_client(params) -> jax.Array:
+    """`bool [N]`: every adapter value of client i is finite."""
+    per_leaf = [jnp.isfinite(x).reshape(x.shape[0], -1).all(1) for x in jax.tree.leaves(params)]
+    return jnp.stack(per_leaf).all(0)
+
+
+def _finite_or_raise(method: str, round_idx: int, metrics: dict, params, names) -> None:
+    """Stops the run (before anything of this round is checkpointed) on a non-finite training
+    loss or adapter value, naming the method, the clients and the round."""
     loss = np.asarray(metrics["train"]["train_loss"])
-    bad = np.flatnonzero(~np.all(np.isfinite(loss), axis=-1))
+    finite = np.all(np.isfinite(loss), axis=-1) & np.asarray(_finite_per_client(params))
+    bad = np.flatnonzero(~finite)
     if bad.size:
         who = [names[i] if names else int(i) for i in bad]
         raise FloatingPointError(
-            f"method {method!r}: non-finite training loss for client(s) {who} in round "
-            f"{round_idx}; lower the learning rate or check the data"
+            f"method {method!r}: non-finite training loss or parameters for client(s) {who} in "
+            f"round {round_idx}; lower the learning rate or check the data (the last good "
+            "checkpoint, if any, is kept)"
         )
 
 
@@ -190,23 +204,47 @@ def method_factory(name: str, config: ExperimentConfig):
 
 
 def run_method(
-    name: str, problem: Problem, config: ExperimentConfig, log, *, progress: bool = True
+    name: str,
+    problem: Problem,
+    config: ExperimentConfig,
+    log,
+    *,
+    progress: bool = True,
+    checkpoint_dir: Path | None = None,
+    resume: bool = False,
 ) -> list[dict[str, Any]]:
     """Runs one method for `config.rounds` rounds; returns and logs one record per round (round 0
-    is the evaluation before training)."""
+    is the evaluation before training).
+
+    With `config.checkpoint.every > 0` the whole state and the records are saved to
+    `checkpoint_dir` every that many rounds and after the last; `resume` continues from the newest
+    readable checkpoint there, so the final state and metrics equal an uninterrupted run's.
+    """
     algo = method_factory(name, config)(problem)
     sim = algo.init(jax.random.key(config.seed))
-    records = [_round_record(name, 0, algo.evaluate(sim), 0.0)]
-    log(records[-1])
-    bar = tqdm(range(1, config.rounds + 1), desc=name, disable=not progress, leave=False)
+    every = config.checkpoint.every
+    ckpt = Checkpointer(checkpoint_dir, keep=config.checkpoint.keep) if every else None
+    restored = ckpt.restore_latest(sim) if ckpt and resume else None
+    if restored is None:
+        first, records = 1, [_round_record(name, 0, algo.evaluate(sim), 0.0)]
+    else:
+        done, sim, records = restored
+        first = done + 1
+    for record in records:
+        log(record)
+    bar = tqdm(range(first, config.rounds + 1), desc=name, disable=not progress, leave=False)
     for r in bar:
         start = time.perf_counter()
         sim, metrics = algo.round(sim)
         metrics = jax.device_get(metrics)
-        _finite_or_raise(name, r, metrics, problem.client_names)
+        _finite_or_raise(name, r, metrics, sim.clients.params, problem.client_names)
         records.append(_round_record(name, r, metrics, time.perf_counter() - start))
         log(records[-1])
+        if ckpt and (r % every == 0 or r == config.rounds):
+            ckpt.save(r, sim, records)
         bar.set_postfix(val_ppl=f"{records[-1]['val_mean_ppl']:.3f}")
+    if ckpt:
+        ckpt.close()
     return records
 
 
@@ -302,12 +340,20 @@ def results_table(summary: dict[str, Any]) -> str:
 
 
 def train_and_evaluate(
-    config: ExperimentConfig, out_dir: str | Path, *, progress: bool = True
+    config: ExperimentConfig, out_dir: str | Path, *, progress: bool = True, resume: bool = False
 ) -> dict[str, Any]:
     """Runs every method of `config`; writes `config.json`, `metrics.jsonl` (with the mixing
     matrix of every round), `summary.json`, `results.md`, `ppl.png` and `trust.png` (final mixing
-    matrices) under `out_dir`; returns the summary."""
+    matrices) under `out_dir`; returns the summary. Checkpoints go to
+    `out_dir/checkpoints/<method>`; `resume` continues every method from its newest readable
+    checkpoint."""
     out = Path(out_dir)
+    checkpoints = out / "checkpoints"
+    if not resume and checkpoints.is_dir() and any(checkpoints.iterdir()):
+        raise ValueError(
+            f"{checkpoints} already holds checkpoints; pass --resume to continue that run or "
+            "choose another output directory (nothing was overwritten)"
+        )
     out.mkdir(parents=True, exist_ok=True)
     problem, _ = build_problem(config)
     (out / "config.json").write_text(json.dumps(to_dict(config), indent=2))
@@ -319,7 +365,15 @@ def train_and_evaluate(
             f.flush()
 
         for name in config.methods:
-            history[name] = run_method(name, problem, config, log, progress=progress)
+            history[name] = run_method(
+                name,
+                problem,
+                config,
+                log,
+                progress=progress,
+                checkpoint_dir=out / "checkpoints" / name,
+                resume=resume,
+            )
     summary = summarize(history, problem.client_names)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     (out / "results.md").write_text(results_table(summary) + "\n")
