@@ -96,6 +96,15 @@ class CheckpointSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class TrackingSpec:
+    """Where round records go besides `metrics.jsonl`: TensorBoard event files and W&B."""
+
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "fedjax_lora"
+
+
+@dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
     methods: tuple[str, ...] = ("local", "fedavg")
     rounds: int = 10
@@ -111,6 +120,7 @@ class ExperimentConfig:
     eval: EvalSpec = EvalSpec()
     trust: TrustOptions = TrustOptions()
     checkpoint: CheckpointSpec = CheckpointSpec()
+    tracking: TrackingSpec = TrackingSpec()
 
     def __post_init__(self):
         if self.rounds < 1:

@@ -22,6 +22,7 @@ from fedjax_lora.config import ExperimentConfig, to_dict
 from fedjax_lora.data import FederatedData, eval_windows, stack_streams, synthetic_corpus
 from fedjax_lora.models.config import ModelConfig
 from fedjax_lora.models.factory import from_config
+from fedjax_lora.tracking import open_trackers, require_wandb
 
 SPLITS = ("val", "test")
 
@@ -342,9 +343,10 @@ def results_table(summary: dict[str, Any]) -> str:
 def train_and_evaluate(
     config: ExperimentConfig, out_dir: str | Path, *, progress: bool = True, resume: bool = False
 ) -> dict[str, Any]:
-    """Runs every method of `config`; writes `config.json`, `metrics.jsonl` (with the mixing
-    matrix of every round), `summary.json`, `results.md`, `ppl.png` and `trust.png` (final mixing
-    matrices) under `out_dir`; returns the summary. Checkpoints go to
+    """Runs every method of `config` and writes under `out_dir`: `config.json`, `metrics.jsonl`
+    (one record per method and round, with the mixing matrix), TensorBoard events in
+    `tensorboard/` (and a W&B run if asked), `summary.json`, `results.md`, `ppl.png` and
+    `trust.png` (final mixing matrices); returns the summary. Checkpoints go to
     `out_dir/checkpoints/<method>`; `resume` continues every method from its newest readable
     checkpoint."""
     out = Path(out_dir)
@@ -355,25 +357,31 @@ def train_and_evaluate(
             "choose another output directory (nothing was overwritten)"
         )
     out.mkdir(parents=True, exist_ok=True)
+    if config.tracking.wandb:
+        require_wandb()
     problem, _ = build_problem(config)
     (out / "config.json").write_text(json.dumps(to_dict(config), indent=2))
+    trackers = open_trackers(
+        out,
+        tensorboard=config.tracking.tensorboard,
+        wandb=config.tracking.wandb,
+        project=config.tracking.wandb_project,
+        config=to_dict(config),
+    )
     history = {}
-    with open(out / "metrics.jsonl", "w") as f:
-
-        def log(record):
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-
+    try:
         for name in config.methods:
             history[name] = run_method(
                 name,
                 problem,
                 config,
-                log,
+                trackers.log,
                 progress=progress,
                 checkpoint_dir=out / "checkpoints" / name,
                 resume=resume,
             )
+    finally:
+        trackers.close()
     summary = summarize(history, problem.client_names)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     (out / "results.md").write_text(results_table(summary) + "\n")

@@ -1,0 +1,119 @@
+"""Experiment tracking: every round record goes to `metrics.jsonl`, TensorBoard event files
+(tensorboardX) and, when installed and asked for, Weights & Biases."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Protocol
+
+Record = dict[str, Any]
+
+
+class Tracker(Protocol):
+    def log(self, record: Record) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def scalars(record: Record) -> dict[str, float]:
+    """The scalar series of a round record: means (`val_mean_ppl`), per-client values
+    (`val_ppl/client_3`), named `{method}/{metric}`."""
+    method = record["method"]
+    out = {}
+    for key, value in record.items():
+        if key in ("method", "round") or isinstance(value, str):
+            continue
+        if isinstance(value, int | float):
+            out[f"{method}/{key}"] = float(value)
+        elif isinstance(value, list) and value and all(isinstance(v, int | float) for v in value):
+            out.update({f"{method}/{key}/client_{i}": float(v) for i, v in enumerate(value)})
+    return out
+
+
+class JsonlTracker:
+    """One JSON object per line, flushed after every record."""
+
+    def __init__(self, path: Path):
+        self._file = open(path, "w")  # noqa: SIM115 - closed in close()
+
+    def log(self, record: Record) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class TensorBoardTracker:
+    """Scalars at step = round, under `{method}/{metric}`."""
+
+    def __init__(self, logdir: Path):
+        from tensorboardX import SummaryWriter
+
+        self._writer = SummaryWriter(str(logdir))
+
+    def log(self, record: Record) -> None:
+        for tag, value in scalars(record).items():
+            self._writer.add_scalar(tag, value, record["round"])
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+def require_wandb():
+    """The `wandb` module, or a clear error saying how to get it."""
+    try:
+        import wandb
+    except ImportError:
+        raise ValueError(
+            "tracking.wandb is on but the wandb package is not installed; "
+            "`pip install wandb` or set tracking.wandb=false"
+        ) from None
+    return wandb
+
+
+class WandbTracker:
+    """A W&B run; `wandb` must be installed (`pip install wandb`)."""
+
+    def __init__(self, project: str, config: dict[str, Any], directory: Path):
+        self._run = require_wandb().init(project=project, config=config, dir=str(directory))
+
+    def log(self, record: Record) -> None:
+        self._run.log({**scalars(record), "round": record["round"]})
+
+    def close(self) -> None:
+        self._run.finish()
+
+
+class Trackers:
+    """Fans every record out to several trackers."""
+
+    def __init__(self, trackers: list[Tracker]):
+        self.trackers = trackers
+
+    def log(self, record: Record) -> None:
+        for t in self.trackers:
+            t.log(record)
+
+    def close(self) -> None:
+        for t in self.trackers:
+            t.close()
+
+
+def open_trackers(
+    out: Path, *, tensorboard: bool, wandb: bool, project: str, config: dict[str, Any]
+) -> Trackers:
+    """`metrics.jsonl` always; TensorBoard under `out/tensorboard`; W&B when asked for."""
+    trackers: list[Tracker] = []
+    try:
+        if wandb:
+            trackers.append(WandbTracker(project, config, out))
+        if tensorboard:
+            trackers.append(TensorBoardTracker(out / "tensorboard"))
+        trackers.append(JsonlTracker(out / "metrics.jsonl"))
+    except BaseException:
+        Trackers(trackers).close()
+        raise
+    return Trackers(trackers)
