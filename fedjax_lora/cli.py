@@ -1,4 +1,4 @@
-"""The `fedjax-lora` command line: `demo`, `methods`, `run CONFIG.yaml`."""
+"""The `fedjax-lora` command line: `demo`, `methods`, `run CONFIG.yaml`, `report RUN_DIR`."""
 
 from __future__ import annotations
 
@@ -64,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
 
     sub.add_parser("methods", help="list every implemented method")
 
+    p_report = sub.add_parser("report", help="write a Markdown or HTML report of a finished run")
+    p_report.add_argument("run_dir")
+    p_report.add_argument("--format", choices=("md", "html"), default="md")
+
     p_run = sub.add_parser("run", help="run an experiment config (YAML)")
     p_run.add_argument("config")
     p_run.add_argument(
@@ -86,6 +90,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:16s} {doc}")
         return 0
     try:
+        if args.command == "report":
+            from fedjax_lora.report import write_report
+
+            print(f"wrote {write_report(args.run_dir, args.format)}")
+            return 0
         if args.command == "demo":
             config = demo_config(args)
             out = args.out

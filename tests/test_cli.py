@@ -35,8 +35,9 @@ def test_methods_lists_the_engine_baselines(capsys):
     assert {"local", "fedavg", "centralized"} <= names
 
 
-def test_demo_runs_and_writes_metrics_summary_and_plot(tmp_path, capsys):
-    out = tmp_path / "demo"
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
     argv = [
         "demo",
         "--rounds",
@@ -51,8 +52,11 @@ def test_demo_runs_and_writes_metrics_summary_and_plot(tmp_path, capsys):
         *TINY,
     ]
     assert main(argv) == 0
-    printed = capsys.readouterr().out
-    assert "| local |" in printed and "| fedavg |" in printed
+    return out
+
+
+def test_demo_runs_and_writes_metrics_summary_and_plot(demo_run):
+    out = demo_run
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [(r["method"], r["round"]) for r in records] == [
         (m, r) for m in ("local", "fedavg") for r in range(3)
@@ -64,7 +68,25 @@ def test_demo_runs_and_writes_metrics_summary_and_plot(tmp_path, capsys):
         np.testing.assert_allclose(summary[method]["test_mean_ppl"], np.mean(per_client))
         # the summary is the last logged round
         np.testing.assert_allclose(per_client, records[-1 if method == "fedavg" else 2]["test_ppl"])
+    assert "| local |" in (out / "results.md").read_text()
     assert (out / "ppl.png").stat().st_size > 1000
+    assert any((out / "tensorboard").iterdir())
+
+
+@pytest.mark.parametrize("fmt", ["md", "html"])
+def test_report_holds_the_table_and_the_figures(demo_run, fmt, capsys):
+    assert main(["report", str(demo_run), "--format", fmt]) == 0
+    text = (demo_run / f"report.{fmt}").read_text()
+    summary = json.loads((demo_run / "summary.json").read_text())
+    for method in ("local", "fedavg"):
+        assert f"{summary[method]['test_mean_ppl']:.3f}" in text
+    assert "g3c7" in text  # per-client rows
+    assert ("data:image/png;base64," if fmt == "html" else "](ppl.png)") in text
+
+
+def test_report_of_a_missing_run_is_a_clear_error(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    assert "metrics.jsonl does not exist" in capsys.readouterr().err
 
 
 def test_run_reads_yaml_with_overrides(tmp_path):

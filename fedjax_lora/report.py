@@ -1,0 +1,131 @@
+"""`fedjax-lora report RUN_DIR`: a Markdown or self-contained HTML report of a finished run — the
+results table, per-client perplexities and the figures, rebuilt from `metrics.jsonl`."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+from fedjax_lora.experiment import (
+    final_trust,
+    plot_history,
+    plot_trust,
+    results_table,
+    summarize,
+)
+
+
+def load_history(run_dir: Path) -> dict[str, list[dict[str, Any]]]:
+    """Round records per method from `metrics.jsonl`, in round order."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; is {run_dir} the --out of a finished run?")
+    history: dict[str, dict[int, dict[str, Any]]] = {}
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        history.setdefault(record["method"], {})[record["round"]] = record
+    return {m: [rounds[r] for r in sorted(rounds)] for m, rounds in history.items()}
+
+
+def _client_table(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    methods = list(summary)
+    names = summary[methods[0]]["client_names"]
+    rows = [
+        [name, *(f"{summary[m]['test_ppl'][i]:.3f}" for m in methods)]
+        for i, name in enumerate(names)
+    ]
+    return ["client", *methods], rows
+
+
+def write_report(run_dir: str | Path, fmt: str = "md") -> Path:
+    """Writes `report.md` or `report.html` (figures embedded) in `run_dir`; returns its path."""
+    if fmt not in ("md", "html"):
+        raise ValueError(f"report format must be 'md' or 'html', got {fmt!r}")
+    run = Path(run_dir)
+    history = load_history(run)
+    config = (
+        json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
+    )
+    summary_path = run / "summary.json"
+    if summary_path.is_file():
+        summary = json.loads(summary_path.read_text())
+        names = next(iter(summary.values()))["client_names"]
+    else:  # a run stopped early: summarise what was logged
+        last = next(iter(history.values()))[-1]
+        names = [f"client {i}" for i in range(len(last["test_ppl"]))]
+        summary = summarize(history, names)
+    figures = {"Per-client validation perplexity over rounds": run / "ppl.png"}
+    plot_history(history, figures["Per-client validation perplexity over rounds"])
+    trust = final_trust(history)
+    if trust:
+        figures["Final mixing (trust) matrices"] = run / "trust.png"
+        plot_trust(trust, names, figures["Final mixing (trust) matrices"])
+    header, rows = _client_table(summary)
+    title = f"fedjax_lora run: {run.name}"
+    setting = (
+        f"methods {', '.join(history)}; {config.get('rounds', '?')} rounds; "
+        f"model {config.get('model', {}).get('source') or config.get('model', {}).get('family')}; "
+        f"data {config.get('data', {}).get('source', '?')}"
+    )
+    if fmt == "md":
+        lines = [
+            f"# {title}",
+            "",
+            setting,
+            "",
+            "## Results",
+            "",
+            results_table(summary),
+            "",
+            "## Test perplexity per client",
+            "",
+            "| " + " | ".join(header) + " |",
+            "|" + "---|" * len(header),
+        ]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+        for caption, path in figures.items():
+            lines += ["", f"## {caption}", "", f"![{caption}]({path.name})"]
+        out = run / "report.md"
+        out.write_text("\n".join(lines) + "\n")
+        return out
+
+    def table(head, body):
+        th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+        trs = "".join(
+            "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in body
+        )
+        return f"<table><tr>{th}</tr>{trs}</table>"
+
+    main_rows = [
+        [
+            m,
+            f"{s['val_mean_ppl']:.3f}",
+            f"{s['test_mean_ppl']:.3f}",
+            f"{s['test_mean_accuracy']:.3f}",
+        ]
+        for m, s in summary.items()
+    ]
+    parts = [
+        f"<h1>{html.escape(title)}</h1>",
+        f"<p>{html.escape(setting)}</p>",
+        "<h2>Results</h2>",
+        table(["method", "val ppl (mean)", "test ppl (mean)", "test accuracy"], main_rows),
+        "<h2>Test perplexity per client</h2>",
+        table(header, rows),
+    ]
+    for caption, path in figures.items():
+        data = base64.b64encode(path.read_bytes()).decode()
+        parts += [
+            f"<h2>{html.escape(caption)}</h2>",
+            f'<img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">',
+        ]
+    style = "table{border-collapse:collapse}td,th{border:1px solid #999;padding:2px 8px}"
+    out = run / "report.html"
+    out.write_text(
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
+        f"</title><style>{style}</style></head><body>{''.join(parts)}</body></html>\n"
+    )
+    return out
