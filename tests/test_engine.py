@@ -118,16 +118,20 @@ def _reference_local_training(problem, clients, num_steps):
     return out
 
 
+def _assert_clients_match(stacked, per_client, atol=2e-5):
+    for c, ref in enumerate(per_client):
+        got = jax.tree.map(lambda x, c=c: x[c], stacked)
+        for a, b in zip(leaves(got), leaves(ref), strict=True):
+            np.testing.assert_allclose(a, b, atol=atol)
+
+
 def test_local_round_equals_a_python_loop_reference():
     problem = tiny_problem(num_clients=3, steps=2, grad_accum=2)
     algo = local(problem)
     sim = algo.init(jax.random.key(0))
     expected = _reference_local_training(problem, sim.clients, 2)
     sim, metrics = algo.round(sim)
-    for c, ref in enumerate(expected):
-        got = jax.tree.map(lambda x, c=c: x[c], sim.clients.params)
-        for a, b in zip(leaves(got), leaves(ref), strict=True):
-            np.testing.assert_allclose(a, b, atol=2e-5)
+    _assert_clients_match(sim.clients.params, expected)
     chex.assert_shape(metrics["train"]["train_loss"], (3, 2))
     np.testing.assert_array_equal(sim.clients.step, [2, 2, 2])
 
@@ -140,10 +144,7 @@ def test_any_optax_transformation_with_a_schedule_runs_per_client():
     sim = algo.init(jax.random.key(10))
     expected = _reference_local_training(problem, sim.clients, 3)
     sim, _ = algo.round(sim)
-    for c, ref in enumerate(expected):
-        got = jax.tree.map(lambda x, c=c: x[c], sim.clients.params)
-        for a, b in zip(leaves(got), leaves(ref), strict=True):
-            np.testing.assert_allclose(a, b, atol=2e-5)
+    _assert_clients_match(sim.clients.params, expected)
 
 
 def test_shared_init_gives_identical_clients_and_independent_init_different_ones():

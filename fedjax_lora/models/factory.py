@@ -9,13 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from fedjax_lora.models.causal_lm import CausalLM
 from fedjax_lora.models.config import ModelConfig
 from fedjax_lora.models.gpt2 import GPT2LMHeadModel
 from fedjax_lora.models.llama import LlamaForCausalLM
 
 MODEL_CLASSES = {"gpt2": GPT2LMHeadModel, "llama": LlamaForCausalLM}
 
-LanguageModel = GPT2LMHeadModel | LlamaForCausalLM
+LanguageModel = CausalLM
 
 
 def build(cfg: ModelConfig, *, dtype: Any = jnp.float32) -> LanguageModel:

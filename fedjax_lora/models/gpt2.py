@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fedjax_lora.models.causal_lm import CausalLM
 from fedjax_lora.models.config import ModelConfig
 from fedjax_lora.models.layers import (
     Embed,
@@ -78,35 +79,19 @@ class GPT2Model(nnx.Module):
         self.ln_f = LayerNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dtype)
 
 
-class GPT2LMHeadModel(nnx.Module):
-    """`tokens [B, T] -> logits f32 [B, T, V]`; dropout active iff `rngs` is given."""
+class GPT2LMHeadModel(CausalLM):
+    """GPT-2 with a tied (or separate) output head."""
 
     def __init__(self, cfg: ModelConfig, *, dtype: Any = jnp.float32):
-        if cfg.family != "gpt2":
-            raise ValueError(f"GPT2LMHeadModel needs family='gpt2', got {cfg.family!r}")
-        self.config = cfg
+        super().__init__(cfg, "gpt2", dtype)
         self.transformer = GPT2Model(cfg, dtype)
-        self.lm_head = (
-            None
-            if cfg.tie_embeddings
-            else Linear(cfg.d_model, cfg.vocab_size, use_bias=False, dtype=dtype)
-        )
 
-    def __call__(
-        self,
-        tokens: jax.Array,
-        *,
-        positions: jax.Array | None = None,
-        attention_mask: jax.Array | None = None,
-        rngs: nnx.Rngs | None = None,
-    ) -> jax.Array:
+    def embedding(self) -> Embed:
+        return self.transformer.wte
+
+    def hidden_states(self, tokens, positions, attention_mask, rngs) -> jax.Array:
         tr = self.transformer
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(tokens.shape[-1]), tokens.shape)
         x = dropout(tr.wte(tokens) + tr.wpe(positions), self.config.dropout, rngs)
         for block in tr.h:
             x = block(x, attention_mask, rngs)
-        x = tr.ln_f(x)
-        if self.lm_head is None:
-            return tr.wte.attend(x)
-        return self.lm_head(x).astype(jnp.float32)
+        return tr.ln_f(x)

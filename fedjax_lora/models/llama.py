@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fedjax_lora.models.causal_lm import CausalLM
 from fedjax_lora.models.config import ModelConfig
 from fedjax_lora.models.layers import (
     Embed,
@@ -84,36 +85,20 @@ class LlamaModel(nnx.Module):
         self.norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dtype)
 
 
-class LlamaForCausalLM(nnx.Module):
-    """`tokens [B, T] -> logits f32 [B, T, V]`; dropout active iff `rngs` is given."""
+class LlamaForCausalLM(CausalLM):
+    """Llama-family decoder with a tied or untied output head."""
 
     def __init__(self, cfg: ModelConfig, *, dtype: Any = jnp.float32):
-        if cfg.family != "llama":
-            raise ValueError(f"LlamaForCausalLM needs family='llama', got {cfg.family!r}")
-        self.config = cfg
+        super().__init__(cfg, "llama", dtype)
         self.model = LlamaModel(cfg, dtype)
-        self.lm_head = (
-            None
-            if cfg.tie_embeddings
-            else Linear(cfg.d_model, cfg.vocab_size, use_bias=False, dtype=dtype)
-        )
 
-    def __call__(
-        self,
-        tokens: jax.Array,
-        *,
-        positions: jax.Array | None = None,
-        attention_mask: jax.Array | None = None,
-        rngs: nnx.Rngs | None = None,
-    ) -> jax.Array:
+    def embedding(self) -> Embed:
+        return self.model.embed_tokens
+
+    def hidden_states(self, tokens, positions, attention_mask, rngs) -> jax.Array:
         cfg = self.config
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(tokens.shape[-1]), tokens.shape)
         inv_freq = rope_inverse_frequencies(cfg.dim_per_head, cfg.rope_theta, cfg.rope_scaling)
         x = self.model.embed_tokens(tokens)
         for layer in self.model.layers:
             x = layer(x, positions, inv_freq, attention_mask, rngs)
-        x = self.model.norm(x)
-        if self.lm_head is None:
-            return self.model.embed_tokens.attend(x)
-        return self.lm_head(x).astype(jnp.float32)
+        return self.model.norm(x)
