@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import jax
@@ -27,6 +27,7 @@ __all__ = [
     "LoRA",
     "LoRAConfig",
     "add_lora",
+    "attach_adapters",
     "init_adapters",
     "merge",
     "projection_paths",
@@ -163,15 +164,34 @@ def add_lora(model: nnx.Module, config: LoRAConfig, *, key: jax.Array | None = N
     projections), if a slot already holds an adapter, or if a projection would get LoRA both on its
     whole output and on one of its slices.
     """
+    make = lambda in_features, out_features: LoRA(in_features, out_features, config)
+    return attach_adapters(model, config.targets, make, key=key)
+
+
+def attach_adapters(
+    model: nnx.Module,
+    targets: Sequence[str],
+    make: Callable[[int, int], nnx.Module],
+    *,
+    key: jax.Array | None = None,
+) -> list[str]:
+    """Puts `make(in_features, slot_width)` into every projection slot matching `targets` (the
+    `LoRAConfig.targets` rule), in place, then draws all of the model's adapters from `key`
+    (`init_adapters`). Any adapter module (LoRA, a mixture of LoRA experts) installs this way.
+
+    Returns the adapted paths. Raises if a pattern matches nothing (naming the available
+    projections), if a slot already holds an adapter, or if a projection would get an adapter both
+    on its whole output and on one of its slices.
+    """
     key = jax.random.key(0) if key is None else key
     slots = projection_paths(model)
     chosen: dict[str, tuple[Linear, str]] = {}
-    for pattern in config.targets:
+    for pattern in targets:
         hits = {p: s for p, s in slots.items() if _matches(pattern, p)}
         if not hits:
             names = sorted({re.sub(r"\.\d+\.", ".*.", p) for p in slots})
             raise ValueError(
-                f"LoRA target {pattern!r} matches no projection of this model; available "
+                f"adapter target {pattern!r} matches no projection of this model; available "
                 f"projections: {names}"
             )
         chosen.update(hits)
@@ -181,14 +201,14 @@ def add_lora(model: nnx.Module, config: LoRAConfig, *, key: jax.Array | None = N
     for slots_of_linear in by_linear.values():
         if "" in slots_of_linear and len(slots_of_linear) > 1:
             raise ValueError(
-                "LoRA targets select both a fused projection and one of its slices "
+                "adapter targets select both a fused projection and one of its slices "
                 f"({sorted(s for s in slots_of_linear if s)}); choose one of the two"
             )
     for path, (linear, slot) in sorted(chosen.items()):
         attr = Linear.slot_attr(slot)
         if getattr(linear, attr, None) is not None:
             raise ValueError(f"projection {path!r} already holds an adapter")
-        setattr(linear, attr, LoRA(linear.in_features, linear.slot_width(slot), config))
+        setattr(linear, attr, make(linear.in_features, linear.slot_width(slot)))
     nnx.update(model, jax.jit(init_adapters)(nnx.state(model, Adapter), key))
     return sorted(chosen)
 

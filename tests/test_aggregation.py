@@ -56,8 +56,16 @@ def np_fedavg_matrix(weights: np.ndarray) -> np.ndarray:
     return np.array([[p[j] for j in range(len(p))] for _ in range(len(p))])
 
 
-# name -> (leaves, inputs) -> the mixing matrix the aggregator must use, in NumPy.
-NUMPY_REFERENCES: dict[str, Callable[[list[np.ndarray], dict[str, Any]], np.ndarray]] = {
+def np_holder_matrix(held: np.ndarray) -> np.ndarray:
+    """Every client gets the mean over the holders: w[i, j] = held[j] / #holders."""
+    return np.array([[held[j] / held.sum() for j in range(len(held))] for _ in range(len(held))])
+
+
+# name -> (leaves, inputs) -> the mixing matrix the aggregator must use, in NumPy; or a list of
+# matrices, one per leaf (in `stacked_tree`'s leaf order: lora_a, lora_b, router).
+NUMPY_REFERENCES: dict[
+    str, Callable[[list[np.ndarray], dict[str, Any]], np.ndarray | list[np.ndarray]]
+] = {
     "local": lambda leaves, inputs: np.eye(N),
     "fedavg": lambda leaves, inputs: np_fedavg_matrix(inputs["weights"]),
     "trust_weights": lambda leaves, inputs: np_select_softmax(np_weight_scores(leaves)),
@@ -68,6 +76,9 @@ NUMPY_REFERENCES: dict[str, Callable[[list[np.ndarray], dict[str, Any]], np.ndar
         np_prediction_scores(inputs["logits"])
     ),
     "trust_oracle": lambda leaves, inputs: np_oracle(inputs["mixtures"]),
+    "experts": lambda leaves, inputs: np_holder_matrix(inputs["holders"].astype(np.float64)),
+    # CoMiGS `expert_0` policy: the shared LoRA (lora_a, lora_b) averaged, the router kept.
+    "masked": lambda leaves, inputs: [np_fedavg_matrix(inputs["weights"])] * 2 + [np.eye(N)],
 }
 
 
@@ -129,7 +140,9 @@ def test_matches_numpy_reference(name):
     w = NUMPY_REFERENCES[name](leaves, {k: np.asarray(v) for k, v in inputs.items()})
     if isinstance(state, agg.MixState):
         np.testing.assert_allclose(state.matrix, w, rtol=1e-5, atol=1e-6)
-    for got, want, leaf in zip(jax.tree.leaves(new_tree), np_mix(leaves, w), leaves, strict=True):
+    per_leaf = w if isinstance(w, list) else [w] * len(leaves)
+    wants = [np_mix([leaf], w_leaf)[0] for leaf, w_leaf in zip(leaves, per_leaf, strict=True)]
+    for got, want, leaf in zip(jax.tree.leaves(new_tree), wants, leaves, strict=True):
         tol = 1e-2 if got.dtype == jnp.bfloat16 else 1e-5
         np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=tol, atol=tol)
         assert leaf.shape == want.shape

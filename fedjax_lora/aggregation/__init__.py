@@ -19,6 +19,7 @@ from fedjax_lora.aggregation.core import (
     num_clients,
     trust_aggregator,
 )
+from fedjax_lora.aggregation.experts import expert_aggregator, holder_average
 from fedjax_lora.aggregation.registry import AGGREGATORS, AggregatorEntry, make_aggregator
 from fedjax_lora.aggregation.trust import (
     TOPOLOGIES,
@@ -40,9 +41,11 @@ __all__ = [
     "Aggregator",
     "Inputs",
     "MixState",
+    "expert_aggregator",
     "fedavg",
     "fedavg_aggregator",
     "fedavg_matrix",
+    "holder_average",
     "local",
     "local_aggregator",
     "make_aggregator",

@@ -49,6 +49,7 @@ INPUT_CLIENT_AXES: dict[str, tuple[int, ...]] = {
     "ppl": (0, 1),
     "logits": (0,),
     "mixtures": (0,),
+    "holders": (0,),
 }
 """Known side inputs of `Aggregator.apply` and which of their axes index clients.
 
@@ -56,6 +57,7 @@ INPUT_CLIENT_AXES: dict[str, tuple[int, ...]] = {
 - `ppl: [N, N]`: `ppl[i, j]` = perplexity of client `j`'s model on client `i`'s validation data.
 - `logits: [N, S, V]`: client `j`'s last-position logits on `S` shared reference windows.
 - `mixtures: [N, K]`: each client's share (or token count) of each of `K` data domains.
+- `holders`: 0/1 masks `[N, ...]`, a pytree prefix of the tree: which clients hold which part.
 """
 
 

@@ -21,6 +21,8 @@ from fedjax_lora.aggregation.core import (
     local_aggregator,
     trust_aggregator,
 )
+from fedjax_lora.aggregation.experts import expert_aggregator
+from fedjax_lora.aggregation.masks import masked_aggregator
 
 __all__ = ["AGGREGATORS", "AggregatorEntry", "make_aggregator"]
 
@@ -55,6 +57,12 @@ def _mixtures(rng: np.random.Generator, n: int) -> Inputs:
     return {"mixtures": (m / m.sum(axis=1, keepdims=True)).astype(np.float32)}
 
 
+def _holders(rng: np.random.Generator, n: int) -> Inputs:
+    held = rng.uniform(size=n) < 0.5
+    held[rng.integers(n)] = True  # at least one holder
+    return {"holders": held}
+
+
 AGGREGATORS: dict[str, AggregatorEntry] = {
     "local": AggregatorEntry(local_aggregator, _no_inputs),
     "fedavg": AggregatorEntry(fedavg_aggregator, _token_counts),
@@ -66,6 +74,8 @@ AGGREGATORS: dict[str, AggregatorEntry] = {
         functools.partial(trust_aggregator, "prediction"), _reference_logits
     ),
     "trust_oracle": AggregatorEntry(functools.partial(trust_aggregator, "oracle"), _mixtures),
+    "experts": AggregatorEntry(expert_aggregator, _holders),
+    "masked": AggregatorEntry(masked_aggregator, _token_counts),
 }
 
 

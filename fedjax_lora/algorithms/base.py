@@ -70,6 +70,8 @@ def federated(
     client_eval: Callable | None = None,
     train: TrainData | None = None,
     broadcast_to: int | None = None,
+    init_state: Callable[[jax.Array], ClientState] | None = None,
+    local_update: Callable[..., tuple[ClientState, Metrics]] | None = None,
 ) -> Algorithm:
     """The generic round: train locally, aggregate with `aggregator`, evaluate.
 
@@ -79,7 +81,10 @@ def federated(
     aggregation; earlier rounds are local warm-up (`lax.cond`: neither the inputs nor the
     aggregation are computed there). client_eval: the per-client evaluation (see `evaluation`).
     `train` overrides the problem's training data and `broadcast_to` evaluates a single trained
-    model for every client (centralized training).
+    model for every client (centralized training). `init_state(key) -> ClientState` and
+    `local_update(data, clients, eval_sets, base, round) -> (clients, metrics)` replace the default
+    client initialisation and local training (methods with their own local schedule, e.g. the
+    bi-level expert/router alternation of CoMiGS).
 
     Metrics: `train`, one entry per evaluation set, and `aggregation`: `applied` (bool) and, for
     matrix aggregators, the `matrix` in use after this round (trust heatmaps).
@@ -103,17 +108,23 @@ def federated(
         return evaluation(problem, params, eval_sets, base, client_eval)
 
     def init(key: jax.Array) -> SimState:
-        clients = init_clients(
-            problem.template, tx, train.num_clients, key, shared_init=shared_init
-        )
+        if init_state is not None:
+            clients = init_state(key)
+        else:
+            clients = init_clients(
+                problem.template, tx, train.num_clients, key, shared_init=shared_init
+            )
         clients = problem.strategy.place(clients)
         return SimState(clients, jnp.zeros((), jnp.int32), aggregator.init(clients.params))
 
     @jax.jit
     def _round(sim: SimState, data: TrainData, eval_sets, base):
-        clients, train_metrics = train_clients(
-            update, problem.strategy, sim.clients, data.tokens, data.lengths, data.mask, base
-        )
+        if local_update is not None:
+            clients, train_metrics = local_update(data, sim.clients, eval_sets, base, sim.round)
+        else:
+            clients, train_metrics = train_clients(
+                update, problem.strategy, sim.clients, data.tokens, data.lengths, data.mask, base
+            )
 
         def aggregate(_):
             inputs = {}

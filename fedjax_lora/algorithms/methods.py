@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Literal
 
 from fedjax_lora.aggregation import fedavg_aggregator, local_aggregator
-from fedjax_lora.algorithms import trust_weighted
+from fedjax_lora.algorithms import comigs, fedamole, trust_weighted
 from fedjax_lora.algorithms.base import Algorithm, federated
 from fedjax_lora.algorithms.problem import Problem
 
@@ -53,6 +53,8 @@ METHODS: dict[str, Callable[..., Algorithm]] = {
     "fedavg": fedavg,
     "centralized": centralized,
     **trust_weighted.METHODS,
+    **fedamole.METHODS,
+    **comigs.METHODS,
 }
 
 

@@ -32,6 +32,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import nnx
 
 from fedjax_lora.aggregation import fedavg_aggregator, topology, trust_aggregator
 from fedjax_lora.algorithms.base import Algorithm, federated
@@ -86,9 +87,7 @@ class TrustOptions:
             "top_peers": self.top_peers,
             "threshold": self.threshold,
             "min_keep": self.min_keep,
-            "adjacency": None
-            if self.topology == "full"
-            else topology(self.topology, num_clients),
+            "adjacency": None if self.topology == "full" else topology(self.topology, num_clients),
         }
         own = {
             "weights": {"temperature": self.temperature},
@@ -123,7 +122,7 @@ def trust_weighted(
         aggregator, inputs = fedavg_aggregator(), None
     else:
         aggregator = trust_aggregator(rule, **options.rule_options(rule, n))
-        inputs = _inputs(problem, rule, cross)
+        inputs = _inputs(problem, rule, options, cross)
     return federated(
         name or f"pcl-{rule}",
         problem,
@@ -135,7 +134,7 @@ def trust_weighted(
     )
 
 
-def _inputs(problem: Problem, rule: str, cross: CrossEval):
+def _inputs(problem: Problem, rule: str, options: TrustOptions, cross: CrossEval):
     """The aggregation-input hook of `rule`: `(data, clients, eval_sets, base) -> inputs`."""
     if rule == "weights":
         return None
@@ -150,6 +149,12 @@ def _inputs(problem: Problem, rule: str, cross: CrossEval):
             raise ValueError(
                 "pcl-pred needs shared reference sequences (Problem.reference); the data source "
                 "must provide a reference set"
+            )
+        vocab = nnx.merge(problem.graphdef, problem.template, problem.base).config.vocab_size
+        if options.top_k > vocab:
+            raise ValueError(
+                f"trust.top_k={options.top_k} exceeds the model's vocabulary of {vocab} tokens; "
+                "set trust.top_k to at most the vocabulary size"
             )
         reference = problem.reference
         return lambda data, clients, eval_sets, base: {
@@ -172,7 +177,9 @@ def _method(rule: str, doc: str):
 
 METHODS = {
     "pcl-weights": _method("weights", "Trust from adapter (LoRA weight) similarity (Strategy 1)."),
-    "pcl-val": _method("validation", "Trust from peers' perplexity on own validation (Strategy 2)."),
+    "pcl-val": _method(
+        "validation", "Trust from peers' perplexity on own validation (Strategy 2)."
+    ),
     "pcl-pred": _method("prediction", "Trust from predictions on a shared reference set (Str. 3)."),
     "pcl-oracle": _method("oracle", "Trust from the known data mixtures ('theoretical' weights)."),
     "pcl-fedavg": _method("fedavg", "Uniform mixing on the trust-weighted schedule (`naive`)."),

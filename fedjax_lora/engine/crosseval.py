@@ -53,6 +53,8 @@ def attention_dropout_only(graphdef: nnx.GraphDef, template: nnx.State, base: nn
     reference's evaluation mode; the state layout (adapters, base) is unchanged."""
     model = nnx.merge(graphdef, template, base)
     for _, module in nnx.iter_graph(model):
+        if not isinstance(module, nnx.Module):
+            continue
         for name, value in list(vars(module).items()):
             if isinstance(value, ModelConfig):
                 setattr(module, name, dataclasses.replace(value, dropout=0.0))

@@ -65,7 +65,6 @@ def make_client_eval(
     `fedjax_lora.engine.crosseval.attention_dropout_only`)."""
 
     def client_eval(params, windows, weights, base):
-        model = nnx.merge(graphdef, params, base)
         w, t1 = windows.shape
         batches = (
             windows.reshape(w // batch_size, batch_size, t1),
@@ -75,10 +74,14 @@ def make_client_eval(
 
         def one(batch):
             win, wt, b = batch
+            # Merged per batch (a trace-time operation) and captured, so modules that sow
+            # intermediates (a mixture's load-balancing loss) run as in training.
+            model = nnx.merge(graphdef, params, base)
             rngs = None
             if dropout_key is not None:
                 rngs = nnx.Rngs(dropout=jax.random.fold_in(dropout_key, b))
-            logits = model(win[:, :-1], rngs=rngs)
+            forward = nnx.capture(lambda m, x: m(x, rngs=rngs), nnx.Intermediate)
+            logits, _ = forward(model, win[:, :-1])
             ce = token_cross_entropy(logits, win[:, 1:])
             hit = (jnp.argmax(logits, -1) == win[:, 1:]).astype(jnp.float32)
             return jnp.sum(ce * wt), jnp.sum(hit * wt), jnp.sum(wt)

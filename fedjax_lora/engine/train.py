@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from fedjax_lora.engine.batches import Sampling, sample_starts, windows_at
+from fedjax_lora.engine.batches import Batch, Sampling, sample_starts, windows_at
 from fedjax_lora.engine.loss import lm_loss
 from fedjax_lora.engine.state import ClientState
 from fedjax_lora.engine.strategy import Strategy, map_clients
@@ -49,6 +49,61 @@ def _tree_zeros(tree: PyTree) -> PyTree:
     return jax.tree.map(jnp.zeros_like, tree)
 
 
+def stream_sampler(
+    cfg: LocalTraining,
+    tokens: jax.Array,
+    length: jax.Array,
+    mask: jax.Array | None,
+    data_key: jax.Array,
+    max_windows: int,
+) -> Callable[[jax.Array, jax.Array], Batch]:
+    """`sample(key, counter) -> Batch` of `cfg.batch_size` windows of one client's stream: random
+    windows from `key`, or the epoch order of `data_key` at position `counter`."""
+
+    def sample(key: jax.Array, counter: jax.Array) -> Batch:
+        starts = sample_starts(
+            key if cfg.sampling == "random" else data_key,
+            length,
+            counter,
+            batch_size=cfg.batch_size,
+            seq_len=cfg.seq_len,
+            max_windows=max_windows,
+            sampling=cfg.sampling,
+        )
+        return windows_at(tokens, starts, cfg.seq_len, mask)
+
+    return sample
+
+
+def accumulate_gradients(
+    value_and_grad: Callable,
+    params: PyTree,
+    sample: Callable[[jax.Array, jax.Array], Batch],
+    counter: jax.Array,
+    k_batch: jax.Array,
+    k_drop: jax.Array,
+    cfg: LocalTraining,
+) -> tuple[PyTree, jax.Array, jax.Array, jax.Array]:
+    """`(mean gradient, counter, mean loss, mean CE)` over `cfg.grad_accum` micro-batches (as
+    dividing each loss by `grad_accum`). Micro-batch `i` is `sample(fold_in(k_batch, i), counter)`
+    with dropout key `fold_in(k_drop, i)` (None when `cfg.dropout` is off), and `counter` advances
+    by `batch_size`; `value_and_grad(params, batch, rng) -> ((loss, parts), grads)`."""
+
+    def accumulate(acc, i):
+        grads, counter = acc
+        batch = sample(jax.random.fold_in(k_batch, i), counter)
+        rng = jax.random.fold_in(k_drop, i) if cfg.dropout else None
+        (loss, parts), g = value_and_grad(params, batch, rng)
+        grads = jax.tree.map(jnp.add, grads, g)
+        return (grads, counter + cfg.batch_size), (loss, parts["ce"])
+
+    (grads, counter), (losses, ces) = jax.lax.scan(
+        accumulate, (_tree_zeros(params), counter), jnp.arange(cfg.grad_accum)
+    )
+    grads = jax.tree.map(lambda g: g / cfg.grad_accum, grads)
+    return grads, counter, losses.mean(), ces.mean()
+
+
 def make_client_update(
     graphdef: nnx.GraphDef,
     tx: optax.GradientTransformation,
@@ -59,45 +114,24 @@ def make_client_update(
 ) -> Callable:
     """`client_update(client, tokens [L], length, mask [L] | None, base) -> (client, metrics)`
     for one (unstacked) client: `cfg.steps` steps of `lax.scan`, each averaging `grad_accum`
-    micro-batch gradients (the mean of the micro-batch losses, as dividing each loss by
-    `grad_accum`)."""
+    micro-batch gradients (`accumulate_gradients`)."""
     value_and_grad = jax.value_and_grad(
         lambda p, base, batch, rng: loss_fn(graphdef, p, base, batch, rng), has_aux=True
     )
 
     def client_update(client: ClientState, tokens, length, mask, base):
-        def micro_batch(params, counter, k_batch, k_drop, i):
-            key = jax.random.fold_in(k_batch, i) if cfg.sampling == "random" else client.data_key
-            starts = sample_starts(
-                key,
-                length,
-                counter,
-                batch_size=cfg.batch_size,
-                seq_len=cfg.seq_len,
-                max_windows=max_windows,
-                sampling=cfg.sampling,
-            )
-            batch = windows_at(tokens, starts, cfg.seq_len, mask)
-            rng = jax.random.fold_in(k_drop, i) if cfg.dropout else None
-            return value_and_grad(params, base, batch, rng)
+        sample = stream_sampler(cfg, tokens, length, mask, client.data_key, max_windows)
+        grad_fn = lambda p, batch, rng: value_and_grad(p, base, batch, rng)
 
         def step(carry, _):
             params, opt_state, rng, counter = carry
             rng, k_batch, k_drop = jax.random.split(rng, 3)
-
-            def accumulate(acc, i):
-                grads, counter = acc
-                (loss, parts), g = micro_batch(params, counter, k_batch, k_drop, i)
-                grads = jax.tree.map(jnp.add, grads, g)
-                return (grads, counter + cfg.batch_size), (loss, parts["ce"])
-
-            (grads, counter), (losses, ces) = jax.lax.scan(
-                accumulate, (_tree_zeros(params), counter), jnp.arange(cfg.grad_accum)
+            grads, counter, loss, ce = accumulate_gradients(
+                grad_fn, params, sample, counter, k_batch, k_drop, cfg
             )
-            grads = jax.tree.map(lambda g: g / cfg.grad_accum, grads)
             updates, opt_state = tx.update(grads, opt_state, params)
             params = optax.apply_updates(params, updates)
-            return (params, opt_state, rng, counter), (losses.mean(), ces.mean())
+            return (params, opt_state, rng, counter), (loss, ce)
 
         carry = (client.params, client.opt_state, client.rng, client.windows_seen)
         (params, opt_state, rng, counter), (loss, ce) = jax.lax.scan(

@@ -1,0 +1,121 @@
+r"""Which adapter tensors are global (averaged by the server) and which are trained: pure mask
+policies over stacked client trees, and the aggregator that averages only the global part.
+
+Leaves are classified by their path (the CoMiGS reference classifies parameter names the same way):
+a path with a `router` component is a *router*; one with an `experts` component holds stacked
+mixture experts `[N, E, ...]` (slot 0 the generalist); `expert_mask` is per-client structure;
+everything else (attention LoRA, plain LoRA) is *shared* LoRA. Policies (Fan et al., CoMiGS,
+arXiv:2409.13931, `collaboration_strategies.py`):
+
+- `none`: nothing global (local training).
+- `all`: everything global, routers included.
+- `experts`: all LoRA global, routers local (CoMiGS-2G, FedAvg-MoE).
+- `expert_0`: expert 0 and the shared LoRA global; specialists and routers local (CoMiGS,
+  pFedMoE).
+- `expert_01`: experts 0 and 1 and the shared LoRA global.
+- `ffa`: all LoRA global, and the experts' `A` frozen after the shared init (FFA-LoRA, Sun et
+  al. 2024; as the icml reference: attention `A` stays trained).
+- `fedsa`: every LoRA `A` global, every `B` local (FedSA-LoRA, Guo et al. 2024, the faithful
+  version; the icml reference makes everything global).
+
+The aggregator: :math:`θ ← \mathrm{where}(m, \sum_j p_j θ_j, θ)` leaf by leaf, `p` uniform (the
+reference's 1/N) or proportional to `inputs["weights"]`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+from fedjax_lora.aggregation.core import Aggregator, Inputs, fedavg
+
+__all__ = [
+    "POLICIES",
+    "Policy",
+    "global_mask",
+    "leaf_role",
+    "masked_aggregator",
+    "path_names",
+    "trainable",
+]
+
+PyTree = Any
+Policy = Literal["none", "all", "experts", "expert_0", "expert_01", "ffa", "fedsa"]
+POLICIES: tuple[str, ...] = ("none", "all", "experts", "expert_0", "expert_01", "ffa", "fedsa")
+Role = Literal["router", "experts", "mask", "shared"]
+
+
+def path_names(path: Sequence[Any]) -> tuple[str, ...]:
+    """The string components of a pytree key path (`DictKey`, `GetAttrKey`, `SequenceKey`) or of
+    an NNX state path; NNX's trailing `value` attribute is dropped."""
+    names = []
+    for p in path:
+        name = getattr(p, "key", getattr(p, "name", getattr(p, "idx", p)))
+        names.append(str(name))
+    return tuple(names[:-1] if names and names[-1] == "value" else names)
+
+
+def leaf_role(names: Sequence[str]) -> Role:
+    if "router" in names:
+        return "router"
+    if "expert_mask" in names:
+        return "mask"
+    if "experts" in names:
+        return "experts"
+    return "shared"
+
+
+def _check(policy: str) -> None:
+    if policy not in POLICIES:
+        raise ValueError(f"unknown mask policy {policy!r}; expected one of {POLICIES}")
+
+
+def _leaf_mask(names: tuple[str, ...], leaf: jax.Array, policy: str) -> jax.Array:
+    """`bool`, broadcastable to the stacked leaf `[N, ...]`."""
+    role = leaf_role(names)
+    if policy == "none" or role == "mask":
+        return jnp.bool_(False)
+    if policy == "all":
+        return jnp.bool_(True)
+    if role == "router":
+        return jnp.bool_(False)
+    if policy in ("experts", "ffa"):
+        return jnp.bool_(True)
+    if policy == "fedsa":
+        return jnp.bool_(names[-1] == "a")
+    if role == "shared":  # expert_0, expert_01: the attention LoRA belongs to the generalist
+        return jnp.bool_(True)
+    slots = jnp.arange(leaf.shape[1]) < (1 if policy == "expert_0" else 2)
+    return slots.reshape((1, -1) + (1,) * (leaf.ndim - 2))
+
+
+def global_mask(stacked_tree: PyTree, policy: Policy) -> PyTree:
+    """Per leaf, a boolean broadcastable to it: True where the tensor is averaged by the server."""
+    _check(policy)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, leaf: _leaf_mask(path_names(path), leaf, policy), stacked_tree
+    )
+
+
+def trainable(names: Sequence[str], policy: Policy) -> bool:
+    """Whether the expert-side optimizer trains this (non-router) adapter leaf: everything except
+    the frozen expert `A` of `ffa`."""
+    _check(policy)
+    return not (policy == "ffa" and leaf_role(names) == "experts" and names[-1] == "a")
+
+
+def masked_aggregator(policy: Policy = "expert_0", weights: ArrayLike | None = None) -> Aggregator:
+    """FedAvg of the `policy`'s global leaves; local leaves are kept. `inputs["weights"]`, when
+    given, overrides the fixed `weights` (default uniform, the reference's 1/N mean). Stateless."""
+    _check(policy)
+
+    def apply(stacked_tree: PyTree, state: tuple, inputs: Inputs | None = None):
+        averaged = fedavg(stacked_tree, (inputs or {}).get("weights", weights))
+        mask = global_mask(stacked_tree, policy)
+        return jax.tree.map(jnp.where, mask, averaged, stacked_tree), state
+
+    return Aggregator(lambda stacked_tree: (), apply)

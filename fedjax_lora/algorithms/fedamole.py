@@ -1,0 +1,238 @@
+r"""FedAMoLE: personalized federated fine-tuning with data-driven heterogeneous mixtures of LoRA
+experts (Zhang, Qin, Wu, Hou & Deng, arXiv:2411.19128 v2; reference `zyc140345/FedAMoLE`,
+`main.py`, `node.py`).
+
+The model carries an AMoLE module (`fedjax_lora.amole`) on each adapted projection: a pool of `E`
+domain experts, a shared expert and a token projection `W_tok`. Every client keeps a full copy of
+the pool and, per module, a mask of the experts it holds (`ClientState.aux["masks"]`, an
+`ExpertMask` state `bool [N, E]` merged over the shared base for each client), so shapes stay
+static. Round `r = 1, 2, …` (all clients take part):
+
+1. the Adam state is re-created and the learning rate is `lr · decay^{r-1}` (`round_decay`, 0.99);
+2. every client trains its held experts, the shared expert and `W_tok` locally (loss: CE plus
+   `0.001 · Σ_modules L_lb`); gradients to experts it does not hold are exactly zero;
+3. every client's *local* model is evaluated (the paper's reported metric: after local training,
+   before aggregation);
+4. with `dispatch="rsea"`, every client computes its RSEA statistics (`amole.make_client_stats`)
+   on its auxiliary set with its local parameters, optionally noised (`noise_eta`);
+5. aggregation (`aggregation.experts`): each domain expert is averaged over its holders, the shared
+   expert and `W_tok` over all clients; every client receives the new global pool;
+6. on the host, the next round's masks: `rsea` solves the assignment per module from the uploaded
+   statistics (`rsea.scores`, `rsea.assign`); `static` (`fedamole-r`) keeps the random round-0
+   architecture; `random` draws a fresh random one.
+
+Round 0 (`init`): every client starts from the same pool (independent `A` per expert, `B = 0`) and
+a random architecture per module (`rsea.random_assignment`). Homogeneous architectures (the
+reference's `--homo_arch`) are `min_experts = max_experts = E·k/C`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from fedjax_lora import amole
+from fedjax_lora.aggregation import expert_aggregator, rsea
+from fedjax_lora.algorithms.base import Algorithm, SimState, evaluation
+from fedjax_lora.algorithms.problem import Problem
+from fedjax_lora.engine.evaluate import make_client_eval
+from fedjax_lora.engine.state import ClientState, init_clients
+from fedjax_lora.engine.strategy import map_clients
+from fedjax_lora.engine.train import make_client_update, train_clients
+
+__all__ = ["METHODS", "FedAMoLEOptions", "fedamole"]
+
+Dispatch = Literal["rsea", "static", "random"]
+
+
+@dataclasses.dataclass(frozen=True)
+class FedAMoLEOptions:
+    """Expert assignment and schedule of FedAMoLE.
+
+    clients_per_expert, min_experts, max_experts: every expert of a module is held by exactly
+      `clients_per_expert` clients (the reference's `expert_choices`, 2; 4 in the 20–50-client
+      runs), every client holds `min_experts … max_experts` of them (2 … 8).
+    dispatch: `rsea` (FedAMoLE), `static` (FedAMoLE-R: the random round-0 architecture for all
+      rounds), `random` (a fresh random architecture every round).
+    aux_set: the evaluation set whose windows are the clients' auxiliary data for RSEA.
+    round_decay: learning-rate factor per round (the optimizer is re-created every round).
+    noise_eta: `η` of the optional noise on the uploaded embeddings (`amole.add_noise`); None: off.
+    """
+
+    clients_per_expert: int = 2
+    min_experts: int = 2
+    max_experts: int = 8
+    dispatch: Dispatch = "rsea"
+    aux_set: str = "aux"
+    round_decay: float = 0.99
+    noise_eta: float | None = None
+
+    def __post_init__(self):
+        if self.dispatch not in ("rsea", "static", "random"):
+            raise ValueError(
+                f"dispatch must be 'rsea', 'static' or 'random', got {self.dispatch!r}"
+            )
+        if self.noise_eta is not None and self.noise_eta <= 0:
+            raise ValueError(f"noise_eta must be positive, got {self.noise_eta}")
+
+
+def _reset_optimizer(tx: optax.GradientTransformation, params, scale: jax.Array):
+    """A fresh per-client state of `chain(inner, inject_hyperparams(scale))` with step size
+    `scale` (the round's learning-rate factor)."""
+    inner, schedule = jax.vmap(tx.init)(params)
+    step = jnp.full_like(schedule.hyperparams["step_size"], scale)
+    return inner, schedule._replace(hyperparams={**schedule.hyperparams, "step_size": step})
+
+
+def fedamole(
+    problem: Problem, options: FedAMoLEOptions = FedAMoLEOptions(), *, name: str | None = None
+) -> Algorithm:
+    """FedAMoLE on a problem whose model holds AMoLE modules (`amole.add_amole`).
+
+    `SimState.agg_state` is the server's PRNG key of the random architectures. Metrics per round:
+    `train`, every evaluation set (local models after local training) and `aggregation`
+    (`applied`, `experts_held`: per client, the mean number of held experts over modules).
+    """
+    n = problem.num_clients
+    template_masks = amole.expert_masks(problem.base)
+    pools = {path: mask.shape[0] for path, mask in amole.by_module(template_masks).items()}
+    k, lo, hi = options.clients_per_expert, options.min_experts, options.max_experts
+    for size in sorted(set(pools.values())):
+        rsea.check_feasible(size, n, k, lo, hi)
+    model = nnx.merge(problem.graphdef, problem.template, problem.base)
+    top_k = max(m.top_k for _, m in nnx.iter_graph(model) if isinstance(m, amole.AMoLE))
+    if lo < top_k:
+        raise ValueError(f"min_experts={lo} is below the router's top_k={top_k}")
+    if options.dispatch == "rsea" and options.aux_set not in problem.eval_sets:
+        raise ValueError(
+            f"RSEA needs the clients' auxiliary data as the evaluation set {options.aux_set!r}"
+        )
+
+    tx = optax.chain(problem.tx(), optax.inject_hyperparams(optax.scale)(step_size=1.0))
+    train = problem.train
+    update = make_client_update(
+        problem.graphdef,
+        tx,
+        problem.training,
+        max_windows=train.max_windows(problem.training.seq_len),
+    )
+    client_eval = make_client_eval(problem.graphdef, problem.eval_batch_size)
+    client_stats = amole.make_client_stats(problem.graphdef, problem.eval_batch_size)
+    aggregator = expert_aggregator()
+
+    def masked_update(client: ClientState, tokens, length, mask, base):
+        return update(client, tokens, length, mask, nnx.merge_state(base, client.aux["masks"]))
+
+    def with_masks(fn):
+        """`fn(params, ..., base)` on `((params, masks), ..., base)`."""
+        return lambda pm, *args: fn(pm[0], *args[:-1], nnx.merge_state(args[-1], pm[1]))
+
+    def masks_from(assignments: dict[str, np.ndarray]) -> nnx.State:
+        flat = [
+            (p, v.replace(jnp.asarray(assignments[amole.module_path(p[:-1])], bool)))
+            for p, v in nnx.to_flat_state(template_masks)
+        ]
+        return problem.strategy.place(nnx.from_flat_state(flat))
+
+    def random_masks(key: jax.Array) -> nnx.State:
+        rng = np.random.default_rng(np.asarray(jax.random.key_data(key)))
+        return masks_from(
+            {p: rsea.random_assignment(rng, e, n, k, lo, hi).T for p, e in pools.items()}
+        )
+
+    def rsea_masks(stats: amole.Stats, masks: nnx.State) -> nnx.State:
+        held = amole.by_module(masks)
+        assignments = {}
+        for path, (token_means, expert_means) in stats.items():
+            scores = rsea.scores(token_means, expert_means, held[path])
+            assignments[path] = rsea.assign(np.asarray(scores), k, lo, hi).T
+        return masks_from(assignments)
+
+    def init(key: jax.Array) -> SimState:
+        k_clients, k_server = jax.random.split(key)
+        clients = init_clients(
+            problem.template,
+            tx,
+            n,
+            k_clients,
+            shared_init=True,
+            aux={"masks": random_masks(jax.random.fold_in(k_server, 0))},
+        )
+        return SimState(problem.strategy.place(clients), jnp.zeros((), jnp.int32), k_server)
+
+    @jax.jit
+    def _round(sim: SimState, data, eval_sets, base):
+        masks = sim.clients.aux["masks"]
+        scale = options.round_decay ** sim.round.astype(jnp.float32)
+        clients = sim.clients._replace(opt_state=_reset_optimizer(tx, sim.clients.params, scale))
+        clients, train_metrics = train_clients(
+            masked_update, problem.strategy, clients, data.tokens, data.lengths, data.mask, base
+        )
+        local = (clients.params, masks)
+        metrics = evaluation(problem, local, eval_sets, base, with_masks(client_eval))
+        stats = {}
+        if options.dispatch == "rsea":
+            aux = eval_sets[options.aux_set]
+            weights = jnp.broadcast_to(
+                jnp.sum(aux.weights, -1, keepdims=True) > 0, aux.weights.shape
+            ).astype(jnp.float32)
+            per_client = (local, aux.windows[..., :-1], weights)
+            stats = map_clients(with_masks(client_stats), problem.strategy, per_client, (base,))
+            if options.noise_eta is not None:
+                keys = jax.random.split(jax.random.fold_in(sim.agg_state, sim.round + 1), n)
+                stats = jax.vmap(amole.add_noise, (0, 0, None))(keys, stats, options.noise_eta)
+        inputs = {"holders": amole.holders(clients.params, masks)}
+        params, _ = aggregator.apply(clients.params, aggregator.init(clients.params), inputs)
+        held = jnp.stack([m.sum(-1) for m in jax.tree.leaves(masks)]).astype(jnp.float32)
+        metrics["train"] = train_metrics
+        metrics["aggregation"] = {"applied": jnp.asarray(True), "experts_held": held.mean(0)}
+        return clients._replace(params=params), metrics, stats
+
+    _evaluate = jax.jit(
+        lambda sim, eval_sets, base: evaluation(
+            problem,
+            (sim.clients.params, sim.clients.aux["masks"]),
+            eval_sets,
+            base,
+            with_masks(client_eval),
+        )
+    )
+
+    def round_fn(sim: SimState):
+        clients, metrics, stats = _round(sim, train, problem.eval_sets, problem.base)
+        if options.dispatch == "rsea":
+            masks = rsea_masks(jax.device_get(stats), clients.aux["masks"])
+        elif options.dispatch == "random":
+            masks = random_masks(jax.random.fold_in(sim.agg_state, int(sim.round) + 1))
+        else:
+            masks = clients.aux["masks"]
+        clients = clients._replace(aux={"masks": masks})
+        return SimState(clients, sim.round + 1, sim.agg_state), metrics
+
+    def evaluate(sim: SimState):
+        return _evaluate(sim, problem.eval_sets, problem.base)
+
+    default = {"rsea": "fedamole", "static": "fedamole-r", "random": "fedamole-random"}
+    return Algorithm(name or default[options.dispatch], init, round_fn, evaluate)
+
+
+def _method(dispatch: Dispatch, doc: str):
+    def factory(problem: Problem, options: FedAMoLEOptions = FedAMoLEOptions()) -> Algorithm:
+        return fedamole(problem, dataclasses.replace(options, dispatch=dispatch))
+
+    factory.__doc__ = doc
+    factory.__name__ = f"fedamole_{dispatch}"
+    return factory
+
+
+METHODS = {
+    "fedamole": _method("rsea", "FedAMoLE: heterogeneous LoRA-expert mixtures assigned by RSEA."),
+    "fedamole-r": _method("static", "FedAMoLE-R: the random round-0 architecture, no RSEA."),
+}
+"""The registered FedAMoLE methods; each takes `(problem, options=FedAMoLEOptions())`."""

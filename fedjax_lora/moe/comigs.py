@@ -1,0 +1,335 @@
+r"""The CoMiGS mixture-of-LoRA-experts MLP block (Fan, Messmer, Doikov & Jaggi, "On-Device
+Collaborative Language Modeling via a Mixture of Generalists and Specialists", arXiv:2409.13931,
+ICML 2025).
+
+Every MLP of the base model becomes a token-level mixture of `E` experts. Expert `e` is the frozen
+base MLP with its own LoRA on every projection (rank `r`, scale `s = α/√r`), and the experts are
+mixed *after* the nonlinearity. For GPT-2 (`W1, b1, W2, b2` frozen, `φ` the GELU):
+
+.. math::
+    g_e(h) = φ(h W_1 + b_1 + s\,(h A_{1,e}) B_{1,e}), \qquad
+    y(h) = \sum_e w_e(h)\,\big[g_e(h) W_2 + b_2 + s\,(g_e(h) A_{2,e}) B_{2,e}\big]
+
+(Llama: `g_e = silu(h W_g + s h A_{g,e} B_{g,e}) ⊙ (h W_u + s h A_{u,e} B_{u,e})`, no biases).
+`h W_1` is computed once for all experts; by linearity the frozen `W_2` is applied once to the mixed
+activations, `Σ_e w_e g_e W_2 = (Σ_e w_e g_e) W_2`, and the bias enters as `(Σ_e w_e) b_2` (not
+`b_2`: with top-1 gating `Σ_e w_e = p_max < 1`). Expert 0 is the generalist (aggregated with the
+attention LoRA), experts `1..` the client's specialists.
+
+**Router** (per client, per layer; `Router` variables, trained on validation data): logits
+`z = h W_r` with `W_r ∈ R^{d×E}` ~ N(0, 0.02²), no bias (GPT-2 reference); the Llama reference's
+llama-moe gate is `z = tanh(h W_1) W_2` (both ~ N(0, 0.02²), no biases) with optional Gaussian noise
+of constant std during training. Experts a client does not have are masked, `z_e = -∞`
+(`ExpertMask`, one static shape for clients with different expert counts).
+
+**Gating** (`top_k_gating`): `k ≥ 2`: `w = softmax` over the top-k logits only (zero elsewhere);
+`k = 1`: `w_{argmax} = softmax(z)_{argmax}`, not renormalised; `E = 1`: `w = 1`, no router. With
+`k_i = min(k, E_i)` this is what padding to `E_max` with `-∞` logits gives, so a client with one
+real expert gets exactly `y = expert_0(h)` (the reference's shortcut).
+
+**Load balancing** (`load_balancing_loss`, on the routed input, averaged over layers, weighted by
+`λ_LB`, sown as `aux_loss`): over the `E_i` real experts, with `f_e` the share of top-k slots
+given to `e` (each selected expert counts `1/k_i`, no gradient) and `P̄_e` the token mean of
+`softmax(z scattered into zeros at the top-k entries)` (`k = 1`: the scattered top-1 probability),
+
+.. math:: L_{LB} = E_i \sum_e f_e\,\bar P_e\,c_e, \qquad
+    c_0 = \frac{1}{E_i π}, \quad c_{j≥1} = \frac{E_i - 1}{E_i (1 - π)},
+
+`π` the generalist's target share (`c ≡ 1` without one). For `E = k = 2`, `π = 1/2` it is the
+constant 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from fedjax_lora.lora import Init, init_adapters
+from fedjax_lora.models.config import ModelConfig
+from fedjax_lora.models.gpt2 import GPT2MLP
+from fedjax_lora.models.layers import Adapter, Linear, activation, dropout
+from fedjax_lora.models.llama import LlamaMLP
+
+__all__ = [
+    "ExpertMask",
+    "GPT2MoEMLP",
+    "LlamaMoEMLP",
+    "LoRAExperts",
+    "MoEConfig",
+    "MoEMLP",
+    "Router",
+    "TokenRouter",
+    "install_moe",
+    "load_balancing_loss",
+    "set_expert_counts",
+    "top_k_gating",
+]
+
+
+class Router(Adapter):
+    """A token router's weight: a per-client adapter trained by the router optimizer."""
+
+
+class ExpertMask(nnx.Variable):
+    """`bool [E_max]`: which expert slots a client really has (per-client, never trained)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    """A CoMiGS mixture block.
+
+    num_experts: `E_max`, expert slots per MLP (clients may use fewer, `set_expert_counts`).
+    top_k: experts mixed per token (`k_i = min(k, E_i)`).
+    rank, alpha, lora_dropout: each expert's LoRA, scale `α/√r` (the reference's rsLoRA scaling),
+        `A ~ U(±1/√in)`, `B = 0`; dropout on the LoRA input (shared by the experts).
+    lb_coef: `λ_LB` of the load-balancing loss (0: not computed).
+    generalist_share: `π`, the generalist's target load (`None`: plain balancing, `c ≡ 1`).
+    gate: `"linear"` (GPT-2 reference) or `"tanh_mlp"` (the Llama reference's llama-moe gate).
+    gate_noise: std of Gaussian noise added to the logits during training (llama-moe's noisy
+        top-k with its untrained zero noise weight: `softplus(0) + 0.01 ≈ 0.703`).
+    router_std: the router weights' N(0, std²) init.
+    """
+
+    num_experts: int = 2
+    top_k: int = 2
+    rank: int = 8
+    alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lb_coef: float = 0.01
+    generalist_share: float | None = 0.5
+    gate: Literal["linear", "tanh_mlp"] = "linear"
+    gate_noise: float = 0.0
+    router_std: float = 0.02
+
+    def __post_init__(self):
+        if self.num_experts < 1 or self.top_k < 1 or self.rank < 1:
+            raise ValueError(
+                "num_experts, top_k and rank must be >= 1, got "
+                f"{self.num_experts}, {self.top_k}, {self.rank}"
+            )
+        if self.gate not in ("linear", "tanh_mlp"):
+            raise ValueError(f"gate must be 'linear' or 'tanh_mlp', got {self.gate!r}")
+        if self.generalist_share is not None and not 0.0 < self.generalist_share < 1.0:
+            raise ValueError(f"generalist_share must be in (0, 1), got {self.generalist_share}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / math.sqrt(self.rank)
+
+    @property
+    def k(self) -> int:
+        """The static top-k: `min(top_k, num_experts)`."""
+        return min(self.top_k, self.num_experts)
+
+
+def top_k_gating(logits: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """Mixture weights `[..., E]` (zero off the top-k) and the selection `bool [..., E]`.
+
+    `k ≥ 2`: softmax over the k largest logits; `k = 1`: the unnormalised top-1 probability
+    `softmax(z)_{argmax}`. `-∞` logits (absent experts) get weight 0 even when selected.
+    """
+    e = logits.shape[-1]
+    if k == 1:
+        selected = jax.nn.one_hot(jnp.argmax(logits, -1), e, dtype=bool)
+        return jnp.where(selected, jax.nn.softmax(logits, -1), 0.0), selected
+    values, index = jax.lax.top_k(logits, k)
+    one_hot = jax.nn.one_hot(index, e, dtype=logits.dtype)  # [..., k, E]
+    weights = jnp.einsum("...k,...ke->...e", jax.nn.softmax(values, -1), one_hot)
+    return weights, one_hot.sum(-2) > 0
+
+
+def load_balancing_loss(
+    logits: jax.Array, mask: jax.Array, k: int, generalist_share: float | None
+) -> jax.Array:
+    """`E_i Σ_e f_e P̄_e c_e` over the real experts (`mask`) of `logits [T, E]` (module docstring).
+
+    `logits` are the routed logits with `-∞` at absent experts; `k` is the static top-k.
+    """
+    num = jnp.sum(mask).astype(jnp.float32)  # E_i
+    _, selected = top_k_gating(logits, k)
+    selected = selected & mask
+    if k == 1:
+        proxy = jnp.where(selected, jax.nn.softmax(logits, -1), 0.0)
+    else:
+        scattered = jnp.where(selected, logits, jnp.where(mask, 0.0, -jnp.inf))
+        proxy = jax.nn.softmax(scattered, -1)
+    density = selected.astype(jnp.float32).mean(0) / jnp.minimum(k, num)  # f_e
+    factors = jnp.ones_like(density)
+    if generalist_share is not None:
+        pi = generalist_share
+        factors = jnp.where(jnp.arange(logits.shape[-1]) == 0, 1.0 / pi, (num - 1) / (1 - pi)) / num
+    return num * jnp.sum(jnp.where(mask, density * proxy.mean(0) * factors, 0.0))
+
+
+class LoRAExperts(nnx.Module):
+    """E LoRAs on one projection, stacked: `a: [E, in, r]`, `b: [E, r, out]`;
+    `delta_e(x) = s · (x a_e) b_e` for a shared input `[B, T, in]` or per-expert `[E, B, T, in]`."""
+
+    def __init__(self, num: int, in_features: int, out_features: int, config: MoEConfig, dtype):
+        init_a = Init("uniform", bound=1.0 / math.sqrt(in_features))
+        self.a = Adapter(np.zeros((num, in_features, config.rank), dtype), init=init_a)
+        self.b = Adapter(np.zeros((num, config.rank, out_features), dtype), init=Init("zeros"))
+        self.scale = config.scale
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        a, b = self.a[...], self.b[...]
+        spec = "btd,edr->ebtr" if x.ndim == 3 else "ebtd,edr->ebtr"
+        return self.scale * jnp.einsum("ebtr,ero->ebto", jnp.einsum(spec, x.astype(a.dtype), a), b)
+
+
+class TokenRouter(nnx.Module):
+    """Per-token logits `[B, T, E]` in f32: `h W` (`linear`) or `tanh(h W_in) W_out` (`tanh_mlp`),
+    plus `gate_noise · N(0, 1)` when `rngs` is given."""
+
+    def __init__(self, d_model: int, config: MoEConfig):
+        e, init = config.num_experts, Init("normal", std=config.router_std)
+        self.w = Router(np.zeros((d_model, e), np.float32), init=init)
+        self.w_out = (
+            Router(np.zeros((e, e), np.float32), init=init) if config.gate == "tanh_mlp" else None
+        )
+        self.noise = config.gate_noise
+
+    def __call__(self, h: jax.Array, rngs: nnx.Rngs | None) -> jax.Array:
+        z = jnp.dot(h.astype(jnp.float32), self.w[...])
+        if self.w_out is not None:
+            z = jnp.dot(jnp.tanh(z), self.w_out[...])
+        if rngs is not None and self.noise > 0:
+            z = z + self.noise * jax.random.normal(rngs.dropout(), z.shape)
+        return z
+
+
+class Experts(nnx.Module):
+    """The experts' stacked LoRAs, one `LoRAExperts` attribute per projection name."""
+
+    def __init__(self, projections: dict[str, Linear], config: MoEConfig, dtype):
+        for name, linear in projections.items():
+            lora = LoRAExperts(
+                config.num_experts, linear.in_features, linear.out_features, config, dtype
+            )
+            setattr(self, name, lora)
+
+
+def _frozen(linear: Linear) -> Linear:
+    """`linear` with any adapters removed (its frozen kernel and bias are kept)."""
+    for slot in linear.slot_names():
+        if getattr(linear, Linear.slot_attr(slot), None) is not None:
+            delattr(linear, Linear.slot_attr(slot))
+    return linear
+
+
+class MoEMLP(nnx.Module):
+    """The mixture block over a family's frozen MLP projections (see the module docstring).
+
+    Subclasses name the input projections (`inputs`), the output projection (`output`), and the
+    per-expert activation `hidden(pre)` of the pre-activations `{name: [E, B, T, F]}`.
+    """
+
+    inputs: tuple[str, ...] = ()
+    output: str = ""
+
+    def __init__(self, mlp: nnx.Module, cfg: ModelConfig, config: MoEConfig):
+        names = (*self.inputs, self.output)
+        projections = {name: _frozen(getattr(mlp, name)) for name in names}
+        for name, linear in projections.items():
+            setattr(self, name, linear)
+        dtype = np.float32
+        self.experts = Experts(projections, config, dtype)
+        self.router = TokenRouter(cfg.d_model, config) if config.num_experts > 1 else None
+        self.expert_mask = ExpertMask(np.ones((config.num_experts,), bool))
+        self.cfg = cfg
+        self.k = config.k
+        self.lb_coef = config.lb_coef / cfg.n_layers
+        self.generalist_share = config.generalist_share
+        self.lora_dropout = config.lora_dropout
+
+    def hidden(self, pre: dict[str, jax.Array]) -> jax.Array:
+        raise NotImplementedError
+
+    def route(self, h: jax.Array, rngs: nnx.Rngs | None) -> jax.Array:
+        """Mixture weights `[B, T, E]`; sows the weighted load-balancing loss."""
+        if self.router is None:
+            return jnp.ones((*h.shape[:-1], 1), jnp.float32)
+        mask = self.expert_mask[...]
+        logits = jnp.where(mask, self.router(h, rngs), -jnp.inf)
+        weights, _ = top_k_gating(logits, self.k)
+        if self.lb_coef > 0:
+            flat = logits.reshape(-1, logits.shape[-1])
+            lb = load_balancing_loss(flat, mask, self.k, self.generalist_share)
+            self.sow(nnx.Intermediate, "aux_loss", self.lb_coef * lb)
+        return weights
+
+    def __call__(self, h: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
+        x = dropout(h, self.lora_dropout, rngs)
+        pre = {
+            name: getattr(self, name)(h)[None] + getattr(self.experts, name)(x).astype(h.dtype)
+            for name in self.inputs
+        }
+        hidden = self.hidden(pre)  # [E, B, T, F]
+        weights = self.route(h, rngs).astype(hidden.dtype)  # [B, T, E]
+        out = getattr(self, self.output)
+        kernel = out.kernel[...]
+        y = jnp.dot(jnp.einsum("bte,ebtf->btf", weights, hidden).astype(kernel.dtype), kernel)
+        if out.bias is not None:
+            y = y + weights.sum(-1, keepdims=True) * out.bias[...]
+        delta = getattr(self.experts, self.output)(hidden)
+        return y + jnp.einsum("bte,ebtd->btd", weights, delta.astype(y.dtype))
+
+
+class GPT2MoEMLP(MoEMLP):
+    """GPT-2: `g_e = act(c_fc_e(h))`, output `c_proj`, residual dropout after mixing."""
+
+    inputs = ("c_fc",)
+    output = "c_proj"
+
+    def hidden(self, pre):
+        return activation(self.cfg.activation, pre["c_fc"])
+
+    def __call__(self, h, rngs=None):
+        return dropout(super().__call__(h, rngs), self.cfg.dropout, rngs)
+
+
+class LlamaMoEMLP(MoEMLP):
+    """Llama SwiGLU: `g_e = silu(gate_e(h)) ⊙ up_e(h)`, output `down_proj`."""
+
+    inputs = ("gate_proj", "up_proj")
+    output = "down_proj"
+
+    def hidden(self, pre):
+        return activation("silu", pre["gate_proj"]) * pre["up_proj"]
+
+
+_BLOCKS: dict[type, type[MoEMLP]] = {GPT2MLP: GPT2MoEMLP, LlamaMLP: LlamaMoEMLP}
+
+
+def install_moe(model: nnx.Module, config: MoEConfig, *, key: jax.Array | None = None) -> list[str]:
+    """Replaces every MLP of `model` (GPT-2 or Llama) by a mixture block, in place, and redraws
+    all adapters from `key` (as `lora.add_lora`). LoRA already on the MLP projections is dropped
+    (the experts replace it); attention LoRA stays. Returns the replaced module paths."""
+    key = jax.random.key(0) if key is None else key
+    replaced = []
+    for path, module in list(nnx.iter_graph(model)):
+        mlp = getattr(module, "mlp", None) if isinstance(module, nnx.Module) else None
+        if type(mlp) in _BLOCKS:
+            module.mlp = _BLOCKS[type(mlp)](mlp, model.config, config)
+            replaced.append(".".join(map(str, (*path, "mlp"))))
+    if not replaced:
+        raise ValueError("install_moe found no GPT-2 or Llama MLP in the model")
+    nnx.update(model, jax.jit(init_adapters)(nnx.state(model, Adapter), key))
+    return replaced
+
+
+def set_expert_counts(params: nnx.State, count: jax.Array | int) -> nnx.State:
+    """One client's state with every `ExpertMask` set to its first `count` experts (vmap over a
+    stacked state and counts `[N]` for per-client expert numbers)."""
+    flat = []
+    for path, var in nnx.to_flat_state(params):
+        if isinstance(var, ExpertMask):
+            var = var.replace(jnp.arange(var.get_value().shape[-1]) < count)
+        flat.append((path, var))
+    return nnx.from_flat_state(flat)
