@@ -86,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         from fedjax_lora.algorithms import METHODS
 
         for name, factory in sorted(METHODS.items()):
-            doc = (factory.__doc__ or "").strip().split("\n")[0]
-            print(f"{name:16s} {doc}")
+            doc = " ".join((factory.__doc__ or "").split())
+            print(f"{name:16s} {doc.split('. ')[0].rstrip('.')}")
         return 0
     try:
         if args.command == "report":

@@ -32,7 +32,7 @@ TINY = [
 def test_methods_lists_the_engine_baselines(capsys):
     assert main(["methods"]) == 0
     names = {line.split()[0] for line in capsys.readouterr().out.splitlines()}
-    assert {"local", "fedavg", "centralized"} <= names
+    assert {"local", "fedavg", "fedavg-tokens", "centralized", "pcl-val", "comigs"} <= names
 
 
 @pytest.fixture(scope="module")

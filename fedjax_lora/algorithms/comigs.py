@@ -251,11 +251,11 @@ def comigs(
     )
 
 
-def _variant(name: str, **fixed):
+def _variant(name: str, description: str, **fixed):
     def factory(problem: Problem, **options) -> Algorithm:
         return comigs(problem, **{**fixed, **options, "name": name})
 
-    factory.__doc__ = f"`comigs` with {fixed or 'its defaults'}."
+    factory.__doc__ = description
     return factory
 
 
@@ -263,13 +263,31 @@ _JOINT = BiLevel(alternating=False)
 _ON_TRAIN = BiLevel(router_split="train")
 
 METHODS = {
-    "comigs": _variant("comigs"),
-    "comigs-2g": _variant("comigs-2g", policy="experts"),
-    "comigs-2s": _variant("comigs-2s", policy="none"),
-    "comigs-tr": _variant("comigs-tr", schedule=_ON_TRAIN),
-    "pfedmoe": _variant("pfedmoe", schedule=_JOINT),
-    "local-moe": _variant("local-moe", policy="none", schedule=_JOINT),
-    "fedavg-moe": _variant("fedavg-moe", policy="experts", schedule=_JOINT),
+    "comigs": _variant(
+        "comigs", "CoMiGS: shared generalist + local specialist LoRA experts, bi-level routing."
+    ),
+    "comigs-2g": _variant("comigs-2g", "CoMiGS ablation: two generalists.", policy="experts"),
+    "comigs-2s": _variant("comigs-2s", "CoMiGS ablation: two specialists.", policy="none"),
+    "comigs-tr": _variant(
+        "comigs-tr", "CoMiGS ablation: router trained on the training split.", schedule=_ON_TRAIN
+    ),
+    "pfedmoe": _variant(
+        "pfedmoe",
+        "pFedMoE: generalist shared, experts and router trained jointly.",
+        schedule=_JOINT,
+    ),
+    "local-moe": _variant(
+        "local-moe",
+        "Mixture of LoRA experts trained locally, nothing shared.",
+        policy="none",
+        schedule=_JOINT,
+    ),
+    "fedavg-moe": _variant(
+        "fedavg-moe",
+        "Mixture of LoRA experts, all experts averaged (FedAvg).",
+        policy="experts",
+        schedule=_JOINT,
+    ),
 }
 """CoMiGS and its ablations (paper Tables 1 and 4): 1G1S (`comigs`; 1GXS with `expert_counts`),
 two generalists, two specialists, router on the training split, joint training of experts and

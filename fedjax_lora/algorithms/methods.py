@@ -48,9 +48,15 @@ def centralized(problem: Problem) -> Algorithm:
     )
 
 
+def fedavg_tokens(problem: Problem) -> Algorithm:
+    """FedAvg weighted by the clients' training-token counts."""
+    return fedavg(problem, weighting="tokens")
+
+
 METHODS: dict[str, Callable[..., Algorithm]] = {
     "local": local,
     "fedavg": fedavg,
+    "fedavg-tokens": fedavg_tokens,
     "centralized": centralized,
     **trust_weighted.METHODS,
     **fedamole.METHODS,

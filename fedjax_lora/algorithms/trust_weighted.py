@@ -180,7 +180,9 @@ METHODS = {
     "pcl-val": _method(
         "validation", "Trust from peers' perplexity on own validation (Strategy 2)."
     ),
-    "pcl-pred": _method("prediction", "Trust from predictions on a shared reference set (Str. 3)."),
+    "pcl-pred": _method(
+        "prediction", "Trust from predictions on a shared reference set (Strategy 3)."
+    ),
     "pcl-oracle": _method("oracle", "Trust from the known data mixtures ('theoretical' weights)."),
     "pcl-fedavg": _method("fedavg", "Uniform mixing on the trust-weighted schedule (`naive`)."),
 }
