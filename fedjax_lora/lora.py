@@ -48,14 +48,15 @@ class Init:
     bound: float = 0.0
     std: float = 0.0
 
-    def draw(self, key: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Array:
+    def __post_init__(self):
+        if self.kind not in ("zeros", "uniform", "normal"):
+            raise ValueError(f"unknown init kind {self.kind!r}")
+
+    def scale(self, standard: jax.Array) -> jax.Array:
+        """Maps a standard draw (U(-1, 1) for `uniform`, N(0, 1) for `normal`) to this rule."""
         if self.kind == "zeros":
-            return jnp.zeros(shape, dtype)
-        if self.kind == "uniform":
-            return jax.random.uniform(key, shape, dtype, -self.bound, self.bound)
-        if self.kind == "normal":
-            return self.std * jax.random.normal(key, shape, dtype)
-        raise ValueError(f"unknown init kind {self.kind!r}")
+            return jnp.zeros_like(standard)
+        return standard * (self.bound if self.kind == "uniform" else self.std)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,13 +227,36 @@ def merge(graphdef: nnx.GraphDef, adapters: PyTree, base: nnx.State) -> nnx.Modu
 def init_adapters(adapters: nnx.State, key: jax.Array) -> nnx.State:
     """Redraws every adapter variable from its `Init` metadata; pure and `vmap`-able over keys.
 
-    Leaf `i` (in flattened order) uses `fold_in(key, i)`: `vmap(init_adapters, (None, 0))(t, keys)`
-    gives independent per-client draws, a single key broadcast gives identical (shared) init.
+    All leaves come from two draws (one U(-1, 1) and one N(0, 1) vector covering every uniform and
+    normal leaf, cut in flattened leaf order), so compiling it costs two random ops whatever the
+    model size. `vmap(init_adapters, (None, 0))(t, keys)` gives independent per-client draws; one
+    key broadcast gives identical (shared) init.
     """
-    flat = nnx.to_flat_state(adapters)
+    flat = list(nnx.to_flat_state(adapters))
+    inits = [var.get_metadata()["init"] for _, var in flat]
+    sizes = [var.get_value().size for _, var in flat]
+    k_uniform, k_normal = jax.random.split(key)
+    pools = {
+        "uniform": jax.random.uniform(
+            k_uniform,
+            (sum(n for n, i in zip(sizes, inits, strict=True) if i.kind == "uniform"),),
+            minval=-1.0,
+            maxval=1.0,
+        ),
+        "normal": jax.random.normal(
+            k_normal, (sum(n for n, i in zip(sizes, inits, strict=True) if i.kind == "normal"),)
+        ),
+    }
+    offsets = {"uniform": 0, "normal": 0}
     drawn = []
-    for i, (path, var) in enumerate(flat):
+    for (path, var), init, size in zip(flat, inits, sizes, strict=True):
         value = var.get_value()
-        new = var.get_metadata()["init"].draw(jax.random.fold_in(key, i), value.shape, value.dtype)
+        if init.kind == "zeros":
+            new = jnp.zeros(value.shape, value.dtype)
+        else:
+            start = offsets[init.kind]
+            offsets[init.kind] = start + size
+            standard = pools[init.kind][start : start + size].reshape(value.shape)
+            new = init.scale(standard).astype(value.dtype)
         drawn.append((path, var.replace(new)))
     return nnx.from_flat_state(drawn)

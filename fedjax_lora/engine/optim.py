@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Literal
 
@@ -100,7 +101,10 @@ class OptimizerConfig:
             final_div_factor=self.final_div_factor,
         )
 
+    @functools.cache  # noqa: B019 - frozen and hashable: equal configs share one optimizer
     def build(self) -> optax.GradientTransformation:
+        """The optax transformation; equal configs return the same object, so functions compiled
+        with it as a static argument are reused."""
         lr = self.learning_rate()
         if self.name == "adamw":
             opt = optax.adamw(lr, self.b1, self.b2, self.eps, weight_decay=self.weight_decay)
