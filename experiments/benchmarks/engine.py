@@ -13,7 +13,8 @@ frozen GPT-2-like base with LoRA on the q and v slices of `c_attn`. Contenders:
 
 Each (contender, N) runs in a fresh subprocess, so its peak RSS (`ru_maxrss`) is its own. Compile
 time is AOT `lower().compile()` (trace included), with no persistent compilation cache. Throughput
-is the median over `--reps` timed calls after `--warmup` untimed ones.
+is the median over `--reps` timed calls after `--warmup` untimed ones. On a shared machine use
+`--interleave` (one process per N, contenders timed round-robin) for fair ratios.
 
     python experiments/benchmarks/engine.py --json experiments/benchmarks/results/engine_cpu.json
 """
@@ -121,11 +122,11 @@ def setup(c: dict, n: int) -> dict:
     }
 
 
-def run_contender(kind: str, n: int, c: dict, env: dict) -> dict:
-    """Compiles one contender over N fresh clients, times it; returns one result row."""
+def prepare_contender(kind: str, n: int, c: dict, env: dict) -> dict:
+    """Compiles one contender over N fresh clients: `call(state) -> (state, losses)`, its first
+    state, compile seconds and trainable parameters per client."""
     import jax
     import jax.numpy as jnp
-    import numpy as np
     import optax
 
     from fedjax_lora.engine import (
@@ -222,39 +223,73 @@ def run_contender(kind: str, n: int, c: dict, env: dict) -> dict:
 
     else:
         raise ValueError(f"unknown contender {kind!r}")
-    # Every contender: N clients x K steps of B windows per call (big_batch: K steps of N*B).
-    steps_per_call = n * k
+    return {"call": call, "state": state, "compile_s": compile_s, "n_params": int(n_params)}
 
-    for _ in range(c["warmup"]):
-        state, losses = call(state)
-    times, cpu = [], time.process_time()
-    load_before = os.getloadavg()[0]
-    for _ in range(c["reps"]):
-        t0 = time.perf_counter()
-        state, losses = call(state)
-        times.append(time.perf_counter() - t0)
-    cpu = time.process_time() - cpu
-    losses = np.asarray(losses)
+
+def timed_call(prepared: dict) -> float:
+    """One call of a prepared contender (its state advanced in place); wall seconds."""
+    t0 = time.perf_counter()
+    prepared["state"], prepared["losses"] = prepared["call"](prepared["state"])
+    return time.perf_counter() - t0
+
+
+def result_row(
+    kind: str, n: int, c: dict, prepared: dict, times: list[float], cpu: float, load: float
+) -> dict:
+    import jax
+    import numpy as np
+
+    losses = np.asarray(prepared["losses"])
     if not np.all(np.isfinite(losses)):
         raise FloatingPointError(f"{kind} N={n}: non-finite training loss")
+    # Every contender: N clients x K steps of B windows per call (big_batch: K steps of N*B).
+    steps_per_call = n * c["steps"]
     median = statistics.median(times)
     sps = steps_per_call / median
     return {
         "strategy": kind,
         "num_clients": n,
         "client_steps_per_s": sps,
-        "tokens_per_s": sps * b * t_len,
+        "tokens_per_s": sps * c["batch_size"] * c["seq_len"],
         "peak_rss_gb": _rss_gb(),
-        "compile_s": compile_s,
+        "compile_s": prepared["compile_s"],
         "call_s_median": median,
         "call_s": times,
         "client_steps_per_call": steps_per_call,
         "cpu_utilization": cpu / sum(times),  # process CPU seconds per wall second, timed reps
-        "loadavg_1min": [load_before, os.getloadavg()[0]],
-        "trainable_params_per_client": int(n_params),
+        "loadavg_1min": [load, os.getloadavg()[0]],  # before and after the timed calls
+        "trainable_params_per_client": prepared["n_params"],
         "final_loss": float(losses.mean()),
         "devices": len(jax.devices()),
     }
+
+
+def run_contender(kind: str, n: int, c: dict, env: dict) -> dict:
+    """Compiles one contender, warms it up and times `reps` calls; one result row."""
+    prepared = prepare_contender(kind, n, c, env)
+    for _ in range(c["warmup"]):
+        timed_call(prepared)
+    cpu, load = time.process_time(), os.getloadavg()[0]
+    times = [timed_call(prepared) for _ in range(c["reps"])]
+    return result_row(kind, n, c, prepared, times, time.process_time() - cpu, load)
+
+
+def run_interleaved(kinds: list[str], n: int, c: dict, env: dict) -> list[dict]:
+    """All contenders compiled and warmed up in this process, then timed round-robin (rotating
+    the order each rep), so a fluctuating machine load hits every contender alike."""
+    prepared = {}
+    for kind in kinds:
+        prepared[kind] = prepare_contender(kind, n, c, env)
+        for _ in range(c["warmup"]):
+            timed_call(prepared[kind])
+    times = {kind: [] for kind in kinds}
+    cpu, load = dict.fromkeys(kinds, 0.0), os.getloadavg()[0]
+    for rep in range(c["reps"]):
+        for kind in kinds[rep % len(kinds) :] + kinds[: rep % len(kinds)]:
+            t0 = time.process_time()
+            times[kind].append(timed_call(prepared[kind]))
+            cpu[kind] += time.process_time() - t0
+    return [result_row(k, n, c, prepared[k], times[k], cpu[k], load) for k in kinds]
 
 
 def worker(spec: dict) -> list[dict]:
@@ -265,11 +300,12 @@ def worker(spec: dict) -> list[dict]:
     rss_start = _rss_gb()
     n, c = spec["num_clients"], spec["config"]
     env = setup(c, n)
-    rows = []
-    for kind in spec["contenders"]:
-        row = run_contender(kind, n, c, env)
+    if c.get("interleave"):
+        rows = run_interleaved(spec["contenders"], n, c, env)
+    else:
+        rows = [run_contender(kind, n, c, env) for kind in spec["contenders"]]
+    for row in rows:
         row["rss_after_import_gb"] = rss_start
-        rows.append(row)
     return rows
 
 
@@ -411,6 +447,12 @@ def main(argv: list[str] | None = None) -> int:
         help="tiny model, N=2, all contenders of one N in one process (the smoke test)",
     )
     p.add_argument(
+        "--interleave",
+        action="store_true",
+        help="one process per N, contenders timed round-robin (fair under a varying load; "
+        "peak RSS then cumulative)",
+    )
+    p.add_argument(
         "--one-process",
         action="store_true",
         help="run all contenders of one N in one subprocess (faster; peak RSS then cumulative)",
@@ -436,7 +478,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.quick and os.environ.get("JAX_COMPILATION_CACHE_DIR")
             else "none"
         ),
-        isolation="process" if not (args.quick or args.one_process) else "one process per N",
+        interleave=args.interleave,
+        isolation=(
+            "one process per N" if args.quick or args.one_process or args.interleave else "process"
+        ),
         lora_targets=list(TARGETS),
         optimizer="adamw",
         dtype="float32",
