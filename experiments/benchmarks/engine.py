@@ -6,8 +6,10 @@ frozen GPT-2-like base with LoRA on the q and v slices of `c_attn`. Contenders:
 
 - the engine strategies (`vmap`, `map`, `chunked`, `sharded`): one jitted `train_clients` call
   over the stacked clients, clients' buffers donated;
-- `python_loop`: a Python loop over the N clients calling one jitted single-client
-  `client_update` (the same K-step scan), each client's buffers donated, one sync at the end;
+- `python_loop`: a Python loop over the N clients and their K steps calling one jitted
+  single-client optimizer step (the user's loop), buffers donated, one sync at the end;
+- `python_loop_scan`: a stricter loop: one jitted call per client running its K steps in a
+  `lax.scan` (the engine's per-client program, dispatched from Python);
 - `big_batch`: one adapter trained on all N clients' windows at once (batch N·B, the same
   per-client sampling), K steps in `lax.scan`; one big step counts as N client-steps.
 
@@ -22,6 +24,7 @@ is the median over `--reps` timed calls after `--warmup` untimed ones. On a shar
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -35,7 +38,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 ENGINE_STRATEGIES = ("vmap", "map", "chunked", "sharded")
-BASELINES = ("python_loop", "big_batch")
+BASELINES = ("python_loop", "python_loop_scan", "big_batch")
 
 # The probe of docs (research/environment.md §3): GPT-2-like, 4 layers, d=128, V=8192, 8x128.
 FULL = {
@@ -117,6 +120,9 @@ def setup(c: dict, n: int) -> dict:
         "tx": tx,
         "max_windows": max_windows,
         "update": make_client_update(graphdef, tx, training, max_windows=max_windows),
+        "single_step": make_client_update(
+            graphdef, tx, dataclasses.replace(training, steps=1), max_windows=max_windows
+        ),
         "tokens": jnp.asarray(tokens, jnp.int32),
         "lengths": jnp.full((n,), c["stream_len"], jnp.int32),
     }
@@ -162,8 +168,12 @@ def prepare_contender(kind: str, n: int, c: dict, env: dict) -> dict:
             jax.block_until_ready((out, metrics))
             return out, metrics["train_loss"]
 
-    elif kind == "python_loop":
-        fn = jax.jit(lambda cl, tok, ln, bs: update(cl, tok, ln, None, bs), donate_argnums=0)
+    elif kind in ("python_loop", "python_loop_scan"):
+        # python_loop: the user's loop, one jitted single-client optimizer step per call, K calls
+        # per client; python_loop_scan: one jitted call per client running its K steps in scan.
+        step_fn = env["single_step"] if kind == "python_loop" else update
+        calls = c["steps"] if kind == "python_loop" else 1
+        fn = jax.jit(lambda cl, tok, ln, bs: step_fn(cl, tok, ln, None, bs), donate_argnums=0)
         state = [jax.tree.map(lambda x, i=i: x[i], clients) for i in range(n)]
         rows = [tokens[i] for i in range(n)]
         rows_len = [lengths[i] for i in range(n)]
@@ -173,11 +183,15 @@ def prepare_contender(kind: str, n: int, c: dict, env: dict) -> dict:
         compile_s = time.perf_counter() - t0
 
         def call(state):
-            outs = [
-                compiled(s, tok, ln, base) for s, tok, ln in zip(state, rows, rows_len, strict=True)
-            ]
+            outs = []
+            for s, tok, ln in zip(state, rows, rows_len, strict=True):
+                losses = []
+                for _ in range(calls):
+                    s, metrics = compiled(s, tok, ln, base)
+                    losses.append(metrics["train_loss"])
+                outs.append((s, jnp.concatenate(losses)))
             jax.block_until_ready(outs)
-            return [o[0] for o in outs], jnp.stack([o[1]["train_loss"] for o in outs])
+            return [o[0] for o in outs], jnp.stack([o[1] for o in outs])
 
     elif kind == "big_batch":
         value_and_grad = jax.value_and_grad(
