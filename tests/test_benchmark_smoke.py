@@ -11,7 +11,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "experiments" / "benchmarks" / "engine.py"
-CONTENDERS = {"vmap", "map", "chunked", "python_loop", "big_batch"}
+CONTENDERS = {"vmap", "map", "chunked", "python_loop", "python_loop_scan", "big_batch"}
 
 
 def test_engine_benchmark_quick_writes_the_schema(tmp_path):
