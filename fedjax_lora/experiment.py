@@ -293,13 +293,16 @@ def plot_history(history: dict[str, list[dict[str, Any]]], path: Path, split: st
     plt.close(fig)
 
 
-def final_trust(history: dict[str, list[dict[str, Any]]]) -> dict[str, np.ndarray]:
-    """Per method, the mixing matrix of its last aggregated round (methods that never aggregated
-    with a matrix are left out)."""
+def final_trust(
+    history: dict[str, list[dict[str, Any]]], num_clients: int
+) -> dict[str, np.ndarray]:
+    """Per method, the `num_clients × num_clients` mixing matrix of its last aggregated round
+    (methods that never aggregated with such a matrix, e.g. centralized training of one model,
+    are left out)."""
     out = {}
     for method, records in history.items():
         mixed = [r["trust"] for r in records if r.get("aggregated") and "trust" in r]
-        if mixed:
+        if mixed and np.shape(mixed[-1]) == (num_clients, num_clients):
             out[method] = np.asarray(mixed[-1])
     return out
 
@@ -386,7 +389,7 @@ def train_and_evaluate(
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     (out / "results.md").write_text(results_table(summary) + "\n")
     plot_history(history, out / "ppl.png")
-    trust = final_trust(history)
+    trust = final_trust(history, problem.num_clients)
     if trust:
         plot_trust(trust, problem.client_names, out / "trust.png")
     return summary

@@ -59,7 +59,7 @@ def write_report(run_dir: str | Path, fmt: str = "md") -> Path:
         summary = summarize(history, names)
     figures = {"Per-client validation perplexity over rounds": run / "ppl.png"}
     plot_history(history, figures["Per-client validation perplexity over rounds"])
-    trust = final_trust(history)
+    trust = final_trust(history, len(names))
     if trust:
         figures["Final mixing (trust) matrices"] = run / "trust.png"
         plot_trust(trust, names, figures["Final mixing (trust) matrices"])

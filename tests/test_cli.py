@@ -45,6 +45,7 @@ def demo_run(tmp_path_factory):
         "--methods",
         "local",
         "fedavg",
+        "centralized",
         "--out",
         str(out),
         "--no-progress",
@@ -59,7 +60,7 @@ def test_demo_runs_and_writes_metrics_summary_and_plot(demo_run):
     out = demo_run
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [(r["method"], r["round"]) for r in records] == [
-        (m, r) for m in ("local", "fedavg") for r in range(3)
+        (m, r) for m in ("local", "fedavg", "centralized") for r in range(3)
     ]
     summary = json.loads((out / "summary.json").read_text())
     for method in ("local", "fedavg"):
@@ -67,7 +68,8 @@ def test_demo_runs_and_writes_metrics_summary_and_plot(demo_run):
         assert len(per_client) == 8  # 4 groups x 2 clients
         np.testing.assert_allclose(summary[method]["test_mean_ppl"], np.mean(per_client))
         # the summary is the last logged round
-        np.testing.assert_allclose(per_client, records[-1 if method == "fedavg" else 2]["test_ppl"])
+        last = [r for r in records if r["method"] == method][-1]
+        np.testing.assert_allclose(per_client, last["test_ppl"])
     assert "| local |" in (out / "results.md").read_text()
     assert (out / "ppl.png").stat().st_size > 1000
     assert any((out / "tensorboard").iterdir())
