@@ -50,7 +50,9 @@ class DataSpec:
     `multilingual_wikipedia`, `code_wiki`: the trust-weighted paper's splits
     (`fedjax_lora.data.trust_datasets`; `variant`, `paper_bug_compatible`, `paths` = local files
     or hub ids, `tokens_per_client` train tokens, `val_fraction · tokens_per_client` validation
-    tokens per client, `reference_sequences` shared reference windows)."""
+    tokens per client, `reference_sequences` shared reference windows). `aux_fraction > 0` holds
+    that share of every client's training tokens out as the `aux` evaluation set (FedAMoLE's
+    auxiliary split for RSEA; the reference uses 0.05)."""
 
     source: Literal["synthetic", "fortunes", "ag_news", "multilingual_wikipedia", "code_wiki"] = (
         "synthetic"
@@ -63,6 +65,7 @@ class DataSpec:
     fortunes_dir: str | None = None
     val_fraction: float = 0.1
     test_fraction: float = 0.1
+    aux_fraction: float = 0.0
     variant: Literal["mixed", "specific"] = "specific"
     paper_bug_compatible: bool = False
     paths: tuple[str, ...] = ()

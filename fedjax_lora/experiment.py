@@ -20,6 +20,7 @@ from fedjax_lora.algorithms import Problem, get_method
 from fedjax_lora.checkpoint import Checkpointer
 from fedjax_lora.config import ExperimentConfig, to_dict
 from fedjax_lora.data import FederatedData, eval_windows, stack_streams, synthetic_corpus
+from fedjax_lora.data.streams import split_tail
 from fedjax_lora.models.config import ModelConfig
 from fedjax_lora.models.factory import from_config
 from fedjax_lora.tracking import open_trackers, require_wandb
@@ -130,17 +131,21 @@ def build_problem(config: ExperimentConfig) -> tuple[Problem, FederatedData]:
     model, tokenizer = build_model(config)
     data = build_data(config, model.config.vocab_size, tokenizer)
     seq, ev = config.training.seq_len, config.eval
+    train = data.train
     windows = {
         split: eval_windows(data.split(split), seq, ev.max_windows, data.client_names)
         for split in SPLITS
     }
+    if config.data.aux_fraction > 0:  # held out of training, e.g. FedAMoLE's RSEA statistics
+        train, aux = split_tail(train, config.data.aux_fraction)
+        windows["aux"] = eval_windows(aux, seq, ev.max_windows, data.client_names)
     shared = {}
     for name, stream in (data.shared_eval or {}).items():
         w, v = eval_windows(stack_streams([stream]), seq, ev.max_windows)
         shared[f"shared_{name}"] = (w[0], v[0])
     problem = Problem.create(
         model,
-        data.train,
+        train,
         windows,
         training=config.training,
         optimizer=config.optimizer,

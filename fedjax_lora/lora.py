@@ -28,6 +28,7 @@ __all__ = [
     "LoRAConfig",
     "add_lora",
     "attach_adapters",
+    "detach_adapters",
     "init_adapters",
     "merge",
     "projection_paths",
@@ -212,6 +213,15 @@ def attach_adapters(
         setattr(linear, attr, make(linear.in_features, linear.slot_width(slot)))
     nnx.update(model, jax.jit(init_adapters)(nnx.state(model, Adapter), key))
     return sorted(chosen)
+
+
+def detach_adapters(model: nnx.Module) -> None:
+    """Removes every adapter from every projection slot, in place (back to the bare base)."""
+    for _, linear in nnx.iter_graph(model):
+        if isinstance(linear, Linear):
+            for slot in linear.slot_names():
+                if hasattr(linear, Linear.slot_attr(slot)):
+                    delattr(linear, Linear.slot_attr(slot))
 
 
 def split(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:

@@ -155,3 +155,24 @@ def test_readme_python_example_runs():
     code = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)[0]
     code = code.replace("range(3)", "range(1)").replace("steps=5", "steps=1")
     exec(compile(code, "README.md", "exec"), {})
+
+
+def test_fedamole_runs_through_the_cli_with_an_aux_split(tmp_path, capsys):
+    argv = [
+        "demo",
+        "--rounds",
+        "1",
+        "--methods",
+        "fedamole",
+        "--out",
+        str(tmp_path),
+        "--no-progress",
+        "--set",
+        *TINY,
+        "data.aux_fraction=0.1",
+    ]
+    assert main(argv) == 0
+    record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["method"] == "fedamole" and len(record["aux_ppl"]) == 8
+    assert main([*argv[:-1]]) == 2  # without the aux split RSEA has no data
+    assert "data.aux_fraction" in capsys.readouterr().err

@@ -131,3 +131,18 @@ def test_client_tokens_is_a_namedtuple():
     ct = ClientTokens(np.zeros((1, 3), np.int32), np.array([3], np.int32), None)
     tokens, lengths, mask = ct
     assert ct.num_clients == 1 and mask is None
+
+
+def test_split_tail_holds_out_the_last_fraction_of_each_stream():
+    from fedjax_lora.data.streams import split_tail
+
+    streams = [np.arange(100), np.arange(1000, 1040)]
+    masks = [np.ones(100, np.uint8), np.zeros(40, np.uint8)]
+    head, tail = split_tail(stack_streams(streams, masks), 0.1)
+    np.testing.assert_array_equal(head.lengths, [90, 36])
+    np.testing.assert_array_equal(tail.lengths, [10, 4])
+    np.testing.assert_array_equal(tail.stream(0), np.arange(90, 100))
+    np.testing.assert_array_equal(head.stream(1), np.arange(1000, 1036))
+    assert tail.loss_mask[0, :10].all() and not tail.loss_mask[1].any()
+    with pytest.raises(ValueError, match="fraction"):
+        split_tail(stack_streams(streams), 1.0)

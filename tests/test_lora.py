@@ -165,3 +165,18 @@ def test_target_matching_nothing_is_a_clear_error():
     assert "c_attn" in str(err.value)  # lists what is available
     with pytest.raises(ValueError, match="both a fused projection and one of its slices"):
         lora.add_lora(model, LoRAConfig(targets=("c_attn", "c_attn.v")))
+
+
+def test_detach_adapters_restores_the_bare_base():
+    from fedjax_lora.models.factory import from_config
+    from tests.tiny import CONFIG
+
+    model = from_config(CONFIG)
+    tokens = jnp.arange(10).reshape(1, 10) % CONFIG.vocab_size
+    bare = np.asarray(model(tokens))
+    lora.add_lora(model, lora.LoRAConfig(targets=("c_attn.q", "mlp.c_fc"), rank=2))
+    lora.detach_adapters(model)
+    _, adapters, _ = lora.split(model)
+    assert not jax.tree.leaves(adapters)
+    np.testing.assert_array_equal(np.asarray(model(tokens)), bare)
+    lora.add_lora(model, lora.LoRAConfig(targets=("c_attn.v",), rank=2))  # slots usable again

@@ -45,6 +45,7 @@ from fedjax_lora.engine.evaluate import make_client_eval
 from fedjax_lora.engine.state import ClientState, init_clients
 from fedjax_lora.engine.strategy import map_clients
 from fedjax_lora.engine.train import make_client_update, train_clients
+from fedjax_lora.lora import detach_adapters, split
 
 __all__ = ["METHODS", "FedAMoLEOptions", "fedamole"]
 
@@ -90,15 +91,32 @@ def _reset_optimizer(tx: optax.GradientTransformation, params, scale: jax.Array)
     return inner, schedule._replace(hyperparams={**schedule.hyperparams, "step_size": step})
 
 
+# The reference adapts q and v (PEFT's Llama default); GPT-2 holds them as slices of `c_attn`.
+DEFAULT_TARGETS = {"llama": ("q_proj", "v_proj"), "gpt2": ("c_attn.q", "c_attn.v")}
+
+
+def with_amole(problem: Problem, config: amole.AMoLEConfig | None = None) -> Problem:
+    """The problem with its model's adapters replaced by AMoLE modules (default `AMoLEConfig` on
+    the family's q and v projections)."""
+    model = nnx.merge(problem.graphdef, problem.template, problem.base)
+    detach_adapters(model)
+    config = config or amole.AMoLEConfig(targets=DEFAULT_TARGETS[model.config.family])
+    amole.add_amole(model, config)
+    graphdef, template, base = split(model)
+    return dataclasses.replace(problem, graphdef=graphdef, template=template, base=base)
+
+
 def fedamole(
     problem: Problem, options: FedAMoLEOptions = FedAMoLEOptions(), *, name: str | None = None
 ) -> Algorithm:
-    """FedAMoLE on a problem whose model holds AMoLE modules (`amole.add_amole`).
+    """FedAMoLE on `problem`; a model without AMoLE modules gets them (`with_amole`).
 
     `SimState.agg_state` is the server's PRNG key of the random architectures. Metrics per round:
     `train`, every evaluation set (local models after local training) and `aggregation`
     (`applied`, `experts_held`: per client, the mean number of held experts over modules).
     """
+    if not jax.tree.leaves(nnx.split_state(problem.base, amole.ExpertMask, ...)[0]):
+        problem = with_amole(problem)
     n = problem.num_clients
     template_masks = amole.expert_masks(problem.base)
     pools = {path: mask.shape[0] for path, mask in amole.by_module(template_masks).items()}
@@ -111,7 +129,8 @@ def fedamole(
         raise ValueError(f"min_experts={lo} is below the router's top_k={top_k}")
     if options.dispatch == "rsea" and options.aux_set not in problem.eval_sets:
         raise ValueError(
-            f"RSEA needs the clients' auxiliary data as the evaluation set {options.aux_set!r}"
+            f"RSEA needs the clients' auxiliary data as the evaluation set {options.aux_set!r}; "
+            "hold it out of the training data with data.aux_fraction (the reference: 0.05)"
         )
 
     tx = optax.chain(problem.tx(), optax.inject_hyperparams(optax.scale)(step_size=1.0))

@@ -72,6 +72,27 @@ def stack_streams(
     return ClientTokens(tokens, lengths, mask)
 
 
+def split_tail(ct: ClientTokens, fraction: float) -> tuple[ClientTokens, ClientTokens]:
+    """`(head, tail)`: each client's stream cut so the last `fraction` of its tokens (at least one)
+    form the tail, e.g. FedAMoLE's auxiliary split held out of training (5 %)."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"tail fraction must be in (0, 1), got {fraction}")
+    heads, tails, head_masks, tail_masks = [], [], [], []
+    for i in range(ct.num_clients):
+        n = int(ct.lengths[i])
+        cut = n - max(int(round(n * fraction)), 1)
+        heads.append(ct.tokens[i, :cut])
+        tails.append(ct.tokens[i, cut:n])
+        if ct.loss_mask is not None:
+            head_masks.append(ct.loss_mask[i, :cut])
+            tail_masks.append(ct.loss_mask[i, cut:n])
+    masks = ct.loss_mask is not None
+    return (
+        stack_streams(heads, head_masks if masks else None),
+        stack_streams(tails, tail_masks if masks else None),
+    )
+
+
 def _client_label(i: int, names: Sequence[str] | None) -> str:
     return f"client {i} ({names[i]!r})" if names is not None else f"client {i}"
 
