@@ -52,7 +52,9 @@ class DataSpec:
     or hub ids, `tokens_per_client` train tokens, `val_fraction · tokens_per_client` validation
     tokens per client, `reference_sequences` shared reference windows). `aux_fraction > 0` holds
     that share of every client's training tokens out as the `aux` evaluation set (FedAMoLE's
-    auxiliary split for RSEA; the reference uses 0.05)."""
+    auxiliary split for RSEA; the reference uses 0.05). `shared_eval_tokens > 0` (synthetic)
+    adds the `shared_uniform` evaluation set, the same stream from the uniform mixture of all
+    sources for every client (out-of-distribution evaluation)."""
 
     source: Literal["synthetic", "fortunes", "ag_news", "multilingual_wikipedia", "code_wiki"] = (
         "synthetic"
@@ -66,6 +68,7 @@ class DataSpec:
     val_fraction: float = 0.1
     test_fraction: float = 0.1
     aux_fraction: float = 0.0
+    shared_eval_tokens: int = 0
     variant: Literal["mixed", "specific"] = "specific"
     paper_bug_compatible: bool = False
     paths: tuple[str, ...] = ()

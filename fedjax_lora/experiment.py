@@ -74,6 +74,7 @@ def build_data(config: ExperimentConfig, vocab_size: int, tokenizer=None) -> Fed
             val_tokens=max(int(per_split * spec.val_fraction), seq + 1),
             test_tokens=max(int(per_split * spec.test_fraction), seq + 1),
             reference_shape=(spec.reference_sequences, seq),
+            shared_eval_tokens=spec.shared_eval_tokens,
             seed=spec.seed,
         )
     elif spec.source == "fortunes":

@@ -157,6 +157,29 @@ def test_readme_python_example_runs():
     exec(compile(code, "README.md", "exec"), {})
 
 
+def test_shared_evaluation_set_is_reported_for_every_client(tmp_path):
+    argv = [
+        "demo",
+        "--rounds",
+        "1",
+        "--methods",
+        "fedavg",
+        "--out",
+        str(tmp_path),
+        "--no-progress",
+        "--set",
+        *TINY,
+        "data.shared_eval_tokens=400",
+    ]
+    assert main(argv) == 0
+    record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    shared = record["shared_uniform_ppl"]
+    assert len(shared) == 8
+    # FedAvg gives every client the same adapters, so on shared data they score the same
+    np.testing.assert_allclose(shared, shared[0], rtol=1e-5)
+    assert np.ptp(record["val_ppl"]) > 0  # while their own validation data differ
+
+
 def test_fedamole_runs_through_the_cli_with_an_aux_split(tmp_path, capsys):
     argv = [
         "demo",
