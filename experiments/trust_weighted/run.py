@@ -22,6 +22,7 @@ import yaml
 
 from fedjax_lora import config as config_lib
 from fedjax_lora.experiment import final_trust, plot_trust, train_and_evaluate
+from fedjax_lora.report import load_history
 
 GRID = Path(__file__).with_name("grid.yaml")
 
@@ -34,14 +35,6 @@ def cell_config(
     config = config_lib.merge_base(config, cell.get("set", {}))
     config = config_lib.load(None, overrides, base=config)
     return config_lib.merge_base(config, {"methods": methods, "seed": seed})
-
-
-def read_history(run_dir: Path) -> dict[str, list[dict]]:
-    history: dict[str, list[dict]] = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        history.setdefault(record["method"], []).append(record)
-    return history
 
 
 def results_table(final: dict[str, dict[str, list[float]]], methods: list[str]) -> str:
@@ -85,8 +78,8 @@ def run_grid(
             for m in methods:
                 final[name][m].append(summary[m]["val_mean_ppl"])
             if k == 0:
-                trust = final_trust(read_history(run_dir))
                 client_names = summary[methods[0]]["client_names"]
+                trust = final_trust(load_history(run_dir), len(client_names))
                 plot_trust(
                     trust, client_names, out / "heatmaps" / f"{name}.png", f"{name}, seed {seed}"
                 )
