@@ -199,3 +199,16 @@ def test_fedamole_runs_through_the_cli_with_an_aux_split(tmp_path, capsys):
     assert record["method"] == "fedamole" and len(record["aux_ppl"]) == 8
     assert main([*argv[:-1]]) == 2  # without the aux split RSEA has no data
     assert "data.aux_fraction" in capsys.readouterr().err
+
+
+def test_problem_rejects_a_stream_shorter_than_one_window():
+    from fedjax_lora.algorithms import Problem
+    from fedjax_lora.data import stack_streams
+    from fedjax_lora.engine import LocalTraining, OptimizerConfig
+    from tests.tiny import tiny_model
+
+    train = stack_streams([np.arange(40), np.arange(5)])
+    with pytest.raises(ValueError, match=r"client 1: train stream has 5 tokens, too short"):
+        Problem.create(
+            tiny_model(), train, {}, training=LocalTraining(1, 2, 8), optimizer=OptimizerConfig()
+        )

@@ -93,12 +93,13 @@ def federated(
         raise ValueError(f"aggregate_from must be >= 1, got {aggregate_from}")
     train = train or problem.train
     tx = problem.tx()
-    update = make_client_update(
-        problem.graphdef,
-        tx,
-        problem.training,
-        max_windows=train.max_windows(problem.training.seq_len),
-    )
+    if local_update is None:
+        update = make_client_update(
+            problem.graphdef,
+            tx,
+            problem.training,
+            max_windows=train.max_windows(problem.training.seq_len),
+        )
 
     def eval_params(params, eval_sets, base):
         if broadcast_to is not None:

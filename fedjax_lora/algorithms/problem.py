@@ -13,6 +13,7 @@ import optax
 from flax import nnx
 
 from fedjax_lora import lora
+from fedjax_lora.data.federated import check_streams
 from fedjax_lora.data.streams import ClientTokens
 from fedjax_lora.engine.evaluate import EvalSet, make_eval_set, shared_eval_set
 from fedjax_lora.engine.optim import OptimizerConfig
@@ -41,14 +42,7 @@ class TrainData(NamedTuple):
         return self.lengths.astype(jnp.float32)
 
     @classmethod
-    def from_client_tokens(cls, ct: ClientTokens, seq_len: int, names=None) -> TrainData:
-        short = np.flatnonzero(np.asarray(ct.lengths) < seq_len + 1)
-        if short.size:
-            who = [names[i] if names else int(i) for i in short]
-            raise ValueError(
-                f"clients {who} have fewer than seq_len + 1 = {seq_len + 1} training tokens; "
-                "give them more data or lower the sequence length"
-            )
+    def from_client_tokens(cls, ct: ClientTokens) -> TrainData:
         mask = None if ct.loss_mask is None else jnp.asarray(ct.loss_mask, jnp.uint8)
         return cls(jnp.asarray(ct.tokens, jnp.int32), jnp.asarray(ct.lengths, jnp.int32), mask)
 
@@ -125,13 +119,8 @@ class Problem:
                 f"sequence length {training.seq_len} is longer than the model's context of "
                 f"{cfg.max_positions} positions; lower seq_len"
             )
-        top = int(np.max(train.tokens)) if np.size(train.tokens) else 0
-        if top >= cfg.vocab_size:
-            raise ValueError(
-                f"training data holds token id {top} but the model's vocabulary has "
-                f"{cfg.vocab_size} entries; tokenize with the model's tokenizer"
-            )
-        data = TrainData.from_client_tokens(train, training.seq_len, client_names or None)
+        check_streams(train, training.seq_len, cfg.vocab_size, "train", client_names or None)
+        data = TrainData.from_client_tokens(train)
         strategy.check_clients(data.num_clients)
         sets = {k: make_eval_set(w, v, eval_batch_size) for k, (w, v) in eval_windows.items()}
         for k, (w, v) in (shared_windows or {}).items():

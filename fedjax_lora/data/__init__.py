@@ -2,7 +2,7 @@
 `FederatedData`. Hugging Face dataset loaders live in `fedjax_lora.data.datasets_hf` (imported on
 demand, it pulls in `datasets`)."""
 
-from fedjax_lora.data.federated import FederatedData, build_federated
+from fedjax_lora.data.federated import FederatedData, build_federated, check_streams
 from fedjax_lora.data.partition import (
     category_proportions,
     check_proportions,
@@ -27,6 +27,7 @@ from fedjax_lora.data.tokenize import check_vocab, tokenize_prompt_target, token
 __all__ = [
     "ClientTokens",
     "FederatedData",
+    "check_streams",
     "MarkovSources",
     "MaskedStream",
     "build_federated",

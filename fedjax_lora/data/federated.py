@@ -73,18 +73,11 @@ class FederatedData:
             ct = self.split(name)
             if ct.num_clients != n:
                 raise ValueError(f"{name} split has {ct.num_clients} clients, expected {n}")
+            check_streams(ct, seq_len, vocab, name, self.client_names)
             for i in range(n):
-                who = f"client {i} ({self.client_names[i]!r})"
                 length = int(ct.lengths[i])
-                if length == 0:
-                    raise ValueError(f"{who} has no {name} data; give it data or drop the client")
-                if length < seq_len + 1:
-                    raise ValueError(
-                        f"{who}: {name} stream has {length} tokens, too short for one window of "
-                        f"seq_len + 1 = {seq_len + 1}; give it more data or use a smaller seq_len"
-                    )
-                check_vocab(ct.stream(i), vocab, f"{who}'s {name} stream")
                 if ct.loss_mask is not None and not ct.loss_mask[i, 1:length].any():
+                    who = f"client {i} ({self.client_names[i]!r})"
                     raise ValueError(f"{who}: {name} loss mask has no target token")
         for key, stream in (self.shared_eval or {}).items():
             if len(stream) < seq_len + 1:
@@ -98,6 +91,28 @@ class FederatedData:
                 raise ValueError(f"reference must be [S, T], got shape {self.reference.shape}")
             check_vocab(self.reference, vocab, "reference set")
         return self
+
+
+def check_streams(
+    ct: ClientTokens,
+    seq_len: int,
+    vocab_size: int,
+    split: str = "train",
+    names: Sequence[str] | None = None,
+) -> None:
+    """Raise, naming the client and the fix, if a stream is empty, shorter than one window of
+    `seq_len + 1` tokens, or holds ids outside `[0, vocab_size)`."""
+    for i in range(ct.num_clients):
+        who = f"client {i} ({names[i]!r})" if names else f"client {i}"
+        length = int(ct.lengths[i])
+        if length == 0:
+            raise ValueError(f"{who} has no {split} data; give it data or drop the client")
+        if length < seq_len + 1:
+            raise ValueError(
+                f"{who}: {split} stream has {length} tokens, too short for one window of "
+                f"seq_len + 1 = {seq_len + 1}; give it more data or use a smaller seq_len"
+            )
+        check_vocab(ct.stream(i), vocab_size, f"{who}'s {split} stream")
 
 
 def _as_split_source(source: SplitSource, what: str) -> SplitSource:
