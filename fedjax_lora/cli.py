@@ -1,4 +1,8 @@
-"""The `fedjax-lora` command line: `demo`, `methods`, `run CONFIG.yaml`, `report RUN_DIR`."""
+"""The `fedjax-lora` command line: `demo`, `methods`, `run CONFIG.yaml`, `grid GRID.yaml`,
+`sweep CONFIG.yaml`, `report RUN_DIR`.
+
+Commands that compute first call `fedjax_lora.distributed.initialize_from_env()` (a no-op for one
+process); in a multi-process run the other processes write under `OUT/process_<i>`."""
 
 from __future__ import annotations
 
@@ -49,6 +53,30 @@ def _checkpoint_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _distributed_output(out: str) -> str:
+    """Initialises `jax.distributed` when launched as several processes; process 0 writes to
+    `out`, process `i > 0` to `out/process_<i>`."""
+    from fedjax_lora.distributed import describe, initialize_from_env
+
+    if not initialize_from_env():
+        return out
+    import jax
+
+    print(describe(), file=sys.stderr)
+    i = jax.process_index()
+    return out if i == 0 else str(Path(out) / f"process_{i}")
+
+
+def _sweep(args: argparse.Namespace) -> None:
+    from fedjax_lora.sweep import markdown, run_sweep
+
+    config = config_lib.load(args.config, args.set)
+    out = _distributed_output(args.out or str(Path("runs") / f"{Path(args.config).stem}-sweep"))
+    doc = run_sweep(config, out)
+    print(markdown(doc["table"]))
+    print(f"\nwrote {Path(out) / 'sweep.md'} and sweep.json")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedjax-lora", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -81,6 +109,21 @@ def main(argv: list[str] | None = None) -> int:
     p_run.add_argument("--no-progress", action="store_true")
     _checkpoint_flags(p_run)
 
+    p_grid = sub.add_parser("grid", help="run a paper table: cells x methods x seeds (YAML)")
+    p_grid.add_argument("grid", help="grid file, e.g. experiments/comigs/table1.yaml")
+    from fedjax_lora.grid import add_arguments as grid_arguments
+
+    grid_arguments(p_grid)
+
+    p_sweep = sub.add_parser(
+        "sweep", help="seeds x learning rates as one vectorized program (the config's sweep:)"
+    )
+    p_sweep.add_argument("config")
+    p_sweep.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    p_sweep.add_argument(
+        "--out", default=None, help="output directory (default runs/<config>-sweep)"
+    )
+
     args = parser.parse_args(argv)
     if args.command == "methods":
         from fedjax_lora.algorithms import METHODS
@@ -95,13 +138,20 @@ def main(argv: list[str] | None = None) -> int:
 
             print(f"wrote {write_report(args.run_dir, args.format)}")
             return 0
+        if args.command == "grid":
+            from fedjax_lora import grid
+
+            return grid.main(args.grid, args)
+        if args.command == "sweep":
+            _sweep(args)
+            return 0
         if args.command == "demo":
             config = demo_config(args)
             out = args.out
         else:
             config = config_lib.load(args.config, args.set)
             out = args.out or str(Path("runs") / Path(args.config).stem)
-        _run(config, out, args)
+        _run(config, _distributed_output(out), args)
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         print(f"fedjax-lora: error: {e}", file=sys.stderr)
         return 2

@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 
 from fedjax_lora.algorithms.trust_weighted import TrustOptions
+from fedjax_lora.engine.cohort import Cohort
 from fedjax_lora.engine.optim import OptimizerConfig
 from fedjax_lora.engine.strategy import Strategy
 from fedjax_lora.engine.train import LocalTraining
@@ -50,15 +51,41 @@ class DataSpec:
     `multilingual_wikipedia`, `code_wiki`: the trust-weighted paper's splits
     (`fedjax_lora.data.trust_datasets`; `variant`, `paper_bug_compatible`, `paths` = local files
     or hub ids, `tokens_per_client` train tokens, `val_fraction · tokens_per_client` validation
-    tokens per client, `reference_sequences` shared reference windows). `aux_fraction > 0` holds
+    tokens per client, `reference_sequences` shared reference windows). `comigs_wikipedia`,
+    `comigs_slimpajama`, `comigs_ag_news` (out-of-distribution): CoMiGS's four users, one category
+    each (`fedjax_lora.data.comigs_datasets`; `categories` = languages or SlimPajama subsets,
+    `clients_per_group` users per category, train / validation / test). `aux_fraction > 0` holds
     that share of every client's training tokens out as the `aux` evaluation set (FedAMoLE's
     auxiliary split for RSEA; the reference uses 0.05). `shared_eval_tokens > 0` (synthetic)
     adds the `shared_uniform` evaluation set, the same stream from the uniform mixture of all
-    sources for every client (out-of-distribution evaluation)."""
+    sources for every client (out-of-distribution evaluation); `eval_mixture: uniform`
+    (synthetic) draws every client's validation and test streams from that uniform mixture
+    (CoMiGS's out-of-distribution setting: the router trains on the target distribution).
+    `cohort_size > 0`: a cross-device population, `cohort_size` clients drawn per round without
+    replacement (`cohort_sampling`: `uniform` or by training-token counts `tokens`), idle
+    clients' optimizer states kept or reset at their next draw (`cohort_optimizer`; see
+    `fedjax_lora.engine.cohort`).
 
-    source: Literal["synthetic", "fortunes", "ag_news", "multilingual_wikipedia", "code_wiki"] = (
-        "synthetic"
-    )
+    `dolly`, `snli`, `natural_instructions`: FedAMoLE's instruction data
+    (`fedjax_lora.data.instruction`; `paths[0]` a local file/directory, else the hub dataset):
+    `num_clients` clients, Dirichlet(`alpha`) over categories/classes (one task per client for
+    Natural Instructions, of its `num_tasks` largest tasks), each client's examples split into
+    train / `val_fraction` / `test_fraction`; `max_rows` keeps the first rows only. A model without
+    tokenizer files reads bytes (`ByteTokenizer`, vocabulary 256)."""
+
+    source: Literal[
+        "synthetic",
+        "fortunes",
+        "ag_news",
+        "multilingual_wikipedia",
+        "code_wiki",
+        "comigs_wikipedia",
+        "comigs_slimpajama",
+        "comigs_ag_news",
+        "dolly",
+        "snli",
+        "natural_instructions",
+    ] = "synthetic"
     num_groups: int = 2
     clients_per_group: int = 2
     tokens_per_client: int = 4096
@@ -69,20 +96,62 @@ class DataSpec:
     test_fraction: float = 0.1
     aux_fraction: float = 0.0
     shared_eval_tokens: int = 0
+    eval_mixture: Literal["own", "uniform"] = "own"
     variant: Literal["mixed", "specific"] = "specific"
     paper_bug_compatible: bool = False
     paths: tuple[str, ...] = ()
     reference_sequences: int = 16
     seed: int = 0
+    cohort_size: int = 0
+    cohort_sampling: Literal["uniform", "tokens"] = "uniform"
+    cohort_optimizer: Literal["keep", "reset"] = "keep"
+    num_clients: int = 10
+    alpha: float = 1.0
+    num_tasks: int = 100
+    max_rows: int | None = None
+
+    def cohort(self) -> Cohort | None:
+        """The per-round client sample (None: every client takes part in every round)."""
+        if self.cohort_size < 0:
+            raise ValueError(
+                f"data.cohort_size must be >= 0 (0: all clients), got {self.cohort_size}"
+            )
+        if self.cohort_size == 0:
+            return None
+        return Cohort(self.cohort_size, self.cohort_sampling, self.cohort_optimizer)
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationSpec:
+    """The instruction-task evaluation of every client's test examples
+    (`fedjax_lora.engine.instruction`): `rouge_l` of greedy generations of at most
+    `max_new_tokens` (stopping at EOS), or `choice_accuracy` by the lowest per-choice loss (SNLI);
+    at most `max_examples` test examples per client (reference: 50 generation, 200
+    classification); prompts keep their last `max_prompt_tokens` tokens (default: the model's
+    context minus `max_new_tokens`)."""
+
+    metric: Literal["rouge_l", "choice_accuracy"] = "rouge_l"
+    max_new_tokens: int = 128
+    max_examples: int = 50
+    max_prompt_tokens: int | None = None
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1 or self.max_examples < 1:
+            raise ValueError(
+                f"eval.generation.max_new_tokens and max_examples must be >= 1, got "
+                f"{self.max_new_tokens}, {self.max_examples}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalSpec:
     """Evaluation windows: at most `max_windows` fixed windows per client and split, processed
-    `batch_size` at a time."""
+    `batch_size` at a time; `generation`: the instruction-task metric per client (instruction
+    data sources only; reported as `task_rouge_l` / `task_accuracy`)."""
 
     max_windows: int = 16
     batch_size: int = 8
+    generation: GenerationSpec | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,15 +172,47 @@ class CheckpointSpec:
 
 @dataclasses.dataclass(frozen=True)
 class TrackingSpec:
-    """Where round records go besides `metrics.jsonl`: TensorBoard event files and W&B."""
+    """Where round records go besides `metrics.jsonl`: TensorBoard event files and W&B.
+    `progress`: progress bars for rounds and long host-side loops (shown only on a terminal or
+    in a notebook; they never change results)."""
 
     tensorboard: bool = True
     wandb: bool = False
     wandb_project: str = "fedjax_lora"
+    progress: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepSpec:
+    """`fedjax-lora sweep`: the grid of simulations. `seeds` (initialisation and cohort keys) and
+    `lrs` (peak learning rates) are one more mapped axis of one compiled round (`vmap` over the
+    `S = |seeds| · |lrs|` simulations); `overlaps` (the synthetic corpus's heterogeneity, different
+    data) loop on the host, one compiled program per level. Empty: the experiment's own value."""
+
+    seeds: tuple[int, ...] = ()
+    lrs: tuple[float, ...] = ()
+    overlaps: tuple[float, ...] = ()
+
+    def __post_init__(self):
+        for name, kind in (("seeds", int), ("lrs", float), ("overlaps", float)):
+            values = getattr(self, name)
+            try:
+                converted = tuple(kind(v) for v in values)
+            except (TypeError, ValueError):
+                raise ValueError(
+                    f"sweep.{name} must be a list of numbers, got {values!r}"
+                ) from None
+            object.__setattr__(self, name, converted)
+        if any(lr <= 0 for lr in self.lrs):
+            raise ValueError(f"sweep.lrs must be positive, got {self.lrs}")
 
 
 @dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
+    """`method_options`: per method name, keyword options of its factory, e.g.
+    `{"comigs": {"expert_counts": [1, 2, 3, 4], "moe": {"num_experts": 4}}}` (mappings become the
+    annotated dataclasses; unknown names fail before any compute, listing the accepted ones)."""
+
     methods: tuple[str, ...] = ("local", "fedavg")
     rounds: int = 10
     seed: int = 0
@@ -127,6 +228,8 @@ class ExperimentConfig:
     trust: TrustOptions = TrustOptions()
     checkpoint: CheckpointSpec = CheckpointSpec()
     tracking: TrackingSpec = TrackingSpec()
+    sweep: SweepSpec = SweepSpec()
+    method_options: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         if self.rounds < 1:
@@ -135,15 +238,24 @@ class ExperimentConfig:
             raise ValueError("methods is empty; name at least one (see `fedjax-lora methods`)")
 
 
-def _convert(tp: Any, value: Any, where: str) -> Any:
+def convert(tp: Any, value: Any, where: str) -> Any:
+    """`value` (YAML data) as the annotated type `tp`, checked; `where` names it in errors.
+    Dataclasses are built from mappings (an instance passes as is)."""
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
         if not isinstance(value, dict):
             raise ValueError(f"config field {where!r} must be a mapping, got {value!r}")
         return from_dict(tp, value, where)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return None if value is None else _convert(args[0], value, where)
+        return None if value is None else convert(args[0], value, where)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"config field {where!r} must be a mapping, got {value!r}")
+        inner = typing.get_args(tp)[1] if typing.get_args(tp) else Any
+        return {k: convert(inner, v, f"{where}.{k}") for k, v in value.items()}
     if origin is tuple:
         items = [value] if isinstance(value, str) else list(value)
         return tuple(items)
@@ -176,7 +288,7 @@ def from_dict(cls: type, values: dict[str, Any], where: str = "") -> Any:
     kwargs = {}
     for key, value in values.items():
         path = f"{where}.{key}" if where else key
-        kwargs[key] = _convert(hints[key], value, path)
+        kwargs[key] = convert(hints[key], value, path)
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:

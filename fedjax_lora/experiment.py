@@ -1,5 +1,5 @@
 """`train_and_evaluate`: build the problem from an `ExperimentConfig`, run every method, write
-`metrics.jsonl`, `summary.json` and a plot."""
+`metrics.jsonl`, `summary.json` and the plots (`fedjax_lora.plots`)."""
 
 from __future__ import annotations
 
@@ -13,19 +13,23 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
+from flax import nnx
 
-from fedjax_lora import lora
-from fedjax_lora.algorithms import Problem, get_method
+from fedjax_lora import amole, lora
+from fedjax_lora.algorithms import METHODS, Algorithm, Problem, SimState, get_method
 from fedjax_lora.checkpoint import Checkpointer
-from fedjax_lora.config import ExperimentConfig, to_dict
+from fedjax_lora.config import ExperimentConfig, convert, to_dict
 from fedjax_lora.data import FederatedData, eval_windows, stack_streams, synthetic_corpus
 from fedjax_lora.data.streams import split_tail
+from fedjax_lora.distributed import host
+from fedjax_lora.engine.evaluate import EvalSet
 from fedjax_lora.models.config import ModelConfig
 from fedjax_lora.models.factory import from_config
-from fedjax_lora.tracking import open_trackers, require_wandb
+from fedjax_lora.plots import plot_expert_assignment, plot_history, plot_trust
+from fedjax_lora.tracking import open_trackers, progress_bar, require_wandb
 
 SPLITS = ("val", "test")
+INSTRUCTION_SOURCES = ("dolly", "snli", "natural_instructions")
 
 
 def build_model(config: ExperimentConfig):
@@ -42,7 +46,9 @@ def build_model(config: ExperimentConfig):
         from fedjax_lora import models
 
         model = models.load(spec.source, dtype=dtype, **overrides)
-        tokenizer = models.load_tokenizer(spec.source)
+        # The synthetic corpus is token ids already: a checkpoint without tokenizer files serves.
+        needs_text = config.data.source != "synthetic"
+        tokenizer = models.load_tokenizer(spec.source) if needs_text else None
     else:
         cfg = ModelConfig(
             family=spec.family,
@@ -75,17 +81,88 @@ def build_data(config: ExperimentConfig, vocab_size: int, tokenizer=None) -> Fed
             test_tokens=max(int(per_split * spec.test_fraction), seq + 1),
             reference_shape=(spec.reference_sequences, seq),
             shared_eval_tokens=spec.shared_eval_tokens,
+            eval_mixture=spec.eval_mixture,
             seed=spec.seed,
         )
     elif spec.source == "fortunes":
         data = _fortunes_data(config, vocab_size, tokenizer)
+    elif spec.source in INSTRUCTION_SOURCES:
+        data = _instruction_data(config, vocab_size, tokenizer)
     else:
-        from fedjax_lora.data import trust_datasets
+        from fedjax_lora.data import comigs_datasets, trust_datasets
 
-        data = trust_datasets.from_spec(
-            spec, tokenizer=tokenizer, vocab_size=vocab_size, seq_len=seq
-        )
+        builders = comigs_datasets if spec.source in comigs_datasets.DATASETS else trust_datasets
+        data = builders.from_spec(spec, tokenizer=tokenizer, vocab_size=vocab_size, seq_len=seq)
     return data.validate(seq, vocab_size)
+
+
+def _instruction_data(config: ExperimentConfig, vocab_size: int, tokenizer) -> FederatedData:
+    """FedAMoLE's instruction data (`fedjax_lora.data.instruction`); the tiny random base reads
+    bytes."""
+    from fedjax_lora.data import datasets_hf, instruction
+
+    spec, gen = config.data, config.eval.generation
+    if tokenizer is None:
+        if vocab_size < instruction.ByteTokenizer.vocab_size:
+            raise ValueError(
+                f"data.source={spec.source!r} without model.source reads bytes: set "
+                f"model.vocab_size >= 256 (got {vocab_size}) or give model.source"
+            )
+        tokenizer = instruction.ByteTokenizer()
+    kw = {"source": spec.paths[0]} if spec.paths else {}
+    if spec.source == "natural_instructions":
+        pairs = datasets_hf.load_natural_instructions(num_tasks=spec.num_tasks, **kw)
+    else:
+        load = datasets_hf.load_dolly if spec.source == "dolly" else datasets_hf.load_snli
+        pairs = load(limit=spec.max_rows, **kw)
+    return instruction.instruction_data(
+        pairs,
+        tokenizer,
+        vocab_size=vocab_size,
+        num_clients=spec.num_clients,
+        partition="task" if spec.source == "natural_instructions" else "dirichlet",
+        alpha=spec.alpha,
+        seed=spec.seed,
+        val_fraction=spec.val_fraction,
+        test_fraction=spec.test_fraction,
+        max_test=gen.max_examples if gen else 50,
+        choices=gen is not None and gen.metric == "choice_accuracy",
+        bos_id=instruction.default_bos_id(tokenizer),
+    )
+
+
+def _with_task(problem: Problem, config: ExperimentConfig, data: FederatedData) -> Problem:
+    """The problem with `config.eval.generation`'s task on the clients' test examples."""
+    from fedjax_lora.engine import instruction
+
+    gen = config.eval.generation
+    if gen is None:
+        return problem
+    if data.task is None:
+        raise ValueError(
+            f"eval.generation needs an instruction data source {INSTRUCTION_SOURCES}, got "
+            f"data.source={config.data.source!r}; unset eval.generation"
+        )
+    task = data.task
+    context = nnx.merge(problem.graphdef, problem.template, problem.base).config.max_positions
+    if gen.metric == "rouge_l":
+        budget = gen.max_prompt_tokens or context - gen.max_new_tokens
+        make = lambda n: instruction.make_generation_set(task.prompts, config.eval.batch_size, n)
+        text_task = instruction.TextTask(
+            "rouge_l", gen.max_new_tokens, task.eos_id, task.references, task.decode
+        )
+    else:
+        budget = gen.max_prompt_tokens or context - max(len(c) for c in task.choices)
+        make = lambda n: instruction.make_choice_set(
+            task.prompts, task.labels, task.choices, config.eval.batch_size, n
+        )
+        text_task = instruction.TextTask("choice_accuracy", gen.max_new_tokens, task.eos_id)
+    if budget < 1:
+        raise ValueError(
+            f"no room for prompts: the model's context is {context} positions; lower "
+            "eval.generation.max_new_tokens or set eval.generation.max_prompt_tokens"
+        )
+    return problem.with_task(text_task, make(budget))
 
 
 def _fortunes_data(config: ExperimentConfig, vocab_size: int, tokenizer) -> FederatedData:
@@ -127,8 +204,13 @@ def _fortunes_data(config: ExperimentConfig, vocab_size: int, tokenizer) -> Fede
 
 def build_problem(config: ExperimentConfig) -> tuple[Problem, FederatedData]:
     """Model, adapters, data and evaluation windows assembled into a `Problem`."""
-    for name in config.methods:
-        get_method(name)  # unknown method names fail before any compute
+    unknown = sorted(set(config.method_options) - set(METHODS))
+    if unknown:
+        raise ValueError(
+            f"method_options names unknown method(s) {unknown}; available: {sorted(METHODS)}"
+        )
+    for name in dict.fromkeys((*config.methods, *config.method_options)):
+        method_factory(name, config)  # unknown methods and options fail before any compute
     model, tokenizer = build_model(config)
     data = build_data(config, model.config.vocab_size, tokenizer)
     seq, ev = config.training.seq_len, config.eval
@@ -156,8 +238,9 @@ def build_problem(config: ExperimentConfig) -> tuple[Problem, FederatedData]:
         shared_windows=shared,
         mixtures=data.mixtures,
         reference=data.reference,
+        cohort=config.data.cohort(),
     )
-    return problem, data
+    return _with_task(problem, config, data), data
 
 
 @jax.jit
@@ -171,7 +254,9 @@ def _finite_or_raise(method: str, round_idx: int, metrics: dict, params, names) 
     """Stops the run (before anything of this round is checkpointed) on a non-finite training
     loss or adapter value, naming the method, the clients and the round."""
     loss = np.asarray(metrics["train"]["train_loss"])
-    finite = np.all(np.isfinite(loss), axis=-1) & np.asarray(_finite_per_client(params))
+    finite = np.array(host(_finite_per_client(params)))
+    trained = metrics["train"].get("cohort", np.arange(finite.size))  # rows of `loss`
+    finite[np.asarray(trained)] &= np.all(np.isfinite(loss), axis=-1)
     bad = np.flatnonzero(~finite)
     if bad.size:
         who = [names[i] if names else int(i) for i in bad]
@@ -186,6 +271,8 @@ def _round_record(method: str, round_idx: int, metrics: dict, seconds: float) ->
     record: dict[str, Any] = {"method": method, "round": round_idx, "seconds": seconds}
     if "train" in metrics:
         record["train_loss"] = np.asarray(metrics["train"]["train_loss"])[:, -1].tolist()
+        if "cohort" in metrics["train"]:
+            record["cohort"] = np.asarray(metrics["train"]["cohort"]).tolist()
     if "aggregation" in metrics:
         agg = metrics["aggregation"]
         record["aggregated"] = bool(agg["applied"])
@@ -194,20 +281,47 @@ def _round_record(method: str, round_idx: int, metrics: dict, seconds: float) ->
     for split, values in metrics.items():
         if split in ("train", "aggregation"):
             continue
-        for key in ("ppl", "loss", "accuracy"):
+        for key in ("ppl", "loss", "accuracy", "rouge_l"):
+            if key not in values:  # a text task reports accuracy or rouge_l only
+                continue
             per_client = np.asarray(values[key], np.float64)
             record[f"{split}_{key}"] = per_client.tolist()
             record[f"{split}_mean_{key}"] = float(per_client.mean())
     return record
 
 
+def scored(metrics: dict, problem: Problem) -> dict:
+    """The round's metrics on the host, a text task's generated tokens scored (ROUGE-L)."""
+    from fedjax_lora.engine.instruction import score_task
+
+    metrics = host(metrics)
+    if problem.task is None:
+        return metrics
+    tasks = {k for k, v in problem.eval_sets.items() if not isinstance(v, EvalSet)}
+    return {k: score_task(v, problem.task) if k in tasks else v for k, v in metrics.items()}
+
+
 def method_factory(name: str, config: ExperimentConfig):
-    """`problem -> Algorithm` for method `name`; factories with a `trust` option get
-    `config.trust`."""
+    """`problem -> Algorithm` for method `name` with its options: `config.method_options[name]`,
+    keyword arguments of the factory converted to their annotated types (a mapping becomes e.g. a
+    `MoEConfig`), and `config.trust` for a factory with a `trust` option not given there. An
+    unknown option raises, naming the method, the option and the accepted ones."""
     factory = get_method(name)
-    if "trust" in inspect.signature(factory).parameters:
-        return functools.partial(factory, trust=config.trust)
-    return factory
+    accepted = dict(list(inspect.signature(factory, eval_str=True).parameters.items())[1:])
+    options = dict(config.method_options.get(name, {}))
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(
+            f"method {name!r} has no option(s) {unknown} (method_options.{name}); accepted "
+            f"options: {sorted(accepted)}"
+        )
+    if "trust" in accepted:
+        options.setdefault("trust", config.trust)
+    kwargs = {
+        key: convert(accepted[key].annotation, value, f"method_options.{name}.{key}")
+        for key, value in options.items()
+    }
+    return functools.partial(factory, **kwargs)
 
 
 def run_method(
@@ -219,33 +333,45 @@ def run_method(
     progress: bool = True,
     checkpoint_dir: Path | None = None,
     resume: bool = False,
+    algorithm: Algorithm | None = None,
 ) -> list[dict[str, Any]]:
     """Runs one method for `config.rounds` rounds; returns and logs one record per round (round 0
-    is the evaluation before training).
+    is the evaluation before training). The last record of a method with an expert assignment
+    (FedAMoLE) holds it as `experts` (`expert_assignment`, 0/1 lists), that of a method with
+    token routers (CoMiGS family) its routing analysis as `routing` (`routing_record`).
 
     With `config.checkpoint.every > 0` the whole state and the records are saved to
     `checkpoint_dir` every that many rounds and after the last; `resume` continues from the newest
     readable checkpoint there, so the final state and metrics equal an uninterrupted run's.
+    `algorithm`: the method already built from `problem` (else it is built here).
     """
-    algo = method_factory(name, config)(problem)
+    algo = algorithm or method_factory(name, config)(problem)
     sim = algo.init(jax.random.key(config.seed))
     every = config.checkpoint.every
     ckpt = Checkpointer(checkpoint_dir, keep=config.checkpoint.keep) if every else None
     restored = ckpt.restore_latest(sim) if ckpt and resume else None
     if restored is None:
-        first, records = 1, [_round_record(name, 0, algo.evaluate(sim), 0.0)]
+        first, records = 1, [_round_record(name, 0, scored(algo.evaluate(sim), problem), 0.0)]
     else:
         done, sim, records = restored
         first = done + 1
     for record in records:
         log(record)
-    bar = tqdm(range(first, config.rounds + 1), desc=name, disable=not progress, leave=False)
+    rounds = range(first, config.rounds + 1)
+    enabled = progress and config.tracking.progress
+    bar = progress_bar(rounds, enabled=enabled, desc=name, unit="round", leave=False)
     for r in bar:
         start = time.perf_counter()
         sim, metrics = algo.round(sim)
-        metrics = jax.device_get(metrics)
+        metrics = scored(metrics, problem)
         _finite_or_raise(name, r, metrics, sim.clients.params, problem.client_names)
         records.append(_round_record(name, r, metrics, time.perf_counter() - start))
+        experts = expert_assignment(sim) if r == config.rounds else None
+        if experts:
+            records[-1]["experts"] = {m: x.astype(int).tolist() for m, x in experts.items()}
+        routing = routing_record(name, config, problem, sim) if r == config.rounds else None
+        if routing:
+            records[-1]["routing"] = routing
         log(records[-1])
         if ckpt and (r % every == 0 or r == config.rounds):
             ckpt.save(r, sim, records)
@@ -253,6 +379,47 @@ def run_method(
     if ckpt:
         ckpt.close()
     return records
+
+
+def routing_record(
+    name: str, config: ExperimentConfig, problem: Problem, sim: SimState, top_k: int = 10
+) -> dict[str, Any] | None:
+    """For a method with a `moe` option (the CoMiGS family): the routing analysis of its clients
+    on their test windows (`fedjax_lora.moe.routing_analysis`): blocks, generalist shares
+    `[N, L]`, and per client and block the `top_k` most generalist- and specialist-routed tokens
+    as `[token, share, count]` (decoded with the base's tokenizer for text data); None for other
+    methods and for mixtures without routers."""
+    factory = method_factory(name, config)
+    if "moe" not in inspect.signature(factory.func).parameters:
+        return None
+    from fedjax_lora.algorithms.comigs import with_moe
+    from fedjax_lora.moe import routing_analysis
+
+    moe_problem, _ = with_moe(problem, factory.keywords.get("moe"))
+    tokenizer = None
+    if config.model.source and config.data.source != "synthetic":
+        from fedjax_lora import models
+
+        tokenizer = models.load_tokenizer(config.model.source)
+    try:
+        result = routing_analysis(
+            moe_problem.graphdef,
+            sim.clients.params,
+            moe_problem.base,
+            moe_problem.eval_sets["test"],
+            top_k=top_k,
+            tokenizer=tokenizer,
+            strategy=problem.strategy,
+        )
+    except ValueError:  # one expert per client: nothing is routed
+        return None
+    tokens = lambda per: [[[list(t) for t in block] for block in client] for client in per]
+    return {
+        "layers": list(result.layers),
+        "shares": np.asarray(result.shares, np.float64).tolist(),
+        "generalist_tokens": tokens(result.generalist),
+        "specialist_tokens": tokens(result.specialist),
+    }
 
 
 def summarize(history: dict[str, list[dict[str, Any]]], client_names) -> dict[str, Any]:
@@ -268,35 +435,9 @@ def summarize(history: dict[str, list[dict[str, Any]]], client_names) -> dict[st
                 for split in SPLITS
                 for what in ("mean_ppl", "ppl", "mean_accuracy")
             },
+            **{k: v for k, v in last.items() if k.startswith("task_")},
         }
     return summary
-
-
-def plot_history(history: dict[str, list[dict[str, Any]]], path: Path, split: str = "val") -> None:
-    """Per-client perplexity over rounds, one panel per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    methods = list(history)
-    fig, axes = plt.subplots(
-        1, len(methods), figsize=(4 * len(methods), 3.2), squeeze=False, sharey=True
-    )
-    for ax, method in zip(axes[0], methods, strict=True):
-        rounds = [r["round"] for r in history[method]]
-        ppl = np.asarray([r[f"{split}_ppl"] for r in history[method]])
-        for c in range(ppl.shape[1]):
-            ax.plot(rounds, ppl[:, c], lw=1, alpha=0.7)
-        ax.plot(rounds, ppl.mean(1), "k-", lw=2, label="mean")
-        ax.set_title(method)
-        ax.set_xlabel("round")
-        ax.set_yscale("log")
-    axes[0][0].set_ylabel(f"{split} perplexity per client")
-    axes[0][0].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def final_trust(
@@ -313,26 +454,34 @@ def final_trust(
     return out
 
 
-def plot_trust(matrices: dict[str, np.ndarray], client_names, path: Path, title: str = "") -> None:
-    """Heatmaps of `N × N` mixing matrices side by side (row `i`: the weights client `i` uses)."""
-    import matplotlib
+def expert_assignment(sim: SimState) -> dict[str, np.ndarray] | None:
+    """FedAMoLE's expert assignment in a state: `{AMoLE module: bool [E, C]}`, `X[e, c]` = client
+    `c` holds expert `e` (the per-client `ExpertMask`s in `sim.clients.aux["masks"]`); None for
+    methods without one."""
+    masks = sim.clients.aux.get("masks")
+    if not isinstance(masks, nnx.State) or not jax.tree.leaves(masks):
+        return None
+    held = amole.by_module(jax.device_get(masks))
+    return {module: np.asarray(x, bool).T for module, x in held.items()}
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    n = len(matrices)
-    fig, axes = plt.subplots(1, n, figsize=(3.4 * n, 3.2), squeeze=False)
-    for ax, (method, w) in zip(axes[0], matrices.items(), strict=True):
-        im = ax.imshow(w, vmin=0.0, vmax=1.0, cmap="viridis")
-        ax.set_title(method)
-        ticks = np.arange(w.shape[0])
-        ax.set_xticks(ticks, list(client_names), rotation=90, fontsize=6)
-        ax.set_yticks(ticks, list(client_names), fontsize=6)
-    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
-    if title:
-        fig.suptitle(title)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+def final_experts(
+    history: dict[str, list[dict[str, Any]]],
+) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Per method with an assignment in its last record, `bool [M, E, C]` (modules in record
+    order, expert axes padded with False to the largest pool), and the module names."""
+    found = {
+        m: records[-1]["experts"] for m, records in history.items() if records[-1].get("experts")
+    }
+    if not found:
+        return {}, []
+    modules = list(next(iter(found.values())))
+    size = max(len(x) for held in found.values() for x in held.values())
+    out = {}
+    for method, held in found.items():
+        x = [np.asarray(held[module], bool) for module in modules]
+        out[method] = np.stack([np.pad(a, ((0, size - a.shape[0]), (0, 0))) for a in x])
+    return out, modules
 
 
 def results_table(summary: dict[str, Any]) -> str:
@@ -354,8 +503,10 @@ def train_and_evaluate(
 ) -> dict[str, Any]:
     """Runs every method of `config` and writes under `out_dir`: `config.json`, `metrics.jsonl`
     (one record per method and round, with the mixing matrix), TensorBoard events in
-    `tensorboard/` (and a W&B run if asked), `summary.json`, `results.md`, `ppl.png` and
-    `trust.png` (final mixing matrices); returns the summary. Checkpoints go to
+    `tensorboard/` (and a W&B run if asked), `summary.json`, `results.md`, `ppl.png`,
+    `trust.png` (final mixing matrices), `experts.png` (final expert assignments, FedAMoLE) and
+    `routing_<method>.png` (generalist routing shares, CoMiGS family);
+    returns the summary. Checkpoints go to
     `out_dir/checkpoints/<method>`; `resume` continues every method from its newest readable
     checkpoint."""
     out = Path(out_dir)
@@ -369,6 +520,8 @@ def train_and_evaluate(
     if config.tracking.wandb:
         require_wandb()
     problem, _ = build_problem(config)
+    # Every method is built (its options checked) before any of them trains.
+    algorithms = {name: method_factory(name, config)(problem) for name in config.methods}
     (out / "config.json").write_text(json.dumps(to_dict(config), indent=2))
     trackers = open_trackers(
         out,
@@ -388,6 +541,7 @@ def train_and_evaluate(
                 progress=progress,
                 checkpoint_dir=out / "checkpoints" / name,
                 resume=resume,
+                algorithm=algorithms[name],
             )
     finally:
         trackers.close()
@@ -398,4 +552,21 @@ def train_and_evaluate(
     trust = final_trust(history, problem.num_clients)
     if trust:
         plot_trust(trust, problem.client_names, out / "trust.png")
+    experts, modules = final_experts(history)
+    if experts:
+        plot_expert_assignment(
+            experts, problem.client_names, out / "experts.png", module_names=modules
+        )
+    for method, records in history.items():
+        routing = records[-1].get("routing")
+        if routing:
+            from fedjax_lora.moe import plot_routing_shares
+
+            plot_routing_shares(
+                np.asarray(routing["shares"]),
+                problem.client_names,
+                out / f"routing_{method}.png",
+                layers=routing["layers"],
+                title=f"{method}: generalist share of the routing weight",
+            )
     return summary

@@ -70,8 +70,6 @@ def _module_deltas(model: nnx.Module) -> dict[str, tuple[np.ndarray, np.ndarray,
             b[row : row + pa.shape[1], start:stop] = pb * (s / scale)
             row += pa.shape[1]
         out[".".join(str(p) for p in path)] = (a, b, scale)
-    if not out:
-        raise ValueError("the model holds no LoRA adapters to export")
     return out
 
 
@@ -86,6 +84,8 @@ def to_peft(
     (`alpha = scale · r`, `use_rslora` off); modules whose rank or alpha differ from the most
     common one go into PEFT's `rank_pattern` / `alpha_pattern`."""
     deltas = _module_deltas(model)
+    if not deltas:
+        raise ValueError("the model holds no LoRA adapters to export")
     tensors = {}
     ranks, alphas = {}, {}
     for module, (a, b, scale) in deltas.items():
@@ -160,7 +160,8 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
 
 
 def merged_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
-    """The base weights with every LoRA merged in (`W + scale · A B`), HF names and layouts."""
+    """The base weights with every LoRA merged in (`W + scale · A B`), HF names and layouts (a
+    model without adapters gives its own weights: a checkpoint of a base trained in JAX)."""
     deltas = _module_deltas(model)
     flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     state = {}

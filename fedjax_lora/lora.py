@@ -42,15 +42,16 @@ PyTree = Any
 class Init:
     """How an adapter variable is (re)drawn; kept as the variable's metadata.
 
-    kinds: `"zeros"`; `"uniform"` on `[-bound, bound]`; `"normal"` with standard deviation `std`.
+    kinds: `"zeros"`; `"uniform"` on `[-bound, bound]`; `"normal"` with standard deviation `std`;
+    `"fixed"`: the value the variable already holds (a soft prompt copied from token embeddings).
     """
 
-    kind: Literal["zeros", "uniform", "normal"]
+    kind: Literal["zeros", "uniform", "normal", "fixed"]
     bound: float = 0.0
     std: float = 0.0
 
     def __post_init__(self):
-        if self.kind not in ("zeros", "uniform", "normal"):
+        if self.kind not in ("zeros", "uniform", "normal", "fixed"):
             raise ValueError(f"unknown init kind {self.kind!r}")
 
     def scale(self, standard: jax.Array) -> jax.Array:
@@ -176,14 +177,16 @@ def attach_adapters(
     make: Callable[[int, int], nnx.Module],
     *,
     key: jax.Array | None = None,
+    replace: bool = False,
 ) -> list[str]:
     """Puts `make(in_features, slot_width)` into every projection slot matching `targets` (the
     `LoRAConfig.targets` rule), in place, then draws all of the model's adapters from `key`
     (`init_adapters`). Any adapter module (LoRA, a mixture of LoRA experts) installs this way.
 
     Returns the adapted paths. Raises if a pattern matches nothing (naming the available
-    projections), if a slot already holds an adapter, or if a projection would get an adapter both
-    on its whole output and on one of its slices.
+    projections), if a slot already holds an adapter (unless `replace`: the new one takes its
+    place), or if a projection would get an adapter both on its whole output and on one of its
+    slices.
     """
     key = jax.random.key(0) if key is None else key
     slots = projection_paths(model)
@@ -208,7 +211,7 @@ def attach_adapters(
             )
     for path, (linear, slot) in sorted(chosen.items()):
         attr = Linear.slot_attr(slot)
-        if getattr(linear, attr, None) is not None:
+        if getattr(linear, attr, None) is not None and not replace:
             raise ValueError(f"projection {path!r} already holds an adapter")
         setattr(linear, attr, make(linear.in_features, linear.slot_width(slot)))
     nnx.update(model, jax.jit(init_adapters)(nnx.state(model, Adapter), key))
@@ -235,7 +238,8 @@ def merge(graphdef: nnx.GraphDef, adapters: PyTree, base: nnx.State) -> nnx.Modu
 
 
 def init_adapters(adapters: nnx.State, key: jax.Array) -> nnx.State:
-    """Redraws every adapter variable from its `Init` metadata; pure and `vmap`-able over keys.
+    """Redraws every adapter variable from its `Init` metadata (`fixed` ones keep their value);
+    pure and `vmap`-able over keys.
 
     All leaves come from two draws (one U(-1, 1) and one N(0, 1) vector covering every uniform and
     normal leaf, cut in flattened leaf order), so compiling it costs two random ops whatever the
@@ -263,6 +267,8 @@ def init_adapters(adapters: nnx.State, key: jax.Array) -> nnx.State:
         value = var.get_value()
         if init.kind == "zeros":
             new = jnp.zeros(value.shape, value.dtype)
+        elif init.kind == "fixed":
+            new = jnp.asarray(value)
         else:
             start = offsets[init.kind]
             offsets[init.kind] = start + size

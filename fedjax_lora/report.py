@@ -1,5 +1,7 @@
 """`fedjax-lora report RUN_DIR`: a Markdown or self-contained HTML report of a finished run — the
-results table, per-client perplexities and the figures, rebuilt from `metrics.jsonl`."""
+results table, per-client perplexities and the figures: perplexity curves, trust matrices and
+expert assignments rebuilt from `metrics.jsonl`, then every other figure file the run directory
+holds (e.g. `routing.png` of a routing analysis)."""
 
 from __future__ import annotations
 
@@ -9,13 +11,16 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fedjax_lora.experiment import (
-    final_trust,
-    plot_history,
-    plot_trust,
-    results_table,
-    summarize,
-)
+from fedjax_lora.experiment import final_experts, final_trust, results_table, summarize
+from fedjax_lora.plots import plot_expert_assignment, plot_history, plot_trust
+
+FIGURE_TYPES = {
+    ".png": "image/png",
+    ".jpg": "image/jpeg",
+    ".jpeg": "image/jpeg",
+    ".svg": "image/svg+xml",
+}
+"""Figure files a report includes, by suffix, with their MIME type (for the HTML data URIs)."""
 
 
 def load_history(run_dir: Path) -> dict[str, list[dict[str, Any]]]:
@@ -63,6 +68,14 @@ def write_report(run_dir: str | Path, fmt: str = "md") -> Path:
     if trust:
         figures["Final mixing (trust) matrices"] = run / "trust.png"
         plot_trust(trust, names, figures["Final mixing (trust) matrices"])
+    experts, modules = final_experts(history)
+    if experts:
+        figures["Final expert assignment (FedAMoLE, RSEA)"] = run / "experts.png"
+        plot_expert_assignment(experts, names, run / "experts.png", module_names=modules)
+    known = set(figures.values())
+    for path in sorted(run.iterdir()):
+        if path.suffix.lower() in FIGURE_TYPES and path.is_file() and path not in known:
+            figures[f"{path.stem.replace('_', ' ')} ({path.name})"] = path
     header, rows = _client_table(summary)
     title = f"fedjax_lora run: {run.name}"
     setting = (
@@ -118,9 +131,10 @@ def write_report(run_dir: str | Path, fmt: str = "md") -> Path:
     ]
     for caption, path in figures.items():
         data = base64.b64encode(path.read_bytes()).decode()
+        mime = FIGURE_TYPES[path.suffix.lower()]
         parts += [
             f"<h2>{html.escape(caption)}</h2>",
-            f'<img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">',
+            f'<img alt="{html.escape(caption)}" src="data:{mime};base64,{data}">',
         ]
     style = "table{border-collapse:collapse}td,th{border:1px solid #999;padding:2px 8px}"
     out = run / "report.html"

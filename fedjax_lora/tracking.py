@@ -1,11 +1,16 @@
 """Experiment tracking: every round record goes to `metrics.jsonl`, TensorBoard event files
-(tensorboardX) and, when installed and asked for, Weights & Biases."""
+(tensorboardX) and, when installed and asked for, Weights & Biases; progress bars for long
+host-side loops."""
 
 from __future__ import annotations
 
 import json
+import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol
+
+from tqdm.auto import tqdm
 
 Record = dict[str, Any]
 
@@ -117,3 +122,21 @@ def open_trackers(
         Trackers(trackers).close()
         raise
     return Trackers(trackers)
+
+
+def interactive() -> bool:
+    """True when someone watches: stderr is a terminal, or the code runs in a Jupyter/Colab
+    kernel (where `tqdm.auto` draws notebook bars)."""
+    if sys.stderr is not None and sys.stderr.isatty():
+        return True
+    shell = sys.modules.get("IPython")
+    ipython = shell.get_ipython() if shell is not None else None
+    return ipython is not None and hasattr(ipython, "kernel")
+
+
+def progress_bar(iterable: Iterable, *, enabled: bool = True, **tqdm_options: Any) -> tqdm:
+    """`tqdm(iterable)` over rounds or a long host-side loop (cross-evaluations, per-client
+    evaluations, a grid of runs), shown only when `enabled` (the config's `tracking.progress`,
+    the CLI's `--no-progress`) and `interactive()`. It only wraps the iteration: the items, their
+    order and every result are the same with or without it."""
+    return tqdm(iterable, disable=not (enabled and interactive()), **tqdm_options)

@@ -1,17 +1,16 @@
 """One battery over every registered aggregator, plus the mixing primitives.
 
-Every entry of `fedjax_lora.aggregation.AGGREGATORS` must keep shapes and dtypes, be equivariant to
-permuting clients, mix with a row-stochastic matrix, match a NumPy double-loop reference written
-here, and give the same numbers under jit. A new aggregator needs a `NUMPY_REFERENCES` entry.
+Every entry of `fedjax_lora.aggregation.AGGREGATORS` goes through the public battery
+`fedjax_lora.aggregation.testing.check_aggregator` (shapes and dtypes, jit, row-stochastic mixing,
+permutation equivariance) against a NumPy double-loop reference written here. A new aggregator
+needs a `NUMPY_REFERENCES` entry. The battery itself is tested on deliberately broken rules.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,29 +25,9 @@ from test_aggregation_trust import (
 )
 
 from fedjax_lora import aggregation as agg
+from fedjax_lora.aggregation.testing import check_aggregator, example_tree
 
 N = 5
-
-
-def stacked_tree(rng: np.random.Generator, n: int = N) -> dict[str, Any]:
-    return {
-        "lora_a": rng.uniform(-0.5, 0.5, (n, 6, 2)).astype(np.float32),
-        "lora_b": rng.normal(size=(n, 2, 7)).astype(np.float32),
-        "router": jnp.asarray(rng.normal(size=(n, 3)), jnp.bfloat16),
-    }
-
-
-def np_mix(leaves: list[np.ndarray], w: np.ndarray) -> list[np.ndarray]:
-    """out[i] = sum_j w[i, j] * leaf[j], as a plain double loop in float64."""
-    out = []
-    for leaf in leaves:
-        leaf = np.asarray(leaf, np.float64)
-        new = np.zeros_like(leaf)
-        for i in range(leaf.shape[0]):
-            for j in range(leaf.shape[0]):
-                new[i] += w[i, j] * leaf[j]
-        out.append(new)
-    return out
 
 
 def np_fedavg_matrix(weights: np.ndarray) -> np.ndarray:
@@ -62,7 +41,7 @@ def np_holder_matrix(held: np.ndarray) -> np.ndarray:
 
 
 # name -> (leaves, inputs) -> the mixing matrix the aggregator must use, in NumPy; or a list of
-# matrices, one per leaf (in `stacked_tree`'s leaf order: lora_a, lora_b, router).
+# matrices, one per leaf (in `example_tree`'s leaf order: lora_a, lora_b, router).
 NUMPY_REFERENCES: dict[
     str, Callable[[list[np.ndarray], dict[str, Any]], np.ndarray | list[np.ndarray]]
 ] = {
@@ -82,99 +61,92 @@ NUMPY_REFERENCES: dict[
 }
 
 
-@functools.cache
-def jitted_apply(name: str) -> Callable:
-    """One compiled `apply` per aggregator, shared by the tests (all use the same shapes)."""
-    return jax.jit(agg.AGGREGATORS[name].factory().apply)
-
-
-def run(name: str, tree: Any, inputs: dict[str, Any]) -> tuple[Any, Any]:
-    aggregator = agg.AGGREGATORS[name].factory()
-    return jitted_apply(name)(tree, aggregator.init(tree), inputs)
-
-
-def example(name: str, seed: int = 0) -> tuple[Any, dict[str, Any]]:
-    rng = np.random.default_rng(seed)
-    return stacked_tree(rng), dict(agg.AGGREGATORS[name].example_inputs(rng, N))
-
-
-def permute_inputs(inputs: dict[str, Any], perm: np.ndarray) -> dict[str, Any]:
-    out = {}
-    for key, value in inputs.items():
-        value = np.asarray(value)
-        for axis in agg.INPUT_CLIENT_AXES[key]:
-            value = np.take(value, perm, axis=axis)
-        out[key] = value
-    return out
-
-
-BATTERY = sorted(agg.AGGREGATORS)
-
-
-@pytest.mark.parametrize("name", BATTERY)
-def test_keeps_shapes_and_dtypes(name):
-    tree, inputs = example(name)
-    new_tree, state = run(name, tree, inputs)
-    chex.assert_trees_all_equal_shapes_and_dtypes(new_tree, tree)
-    chex.assert_tree_all_finite(new_tree)
-    chex.assert_trees_all_equal_structs(state, agg.AGGREGATORS[name].factory().init(tree))
-
-
-@pytest.mark.parametrize("name", BATTERY)
-def test_mixing_matrix_row_stochastic(name):
-    tree, inputs = example(name, seed=1)
-    _, state = run(name, tree, inputs)
-    if isinstance(state, agg.MixState):
-        w = np.asarray(state.matrix)
-        chex.assert_shape(w, (N, N))
-        assert np.all(w >= 0)
-        np.testing.assert_allclose(w.sum(axis=1), 1.0, rtol=1e-5)
-
-
-@pytest.mark.parametrize("name", BATTERY)
-def test_matches_numpy_reference(name):
+@pytest.mark.parametrize("name", sorted(agg.AGGREGATORS))
+def test_registered_aggregator_passes_the_battery(name):
     assert name in NUMPY_REFERENCES, f"add a NumPy reference for the new aggregator {name!r}"
-    tree, inputs = example(name, seed=2)
-    new_tree, state = run(name, tree, inputs)
-    leaves = [np.asarray(x, np.float64) for x in jax.tree.leaves(tree)]
-    w = NUMPY_REFERENCES[name](leaves, {k: np.asarray(v) for k, v in inputs.items()})
-    if isinstance(state, agg.MixState):
-        np.testing.assert_allclose(state.matrix, w, rtol=1e-5, atol=1e-6)
-    per_leaf = w if isinstance(w, list) else [w] * len(leaves)
-    wants = [np_mix([leaf], w_leaf)[0] for leaf, w_leaf in zip(leaves, per_leaf, strict=True)]
-    for got, want, leaf in zip(jax.tree.leaves(new_tree), wants, leaves, strict=True):
-        tol = 1e-2 if got.dtype == jnp.bfloat16 else 1e-5
-        np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=tol, atol=tol)
-        assert leaf.shape == want.shape
-
-
-@pytest.mark.parametrize("name", BATTERY)
-def test_permutation_equivariant(name):
-    tree, inputs = example(name, seed=3)
-    perm = np.random.default_rng(0).permutation(N)
-    new_tree, _ = run(name, tree, inputs)
-    tree_p = jax.tree.map(lambda x: x[perm], tree)
-    new_tree_p, _ = run(name, tree_p, permute_inputs(inputs, perm))
-    chex.assert_trees_all_close(
-        jax.tree.map(lambda x: x.astype(jnp.float32), new_tree_p),
-        jax.tree.map(lambda x: x[perm].astype(jnp.float32), new_tree),
-        rtol=1e-2 if name != "local" else 0,
-        atol=1e-5,
-    )
-
-
-@pytest.mark.parametrize("name", BATTERY)
-def test_jit_matches_eager(name):
-    tree, inputs = example(name, seed=4)
-    aggregator = agg.AGGREGATORS[name].factory()
-    eager = aggregator.apply(tree, aggregator.init(tree), inputs)
-    chex.assert_trees_all_close(run(name, tree, inputs), eager, rtol=1e-5, atol=1e-6)
+    entry = agg.AGGREGATORS[name]
+    for seed in (0, 1):
+        check_aggregator(
+            entry.factory,
+            NUMPY_REFERENCES[name],
+            example_inputs=entry.example_inputs,
+            num_clients=N,
+            permutation_equivariant=entry.permutation_equivariant,
+            seed=seed,
+            name=name,
+        )
 
 
 def test_registry_inputs_are_documented():
     for name, entry in agg.AGGREGATORS.items():
         for key in entry.example_inputs(np.random.default_rng(0), N):
             assert key in agg.INPUT_CLIENT_AXES, f"{name}: document input {key!r}"
+
+
+# ---------------------------------------------------------------- the battery catches bugs
+
+
+def _matrix_rule(matrix_fn: Callable[[Any], jax.Array]) -> agg.Aggregator:
+    """A test rule mixing with `matrix_fn(tree)`, reporting it in a `MixState`."""
+
+    def apply(tree, state, inputs=None):
+        w = matrix_fn(tree)
+        return agg.mix(tree, w), agg.MixState(w)
+
+    return agg.Aggregator(lambda tree: agg.MixState(jnp.eye(agg.num_clients(tree))), apply)
+
+
+def _uniform(tree):
+    return agg.fedavg_matrix(agg.num_clients(tree))
+
+
+def np_uniform(leaves, inputs):
+    return np.full((N, N), 1.0 / N)
+
+
+def test_battery_accepts_a_correct_rule_given_as_an_aggregator():
+    check_aggregator(_matrix_rule(_uniform), np_uniform)
+
+
+def _upcast(tree, state, inputs=None):
+    return jax.tree.map(
+        lambda x: jnp.mean(x.astype(jnp.float32), 0, keepdims=True) + 0 * x, tree
+    ), state
+
+
+def _first_client(tree):  # everyone copies client 0: row-stochastic, not equivariant
+    return jnp.zeros((N, N)).at[:, 0].set(1.0)
+
+
+def _python_branch(tree):  # Python control flow on a traced value
+    x = jax.tree.leaves(tree)[0]
+    return _uniform(tree) if float(x.sum()) > -1e9 else jnp.eye(N)
+
+
+@pytest.mark.parametrize(
+    ("aggregator", "reference", "prop"),
+    [
+        (agg.Aggregator(lambda t: (), _upcast), None, "shapes and dtypes"),
+        (_matrix_rule(lambda t: 2.0 * jnp.eye(N)), None, "row-stochastic mixing"),
+        (_matrix_rule(_first_client), None, "permutation equivariance"),
+        (_matrix_rule(_python_branch), None, "jit"),
+        (_matrix_rule(_uniform), lambda leaves, inputs: np.eye(N), "NumPy reference"),
+    ],
+)
+def test_battery_names_the_failed_property(aggregator, reference, prop):
+    with pytest.raises(AssertionError, match=f"aggregator 'rule': {prop}"):
+        check_aggregator(aggregator, reference, name="rule")
+
+
+def test_battery_skips_equivariance_when_declared_and_validates_inputs():
+    check_aggregator(_matrix_rule(_first_client), permutation_equivariant=False)
+    with pytest.raises(ValueError, match="input_client_axes"):
+        check_aggregator(agg.fedavg_aggregator, example_inputs=lambda rng, n: {"sizes": np.ones(n)})
+    check_aggregator(
+        agg.fedavg_aggregator,
+        example_inputs=lambda rng, n: {"weights": rng.uniform(1, 2, n)},
+        input_client_axes={"weights": (0,)},
+    )
 
 
 # ---------------------------------------------------------------- primitives
@@ -191,7 +163,7 @@ def test_mix_computes_in_f32_and_keeps_dtype():
 
 
 def test_fedavg_every_client_gets_the_average():
-    tree = stacked_tree(np.random.default_rng(0))
+    tree = example_tree(np.random.default_rng(0), N)
     counts = np.array([1.0, 2.0, 3.0, 4.0, 10.0])
     for weights, p in ((None, np.full(N, 1 / N)), (counts, counts / counts.sum())):
         out = jax.jit(agg.fedavg)(tree, weights)
@@ -202,14 +174,14 @@ def test_fedavg_every_client_gets_the_average():
 
 
 def test_fedavg_aggregator_input_weights_override():
-    tree = stacked_tree(np.random.default_rng(0))
+    tree = example_tree(np.random.default_rng(0), N)
     fixed = agg.fedavg_aggregator(np.ones(N))
     _, state = jax.jit(fixed.apply)(tree, fixed.init(tree), {"weights": np.arange(1.0, N + 1)})
     np.testing.assert_allclose(state.matrix[0], np.arange(1.0, N + 1) / 15, rtol=1e-6)
 
 
 def test_local_is_identity():
-    tree = stacked_tree(np.random.default_rng(0))
+    tree = example_tree(np.random.default_rng(0), N)
     assert agg.local(tree) is tree
 
 
@@ -236,7 +208,7 @@ def test_trust_aggregator_validates_options():
 
 
 def test_trust_aggregator_with_topology():
-    tree = stacked_tree(np.random.default_rng(0))
+    tree = example_tree(np.random.default_rng(0), N)
     ring = agg.topology("ring", N)
     aggregator = agg.make_aggregator("trust_weights", adjacency=ring, temperature=0.5)
     _, state = jax.jit(aggregator.apply)(tree, aggregator.init(tree))

@@ -1,5 +1,6 @@
 """The engine benchmark runs end to end on a tiny config and writes the documented JSON schema
-(no timing assertions: numbers on a shared CI machine mean nothing)."""
+and figure: contenders, scaling with N, round breakdown (no timing assertions: numbers on a
+shared CI machine mean nothing)."""
 
 from __future__ import annotations
 
@@ -49,3 +50,15 @@ def test_engine_benchmark_quick_writes_the_schema(tmp_path):
         assert row["client_steps_per_call"] == row["num_clients"] * config["steps"]
     for summary in doc["summary"].values():
         assert summary["best_strategy"] in {"vmap", "map", "chunked", "sharded"}
+
+    # scaling with N (chunked), one round's breakdown, and the figure
+    assert {r["num_clients"] for r in doc["scaling"]} == set(config["scaling_clients"])
+    for row in doc["scaling"]:
+        assert row["strategy"] == "chunked"
+        assert row["client_steps_per_s"] > 0 and row["peak_rss_gb"] > 0
+    (breakdown,) = doc["breakdown"]
+    pieces = {"local_steps", "aggregation_fedavg", "aggregation_trust", "evaluation"}
+    assert set(breakdown["seconds"]) == pieces | {"cross_evaluation"}
+    assert all(math.isfinite(v) and v > 0 for v in breakdown["seconds"].values())
+    assert breakdown["trust_round_s"] > breakdown["fedavg_round_s"] > 0
+    assert out.with_suffix(".png").stat().st_size > 0

@@ -103,3 +103,28 @@ def test_shared_eval_and_errors():
         synthetic_corpus(2, 1, mixtures=np.array([[0.5, 0.2], [0, 1]]))
     with pytest.raises(ValueError, match="3 rows for 2 clients"):
         synthetic_corpus(2, 1, mixtures=np.full((3, 2), 0.5))
+
+
+def test_uniform_eval_mixture_targets_every_source():
+    """`eval_mixture="uniform"` (CoMiGS's out-of-distribution setting): validation and test of
+    every client come from the uniform mixture, its training data from its own source."""
+    v = 64
+    kw = dict(vocab_size=v, train_tokens=20_000, val_tokens=20_000, test_tokens=2_000, seed=4)
+    fd = synthetic_corpus(3, 1, eval_mixture="uniform", **kw)
+    own = synthetic_corpus(3, 1, **kw)
+    np.testing.assert_array_equal(fd.train.tokens, own.train.tokens)
+    tv = lambda x, y: 0.5 * np.abs(_bigram_dist(x, v) - _bigram_dist(y, v)).sum()
+    for i, j in ((0, 1), (0, 2), (1, 2)):
+        assert tv(fd.val.stream(i), fd.val.stream(j)) < 0.25 * tv(
+            own.val.stream(i), own.val.stream(j)
+        )
+    src = make_markov_sources(3, v, seed=4)
+    for i in range(3):  # every client's validation stream uses every group's transitions
+        pairs = set(zip(fd.val.stream(i)[:-1].tolist(), fd.val.stream(i)[1:].tolist(), strict=True))
+        for g in range(3):
+            only_g = {(a, int(b)) for a in range(v) for b in src.successors[g, a]}
+            for h in set(range(3)) - {g}:
+                only_g -= {(a, int(b)) for a in range(v) for b in src.successors[h, a]}
+            assert len(pairs & only_g) > 50
+    with pytest.raises(ValueError, match="eval_mixture"):
+        synthetic_corpus(2, 1, vocab_size=v, eval_mixture="ood")

@@ -267,3 +267,14 @@ def test_every_method_runs_through_the_cli(tmp_path, capsys):
             np.testing.assert_allclose(np.sum(r["trust"], axis=1), 1.0, rtol=1e-5)
             assert np.isfinite(r["val_mean_ppl"])
     assert (out / "trust.png").stat().st_size > 0
+
+
+def test_a_bad_option_of_a_later_method_fails_before_any_training(tmp_path, capsys):
+    """pcl-pred's top_k is checked against the vocabulary when the method is built: all methods
+    are built before the first one trains, so nothing is computed or written."""
+    out = tmp_path / "run"
+    argv = ["demo", "--rounds", "2", "--methods", "local", "pcl-pred", "--out", str(out)]
+    argv += ["--no-progress", "--set", *TINY, "trust.top_k=1000"]
+    assert main(argv) == 2
+    assert "trust.top_k=1000 exceeds the model's vocabulary" in capsys.readouterr().err
+    assert not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text()

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from fedjax_lora.data import trust_datasets as td
+from fedjax_lora.data.domains import article_pools
 from tests.test_cli import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,7 +103,7 @@ def test_no_two_clients_share_tokens_and_specific_is_one_language(wiki_sources):
     rng = np.random.default_rng(0)
     for lang, src in zip(td.LANGUAGES, wiki_sources, strict=True):
         articles = [json.loads(line)["text"] for line in Path(src).read_text().splitlines()]
-        train, val = td.article_pools(articles, rng, 1.0, 0.16)
+        train, val = article_pools(articles, rng, 1.0, 0.16)
         pool = np.frombuffer(" ".join(train).encode(), np.uint8).astype(np.int32)
         k = td.LANGUAGES.index(lang)
         np.testing.assert_array_equal(data.train.stream(k), pool[:300])
@@ -234,8 +235,54 @@ def test_grid_command_runs_a_tiny_override(tmp_path):
     ]
     assert run.main(argv) == 0
     results = json.loads((out / "results.json").read_text())
-    assert set(results["multilingual-specific"]) == {"local", "pcl-val"}
-    assert all(len(v) == 2 for v in results["multilingual-specific"].values())
+    assert results["metric"] == "val_mean_ppl"
+    cell = results["results"]["multilingual-specific"]
+    assert set(cell) == {"local", "pcl-val"} and all(len(v) == 2 for v in cell.values())
+    summaries = [
+        json.loads((out / "multilingual-specific" / f"seed{s}" / "summary.json").read_text())
+        for s in (1, 2)
+    ]
+    assert cell["pcl-val"] == [s["pcl-val"]["val_mean_ppl"] for s in summaries]
     table = (out / "results.md").read_text()
     assert "| multilingual-specific |" in table and "±" in table
     assert (out / "heatmaps" / "multilingual-specific.png").stat().st_size > 0
+
+
+def test_pretrained_synthetic_base_round_trips_and_serves_synthetic_runs(tmp_path):
+    """The offline-evidence base: trained on the common chain only, saved as an HF checkpoint that
+    `models.load` reads back to the same logits, usable as `model.source` without a tokenizer."""
+    import jax.numpy as jnp
+
+    from fedjax_lora import models
+    from fedjax_lora.config import load as load_config
+    from fedjax_lora.data.synthetic import make_markov_sources
+    from fedjax_lora.experiment import build_model
+    from fedjax_lora.export import save_merged
+
+    spec = importlib.util.spec_from_file_location(
+        "tw_pretrain", ROOT / "experiments" / "trust_weighted" / "pretrain_synthetic_base.py"
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    args = ["--out", str(tmp_path / "base"), "--steps", "2", "--documents", "16"]
+    args += ["--batch-size", "4", "--seq-len", "16", "--vocab-size", "64", "--d-model", "32"]
+    args += ["--d-ff", "64", "--max-positions", "32", "--num-groups", "3"]
+    ns = script.parse_args(args)
+
+    docs = script.pretraining_windows(ns)
+    chains = make_markov_sources(3, 64, seed=0)
+    common = {(a, b) for a in range(64) for b in chains.successors[3, a]}
+    pairs = {(int(a), int(b)) for row in docs for a, b in zip(row[:-1], row[1:], strict=True)}
+    assert pairs <= common  # every transition is one of the common chain's
+
+    model = script.pretrain(ns)
+    save_merged(model, ns.out)
+    loaded = models.load(ns.out)
+    tokens = jnp.asarray(docs[:2, :-1])
+    np.testing.assert_allclose(loaded(tokens), model(tokens), atol=1e-5)
+
+    config = load_config(
+        None, [f"model.source={ns.out}", "data.source=synthetic", "lora.targets=[c_attn]"]
+    )
+    base, tokenizer = build_model(config)
+    assert tokenizer is None and base.config.vocab_size == 64

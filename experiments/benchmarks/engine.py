@@ -18,6 +18,18 @@ time is AOT `lower().compile()` (trace included), with no persistent compilation
 is the median over `--reps` timed calls after `--warmup` untimed ones. On a shared machine use
 `--interleave` (one process per N, contenders timed round-robin) for fair ratios.
 
+Two more sections (`--sections`):
+
+- `scaling`: the `chunked` strategy (and any of `--scaling-strategies`) at N up to 1024 clients,
+  one fresh process per N: client-steps per second and peak RSS, so memory is seen to grow with
+  the chunk, not with N (`--scaling-steps` local steps per call);
+- `breakdown`: one round's pieces, each its own compiled program timed on the same clients: local
+  training (K steps), FedAvg aggregation, trust aggregation (an N×N mixing matrix), evaluation
+  of every client on its fixed windows, and the N×N cross-evaluation the trust rules need.
+
+`--plot` (default: the JSON path with `.png`) draws throughput against N, the scaling curve with
+its peak RSS, and the round breakdown.
+
     python experiments/benchmarks/engine.py --json experiments/benchmarks/results/engine_cpu.json
 """
 
@@ -71,6 +83,9 @@ QUICK = {
     "warmup": 1,
     "num_clients": [2],
 }
+SCALING = {"full": [32, 128, 256, 512, 1024], "quick": [2, 4]}
+BREAKDOWN = {"full": [8, 32], "quick": [2]}
+EVAL_WINDOWS = 16  # fixed evaluation windows per client in the breakdown
 TARGETS = ("c_attn.q", "c_attn.v")
 
 
@@ -306,14 +321,109 @@ def run_interleaved(kinds: list[str], n: int, c: dict, env: dict) -> list[dict]:
     return [result_row(k, n, c, prepared[k], times[k], cpu[k], load) for k in kinds]
 
 
+def _median_seconds(fn, args, reps: int) -> tuple[float, float]:
+    """`(compile seconds, median seconds of reps calls)` of `jit(fn)(*args)`."""
+    import jax
+
+    t0 = time.perf_counter()
+    compiled = jax.jit(fn).lower(*args).compile()
+    compile_s = time.perf_counter() - t0
+    jax.block_until_ready(compiled(*args))  # warm-up
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        times.append(time.perf_counter() - t0)
+    return compile_s, statistics.median(times)
+
+
+def run_breakdown(n: int, c: dict, env: dict) -> dict:
+    """One round's pieces for N clients, each compiled and timed on its own: local training,
+    FedAvg and trust aggregation, evaluation, cross-evaluation."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from fedjax_lora.aggregation import fedavg_aggregator, trust_aggregator
+    from fedjax_lora.engine import (
+        Strategy,
+        evaluate_clients,
+        init_clients,
+        make_client_eval,
+        make_eval_set,
+        train_clients,
+    )
+    from fedjax_lora.engine.crosseval import make_cross_eval
+
+    strategy = Strategy(kind=c["breakdown_strategy"], chunk_size=c["chunk_size"])
+    graphdef, base, update = env["graphdef"], env["base"], env["update"]
+    clients = init_clients(env["template"], env["tx"], n, jax.random.key(0))
+    rng = np.random.default_rng(1)
+    windows = rng.integers(0, c["vocab_size"], (n, EVAL_WINDOWS, c["seq_len"] + 1))
+    eval_set = make_eval_set(windows, np.ones((n, EVAL_WINDOWS), bool), c["batch_size"])
+    client_eval = make_client_eval(graphdef, c["batch_size"])
+    cross = make_cross_eval(graphdef, c["batch_size"], strategy)
+    fedavg, trust = fedavg_aggregator(), trust_aggregator("validation")
+    ppl = jnp.asarray(rng.uniform(10.0, 20.0, (n, n)), jnp.float32)
+    pieces = {
+        "local_steps": (
+            lambda cl, tok, ln, bs: train_clients(update, strategy, cl, tok, ln, None, bs),
+            (clients, env["tokens"], env["lengths"], base),
+        ),
+        "aggregation_fedavg": (
+            lambda p: fedavg.apply(p, fedavg.init(p))[0],
+            (clients.params,),
+        ),
+        "aggregation_trust": (
+            lambda p, m: trust.apply(p, trust.init(p), {"ppl": m})[0],
+            (clients.params, ppl),
+        ),
+        "evaluation": (
+            lambda p, es, bs: evaluate_clients(client_eval, strategy, p, es, bs),
+            (clients.params, eval_set, base),
+        ),
+        "cross_evaluation": (
+            lambda p, es, bs: cross.perplexity(p, es, bs),
+            (clients.params, eval_set, base),
+        ),
+    }
+    seconds, compile_s = {}, {}
+    for name, (fn, args) in pieces.items():
+        compile_s[name], seconds[name] = _median_seconds(fn, args, c["reps"])
+    fedavg_round = seconds["local_steps"] + seconds["aggregation_fedavg"] + seconds["evaluation"]
+    trust_round = (
+        seconds["local_steps"]
+        + seconds["cross_evaluation"]
+        + seconds["aggregation_trust"]
+        + seconds["evaluation"]
+    )
+    return {
+        "num_clients": n,
+        "strategy": strategy.kind,
+        "seconds": seconds,
+        "compile_s": compile_s,
+        "fedavg_round_s": fedavg_round,
+        "trust_round_s": trust_round,
+        "share_of_trust_round": {k: v / trust_round for k, v in seconds.items()},
+        "eval_windows_per_client": EVAL_WINDOWS,
+        "peak_rss_gb": _rss_gb(),
+        "devices": len(jax.devices()),
+    }
+
+
 def worker(spec: dict) -> list[dict]:
-    """Runs `spec["contenders"]` for `spec["num_clients"]` in this process."""
+    """Runs `spec["contenders"]` (or the `breakdown` section) for `spec["num_clients"]` in this
+    process."""
     import jax
 
     jax.devices()
     rss_start = _rss_gb()
     n, c = spec["num_clients"], spec["config"]
     env = setup(c, n)
+    if spec.get("section") == "breakdown":
+        row = run_breakdown(n, c, env)
+        row["rss_after_import_gb"] = rss_start
+        return [row]
     if c.get("interleave"):
         rows = run_interleaved(spec["contenders"], n, c, env)
     else:
@@ -436,6 +546,79 @@ def format_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def format_scaling(rows: list[dict]) -> str:
+    head = f"{'N':>5}  {'strategy':<9} {'steps/s':>8} {'peak RSS GB':>11} {'compile s':>9}"
+    lines = [head, "-" * len(head)]
+    for r in sorted(rows, key=lambda r: (r["strategy"], r["num_clients"])):
+        lines.append(
+            f"{r['num_clients']:>5}  {r['strategy']:<9} {r['client_steps_per_s']:>8.2f} "
+            f"{r['peak_rss_gb']:>11.2f} {r['compile_s']:>9.2f}"
+        )
+    return "\n".join(lines)
+
+
+def format_breakdown(rows: list[dict]) -> str:
+    names = list(rows[0]["seconds"]) if rows else []
+    head = f"{'N':>4}  " + " ".join(f"{k:>18}" for k in names) + f" {'peak RSS GB':>11}"
+    lines = [head + "   (seconds per call)", "-" * len(head)]
+    for r in rows:
+        cells = " ".join(f"{r['seconds'][k]:>18.4f}" for k in names)
+        lines.append(f"{r['num_clients']:>4}  {cells} {r['peak_rss_gb']:>11.2f}")
+    return "\n".join(lines)
+
+
+def plot(doc: dict, path: Path) -> None:
+    """Throughput of every contender against N, the scaling curve with its peak RSS, and the
+    round breakdown (stacked seconds per piece)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    ax = axes[0]
+    for kind in sorted({r["strategy"] for r in doc.get("results", [])}):
+        rows = sorted(
+            (r for r in doc["results"] if r["strategy"] == kind), key=lambda r: r["num_clients"]
+        )
+        ax.plot([r["num_clients"] for r in rows], [r["client_steps_per_s"] for r in rows], "o-")
+        ax.annotate(kind, (rows[-1]["num_clients"], rows[-1]["client_steps_per_s"]), fontsize=7)
+    ax.set(xscale="log", xlabel="clients N", ylabel="client-steps / s", title="contenders")
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax = axes[1]
+    for kind in sorted({r["strategy"] for r in doc.get("scaling", [])}):
+        rows = sorted(
+            (r for r in doc["scaling"] if r["strategy"] == kind), key=lambda r: r["num_clients"]
+        )
+        ns = [r["num_clients"] for r in rows]
+        ax.plot(ns, [r["client_steps_per_s"] for r in rows], "o-", label=f"{kind} steps/s")
+        twin = ax.twinx()
+        twin.plot(ns, [r["peak_rss_gb"] for r in rows], "s--", color="tab:red")
+        twin.set_ylabel("peak RSS (GB)", color="tab:red")
+        twin.set_ylim(bottom=0)
+    ax.set(xscale="log", xlabel="clients N", ylabel="client-steps / s", title="scaling with N")
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=7)
+    ax = axes[2]
+    rows = doc.get("breakdown", [])
+    if rows:
+        names = list(rows[0]["seconds"])
+        bottom = [0.0] * len(rows)
+        labels = [f"N={r['num_clients']}" for r in rows]
+        for name in names:
+            heights = [r["seconds"][name] for r in rows]
+            ax.bar(labels, heights, bottom=bottom, label=name)
+            bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
+        ax.legend(fontsize=7)
+    ax.set(ylabel="seconds per call", title="round breakdown")
+    fig.suptitle(f"{doc['machine']['cpu']}, {doc['machine']['cores']} cores", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--json", type=Path, help="write the results here")
@@ -471,6 +654,20 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="run all contenders of one N in one subprocess (faster; peak RSS then cumulative)",
     )
+    p.add_argument(
+        "--sections",
+        nargs="+",
+        default=["contenders", "scaling", "breakdown"],
+        choices=("contenders", "scaling", "breakdown"),
+    )
+    p.add_argument("--scaling-clients", type=int, nargs="+", help="N of the scaling section")
+    p.add_argument(
+        "--scaling-strategies", nargs="+", default=["chunked"], choices=ENGINE_STRATEGIES[:3]
+    )
+    p.add_argument("--scaling-steps", type=int, default=1, help="local steps per scaling call")
+    p.add_argument("--breakdown-clients", type=int, nargs="+", help="N of the breakdown section")
+    p.add_argument("--breakdown-strategy", default="map", choices=ENGINE_STRATEGIES[:3])
+    p.add_argument("--plot", type=Path, help="figure path (default: the JSON path with .png)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per subprocess")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -483,7 +680,14 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("num_clients", "steps", "reps", "warmup"):
         if getattr(args, name) is not None:
             config[name] = getattr(args, name)
+    size = "quick" if args.quick else "full"
     config.update(
+        sections=args.sections,
+        scaling_clients=args.scaling_clients or SCALING[size],
+        scaling_strategies=args.scaling_strategies,
+        scaling_steps=args.scaling_steps,
+        breakdown_clients=args.breakdown_clients or BREAKDOWN[size],
+        breakdown_strategy=args.breakdown_strategy,
         chunk_size=args.chunk_size,
         host_devices=args.host_devices,
         quick=args.quick,
@@ -507,9 +711,13 @@ def main(argv: list[str] | None = None) -> int:
     contenders = [*args.strategies, *args.baselines]
     machine = machine_info()
     print(f"machine: {machine['cpu']}, {machine['cores']} cores, jax {machine['jax_version']}")
-    results, skipped = [], []
+    results, skipped, sections = [], [], {"scaling": [], "breakdown": []}
     t_all = time.perf_counter()
-    for n in config["num_clients"]:
+    save = lambda: (
+        args.json
+        and _write(args.json, machine, config, results, skipped, args.strategies, sections)
+    )
+    for n in config["num_clients"] if "contenders" in args.sections else []:
         runnable = []
         for kind in contenders:
             if kind == "sharded" and n % args.host_devices:
@@ -536,22 +744,47 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
             print(f"    ({time.perf_counter() - t0:.0f} s)", flush=True)
-            if args.json:
-                _write(args.json, machine, config, results, skipped, args.strategies)
+            save()
+    scaling_config = {**config, "steps": args.scaling_steps}
+    for kind in config["scaling_strategies"] if "scaling" in args.sections else []:
+        for n in config["scaling_clients"]:
+            spec = {"contenders": [kind], "num_clients": n, "config": scaling_config}
+            row = run_subprocess(spec, args.timeout)[0]
+            sections["scaling"].append(row)
+            print(
+                f"  scaling {kind} N={n:<5} {row['client_steps_per_s']:8.2f} steps/s  peak "
+                f"{row['peak_rss_gb']:.2f} GB",
+                flush=True,
+            )
+            save()
+    for n in config["breakdown_clients"] if "breakdown" in args.sections else []:
+        spec = {"section": "breakdown", "contenders": [], "num_clients": n, "config": config}
+        row = run_subprocess(spec, args.timeout)[0]
+        sections["breakdown"].append(row)
+        parts = ", ".join(f"{k} {v:.3f}s" for k, v in row["seconds"].items())
+        print(f"  breakdown N={n}: {parts}", flush=True)
+        save()
     print(f"\ntotal {time.perf_counter() - t_all:.0f} s\n")
-    print(format_table(results))
+    if results:
+        print(format_table(results))
     summary = summarize(results, args.strategies)
     for n, s in summary.items():
         parts = [f"N={n}: best engine strategy {s['best_strategy']}"]
         parts += [f"{v:.2f}x {k[8:]}" for k, v in s.items() if k.startswith("best_vs_")]
         print(", ".join(parts))
+    if sections["scaling"]:
+        print("\n" + format_scaling(sections["scaling"]))
+    if sections["breakdown"]:
+        print("\n" + format_breakdown(sections["breakdown"]))
     if args.json:
-        _write(args.json, machine, config, results, skipped, args.strategies)
-        print(f"wrote {args.json}")
+        doc = _write(args.json, machine, config, results, skipped, args.strategies, sections)
+        figure = args.plot or args.json.with_suffix(".png")
+        plot(doc, figure)
+        print(f"wrote {args.json} and {figure}")
     return 0
 
 
-def _write(path: Path, machine, config, results, skipped, strategies) -> None:
+def _write(path: Path, machine, config, results, skipped, strategies, sections) -> dict:
     path.parent.mkdir(parents=True, exist_ok=True)
     doc = {
         "machine": machine,
@@ -559,8 +792,10 @@ def _write(path: Path, machine, config, results, skipped, strategies) -> None:
         "results": results,
         "skipped": skipped,
         "summary": summarize(results, strategies),
+        **sections,
     }
     path.write_text(json.dumps(doc, indent=2) + "\n")
+    return doc
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 `core`: mixing, FedAvg, local, the optax-style `Aggregator` protocol and its factories. `trust`:
 the trust matrices of Wagner, Fan & Jaggi (COLM 2024). `registry`: every aggregator by name.
+`ranks`, `hetlora`, `flexlora`: heterogeneous LoRA ranks (zero-padded, masked) and the HetLoRA and
+FlexLoRA servers (not mixing matrices, so outside the registry's battery).
 """
 
 from fedjax_lora.aggregation.core import (
@@ -20,6 +22,8 @@ from fedjax_lora.aggregation.core import (
     trust_aggregator,
 )
 from fedjax_lora.aggregation.experts import expert_aggregator, holder_average
+from fedjax_lora.aggregation.flexlora import flexlora_aggregator
+from fedjax_lora.aggregation.hetlora import HetLoRAState, hetlora_aggregator
 from fedjax_lora.aggregation.registry import AGGREGATORS, AggregatorEntry, make_aggregator
 from fedjax_lora.aggregation.trust import (
     TOPOLOGIES,
@@ -38,6 +42,7 @@ __all__ = [
     "TOPOLOGIES",
     "TRUST_RULES",
     "AggregatorEntry",
+    "HetLoRAState",
     "Aggregator",
     "Inputs",
     "MixState",
@@ -45,6 +50,8 @@ __all__ = [
     "fedavg",
     "fedavg_aggregator",
     "fedavg_matrix",
+    "flexlora_aggregator",
+    "hetlora_aggregator",
     "holder_average",
     "local",
     "local_aggregator",

@@ -18,13 +18,16 @@ arXiv:2409.13931, `collaboration_strategies.py`):
 - `fedsa`: every LoRA `A` global, every `B` local (FedSA-LoRA, Guo et al. 2024, the faithful
   version; the icml reference makes everything global).
 
+A policy may also be a predicate over a leaf's path names (`names -> bool`, True: global), e.g.
+FFA-LoRA's "every leaf but the frozen `A`s" on plain LoRA.
+
 The aggregator: :math:`θ ← \mathrm{where}(m, \sum_j p_j θ_j, θ)` leaf by leaf, `p` uniform (the
 reference's 1/N) or proportional to `inputs["weights"]`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import jax
@@ -69,13 +72,15 @@ def leaf_role(names: Sequence[str]) -> Role:
     return "shared"
 
 
-def _check(policy: str) -> None:
-    if policy not in POLICIES:
+def _check(policy: Policy | Callable[[tuple[str, ...]], bool]) -> None:
+    if not callable(policy) and policy not in POLICIES:
         raise ValueError(f"unknown mask policy {policy!r}; expected one of {POLICIES}")
 
 
-def _leaf_mask(names: tuple[str, ...], leaf: jax.Array, policy: str) -> jax.Array:
+def _leaf_mask(names: tuple[str, ...], leaf: jax.Array, policy) -> jax.Array:
     """`bool`, broadcastable to the stacked leaf `[N, ...]`."""
+    if callable(policy):
+        return jnp.bool_(policy(names))
     role = leaf_role(names)
     if policy == "none" or role == "mask":
         return jnp.bool_(False)
@@ -93,7 +98,7 @@ def _leaf_mask(names: tuple[str, ...], leaf: jax.Array, policy: str) -> jax.Arra
     return slots.reshape((1, -1) + (1,) * (leaf.ndim - 2))
 
 
-def global_mask(stacked_tree: PyTree, policy: Policy) -> PyTree:
+def global_mask(stacked_tree: PyTree, policy: Policy | Callable[[tuple[str, ...]], bool]) -> PyTree:
     """Per leaf, a boolean broadcastable to it: True where the tensor is averaged by the server."""
     _check(policy)
     return jax.tree_util.tree_map_with_path(
@@ -108,7 +113,10 @@ def trainable(names: Sequence[str], policy: Policy) -> bool:
     return not (policy == "ffa" and leaf_role(names) == "experts" and names[-1] == "a")
 
 
-def masked_aggregator(policy: Policy = "expert_0", weights: ArrayLike | None = None) -> Aggregator:
+def masked_aggregator(
+    policy: Policy | Callable[[tuple[str, ...]], bool] = "expert_0",
+    weights: ArrayLike | None = None,
+) -> Aggregator:
     """FedAvg of the `policy`'s global leaves; local leaves are kept. `inputs["weights"]`, when
     given, overrides the fixed `weights` (default uniform, the reference's 1/N mean). Stateless."""
     _check(policy)

@@ -2,8 +2,9 @@
 
 Adding an aggregator is one `AGGREGATORS` line: its factory with production defaults, and a
 builder of random but valid `inputs` (`(numpy_rng, num_clients) -> inputs`) so that the shared
-battery in `tests/test_aggregation.py` (shapes, dtypes, permutation equivariance, row-stochastic
-mixing, NumPy reference, jit) runs over it. New side inputs also get an `INPUT_CLIENT_AXES` entry.
+battery `fedjax_lora.aggregation.testing.check_aggregator` (shapes, dtypes, permutation
+equivariance, row-stochastic mixing, NumPy reference, jit) runs over it in
+`tests/test_aggregation.py`. New side inputs also get an `INPUT_CLIENT_AXES` entry.
 """
 
 from __future__ import annotations
@@ -28,10 +29,13 @@ __all__ = ["AGGREGATORS", "AggregatorEntry", "make_aggregator"]
 
 
 class AggregatorEntry(NamedTuple):
-    """factory: builds the aggregator with its defaults; example_inputs: `(rng, n) -> inputs`."""
+    """factory: builds the aggregator with its defaults; example_inputs: `(rng, n) -> inputs`;
+    permutation_equivariant: False for rules tied to client indices (a fixed topology), which
+    skips that check of the battery."""
 
     factory: Callable[..., Aggregator]
     example_inputs: Callable[[np.random.Generator, int], Inputs]
+    permutation_equivariant: bool = True
 
 
 def _no_inputs(rng: np.random.Generator, n: int) -> Inputs:

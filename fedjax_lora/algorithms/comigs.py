@@ -21,6 +21,7 @@ gradients.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Sequence
 from typing import Literal
 
@@ -44,7 +45,7 @@ from fedjax_lora.lora import init_adapters
 from fedjax_lora.models.layers import Adapter
 from fedjax_lora.moe import ExpertMask, MoEConfig, Router, install_moe, set_expert_counts
 
-__all__ = ["METHODS", "BiLevel", "comigs", "val_sampler"]
+__all__ = ["METHODS", "BiLevel", "comigs", "val_sampler", "with_moe"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +88,17 @@ def val_sampler(windows: jax.Array, weights: jax.Array, batch_size: int):
     return sample
 
 
+def with_moe(problem: Problem, moe: MoEConfig | None = None) -> tuple[Problem, nnx.State]:
+    """The problem with its model's MLPs replaced by `moe` mixtures (default `MoEConfig()`;
+    `install_moe`: MLP LoRA is replaced by the experts, attention LoRA stays), and its expert-mask
+    template (`ExpertMask` variables, every slot on). The problem's `graphdef` and `base` run a
+    CoMiGS client's parameters (adapters and masks), e.g. for `fedjax_lora.moe.routing`."""
+    model = nnx.merge(problem.graphdef, problem.template, problem.base)
+    install_moe(model, moe or MoEConfig())
+    graphdef, template, masks, base = nnx.split(model, Adapter, ExpertMask, ...)
+    return dataclasses.replace(problem, graphdef=graphdef, template=template, base=base), masks
+
+
 def comigs(
     problem: Problem,
     *,
@@ -105,9 +117,8 @@ def comigs(
     local ones. Metrics add nothing to the generic round's.
     """
     moe = moe or MoEConfig()
-    model = nnx.merge(problem.graphdef, problem.template, problem.base)
-    install_moe(model, moe)
-    graphdef, template, masks, base = nnx.split(model, Adapter, ExpertMask, ...)
+    moe_problem, masks = with_moe(problem, moe)
+    graphdef, template = moe_problem.graphdef, moe_problem.template
     n = problem.num_clients
     counts = np.full(n, moe.num_experts) if expert_counts is None else np.asarray(expert_counts)
     if counts.shape != (n,) or counts.min() < 1 or counts.max() > moe.num_experts:
@@ -240,7 +251,6 @@ def comigs(
         per_client = (*per_client, val.windows, val.weights)
         return map_clients(fn, problem.strategy, per_client, (base, round_ * cfg.steps))
 
-    moe_problem = dataclasses.replace(problem, graphdef=graphdef, template=template, base=base)
     return federated(
         name,
         moe_problem,
@@ -252,10 +262,21 @@ def comigs(
 
 
 def _variant(name: str, description: str, **fixed):
+    """A registered CoMiGS configuration; its signature is `comigs`'s with the fixed options as
+    defaults (so method options are checked by name)."""
+
     def factory(problem: Problem, **options) -> Algorithm:
         return comigs(problem, **{**fixed, **options, "name": name})
 
     factory.__doc__ = description
+    signature = inspect.signature(comigs, eval_str=True)
+    factory.__signature__ = signature.replace(
+        parameters=[
+            p.replace(default=fixed.get(p.name, p.default))
+            for p in signature.parameters.values()
+            if p.name != "name"
+        ]
+    )
     return factory
 
 

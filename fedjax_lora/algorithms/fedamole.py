@@ -41,13 +41,12 @@ from fedjax_lora import amole
 from fedjax_lora.aggregation import expert_aggregator, rsea
 from fedjax_lora.algorithms.base import Algorithm, SimState, evaluation
 from fedjax_lora.algorithms.problem import Problem
-from fedjax_lora.engine.evaluate import make_client_eval
 from fedjax_lora.engine.state import ClientState, init_clients
 from fedjax_lora.engine.strategy import map_clients
 from fedjax_lora.engine.train import make_client_update, train_clients
 from fedjax_lora.lora import detach_adapters, split
 
-__all__ = ["METHODS", "FedAMoLEOptions", "fedamole"]
+__all__ = ["METHODS", "FedAMoLEOptions", "fedamole", "reset_optimizer", "scaled_tx"]
 
 Dispatch = Literal["rsea", "static", "random"]
 
@@ -83,9 +82,16 @@ class FedAMoLEOptions:
             raise ValueError(f"noise_eta must be positive, got {self.noise_eta}")
 
 
-def _reset_optimizer(tx: optax.GradientTransformation, params, scale: jax.Array):
-    """A fresh per-client state of `chain(inner, inject_hyperparams(scale))` with step size
-    `scale` (the round's learning-rate factor)."""
+def scaled_tx(problem: Problem) -> optax.GradientTransformation:
+    """The problem's optimizer followed by a step-size factor that `reset_optimizer` sets (the
+    reference's per-round learning rate `lr · decay^{r-1}`)."""
+    return optax.chain(problem.tx(), optax.inject_hyperparams(optax.scale)(step_size=1.0))
+
+
+def reset_optimizer(tx: optax.GradientTransformation, params, scale: jax.Array):
+    """A fresh per-client state of `scaled_tx`'s `chain(inner, inject_hyperparams(scale))` with
+    step size `scale` (the round's learning-rate factor; the reference re-creates Adam every
+    round)."""
     inner, schedule = jax.vmap(tx.init)(params)
     step = jnp.full_like(schedule.hyperparams["step_size"], scale)
     return inner, schedule._replace(hyperparams={**schedule.hyperparams, "step_size": step})
@@ -133,7 +139,7 @@ def fedamole(
             "hold it out of the training data with data.aux_fraction (the reference: 0.05)"
         )
 
-    tx = optax.chain(problem.tx(), optax.inject_hyperparams(optax.scale)(step_size=1.0))
+    tx = scaled_tx(problem)
     train = problem.train
     update = make_client_update(
         problem.graphdef,
@@ -141,7 +147,6 @@ def fedamole(
         problem.training,
         max_windows=train.max_windows(problem.training.seq_len),
     )
-    client_eval = make_client_eval(problem.graphdef, problem.eval_batch_size)
     client_stats = amole.make_client_stats(problem.graphdef, problem.eval_batch_size)
     aggregator = expert_aggregator()
 
@@ -189,12 +194,12 @@ def fedamole(
     def _round(sim: SimState, data, eval_sets, base):
         masks = sim.clients.aux["masks"]
         scale = options.round_decay ** sim.round.astype(jnp.float32)
-        clients = sim.clients._replace(opt_state=_reset_optimizer(tx, sim.clients.params, scale))
+        clients = sim.clients._replace(opt_state=reset_optimizer(tx, sim.clients.params, scale))
         clients, train_metrics = train_clients(
             masked_update, problem.strategy, clients, data.tokens, data.lengths, data.mask, base
         )
         local = (clients.params, masks)
-        metrics = evaluation(problem, local, eval_sets, base, with_masks(client_eval))
+        metrics = evaluation(problem, local, eval_sets, base, wrap=with_masks)
         stats = {}
         if options.dispatch == "rsea":
             aux = eval_sets[options.aux_set]
@@ -219,7 +224,7 @@ def fedamole(
             (sim.clients.params, sim.clients.aux["masks"]),
             eval_sets,
             base,
-            with_masks(client_eval),
+            wrap=with_masks,
         )
     )
 
@@ -242,7 +247,13 @@ def fedamole(
 
 
 def _method(dispatch: Dispatch, doc: str):
-    def factory(problem: Problem, options: FedAMoLEOptions = FedAMoLEOptions()) -> Algorithm:
+    def factory(
+        problem: Problem,
+        options: FedAMoLEOptions = FedAMoLEOptions(),
+        amole: amole.AMoLEConfig | None = None,
+    ) -> Algorithm:
+        if amole is not None:  # the mixture's pool size, rank, targets (default: with_amole's)
+            problem = with_amole(problem, amole)
         return fedamole(problem, dataclasses.replace(options, dispatch=dispatch))
 
     factory.__doc__ = doc
@@ -254,4 +265,5 @@ METHODS = {
     "fedamole": _method("rsea", "FedAMoLE: heterogeneous LoRA-expert mixtures assigned by RSEA."),
     "fedamole-r": _method("static", "FedAMoLE-R: the random round-0 architecture, no RSEA."),
 }
-"""The registered FedAMoLE methods; each takes `(problem, options=FedAMoLEOptions())`."""
+"""The registered FedAMoLE methods; each takes `(problem, options=FedAMoLEOptions(),
+amole=None)`, `amole` an `AMoLEConfig` replacing the default mixture (`with_amole`)."""

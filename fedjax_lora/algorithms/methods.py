@@ -10,7 +10,15 @@ from collections.abc import Callable
 from typing import Literal
 
 from fedjax_lora.aggregation import fedavg_aggregator, local_aggregator
-from fedjax_lora.algorithms import comigs, fedamole, trust_weighted
+from fedjax_lora.algorithms import (
+    comigs,
+    fdlora,
+    fedamole,
+    fedit,
+    lora_baselines,
+    prompt_baselines,
+    trust_weighted,
+)
 from fedjax_lora.algorithms.base import Algorithm, federated
 from fedjax_lora.algorithms.problem import Problem
 
@@ -24,14 +32,21 @@ def local(problem: Problem) -> Algorithm:
 def fedavg(problem: Problem, weighting: Literal["uniform", "tokens"] = "uniform") -> Algorithm:
     """FedAvg (McMahan et al., 2017) over the adapters: after every round each client receives
     `Σ_j w_j θ_j`, `w` uniform or proportional to the clients' training-token counts. Optimizer
-    states stay local. All clients start from the same adapters."""
+    states stay local. All clients start from the same adapters. With a cohort
+    (`data.cohort_size`) the average is over the cohort and every client of the population
+    receives it (the server model)."""
     if weighting not in ("uniform", "tokens"):
         raise ValueError(f"fedavg weighting must be 'uniform' or 'tokens', got {weighting!r}")
     inputs = None
     if weighting == "tokens":
         inputs = lambda data, clients, eval_sets, base: {"weights": data.token_counts()}
     return federated(
-        "fedavg", problem, fedavg_aggregator(), shared_init=True, aggregation_inputs=inputs
+        "fedavg",
+        problem,
+        fedavg_aggregator(),
+        shared_init=True,
+        aggregation_inputs=inputs,
+        server_model=True,
     )
 
 
@@ -60,7 +75,11 @@ METHODS: dict[str, Callable[..., Algorithm]] = {
     "centralized": centralized,
     **trust_weighted.METHODS,
     **fedamole.METHODS,
+    **fedit.METHODS,
     **comigs.METHODS,
+    **lora_baselines.METHODS,
+    **prompt_baselines.METHODS,
+    **fdlora.METHODS,
 }
 
 

@@ -15,7 +15,9 @@ from flax import nnx
 from fedjax_lora import lora
 from fedjax_lora.data.federated import check_streams
 from fedjax_lora.data.streams import ClientTokens
+from fedjax_lora.engine.cohort import Cohort
 from fedjax_lora.engine.evaluate import EvalSet, make_eval_set, shared_eval_set
+from fedjax_lora.engine.instruction import ChoiceSet, GenerationSet, TextTask
 from fedjax_lora.engine.optim import OptimizerConfig
 from fedjax_lora.engine.strategy import Strategy
 from fedjax_lora.engine.train import LocalTraining
@@ -62,13 +64,16 @@ class TrainData(NamedTuple):
 @dataclasses.dataclass(frozen=True)
 class Problem:
     """A simulation's fixed parts. `graphdef`/`template`/`base` come from `lora.split` of a model
-    with adapters attached; `eval_sets` maps a name (`val`, `test`, shared sets) to an `EvalSet`."""
+    with adapters attached; `eval_sets` maps a name (`val`, `test`, shared sets) to an `EvalSet`;
+    `cohort`: the clients drawn per round out of the population (None: every client, every
+    round; see `fedjax_lora.engine.cohort`); `task`: how a text-task set among `eval_sets` is
+    scored (`with_task`)."""
 
     graphdef: nnx.GraphDef
     template: nnx.State
     base: nnx.State
     train: TrainData
-    eval_sets: dict[str, EvalSet]
+    eval_sets: dict[str, EvalSet | GenerationSet | ChoiceSet]
     training: LocalTraining
     optimizer: OptimizerConfig | optax.GradientTransformation
     strategy: Strategy = Strategy()
@@ -76,10 +81,30 @@ class Problem:
     client_names: tuple[str, ...] = ()
     mixtures: np.ndarray | None = None
     reference: jax.Array | None = None
+    cohort: Cohort | None = None
+    task: TextTask | None = None
 
     @property
     def num_clients(self) -> int:
         return self.train.num_clients
+
+    def with_task(
+        self, task: TextTask, task_set: GenerationSet | ChoiceSet, name: str = "task"
+    ) -> Problem:
+        """The problem with a text task (ROUGE-L of greedy generations or multiple-choice
+        accuracy, `fedjax_lora.engine.instruction`) evaluated as the set `name` by every method."""
+        task.check(task_set)
+        if task_set.valid.shape[0] != self.num_clients:
+            raise ValueError(
+                f"task set has {task_set.valid.shape[0]} clients, the problem {self.num_clients}"
+            )
+        if task_set.valid.shape[1] % self.eval_batch_size:
+            raise ValueError(
+                f"task set holds {task_set.valid.shape[1]} examples per client, not a multiple of "
+                f"eval_batch_size={self.eval_batch_size}; build it with that batch size"
+            )
+        eval_sets = {**self.eval_sets, name: task_set}
+        return dataclasses.replace(self, eval_sets=eval_sets, task=task)
 
     def tx(self) -> optax.GradientTransformation:
         """The clients' optimizer: any optax transformation, or one built from `OptimizerConfig`."""
@@ -102,6 +127,7 @@ class Problem:
         shared_windows: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
         mixtures: np.ndarray | None = None,
         reference: np.ndarray | None = None,
+        cohort: Cohort | None = None,
     ) -> Problem:
         """Builds a problem from a model that already holds its adapters.
 
@@ -122,20 +148,26 @@ class Problem:
         check_streams(train, training.seq_len, cfg.vocab_size, "train", client_names or None)
         data = TrainData.from_client_tokens(train)
         strategy.check_clients(data.num_clients)
+        if cohort is not None:
+            cohort.check(data.num_clients)
+            strategy.check_clients(cohort.size)
         sets = {k: make_eval_set(w, v, eval_batch_size) for k, (w, v) in eval_windows.items()}
         for k, (w, v) in (shared_windows or {}).items():
             sets[k] = shared_eval_set(w, v, data.num_clients, eval_batch_size)
         return cls(
             graphdef=graphdef,
             template=template,
-            base=base,
-            train=data,
-            eval_sets=sets,
+            base=strategy.place_base(base),
+            train=strategy.place(data),  # `sharded`: client rows on their devices
+            eval_sets=strategy.place(sets),
             training=training,
             optimizer=optimizer,
             strategy=strategy,
             eval_batch_size=eval_batch_size,
             client_names=tuple(client_names),
             mixtures=None if mixtures is None else np.asarray(mixtures, np.float32),
-            reference=None if reference is None else jnp.asarray(reference, jnp.int32),
+            reference=None
+            if reference is None
+            else strategy.replicate(jnp.asarray(reference, jnp.int32)),
+            cohort=cohort,
         )

@@ -29,7 +29,9 @@ class FederatedData:
     `groups int [N]` is each client's ground-truth group/category (the argmax category for mixed
     clients); `mixtures [N, K]` the known data proportions (oracle trust), if known;
     `shared_eval` named shared evaluation streams (out-of-distribution settings); `reference`
-    the shared reference sequences `int32 [S, T]` for prediction-similarity trust.
+    the shared reference sequences `int32 [S, T]` for prediction-similarity trust; `task` the
+    clients' test examples for the instruction-task evaluation
+    (`fedjax_lora.data.instruction.TaskExamples`), if any.
     """
 
     train: ClientTokens
@@ -41,6 +43,7 @@ class FederatedData:
     mixtures: np.ndarray | None = None
     shared_eval: Mapping[str, np.ndarray] | None = None
     reference: np.ndarray | None = None
+    task: Any = None
 
     @property
     def num_clients(self) -> int:

@@ -153,6 +153,7 @@ def synthetic_corpus(
     doc_len: int = 128,
     shared_eval_tokens: int = 0,
     reference_shape: Sequence[int] | None = (16, 64),
+    eval_mixture: str = "own",
     seed: int = 0,
 ) -> FederatedData:
     """A federated corpus of `num_groups * clients_per_group` clients.
@@ -163,7 +164,12 @@ def synthetic_corpus(
     split); its group is then the argmax. `shared_eval_tokens > 0` adds `shared_eval["uniform"]`,
     a stream from the uniform mixture of all sources (out-of-distribution evaluation), and
     `reference_shape = (S, T)` a reference set drawn from the same uniform mixture.
+    `eval_mixture="uniform"` draws every client's validation and test streams from the uniform
+    mixture instead of its own (CoMiGS's out-of-distribution setting: train on one source, target
+    them all); `"own"` (default) from the client's training mixture.
     """
+    if eval_mixture not in ("own", "uniform"):
+        raise ValueError(f"eval_mixture must be 'own' or 'uniform', got {eval_mixture!r}")
     n = num_groups * clients_per_group
     if n < 1:
         raise ValueError(f"need >= 1 client, got {num_groups} groups x {clients_per_group}")
@@ -184,9 +190,13 @@ def synthetic_corpus(
         seed=seed,
     )
     rng = np.random.default_rng([seed, 1])
+    uniform = np.full(num_groups, 1.0 / num_groups)
+    target = lambda i: uniform if eval_mixture == "uniform" else mix[i]
     clients = [
         {
-            name: _mixed_stream(sources, mix[i], tokens, doc_len, rng)
+            name: _mixed_stream(
+                sources, target(i) if name != "train" else mix[i], tokens, doc_len, rng
+            )
             for name, tokens in (
                 ("train", train_tokens),
                 ("val", val_tokens),
@@ -195,7 +205,6 @@ def synthetic_corpus(
         }
         for i in range(n)
     ]
-    uniform = np.full(num_groups, 1.0 / num_groups)
     shared = None
     if shared_eval_tokens > 0:
         shared = {"uniform": _mixed_stream(sources, uniform, shared_eval_tokens, doc_len, rng)}

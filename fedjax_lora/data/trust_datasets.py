@@ -23,110 +23,31 @@ are cut by token fractions rather than article counts.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
 
 from fedjax_lora.data import datasets_hf
-from fedjax_lora.data.federated import FederatedData, build_federated
+from fedjax_lora.data.domains import article_pools, assemble, domain_tokens
+from fedjax_lora.data.federated import FederatedData
 from fedjax_lora.data.streams import reference_windows
-from fedjax_lora.data.tokenize import tokenize_texts
 
 __all__ = [
     "DATASETS",
     "ag_news",
-    "assemble",
-    "article_pools",
     "code_wiki",
     "from_spec",
     "multilingual_wikipedia",
 ]
 
 Variant = Literal["mixed", "specific"]
-Plan = Sequence[Mapping[str, Sequence[tuple[str, int]]]]
 LANGUAGES = ("de", "it", "fr")
-
-
-def _tokens(texts: Sequence[str], tokenizer: Any, vocab_size: int) -> np.ndarray:
-    return tokenize_texts(list(texts), tokenizer, vocab_size=vocab_size, separator="space")
 
 
 def _check_variant(variant: str) -> None:
     if variant not in ("mixed", "specific"):
         raise ValueError(f"variant must be 'mixed' or 'specific', got {variant!r}")
-
-
-class _Cursors:
-    """Consecutive, non-overlapping slices of named pools."""
-
-    def __init__(self, pools: Mapping[tuple[str, str], np.ndarray]):
-        self.pools = pools
-        self.pos = dict.fromkeys(pools, 0)
-
-    def take(self, domain: str, split: str, n: int) -> np.ndarray:
-        key = (domain, split)
-        lo, pool = self.pos[key], self.pools[key]
-        if lo + n > len(pool):
-            raise ValueError(
-                f"the {split} pool of {domain!r} has {len(pool)} tokens, {lo} already given out; "
-                f"{n} more are needed: load more documents or ask for fewer tokens per client"
-            )
-        self.pos[key] = lo + n
-        return pool[lo : lo + n]
-
-
-def assemble(
-    pools: Mapping[tuple[str, str], np.ndarray],
-    plan: Plan,
-    *,
-    domains: Sequence[str],
-    names: Sequence[str],
-    vocab_size: int,
-    reference_plan: Sequence[tuple[str, str, int]] = (),
-    reference_sequences: int = 0,
-    seq_len: int = 0,
-) -> FederatedData:
-    """Clients cut from token pools.
-
-    pools: `{(domain, split): stream}` with split `"train"`/`"val"` (a pool may be shared by both).
-    plan: per client `{"train": [(domain, tokens), ...], "val": [...]}`, allocated in order.
-    reference_plan: `(domain, split, tokens)` pieces taken *after* all clients (held out from
-      them) and joined into the reference stream, from which `reference_sequences` evenly spread
-      windows of `seq_len` tokens are cut (`reference_windows`; equal numbers per piece).
-    mixtures: `m[i, k]` = client `i`'s share of its train tokens from `domains[k]`.
-    """
-    cursors = _Cursors(pools)
-    clients, mix = [], np.zeros((len(plan), len(domains)))
-    for i, pieces in enumerate(plan):
-        streams = {}
-        for split in ("train", "val"):
-            parts = [cursors.take(d, split, n) for d, n in pieces[split]]
-            streams[split] = np.concatenate(parts).astype(np.int32)
-        for d, n in pieces["train"]:
-            mix[i, list(domains).index(d)] += n
-        clients.append({**streams, "test": streams["val"]})
-    reference = None
-    if reference_plan:
-        per_piece = reference_sequences // len(reference_plan)
-        if per_piece < 1:
-            raise ValueError(
-                f"reference_sequences={reference_sequences} < {len(reference_plan)} reference "
-                "pieces; ask for more reference sequences"
-            )
-        reference = np.concatenate(
-            [
-                reference_windows(cursors.take(d, s, n), per_piece, seq_len)
-                for d, s, n in reference_plan
-            ]
-        )
-    return build_federated(
-        clients,
-        vocab_size=vocab_size,
-        client_names=names,
-        mixtures=mix / mix.sum(axis=1, keepdims=True),
-        reference=reference,
-    )
 
 
 def ag_news(
@@ -157,7 +78,7 @@ def ag_news(
         data = datasets_hf.load_ag_news(source, split=hf_split, limit=limit)
         for k, name in enumerate(classes):
             texts = [t for t, y in zip(data.texts, data.labels, strict=True) if y == k]
-            pools[(name, split)] = _tokens(texts, tokenizer, vocab_size)
+            pools[(name, split)] = domain_tokens(texts, tokenizer, vocab_size)
     size = {key: len(v) for key, v in pools.items()}
     if variant == "specific":
         c = clients_per_class
@@ -188,18 +109,6 @@ def ag_news(
     return FederatedData(**{**vars(data), "reference": reference})
 
 
-def article_pools(
-    articles: Sequence[str], rng: np.random.Generator, sample_fraction: float, val_fraction: float
-) -> tuple[list[str], list[str]]:
-    """The reference's article protocol: sample `sample_fraction` of the articles without
-    replacement (0.2), then split them `1 - val_fraction` / `val_fraction` (0.84 / 0.16) into the
-    train and validation pools."""
-    n = len(articles)
-    chosen = rng.choice(n, size=max(int(round(sample_fraction * n)), 2), replace=False)
-    cut = int(round((1 - val_fraction) * len(chosen)))
-    return [articles[i] for i in chosen[:cut]], [articles[i] for i in chosen[cut:]]
-
-
 def _wiki_pools(
     language: str,
     source: str,
@@ -213,8 +122,8 @@ def _wiki_pools(
     articles = datasets_hf.load_wikipedia(language, source, limit=limit)
     train, val = article_pools(articles, rng, sample_fraction, val_fraction)
     return {
-        (language, "train"): _tokens(train, tokenizer, vocab_size),
-        (language, "val"): _tokens(val, tokenizer, vocab_size),
+        (language, "train"): domain_tokens(train, tokenizer, vocab_size),
+        (language, "val"): domain_tokens(val, tokenizer, vocab_size),
     }
 
 
@@ -313,7 +222,7 @@ def code_wiki(
     pools = _wiki_pools(
         "en", wiki_source, rng, tokenizer, vocab_size, sample_fraction, val_fraction, limit
     )
-    java = _tokens(
+    java = domain_tokens(
         datasets_hf.load_github_code(code_source, limit=code_files), tokenizer, vocab_size
     )
     if code_offset < reference_tokens:

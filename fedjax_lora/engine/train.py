@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -27,7 +28,10 @@ class LocalTraining:
     steps: optimizer steps per round; batch_size: windows per micro-batch; grad_accum: micro-batches
     averaged into one step; seq_len: tokens per window; sampling: `random` windows with
     replacement (the reference codes) or `epoch` iteration; dropout: whether model/LoRA dropout is
-    active during training.
+    active during training. Memory settings (same numbers, less memory, more compute): `remat`
+    recomputes every transformer block's activations in the backward pass (`jax.checkpoint` per
+    block); `ce_chunk` evaluates the output head and cross-entropy `ce_chunk` tokens at a time, so
+    the `[batch_size, seq_len, vocab]` logits are never materialised (None: all at once).
     """
 
     steps: int
@@ -36,6 +40,8 @@ class LocalTraining:
     grad_accum: int = 1
     sampling: Sampling = "random"
     dropout: bool = True
+    remat: bool = False
+    ce_chunk: int | None = None
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len", "grad_accum"):
@@ -43,6 +49,16 @@ class LocalTraining:
                 raise ValueError(f"LocalTraining.{name} must be >= 1, got {getattr(self, name)}")
         if self.sampling not in ("random", "epoch"):
             raise ValueError(f"sampling must be 'random' or 'epoch', got {self.sampling!r}")
+        if self.ce_chunk is not None and self.ce_chunk < 1:
+            raise ValueError(
+                "LocalTraining.ce_chunk must be >= 1 tokens or None (unchunked), got "
+                f"{self.ce_chunk}"
+            )
+
+
+def training_loss(cfg: LocalTraining) -> LossFn:
+    """`lm_loss` with the memory settings of `cfg` (`ce_chunk`, `remat`)."""
+    return functools.partial(lm_loss, ce_chunk=cfg.ce_chunk, remat=cfg.remat)
 
 
 def _tree_zeros(tree: PyTree) -> PyTree:
@@ -110,11 +126,13 @@ def make_client_update(
     cfg: LocalTraining,
     *,
     max_windows: int,
-    loss_fn: LossFn = lm_loss,
+    loss_fn: LossFn | None = None,
 ) -> Callable:
     """`client_update(client, tokens [L], length, mask [L] | None, base) -> (client, metrics)`
     for one (unstacked) client: `cfg.steps` steps of `lax.scan`, each averaging `grad_accum`
-    micro-batch gradients (`accumulate_gradients`)."""
+    micro-batch gradients (`accumulate_gradients`). loss_fn: `(graphdef, params, base, batch,
+    rng) -> (loss, parts)`; default `training_loss(cfg)`."""
+    loss_fn = loss_fn or training_loss(cfg)
     value_and_grad = jax.value_and_grad(
         lambda p, base, batch, rng: loss_fn(graphdef, p, base, batch, rng), has_aux=True
     )

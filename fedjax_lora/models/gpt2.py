@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -19,8 +18,8 @@ from fedjax_lora.models.layers import (
     LayerNorm,
     Linear,
     activation,
-    causal_attention,
     dropout,
+    self_attention,
 )
 
 
@@ -32,20 +31,22 @@ class GPT2Attention(nnx.Module):
         self.c_attn = Linear(d, 3 * d, use_bias=True, dtype=dtype, slices=slices)
         self.c_proj = Linear(d, d, use_bias=True, dtype=dtype)
 
-    def __call__(self, x, attention_mask, rngs):
+    def __call__(self, x, attention_mask, rngs, cache=None):
         b, t, _ = x.shape
         h, dh = self.cfg.n_heads, self.cfg.dim_per_head
         q, k, v = jnp.split(self.c_attn(x, rngs), 3, axis=-1)
         shape = (b, t, h, dh)
-        out = causal_attention(
+        out, cache = self_attention(
             q.reshape(shape),
             k.reshape(shape),
             v.reshape(shape),
+            cache,
             attention_mask=attention_mask,
             dropout_rate=self.cfg.attn_dropout,
             rngs=rngs,
         )
-        return dropout(self.c_proj(out.reshape(b, t, h * dh), rngs), self.cfg.dropout, rngs)
+        out = dropout(self.c_proj(out.reshape(b, t, h * dh), rngs), self.cfg.dropout, rngs)
+        return out, cache
 
 
 class GPT2MLP(nnx.Module):
@@ -66,9 +67,10 @@ class GPT2Block(nnx.Module):
         self.ln_2 = LayerNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dtype)
         self.mlp = GPT2MLP(cfg, dtype)
 
-    def __call__(self, x, attention_mask, rngs):
-        x = x + self.attn(self.ln_1(x), attention_mask, rngs)
-        return x + self.mlp(self.ln_2(x), rngs)
+    def __call__(self, x, attention_mask, rngs, cache=None):
+        h, cache = self.attn(self.ln_1(x), attention_mask, rngs, cache)
+        x = x + h
+        return x + self.mlp(self.ln_2(x), rngs), cache
 
 
 class GPT2Model(nnx.Module):
@@ -89,9 +91,16 @@ class GPT2LMHeadModel(CausalLM):
     def embedding(self) -> Embed:
         return self.transformer.wte
 
-    def hidden_states(self, tokens, positions, attention_mask, rngs) -> jax.Array:
+    def hidden_states(self, tokens, positions, attention_mask, rngs, cache=None):
         tr = self.transformer
-        x = dropout(tr.wte(tokens) + tr.wpe(positions), self.config.dropout, rngs)
-        for block in tr.h:
-            x = block(x, attention_mask, rngs)
-        return tr.ln_f(x)
+        x = dropout(
+            self.input_embeddings(tokens, rngs) + tr.wpe(positions), self.config.dropout, rngs
+        )
+        caches = []
+        for i, block in enumerate(tr.h):
+            x, layer_cache = self.layer(
+                block, x, attention_mask, rngs, None if cache is None else cache[i]
+            )
+            caches.append(layer_cache)
+        x = tr.ln_f(x)
+        return x if cache is None else (x, tuple(caches))

@@ -1,5 +1,6 @@
 """Building blocks shared by the model families: frozen projections with adapter slots, norms,
-embeddings, rotary position embeddings and causal attention.
+embeddings, rotary position embeddings and causal attention (with an optional key/value cache
+for decoding).
 
 Parameters are created as host (NumPy) arrays, so building a model compiles nothing; loaders and
 initialisers fill them and move them to devices in one transfer. Frozen base weights are
@@ -10,7 +11,7 @@ initialisers fill them and move them to devices in one transfer. Frozen base wei
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -173,31 +174,92 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
     return out.astype(x.dtype)
 
 
+class KVCache(NamedTuple):
+    """One attention layer's keys and values on a fixed decoding buffer of `S` slots.
+
+    k, v: `[B, S, Hkv, Dh]`; slot `s` holds the key/value of buffer position `s` once written;
+    index: `int32 []`, the number of slots written so far (the next write starts there).
+    """
+
+    k: jax.Array
+    v: jax.Array
+    index: jax.Array
+
+    @classmethod
+    def zeros(cls, batch: int, slots: int, kv_heads: int, head_dim: int, dtype: Any) -> KVCache:
+        shape = (batch, slots, kv_heads, head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
+
+    def write(self, k: jax.Array, v: jax.Array) -> KVCache:
+        """`k, v: [B, t, Hkv, Dh]` stored at slots `index … index + t - 1`."""
+        put = lambda buf, x: jax.lax.dynamic_update_slice_in_dim(
+            buf, x.astype(buf.dtype), self.index, axis=1
+        )
+        return KVCache(put(self.k, k), put(self.v, v), self.index + k.shape[1])
+
+
 def causal_attention(
     q: jax.Array,
     k: jax.Array,
     v: jax.Array,
     *,
     attention_mask: jax.Array | None = None,
+    query_offset: jax.Array | int = 0,
     dropout_rate: float = 0.0,
     rngs: nnx.Rngs | None = None,
 ) -> jax.Array:
     """Softmax attention with a causal mask and grouped-query heads.
 
-    q: [B, T, H, Dh]; k, v: [B, T, Hkv, Dh] with H a multiple of Hkv; attention_mask: optional
-    [B, T] (1 = real token) masking padded keys. Scores and softmax in f32. Returns [B, T, H, Dh].
+    q: [B, T, H, Dh]; k, v: [B, S, Hkv, Dh] with H a multiple of Hkv; query `i` sits at key slot
+    `query_offset + i` and attends to slots `<= query_offset + i` (S = T, offset 0 for a plain
+    forward; a `KVCache` buffer otherwise); attention_mask: optional [B, S] (1 = real token)
+    masking padded keys. Scores and softmax in f32. Returns [B, T, H, Dh].
     """
     b, t, h, dh = q.shape
-    groups = h // k.shape[2]
-    qg = q.reshape(b, t, k.shape[2], groups, dh).astype(jnp.float32)
+    s, kv_heads = k.shape[1], k.shape[2]
+    groups = h // kv_heads
+    qg = q.reshape(b, t, kv_heads, groups, dh).astype(jnp.float32)
     scores = jnp.einsum("bqkgd,bskd->bkgqs", qg, k.astype(jnp.float32)) / math.sqrt(dh)
-    mask = jnp.tril(jnp.ones((t, t), dtype=bool))
+    mask = jnp.arange(s)[None, :] <= jnp.arange(t)[:, None] + query_offset
     if attention_mask is not None:
         mask = mask & attention_mask[:, None, None, None, :].astype(bool)
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = dropout(jax.nn.softmax(scores, axis=-1), dropout_rate, rngs)
     out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v.astype(jnp.float32))
     return out.reshape(b, t, h, dh).astype(q.dtype)
+
+
+def self_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    cache: KVCache | None,
+    *,
+    attention_mask: jax.Array | None = None,
+    dropout_rate: float = 0.0,
+    rngs: nnx.Rngs | None = None,
+) -> tuple[jax.Array, KVCache | None]:
+    """`causal_attention` over this call's keys (no cache) or, with a `KVCache`, over the buffer
+    after writing this call's keys at `cache.index` (prefill: the whole prompt; decoding: one
+    token). With a cache, `attention_mask` is the `[B, S]` key mask of the whole buffer.
+    Returns the attention output and the updated cache (None without one)."""
+    if cache is None:
+        out = causal_attention(
+            q, k, v, attention_mask=attention_mask, dropout_rate=dropout_rate, rngs=rngs
+        )
+        return out, None
+    offset = cache.index
+    cache = cache.write(k, v)
+    out = causal_attention(
+        q,
+        cache.k,
+        cache.v,
+        attention_mask=attention_mask,
+        query_offset=offset,
+        dropout_rate=dropout_rate,
+        rngs=rngs,
+    )
+    return out, cache
 
 
 def activation(name: str, x: jax.Array) -> jax.Array:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -21,9 +20,9 @@ from fedjax_lora.models.layers import (
     RMSNorm,
     activation,
     apply_rope,
-    causal_attention,
     dropout,
     rope_inverse_frequencies,
+    self_attention,
 )
 
 
@@ -37,17 +36,17 @@ class LlamaAttention(nnx.Module):
         self.v_proj = Linear(d, kv, use_bias=cfg.qkv_bias, dtype=dtype)
         self.o_proj = Linear(cfg.n_heads * dh, d, use_bias=False, dtype=dtype)
 
-    def __call__(self, x, positions, inv_freq, attention_mask, rngs):
+    def __call__(self, x, positions, inv_freq, attention_mask, rngs, cache=None):
         b, t, _ = x.shape
         cfg, dh = self.cfg, self.cfg.dim_per_head
         q = self.q_proj(x, rngs).reshape(b, t, cfg.n_heads, dh)
         k = self.k_proj(x, rngs).reshape(b, t, cfg.num_kv_heads, dh)
         v = self.v_proj(x, rngs).reshape(b, t, cfg.num_kv_heads, dh)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-        out = causal_attention(
-            q, k, v, attention_mask=attention_mask, dropout_rate=cfg.attn_dropout, rngs=rngs
+        out, cache = self_attention(
+            q, k, v, cache, attention_mask=attention_mask, dropout_rate=cfg.attn_dropout, rngs=rngs
         )
-        return self.o_proj(out.reshape(b, t, cfg.n_heads * dh), rngs)
+        return self.o_proj(out.reshape(b, t, cfg.n_heads * dh), rngs), cache
 
 
 class LlamaMLP(nnx.Module):
@@ -71,11 +70,13 @@ class LlamaDecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dtype)
         self.mlp = LlamaMLP(cfg, dtype)
 
-    def __call__(self, x, positions, inv_freq, attention_mask, rngs):
-        h = self.self_attn(self.input_layernorm(x), positions, inv_freq, attention_mask, rngs)
+    def __call__(self, x, positions, inv_freq, attention_mask, rngs, cache=None):
+        h, cache = self.self_attn(
+            self.input_layernorm(x), positions, inv_freq, attention_mask, rngs, cache
+        )
         x = x + dropout(h, self.cfg.dropout, rngs)
         h = self.mlp(self.post_attention_layernorm(x), rngs)
-        return x + dropout(h, self.cfg.dropout, rngs)
+        return x + dropout(h, self.cfg.dropout, rngs), cache
 
 
 class LlamaModel(nnx.Module):
@@ -95,10 +96,16 @@ class LlamaForCausalLM(CausalLM):
     def embedding(self) -> Embed:
         return self.model.embed_tokens
 
-    def hidden_states(self, tokens, positions, attention_mask, rngs) -> jax.Array:
+    def hidden_states(self, tokens, positions, attention_mask, rngs, cache=None):
         cfg = self.config
         inv_freq = rope_inverse_frequencies(cfg.dim_per_head, cfg.rope_theta, cfg.rope_scaling)
-        x = self.model.embed_tokens(tokens)
-        for layer in self.model.layers:
-            x = layer(x, positions, inv_freq, attention_mask, rngs)
-        return self.model.norm(x)
+        x = self.input_embeddings(tokens, rngs)
+        caches = []
+        for i, layer in enumerate(self.model.layers):
+            layer_cache = None if cache is None else cache[i]
+            x, layer_cache = self.layer(
+                layer, x, positions, inv_freq, attention_mask, rngs, layer_cache
+            )
+            caches.append(layer_cache)
+        x = self.model.norm(x)
+        return x if cache is None else (x, tuple(caches))

@@ -37,6 +37,23 @@ given to `e` (each selected expert counts `1/k_i`, no gradient) and `P̄_e` the 
 
 `π` the generalist's target share (`c ≡ 1` without one). For `E = k = 2`, `π = 1/2` it is the
 constant 1.
+
+**CV² balancing** (`balance_loss="cv2"`, `cv2_balancing_loss`; the Llama reference's llama-moe
+`TopKBalancedNoisyGate`, spec §1.6), *summed* over layers, weighted by `λ_LB`:
+
+.. math:: L_{CV} = \mathrm{CV}^2(I ⊙ c) + \mathrm{CV}^2(\ell ⊙ c), \qquad
+    \mathrm{CV}^2(x) = \frac{\mathrm{Var}(x)}{\mathrm{mean}(x)^2 + 10^{-10}}
+
+over the real experts (unbiased variance; 0 for one expert), with the importance `I_e = Σ_t w_{te}`
+(the block's mixture weights) and the load `ℓ_e`: with gate noise of std `σ` active and `k < E_i`,
+the smooth `Σ_t Φ((z_{te} - θ_{te}) / σ)` of Shazeer et al. (2017) (`z` the clean logits, `θ` the
+`(k+1)`-th largest noisy logit if `e` is in the noisy top-k, else the `k`-th), otherwise the count
+of tokens routed to `e` (no gradient). The reference never passes `π`, so it runs with
+`generalist_share=None` (`c ≡ 1`); llama-moe tests membership on the noise alone instead of the
+noisy logit (`cv2_noise_quirk=True` reproduces it).
+
+Every block sows its mixture weights `[B, T, E]` as the `nnx.Intermediate` `routing_weights`
+(`fedjax_lora.moe.routing` reads them; unused, they cost nothing under `jit`).
 """
 
 from __future__ import annotations
@@ -64,12 +81,18 @@ __all__ = [
     "MoEConfig",
     "MoEMLP",
     "Router",
+    "ROUTING_WEIGHTS",
     "TokenRouter",
+    "cv2_balancing_loss",
     "install_moe",
     "load_balancing_loss",
     "set_expert_counts",
     "top_k_gating",
 ]
+
+
+ROUTING_WEIGHTS = "routing_weights"
+"""Name of the sown `nnx.Intermediate` holding a block's mixture weights `[B, T, E]`."""
 
 
 class Router(Adapter):
@@ -90,6 +113,10 @@ class MoEConfig:
         `A ~ U(±1/√in)`, `B = 0`; dropout on the LoRA input (shared by the experts).
     lb_coef: `λ_LB` of the load-balancing loss (0: not computed).
     generalist_share: `π`, the generalist's target load (`None`: plain balancing, `c ≡ 1`).
+    balance_loss: `"switch"` (the GPT-2 reference's `L_LB`, averaged over layers) or `"cv2"` (the
+        Llama reference's `CV²(importance) + CV²(load)`, summed over layers; module docstring).
+    cv2_noise_quirk: llama-moe's smooth load compares the noise alone, not the noisy logit, with
+        the top-k threshold (reference replication; `"cv2"` with gate noise and `k < E` only).
     gate: `"linear"` (GPT-2 reference) or `"tanh_mlp"` (the Llama reference's llama-moe gate).
     gate_noise: std of Gaussian noise added to the logits during training (llama-moe's noisy
         top-k with its untrained zero noise weight: `softplus(0) + 0.01 ≈ 0.703`).
@@ -106,6 +133,8 @@ class MoEConfig:
     gate: Literal["linear", "tanh_mlp"] = "linear"
     gate_noise: float = 0.0
     router_std: float = 0.02
+    balance_loss: Literal["switch", "cv2"] = "switch"
+    cv2_noise_quirk: bool = False
 
     def __post_init__(self):
         if self.num_experts < 1 or self.top_k < 1 or self.rank < 1:
@@ -115,6 +144,8 @@ class MoEConfig:
             )
         if self.gate not in ("linear", "tanh_mlp"):
             raise ValueError(f"gate must be 'linear' or 'tanh_mlp', got {self.gate!r}")
+        if self.balance_loss not in ("switch", "cv2"):
+            raise ValueError(f"balance_loss must be 'switch' or 'cv2', got {self.balance_loss!r}")
         if self.generalist_share is not None and not 0.0 < self.generalist_share < 1.0:
             raise ValueError(f"generalist_share must be in (0, 1), got {self.generalist_share}")
 
@@ -160,11 +191,64 @@ def load_balancing_loss(
         scattered = jnp.where(selected, logits, jnp.where(mask, 0.0, -jnp.inf))
         proxy = jax.nn.softmax(scattered, -1)
     density = selected.astype(jnp.float32).mean(0) / jnp.minimum(k, num)  # f_e
-    factors = jnp.ones_like(density)
-    if generalist_share is not None:
-        pi = generalist_share
-        factors = jnp.where(jnp.arange(logits.shape[-1]) == 0, 1.0 / pi, (num - 1) / (1 - pi)) / num
+    factors = _importance_factors(logits.shape[-1], num, generalist_share)
     return num * jnp.sum(jnp.where(mask, density * proxy.mean(0) * factors, 0.0))
+
+
+def _importance_factors(slots: int, num: jax.Array, generalist_share: float | None) -> jax.Array:
+    """`c [slots]`: `1/(E_i π)` for expert 0, `(E_i - 1)/(E_i (1 - π))` for the others; ones
+    without `π`."""
+    if generalist_share is None:
+        return jnp.ones((slots,), jnp.float32)
+    pi = generalist_share
+    return jnp.where(jnp.arange(slots) == 0, 1.0 / pi, (num - 1) / (1 - pi)) / num
+
+
+def _cv_squared(x: jax.Array, mask: jax.Array, num: jax.Array) -> jax.Array:
+    """`Var(x) / (mean(x)² + 1e-10)` over the real experts (unbiased variance); 0 for one."""
+    mean = jnp.sum(jnp.where(mask, x, 0.0)) / num
+    var = jnp.sum(jnp.where(mask, (x - mean) ** 2, 0.0)) / jnp.maximum(num - 1, 1.0)
+    return jnp.where(num > 1, var / (mean**2 + 1e-10), 0.0)
+
+
+def cv2_balancing_loss(
+    weights: jax.Array,
+    logits: jax.Array,
+    mask: jax.Array,
+    k: int,
+    generalist_share: float | None,
+    *,
+    clean: jax.Array | None = None,
+    noise_std: float = 0.0,
+    noise_quirk: bool = False,
+) -> jax.Array:
+    """`CV²(I ⊙ c) + CV²(ℓ ⊙ c)` over the real experts (`mask`) of one layer (module docstring).
+
+    weights: the mixture weights `[T, E]`; logits: the routed (noisy) logits with `-∞` at absent
+    experts; clean: the logits before the noise of std `noise_std` (the smooth load is used when
+    both are given and `k < E`, else the selection count); noise_quirk: llama-moe's membership
+    test on the noise alone.
+    """
+    num = jnp.sum(mask).astype(jnp.float32)
+    factors = _importance_factors(logits.shape[-1], num, generalist_share)
+    importance = jnp.sum(weights, 0)
+    if clean is not None and noise_std > 0 and k < logits.shape[-1]:
+        floor = -1e9  # absent experts' -∞ made finite (masked out below), so no NaN gradients
+        top = jax.lax.top_k(logits, k + 1)[0]
+        threshold_in = jnp.maximum(top[:, k : k + 1], floor)
+        threshold_out = jnp.maximum(top[:, k - 1 : k], floor)
+        z = jnp.where(mask, clean, floor)
+        test = jnp.where(mask, logits - clean, floor) if noise_quirk else logits
+        prob = jnp.where(
+            test > threshold_in,
+            jax.scipy.stats.norm.cdf((z - threshold_in) / noise_std),
+            jax.scipy.stats.norm.cdf((z - threshold_out) / noise_std),
+        )
+        load = jnp.sum(jnp.where(mask, prob, 0.0), 0)
+    else:
+        _, selected = top_k_gating(logits, k)
+        load = jnp.sum(selected & mask, 0).astype(jnp.float32)
+    return _cv_squared(importance * factors, mask, num) + _cv_squared(load * factors, mask, num)
 
 
 class LoRAExperts(nnx.Module):
@@ -184,8 +268,8 @@ class LoRAExperts(nnx.Module):
 
 
 class TokenRouter(nnx.Module):
-    """Per-token logits `[B, T, E]` in f32: `h W` (`linear`) or `tanh(h W_in) W_out` (`tanh_mlp`),
-    plus `gate_noise · N(0, 1)` when `rngs` is given."""
+    """Per-token logits `[B, T, E]` in f32: `h W` (`linear`) or `tanh(h W_in) W_out` (`tanh_mlp`);
+    `perturb` adds `gate_noise · N(0, 1)` when `rngs` is given."""
 
     def __init__(self, d_model: int, config: MoEConfig):
         e, init = config.num_experts, Init("normal", std=config.router_std)
@@ -195,10 +279,14 @@ class TokenRouter(nnx.Module):
         )
         self.noise = config.gate_noise
 
-    def __call__(self, h: jax.Array, rngs: nnx.Rngs | None) -> jax.Array:
+    def __call__(self, h: jax.Array) -> jax.Array:
         z = jnp.dot(h.astype(jnp.float32), self.w[...])
         if self.w_out is not None:
             z = jnp.dot(jnp.tanh(z), self.w_out[...])
+        return z
+
+    def perturb(self, z: jax.Array, rngs: nnx.Rngs | None) -> jax.Array:
+        """`z` plus the training-time gate noise (unchanged without `rngs` or noise)."""
         if rngs is not None and self.noise > 0:
             z = z + self.noise * jax.random.normal(rngs.dropout(), z.shape)
         return z
@@ -244,7 +332,10 @@ class MoEMLP(nnx.Module):
         self.expert_mask = ExpertMask(np.ones((config.num_experts,), bool))
         self.cfg = cfg
         self.k = config.k
-        self.lb_coef = config.lb_coef / cfg.n_layers
+        self.balance_loss = config.balance_loss
+        self.cv2_noise_quirk = config.cv2_noise_quirk
+        # `switch` is averaged over the layers, `cv2` summed (the two references).
+        self.lb_coef = config.lb_coef / (cfg.n_layers if config.balance_loss == "switch" else 1)
         self.generalist_share = config.generalist_share
         self.lora_dropout = config.lora_dropout
 
@@ -252,16 +343,31 @@ class MoEMLP(nnx.Module):
         raise NotImplementedError
 
     def route(self, h: jax.Array, rngs: nnx.Rngs | None) -> jax.Array:
-        """Mixture weights `[B, T, E]`; sows the weighted load-balancing loss."""
+        """Mixture weights `[B, T, E]`; sows them (`ROUTING_WEIGHTS`) and the weighted balancing
+        loss."""
         if self.router is None:
             return jnp.ones((*h.shape[:-1], 1), jnp.float32)
         mask = self.expert_mask[...]
-        logits = jnp.where(mask, self.router(h, rngs), -jnp.inf)
+        clean = jnp.where(mask, self.router(h), -jnp.inf)
+        logits = self.router.perturb(clean, rngs)
         weights, _ = top_k_gating(logits, self.k)
         if self.lb_coef > 0:
-            flat = logits.reshape(-1, logits.shape[-1])
-            lb = load_balancing_loss(flat, mask, self.k, self.generalist_share)
+            flat = lambda x: x.reshape(-1, x.shape[-1])
+            if self.balance_loss == "cv2":
+                lb = cv2_balancing_loss(
+                    flat(weights),
+                    flat(logits),
+                    mask,
+                    self.k,
+                    self.generalist_share,
+                    clean=flat(clean),
+                    noise_std=self.router.noise if rngs is not None else 0.0,
+                    noise_quirk=self.cv2_noise_quirk,
+                )
+            else:
+                lb = load_balancing_loss(flat(logits), mask, self.k, self.generalist_share)
             self.sow(nnx.Intermediate, "aux_loss", self.lb_coef * lb)
+        self.sow(nnx.Intermediate, ROUTING_WEIGHTS, weights)
         return weights
 
     def __call__(self, h: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:

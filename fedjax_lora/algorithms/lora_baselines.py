@@ -1,0 +1,246 @@
+r"""The federated LoRA baselines of CoMiGS (Fan et al., arXiv:2409.13931, Tables 2 and 4; spec §3),
+on the problem's LoRA:
+
+- `ffa-lora` (Sun, Qin, Li & Ding, "Improving LoRA in Privacy-preserving Federated Learning",
+  ICLR 2024): every `A` frozen at the shared init, `B` trained and averaged (uniform mean; `A` is
+  identical everywhere). `train_attention_a=True` is the CoMiGS icml reference: only the MLP `A`
+  frozen, the attention `A` trained and averaged.
+- `fedsa-lora` (Guo et al., "Selective Aggregation for Low-Rank Adaptation in Federated
+  Learning", ICLR 2025), faithful: every `A` averaged, every `B` local. (The icml reference's
+  `fedsalora` averages both, which is `fedavg`.)
+- `hetlora` (Cho et al., EMNLP 2024): per-client ranks, the rank self-pruning regulariser
+  `λ_p ‖A_tail‖_F ‖B_tail‖_F`, self-pruning at upload, sparsity-weighted aggregation and truncation
+  to each client's rank (`fedjax_lora.aggregation.hetlora`).
+- `flexlora` (Bai et al., NeurIPS 2024): per-client ranks, the token-weighted average of the full
+  updates `ΔW_i = s_i A_i B_i`, SVD back to each client's rank (`fedjax_lora.aggregation.flexlora`).
+
+**Per-client ranks** (hetlora, flexlora; `ranks[i] = r_i`, the spec's Table 2 settings such as
+`[16, 32, 32, 32]`). The LoRA on the projections `ranked.targets` (default every MLP projection;
+the reference's attention LoRA keeps its fixed rank and is averaged uniformly, spec §6.15) is
+replaced by `RankedLoRA` modules of rank `r_max = max_i r_i` with `ranked`'s α and scaling. Client
+`i` uses its first `r_i` ranks with its own scale `s_i` (`α/√r_i` for the reference's rsLoRA
+scaling, as its per-client `LoRALinear`): its per-rank `rank_scale` (`RankScale`, per client, never
+trained) holds `s_i` on the active ranks and 0 on padded and pruned ones, and
+
+.. math:: δ(x) = \big((\mathrm{dropout}(x) A) ⊙ m_i\big) B,
+
+so inactive columns of `A` and rows of `B` get no gradient and stay at zero (the aggregators zero
+them again at every truncation). All clients start from the server's init truncated to their rank.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from fedjax_lora.aggregation import Aggregator, flexlora_aggregator, hetlora_aggregator
+from fedjax_lora.aggregation.hetlora import tail_mask, tail_norm_product
+from fedjax_lora.aggregation.masks import masked_aggregator, path_names
+from fedjax_lora.aggregation.ranks import map_ranked, truncate
+from fedjax_lora.algorithms.base import Algorithm, federated
+from fedjax_lora.algorithms.problem import Problem
+from fedjax_lora.engine.loss import AUX_LOSS
+from fedjax_lora.engine.state import init_clients
+from fedjax_lora.engine.train import make_client_update, train_clients
+from fedjax_lora.lora import LoRA, LoRAConfig, attach_adapters
+from fedjax_lora.models.layers import Adapter, dropout
+
+__all__ = [
+    "MLP_LORA",
+    "METHODS",
+    "RankScale",
+    "RankedLoRA",
+    "fedsa_lora",
+    "ffa_frozen",
+    "ffa_lora",
+    "flexlora",
+    "hetlora",
+    "with_ranks",
+]
+
+MLP_LORA = LoRAConfig(targets=(r"re:.*\.mlp\..*",), rank=16, alpha=16.0, scaling="alpha/sqrt(r)")
+"""The reference's ranked LoRA: every MLP projection (GPT-2 `c_fc`, `c_proj`; Llama `gate_proj`,
+`up_proj`, `down_proj`), rank 16, `α = 16`, `s = α/√r`."""
+
+
+class RankScale(nnx.Variable):
+    """`f32 [r_max]`: a client's LoRA scale on its active ranks, 0 on padded and pruned ones
+    (per client, never trained)."""
+
+
+class RankedLoRA(LoRA):
+    """A rank-`r_max` LoRA of which a client uses the ranks where `rank_scale > 0`:
+    `δ(x) = ((dropout(x) A) ⊙ rank_scale) B`. With `prune_coef > 0` it sows HetLoRA's
+    regulariser `prune_coef · ‖A_tail‖_F ‖B_tail‖_F` (tail ratio `keep`) as an `aux_loss`."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        config: LoRAConfig,
+        *,
+        prune_coef: float = 0.0,
+        keep: float = 0.99,
+    ):
+        super().__init__(in_features, out_features, config)
+        self.rank_scale = RankScale(np.full((config.rank,), config.scale, np.float32))
+        self.prune_coef = prune_coef
+        self.keep = keep
+
+    def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
+        a, b, m = self.a[...], self.b[...], self.rank_scale[...]
+        if self.prune_coef > 0:
+            tail = tail_mask(m > 0, self.keep)
+            self.sow(nnx.Intermediate, AUX_LOSS, self.prune_coef * tail_norm_product(a, b, tail))
+        h = dropout(x.astype(a.dtype), self.dropout, rngs)
+        return ((h @ a) * m.astype(a.dtype)) @ b
+
+
+def with_ranks(
+    problem: Problem,
+    ranks: Sequence[int] | None = None,
+    ranked: LoRAConfig = MLP_LORA,
+    *,
+    prune_coef: float = 0.0,
+    keep: float = 0.99,
+) -> tuple[Problem, nnx.State]:
+    """The problem with `RankedLoRA` modules of rank `max(ranks)` on `ranked.targets` (replacing
+    any LoRA there; default ranks: `ranked.rank` for every client), and the clients' stacked
+    rank scales (`RankScale` state, `[N, r_max]` per module: `s_i` on the first `r_i` ranks)."""
+    n = problem.num_clients
+    ranks = [ranked.rank] * n if ranks is None else [int(r) for r in ranks]
+    if len(ranks) != n or min(ranks) < 1:
+        raise ValueError(f"ranks must give a rank >= 1 for each of the {n} clients, got {ranks}")
+    config = dataclasses.replace(ranked, rank=max(ranks))
+    model = nnx.merge(problem.graphdef, problem.template, problem.base)
+    make = lambda i, o: RankedLoRA(i, o, config, prune_coef=prune_coef, keep=keep)
+    attach_adapters(model, config.targets, make, replace=True)
+    graphdef, template, scales, base = nnx.split(model, Adapter, RankScale, ...)
+    per_client = np.zeros((n, config.rank), np.float32)
+    for i, r in enumerate(ranks):
+        per_client[i, :r] = dataclasses.replace(config, rank=r).scale
+    scales = jax.tree.map(lambda _: jnp.asarray(per_client), scales)
+    return dataclasses.replace(problem, graphdef=graphdef, template=template, base=base), scales
+
+
+def _ranked_method(
+    name: str,
+    problem: Problem,
+    scales: nnx.State,
+    aggregator: Aggregator,
+    aggregation_inputs: Callable[..., dict] | None = None,
+) -> Algorithm:
+    """The generic round on a `with_ranks` problem: clients start from one shared draw truncated
+    to their ranks, and train only their `Adapter` variables (the rank scales ride along)."""
+    tx = problem.tx()
+    cfg = problem.training
+    update = make_client_update(
+        problem.graphdef, tx, cfg, max_windows=problem.train.max_windows(cfg.seq_len)
+    )
+
+    def client_update(client, tokens, length, mask, base):
+        adapters, fixed = nnx.split_state(client.params, Adapter, ...)
+        client, metrics = update(
+            client._replace(params=adapters), tokens, length, mask, nnx.merge_state(base, fixed)
+        )
+        return client._replace(params=nnx.merge_state(client.params, fixed)), metrics
+
+    def local_update(data, clients, eval_sets, base, round_):
+        del eval_sets, round_
+        return train_clients(
+            client_update, problem.strategy, clients, data.tokens, data.lengths, data.mask, base
+        )
+
+    def init_state(key):
+        clients = init_clients(problem.template, tx, problem.num_clients, key, shared_init=True)
+        params = nnx.merge_state(clients.params, scales)
+        params = map_ranked(params, lambda _, a, b, m: (*truncate(a, b, m > 0), m))
+        return clients._replace(params=params)
+
+    return federated(
+        name,
+        problem,
+        aggregator,
+        shared_init=True,
+        init_state=init_state,
+        local_update=local_update,
+        aggregation_inputs=aggregation_inputs,
+    )
+
+
+def hetlora(
+    problem: Problem,
+    *,
+    ranks: Sequence[int] | None = None,
+    ranked: LoRAConfig = MLP_LORA,
+    prune_coef: float = 0.005,
+    keep: float = 0.99,
+    self_prune: bool = True,
+    reference_weights: bool = False,
+) -> Algorithm:
+    """HetLoRA with client ranks `ranks` on `ranked.targets` (module docstring): regulariser
+    weight `prune_coef` (`λ_p`; the reference sweeps 0.05, 0.005, 0.0005), tail ratio `keep`
+    (`γ`), self-pruning at upload, sparsity weights from `‖ΔW_i‖_F` (`reference_weights`: the
+    reference's per-matrix norms)."""
+    ranked_problem, scales = with_ranks(problem, ranks, ranked, prune_coef=prune_coef, keep=keep)
+    aggregator = hetlora_aggregator(keep, self_prune, reference_weights)
+    return _ranked_method("hetlora", ranked_problem, scales, aggregator)
+
+
+def flexlora(
+    problem: Problem,
+    *,
+    ranks: Sequence[int] | None = None,
+    ranked: LoRAConfig = MLP_LORA,
+    merge_alpha: float | None = None,
+) -> Algorithm:
+    """FlexLoRA with client ranks `ranks` on `ranked.targets` (module docstring): the token-count
+    weighted average of the full updates, SVD back to each client's rank (`merge_alpha = 16`:
+    the reference's `16/r` merge rate)."""
+    ranked_problem, scales = with_ranks(problem, ranks, ranked)
+    inputs = lambda data, clients, eval_sets, base: {"weights": data.token_counts()}
+    return _ranked_method(
+        "flexlora", ranked_problem, scales, flexlora_aggregator(merge_alpha), inputs
+    )
+
+
+def ffa_frozen(names: Sequence[str], train_attention_a: bool = False) -> bool:
+    """Whether FFA-LoRA freezes the adapter leaf at path `names`: every LoRA `A`, except those
+    of the attention with `train_attention_a` (the icml reference)."""
+    attention = any("attn" in name for name in names)
+    return names[-1] == "a" and not (train_attention_a and attention)
+
+
+def ffa_lora(problem: Problem, *, train_attention_a: bool = False) -> Algorithm:
+    """FFA-LoRA: every LoRA `A` frozen at the shared init (`ffa_frozen`; `train_attention_a`:
+    those of the attention trained and averaged, the icml reference), `B` averaged uniformly after
+    every round; a frozen `A` is never touched (not even averaged)."""
+    frozen = lambda names: ffa_frozen(names, train_attention_a)
+    labels = lambda params: jax.tree_util.tree_map_with_path(
+        lambda path, _: "frozen" if frozen(path_names(path)) else "trained", params
+    )
+    tx = optax.multi_transform({"trained": problem.tx(), "frozen": optax.set_to_zero()}, labels)
+    problem = dataclasses.replace(problem, optimizer=tx)
+    aggregator = masked_aggregator(lambda names: not frozen(names))
+    return federated("ffa-lora", problem, aggregator, shared_init=True)
+
+
+def fedsa_lora(problem: Problem) -> Algorithm:
+    """FedSA-LoRA: every LoRA `A` averaged uniformly after every round, every `B` kept local; all
+    clients start from the same adapters."""
+    return federated("fedsa-lora", problem, masked_aggregator("fedsa"), shared_init=True)
+
+
+METHODS = {
+    "ffa-lora": ffa_lora,
+    "fedsa-lora": fedsa_lora,
+    "hetlora": hetlora,
+    "flexlora": flexlora,
+}
+"""The federated LoRA baselines of the CoMiGS paper (Tables 2 and 4)."""

@@ -1,0 +1,158 @@
+r"""Federated soft-prompt baselines of FedAMoLE (Zhang et al., arXiv:2411.19128, §4 baselines;
+reference `zyc140345/FedAMoLE`, `train_baselines.py`, `baselines/`): FedPrompt and FedPTuning,
+each with its "-FT" variant.
+
+- `fedprompt`: every client trains a soft prompt `E ∈ R^{P×d}` (prompt tuning,
+  `fedjax_lora.prompt_tuning`) on the frozen base; after every round the server averages the
+  prompts, `E ← (1/N) Σ_c E_c`, and every client receives the mean (FedAvg; all clients start from
+  the same prompt).
+- `fedptuning`: the same with P-tuning, `prompt = f(E)`: the table `E` *and* the prompt encoder
+  `f` are averaged.
+- `-ft`: the same training; the reported model is each client's prompt after its local training,
+  before aggregation (the global prompt fine-tuned on the client's data; FedAMoLE's FedIT-FT
+  protocol, `federated(evaluate_local=True)`). The plain variants report the aggregated prompt.
+
+The problem's LoRA adapters are replaced by the prompt (`with_prompt`). Defaults: `P = 20`;
+prompt tuning starts from the embeddings of `P` random vocabulary tokens (PEFT `SAMPLE_VOCAB`;
+the reference initialises from a dataset-specific text, `PromptTuningConfig(init="text")` with
+its token ids); P-tuning uses the reference's MLP encoder of hidden size 1024. Local training and
+the optimizer are the problem's, as for `fedavg` (the reference re-creates Adam every round with
+a learning rate decayed by 0.99 per round; that schedule is not applied here).
+
+`fedptuning(reference_state_dict=True)` reproduces what the reference averages for P-tuning:
+PEFT's state dict of a P-tuning model in training mode is the encoder's *output* `f(E)`
+(`get_prompt_embedding_to_save`), and loading it writes it into the *input* table `E`, so after a
+round every client's table is `(1/N) Σ_c f_c(E_c)` and passes through the encoder once more. (The
+reference's encoder is one object that the clients train in turn, which a parallel round cannot
+reproduce; here the encoders are averaged.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from fedjax_lora.aggregation import Aggregator, fedavg_aggregator
+from fedjax_lora.algorithms.base import Algorithm, federated
+from fedjax_lora.algorithms.problem import Problem
+from fedjax_lora.lora import detach_adapters, split
+from fedjax_lora.prompt_tuning import PromptConfig, PromptTuningConfig, PTuningConfig, attach_prompt
+
+__all__ = [
+    "DEFAULT_PROMPT",
+    "DEFAULT_PTUNING",
+    "METHODS",
+    "fedprompt",
+    "fedprompt_ft",
+    "fedptuning",
+    "fedptuning_ft",
+    "reference_state_dict_aggregator",
+    "with_prompt",
+]
+
+DEFAULT_PROMPT = PromptTuningConfig(num_virtual_tokens=20, init="vocab")
+"""The registered FedPrompt's prompt: 20 virtual tokens from random vocabulary embeddings."""
+
+DEFAULT_PTUNING = PTuningConfig(num_virtual_tokens=20, encoder="mlp", hidden_size=1024)
+"""The registered FedPTuning's prompt: the reference's 20 tokens, MLP encoder of width 1024."""
+
+
+def with_prompt(problem: Problem, config: PromptConfig, *, key: jax.Array | None = None) -> Problem:
+    """The problem with its model's adapters replaced by the soft prompt of `config`
+    (`prompt_tuning.attach_prompt`; `key` draws a `vocab` init's token ids)."""
+    model = nnx.merge(problem.graphdef, problem.template, problem.base)
+    seq_len, context = problem.training.seq_len, model.config.max_positions
+    if config.length + seq_len > context:
+        raise ValueError(
+            f"{config.length} virtual tokens + sequence length {seq_len} exceed the model's "
+            f"context of {context} positions; lower num_virtual_tokens or training.seq_len"
+        )
+    detach_adapters(model)
+    attach_prompt(model, config, key=key)
+    graphdef, template, base = split(model)
+    base = problem.strategy.place_base(base)
+    return dataclasses.replace(problem, graphdef=graphdef, template=template, base=base)
+
+
+def fedprompt(
+    problem: Problem, config: PromptTuningConfig = DEFAULT_PROMPT, *, fine_tuned: bool = False
+) -> Algorithm:
+    """FedPrompt: FedAvg of soft prompts (prompt tuning). `fine_tuned` reports each client's
+    locally trained prompt (FedPrompt-FT)."""
+    if not isinstance(config, PromptTuningConfig):
+        raise ValueError(f"fedprompt needs a PromptTuningConfig, got {type(config).__name__}")
+    name = "fedprompt-ft" if fine_tuned else "fedprompt"
+    return federated(
+        name,
+        with_prompt(problem, config),
+        fedavg_aggregator(),
+        shared_init=True,
+        evaluate_local=fine_tuned,
+        server_model=True,
+    )
+
+
+def reference_state_dict_aggregator(encoder_def: nnx.GraphDef) -> Aggregator:
+    """FedAvg of a P-tuning prompt as the FedAMoLE reference does it (module docstring): the
+    encoders `f_c` are averaged, and every client's table becomes `(1/N) Σ_c f_c(E_c)`.
+
+    encoder_def: the graphdef of the model's `PromptEncoder` (`nnx.graphdef(model.prompt)`); the
+    stacked tree is the model's adapter state, holding the encoder under `prompt`.
+    """
+    average = fedavg_aggregator()
+
+    def apply(stacked_tree, state, inputs=None):
+        outputs = jax.vmap(lambda s: nnx.merge(encoder_def, s)())(stacked_tree["prompt"])
+        tree, state = average.apply(stacked_tree, state, inputs)
+        table = tree["prompt"]["embedding"]
+        mean = jnp.broadcast_to(outputs.mean(0), outputs.shape).astype(table.dtype)
+        tree["prompt"]["embedding"] = table.replace(mean)
+        return tree, state
+
+    return Aggregator(average.init, apply)
+
+
+def fedptuning(
+    problem: Problem,
+    config: PTuningConfig = DEFAULT_PTUNING,
+    *,
+    fine_tuned: bool = False,
+    reference_state_dict: bool = False,
+) -> Algorithm:
+    """FedPTuning: FedAvg of P-tuning prompts (table and encoder). `fine_tuned` reports each
+    client's locally trained prompt (FedPTuning-FT); `reference_state_dict` averages the encoder
+    outputs into the table as the reference does (module docstring)."""
+    if not isinstance(config, PTuningConfig):
+        raise ValueError(f"fedptuning needs a PTuningConfig, got {type(config).__name__}")
+    problem = with_prompt(problem, config)
+    aggregator = fedavg_aggregator()
+    if reference_state_dict:
+        model = nnx.merge(problem.graphdef, problem.template, problem.base)
+        aggregator = reference_state_dict_aggregator(nnx.graphdef(model.prompt))
+    name = "fedptuning-ft" if fine_tuned else "fedptuning"
+    return federated(
+        name, problem, aggregator, shared_init=True, evaluate_local=fine_tuned, server_model=True
+    )
+
+
+def fedprompt_ft(problem: Problem, config: PromptTuningConfig = DEFAULT_PROMPT) -> Algorithm:
+    """FedPrompt-FT: FedAvg of soft prompts, each client tested after local fine-tuning."""
+    return fedprompt(problem, config, fine_tuned=True)
+
+
+def fedptuning_ft(problem: Problem, config: PTuningConfig = DEFAULT_PTUNING) -> Algorithm:
+    """FedPTuning-FT: FedAvg of P-tuning prompts, each client tested after local tuning."""
+    return fedptuning(problem, config, fine_tuned=True)
+
+
+METHODS: dict[str, Callable[..., Algorithm]] = {
+    "fedprompt": fedprompt,
+    "fedprompt-ft": fedprompt_ft,
+    "fedptuning": fedptuning,
+    "fedptuning-ft": fedptuning_ft,
+}
+"""The registered soft-prompt baselines; each takes `(problem, config=...)`."""

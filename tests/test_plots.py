@@ -1,0 +1,139 @@
+"""Figures (`fedjax_lora.plots`), `experts.png` of runs with an expert assignment, and the report
+picking up every figure of a run directory."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from fedjax_lora import amole
+from fedjax_lora import config as config_lib
+from fedjax_lora.aggregation import local_aggregator
+from fedjax_lora.algorithms import METHODS, federated, register
+from fedjax_lora.engine.state import init_clients
+from fedjax_lora.experiment import train_and_evaluate
+from fedjax_lora.plots import plot_expert_assignment, plot_history, plot_trust
+from fedjax_lora.report import write_report
+from tests.test_cli import TINY
+
+PNG = b"\x89PNG"
+
+
+def test_expert_assignment_panels_show_counts_and_modules(tmp_path):
+    rng = np.random.default_rng(0)
+    runs = {
+        "fedamole": rng.uniform(size=(3, 5, 4)) < 0.5,
+        "fedamole-r": rng.uniform(size=(3, 5, 4)) < 0.5,
+    }
+    names = ["a", "b", "c", "d"]
+    fig = plot_expert_assignment(
+        runs, names, tmp_path / "experts.png", module_names=["q0", "v0", "q1"], max_modules=2
+    )
+    assert (tmp_path / "experts.png").read_bytes()[:4] == PNG
+    panels = [ax for ax in fig.axes if ax.images]  # colorbars hold no images
+    assert len(panels) == 2 * 3  # per run: the count over modules, then 2 of the 3 modules
+    for row, x in enumerate(runs.values()):
+        count, first, second = panels[3 * row : 3 * row + 3]
+        np.testing.assert_array_equal(count.images[0].get_array(), x.astype(int).sum(0))
+        np.testing.assert_array_equal(first.images[0].get_array(), x[0])
+        np.testing.assert_array_equal(second.images[0].get_array(), x[1])
+        assert (first.get_title(), second.get_title()) == ("q0", "v0")
+        assert [t.get_text() for t in first.get_xticklabels()] == names
+    assert "1 more module(s) not shown" in fig.get_suptitle()
+
+    single = plot_expert_assignment(np.eye(4, dtype=bool), names)  # one module [E, C]
+    assert [ax for ax in single.axes if ax.images][0].images[0].get_array().shape == (4, 4)
+
+
+@pytest.mark.parametrize(
+    ("assign", "names", "message"),
+    [
+        (np.zeros((2, 3, 4, 5), bool), list("abcde"), r"bool \[M, E, C\] or \[E, C\]"),
+        (np.zeros((3, 4), bool), list("abc"), "4 clients on its last axis but 3 client_names"),
+    ],
+)
+def test_expert_assignment_rejects_bad_shapes(assign, names, message):
+    with pytest.raises(ValueError, match=message):
+        plot_expert_assignment(assign, names)
+
+
+def test_history_and_trust_figures(tmp_path):
+    ppl = np.array([[9.0, 7.0, 5.0], [6.0, 4.0, 2.0]])  # rounds x clients
+    history = {"local": [{"round": r, "val_ppl": ppl[r].tolist()} for r in range(2)]}
+    fig = plot_history(history, tmp_path / "ppl.png")
+    mean = fig.axes[0].lines[-1]
+    np.testing.assert_allclose(mean.get_ydata(), [7.0, 4.0])
+    w = np.full((3, 3), 1 / 3)
+    fig = plot_trust({"pcl-val": w}, ["x", "y", "z"], tmp_path / "trust.png", "t")
+    np.testing.assert_allclose(fig.axes[0].images[0].get_array(), w)
+    for name in ("ppl.png", "trust.png"):
+        assert (tmp_path / name).read_bytes()[:4] == PNG
+
+
+# A cheap method whose state carries expert masks the way FedAMoLE's does (`aux["masks"]`, an
+# `ExpertMask` state `bool [N, E]` per module): local training with fixed masks.
+HELD = {
+    "layer0": np.array([[1, 0, 1], [0, 1, 1], [1, 1, 0], [0, 0, 1]], bool),
+    "layer1": np.array([[1, 1, 0], [0, 1, 0], [1, 0, 1], [1, 0, 0]], bool),
+}
+
+
+def masked_local(problem):
+    masks = nnx.State({m: {"mask": amole.ExpertMask(jnp.asarray(x))} for m, x in HELD.items()})
+
+    def init_state(key: jax.Array):
+        return init_clients(problem.template, problem.tx(), 4, key, aux={"masks": masks})
+
+    return federated(
+        "masked-local", problem, local_aggregator(), shared_init=False, init_state=init_state
+    )
+
+
+@pytest.fixture(scope="module")
+def masked_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("masked")
+    config = config_lib.load(
+        None,
+        [
+            *TINY,
+            "data.num_groups=2",
+            "data.clients_per_group=2",
+            "rounds=1",
+            "methods=[masked-local]",
+        ],
+    )
+    register("masked-local", masked_local)
+    try:
+        train_and_evaluate(config, out, progress=False)
+    finally:
+        METHODS.pop("masked-local")
+    return out
+
+
+def test_run_with_an_expert_assignment_logs_and_plots_it(masked_run):
+    records = [json.loads(line) for line in (masked_run / "metrics.jsonl").read_text().splitlines()]
+    assert "experts" not in records[0]  # only the final record holds the assignment
+    experts = records[-1]["experts"]
+    assert sorted(experts) == ["layer0", "layer1"]
+    for module, held in HELD.items():  # [E, C]: client c holds expert e
+        np.testing.assert_array_equal(np.asarray(experts[module], bool), held.T)
+    assert (masked_run / "experts.png").read_bytes()[:4] == PNG
+
+
+@pytest.mark.parametrize("fmt", ["md", "html"])
+def test_report_includes_experts_and_any_extra_figure(masked_run, fmt):
+    (masked_run / "routing.png").write_bytes((masked_run / "ppl.png").read_bytes())
+    (masked_run / "notes.txt").write_text("not a figure")
+    text = write_report(masked_run, fmt).read_text()
+    if fmt == "md":
+        for name in ("ppl.png", "trust.png", "experts.png", "routing.png"):
+            assert f"]({name})" in text
+        assert "notes.txt" not in text
+    else:
+        assert text.count('src="data:image/png;base64,') == 4  # ppl, trust, experts, routing
+        assert "Final expert assignment" in text and "routing (routing.png)" in text

@@ -1,0 +1,126 @@
+"""Vectorized sweeps (every member equals its single run; `fedjax-lora sweep` writes the table)
+and the multi-process launch detection of `fedjax_lora.distributed`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from fedjax_lora import cli
+from fedjax_lora import config as config_lib
+from fedjax_lora.distributed import initialize_from_env, launcher
+from fedjax_lora.experiment import build_problem, run_method
+from fedjax_lora.sweep import run_sweep
+
+TINY = [
+    "model.vocab_size=64",
+    "model.d_model=32",
+    "model.n_layers=1",
+    "model.n_heads=2",
+    "model.d_ff=64",
+    "model.max_positions=32",
+    "lora.targets=[c_attn.q,c_attn.v]",
+    "lora.rank=4",
+    "data.num_groups=2",
+    "data.clients_per_group=2",
+    "data.tokens_per_client=600",
+    "training.steps=2",
+    "training.batch_size=2",
+    "training.seq_len=16",
+    "eval.max_windows=4",
+    "eval.batch_size=4",
+    "tracking.tensorboard=false",
+    "tracking.progress=false",
+    "rounds=2",
+]
+
+
+def test_every_sweep_member_equals_its_single_run(tmp_path):
+    config = config_lib.load(
+        None,
+        [
+            *TINY,
+            "methods=[fedavg]",
+            "data.cohort_size=2",  # the members also draw their own cohorts
+            "sweep.seeds=[0,1]",
+            "sweep.lrs=[0.01,0.03]",
+        ],
+    )
+    doc = run_sweep(config, tmp_path)
+    members = doc["members"]
+    assert [(m["seed"], m["lr"]) for m in members] == [(0, 0.01), (0, 0.03), (1, 0.01), (1, 0.03)]
+    problem, _ = build_problem(config)
+    for m in members:
+        single = config_lib.merge_base(config, {"seed": m["seed"], "optimizer": {"lr": m["lr"]}})
+        records = run_method(
+            "fedavg",
+            dataclasses.replace(problem, optimizer=single.optimizer),
+            single,
+            lambda record: None,
+            progress=False,
+        )
+        assert len(records) == len(m["records"]) == config.rounds + 1
+        for want, got in zip(records, m["records"], strict=True):
+            for key in ("val_ppl", "test_ppl", "train_loss", "cohort"):
+                if key in want:
+                    np.testing.assert_allclose(
+                        got[key], want[key], rtol=2e-5, err_msg=f"{m['seed']}, {m['lr']}: {key}"
+                    )
+    # the two seeds differ and the learning rates matter
+    finals = {(m["seed"], m["lr"]): m["final"]["val_mean_ppl"] for m in members}
+    assert len(set(np.round(list(finals.values()), 6))) == 4
+    row = {r["lr"]: r for r in doc["table"]}[0.03]
+    vals = [finals[(0, 0.03)], finals[(1, 0.03)]]
+    np.testing.assert_allclose(row["val_mean_ppl"], (np.mean(vals), np.std(vals, ddof=1)))
+
+
+def test_sweep_command_writes_the_table_over_heterogeneity_levels(tmp_path, capsys):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(
+        "methods: [local]\nrounds: 1\nsweep:\n  seeds: [0, 1]\n  overlaps: [0.0, 0.5]\n"
+    )
+    out = tmp_path / "out"
+    assert cli.main(["sweep", str(path), "--out", str(out), "--set", *TINY, "rounds=1"]) == 0
+    table = (out / "sweep.md").read_text()
+    assert table.count("±") >= 6 and "| local | 0 |" in table and "| local | 0.5 |" in table
+    doc = json.loads((out / "sweep.json").read_text())
+    assert len(doc["members"]) == 4 and len(doc["table"]) == 2
+    assert doc["grid"]["overlaps"] == [0.0, 0.5]
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_sweep_settings_are_validated(tmp_path):
+    with pytest.raises(ValueError, match="sweep.lrs must be positive"):
+        config_lib.load(None, ["sweep.lrs=[0.1,-1]"])
+    with pytest.raises(ValueError, match="sweep.seeds must be a list of numbers"):
+        config_lib.load(None, ["sweep.seeds=[a]"])
+    config = config_lib.load(None, [*TINY, "strategy.kind=sharded", "sweep.seeds=[0]"])
+    with pytest.raises(ValueError, match="cannot nest the 'sharded' strategy"):
+        run_sweep(config, tmp_path / "never")
+    assert not (tmp_path / "never").exists()
+
+
+def test_multi_process_launchers_are_detected_from_the_environment():
+    assert launcher({}) is None
+    assert launcher({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}) is None  # one task
+    assert launcher({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"}) == "slurm"
+    assert launcher({"OMPI_COMM_WORLD_SIZE": "2"}) == "ompi"
+    assert launcher({"TPU_WORKER_HOSTNAMES": "t0,t1,t2,t3"}) == "tpu"
+    assert launcher({"TPU_WORKER_HOSTNAMES": "localhost"}) is None  # a single TPU VM
+    assert launcher({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"}) == "explicit"
+    assert (
+        launcher({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4", "FEDJAX_LORA_DISTRIBUTED": "0"}) is None
+    )
+    assert launcher({"FEDJAX_LORA_DISTRIBUTED": "1"}) == "forced"
+    with pytest.raises(ValueError, match="FEDJAX_LORA_DISTRIBUTED"):
+        launcher({"FEDJAX_LORA_DISTRIBUTED": "yes"})
+    with pytest.raises(ValueError, match="JAX_NUM_PROCESSES"):
+        initialize_from_env({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"})
+    # a single process: nothing is initialised
+    assert initialize_from_env({}) is False
+    assert not jax.distributed.is_initialized()
+    assert jax.process_count() == 1
