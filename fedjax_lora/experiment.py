@@ -46,9 +46,14 @@ def build_model(config: ExperimentConfig):
         from fedjax_lora import models
 
         model = models.load(spec.source, dtype=dtype, **overrides)
-        # The synthetic corpus is token ids already: a checkpoint without tokenizer files serves.
-        needs_text = config.data.source != "synthetic"
-        tokenizer = models.load_tokenizer(spec.source) if needs_text else None
+        # The synthetic corpus is token ids already; for text, a checkpoint without tokenizer
+        # files may still read bytes (`text_tokenizer`).
+        tokenizer = None
+        if config.data.source != "synthetic":
+            try:
+                tokenizer = models.load_tokenizer(spec.source)
+            except models.CheckpointError:
+                tokenizer = None
     else:
         cfg = ModelConfig(
             family=spec.family,
@@ -96,19 +101,37 @@ def build_data(config: ExperimentConfig, vocab_size: int, tokenizer=None) -> Fed
     return data.validate(seq, vocab_size)
 
 
+def text_tokenizer(config: ExperimentConfig, tokenizer: Any, vocab_size: int) -> Any:
+    """The tokenizer text data is read with: the base's, or UTF-8 bytes (`ByteTokenizer`) for a
+    base without tokenizer files whose vocabulary is the bytes: the tiny random base with
+    `model.vocab_size >= 256`, or a checkpoint of exactly 256 tokens (e.g. a byte-level base
+    pretrained here)."""
+    from fedjax_lora.data.instruction import ByteTokenizer
+
+    if tokenizer is not None:
+        return tokenizer
+    if config.model.source:
+        if vocab_size != ByteTokenizer.vocab_size:
+            raise ValueError(
+                f"data.source={config.data.source!r} needs a tokenizer: {config.model.source!r} "
+                f"has no tokenizer files and a vocabulary of {vocab_size} (not 256 bytes); add "
+                "the tokenizer files or choose another model.source"
+            )
+    elif vocab_size < ByteTokenizer.vocab_size:
+        raise ValueError(
+            f"data.source={config.data.source!r} without model.source reads bytes: set "
+            f"model.vocab_size >= 256 (got {vocab_size}) or give model.source"
+        )
+    return ByteTokenizer()
+
+
 def _instruction_data(config: ExperimentConfig, vocab_size: int, tokenizer) -> FederatedData:
     """FedAMoLE's instruction data (`fedjax_lora.data.instruction`); the tiny random base reads
     bytes."""
     from fedjax_lora.data import datasets_hf, instruction
 
     spec, gen = config.data, config.eval.generation
-    if tokenizer is None:
-        if vocab_size < instruction.ByteTokenizer.vocab_size:
-            raise ValueError(
-                f"data.source={spec.source!r} without model.source reads bytes: set "
-                f"model.vocab_size >= 256 (got {vocab_size}) or give model.source"
-            )
-        tokenizer = instruction.ByteTokenizer()
+    tokenizer = text_tokenizer(config, tokenizer, vocab_size)
     kw = {"source": spec.paths[0]} if spec.paths else {}
     if spec.source == "natural_instructions":
         pairs = datasets_hf.load_natural_instructions(num_tasks=spec.num_tasks, **kw)
@@ -169,11 +192,7 @@ def _fortunes_data(config: ExperimentConfig, vocab_size: int, tokenizer) -> Fede
     from fedjax_lora.data import build_federated, fortunes
 
     spec = config.data
-    if tokenizer is None:
-        raise ValueError(
-            "data.source='fortunes' needs a real tokenizer: set model.source to a Hugging Face "
-            "directory, hub id or .gguf file"
-        )
+    tokenizer = text_tokenizer(config, tokenizer, vocab_size)
     root = spec.fortunes_dir or fortunes.FORTUNES_ROOT
     if not spec.categories:
         raise ValueError("data.categories is empty; name fortune languages (en, de, ...) or topics")

@@ -51,3 +51,48 @@ def test_fortune_errors(tmp_path):
         list_topics("it", ROOT)
     with pytest.raises(FileNotFoundError, match="no fortunes folder"):
         list_languages(tmp_path / "missing")
+
+
+def _checkpoint(tmp_path, vocab):
+    from fedjax_lora.export import save_merged
+    from fedjax_lora.models import ModelConfig, from_config
+
+    cfg = ModelConfig(
+        family="gpt2",
+        vocab_size=vocab,
+        d_model=16,
+        n_layers=1,
+        n_heads=2,
+        d_ff=32,
+        max_positions=32,
+    )
+    return save_merged(from_config(cfg), tmp_path / f"base{vocab}")
+
+
+def test_a_byte_level_checkpoint_without_tokenizer_reads_fortunes_as_bytes(tmp_path):
+    """`experiment.text_tokenizer`: a checkpoint of 256 tokens without tokenizer files reads
+    UTF-8 bytes; any other vocabulary without tokenizer files is refused, naming the fix."""
+    from fedjax_lora.config import load
+    from fedjax_lora.experiment import build_problem
+
+    root = tmp_path / "fortunes"
+    for language, word in (("de", "Katze"), ("es", "gato")):
+        (root / language).mkdir(parents=True)
+        items = [f"{word} {k}: {'ab' * k}" for k in range(40)]
+        (root / language / "tiere").write_text("\n%\n".join(items) + "\n%\n")
+    overrides = [
+        "data.source=fortunes",
+        f"data.fortunes_dir={root}",
+        "data.categories=[de,es]",
+        "data.clients_per_group=1",
+        "training.seq_len=16",
+        "lora.targets=[c_attn]",
+    ]
+    config = load(None, [f"model.source={_checkpoint(tmp_path, 256)}", *overrides])
+    _, data = build_problem(config)
+    for i, language in enumerate(("de", "es")):
+        text = bytes(data.train.stream(i).astype("uint8").tolist()).decode("utf-8")
+        assert text.split()[0] in " ".join(load_language(language, root))
+    config = load(None, [f"model.source={_checkpoint(tmp_path, 64)}", *overrides])
+    with pytest.raises(ValueError, match="has no tokenizer files and a vocabulary of 64"):
+        build_problem(config)

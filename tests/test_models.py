@@ -272,6 +272,13 @@ def test_load_tokenizer_from_hf_dir(tmp_path):
     assert tok("w3 w7")["input_ids"] == [3, 7]
     with pytest.raises(CheckpointError):
         models.load_tokenizer(tmp_path / "nope")
+    # A checkpoint with config.json but no vocabulary files: transformers would build an empty
+    # GPT-2 tokenizer that turns every text into no tokens; refused instead.
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(CheckpointError, match="has no vocabulary"):
+        models.load_tokenizer(bare)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -286,3 +286,20 @@ def test_pretrained_synthetic_base_round_trips_and_serves_synthetic_runs(tmp_pat
     )
     base, tokenizer = build_model(config)
     assert tokenizer is None and base.config.vocab_size == 64
+
+
+def test_pretraining_windows_from_fortunes_are_that_languages_bytes(tmp_path):
+    spec = importlib.util.spec_from_file_location(
+        "tw_pretrain2", ROOT / "experiments" / "trust_weighted" / "pretrain_synthetic_base.py"
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    (tmp_path / "de").mkdir()
+    items = [f"Die Katze Nummer {k} schläft." for k in range(30)]
+    (tmp_path / "de" / "tiere").write_text("\n%\n".join(items) + "\n%\n")
+    args = ["--out", "unused", "--fortunes-language", "de", "--fortunes-dir", str(tmp_path)]
+    ns = script.parse_args([*args, "--vocab-size", "256", "--seq-len", "12", "--documents", "9"])
+    windows = script.pretraining_windows(ns)
+    assert windows.shape == (9, 13)
+    text = "\n".join(items).encode("utf-8")
+    assert all(bytes(w.astype(np.uint8).tolist()) in text for w in windows)

@@ -9,7 +9,9 @@ from with `data.seed = seed` — with documents sampled from an independent RNG 
 text is seen in pretraining. `--on common` (default) pretrains on the common chain only: with
 `data.overlap = o` every group's text is `o` common and `1 - o` its own chain, which the base has
 never seen (the general-text / domain split of the paper); `--on groups` pretrains on the uniform
-mixture of the group chains (a base that already knows every domain). The output directory
+mixture of the group chains (a base that already knows every domain). `--fortunes-language en
+--vocab-size 256` instead trains a byte-level base on that language's Debian fortunes (real text;
+clients of other languages are then new domains). The output directory
 (`config.json` + `model.safetensors`) loads with `model.source=DIR`:
 
     python experiments/trust_weighted/pretrain_synthetic_base.py --out runs/synthetic_base
@@ -27,6 +29,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from fedjax_lora.data import fortunes
 from fedjax_lora.data.synthetic import make_markov_sources
 from fedjax_lora.engine.loss import token_cross_entropy
 from fedjax_lora.export import save_merged
@@ -34,7 +37,14 @@ from fedjax_lora.models import ModelConfig, from_config
 
 
 def pretraining_windows(args: argparse.Namespace) -> np.ndarray:
-    """`int32 [D, seq_len + 1]` documents from the common chain or the group chains' mixture."""
+    """`int32 [D, seq_len + 1]` documents from the common chain or the group chains' mixture, or
+    (`--fortunes-language`) random byte windows of that language's Debian fortunes."""
+    if args.fortunes_language:
+        texts = fortunes.load_language(args.fortunes_language, args.fortunes_dir)
+        stream = np.frombuffer("\n".join(texts).encode("utf-8"), np.uint8).astype(np.int32)
+        rng = np.random.default_rng([args.data_seed, 7919])
+        starts = rng.integers(0, len(stream) - args.seq_len - 1, size=args.documents)
+        return stream[starts[:, None] + np.arange(args.seq_len + 1)]
     sources = make_markov_sources(args.num_groups, args.vocab_size, seed=args.data_seed)
     rng = np.random.default_rng([args.data_seed, 7919])
     if args.on == "common":
@@ -89,6 +99,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", required=True)
     p.add_argument("--num-groups", type=int, default=4)
     p.add_argument("--on", choices=("common", "groups"), default="common")
+    p.add_argument(
+        "--fortunes-language",
+        help="pretrain a byte-level base (--vocab-size 256) on this language's fortunes instead",
+    )
+    p.add_argument("--fortunes-dir", default=str(fortunes.FORTUNES_ROOT))
     p.add_argument("--data-seed", type=int, default=0, help="= the demo's data.seed")
     p.add_argument("--vocab-size", type=int, default=256)
     p.add_argument("--d-model", type=int, default=64)
@@ -107,6 +122,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.fortunes_language and args.vocab_size != 256:
+        raise SystemExit("--fortunes-language trains a byte-level base: use --vocab-size 256")
     out = save_merged(pretrain(args), args.out)
     print(f"wrote {out}")
 

@@ -29,9 +29,17 @@ def load_tokenizer(name_or_path: str | os.PathLike) -> Any:
 
     if path.is_dir():
         try:
-            return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+            tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         except (OSError, ValueError, TypeError) as e:
             raise CheckpointError(f"no usable tokenizer files in {path}: {e}") from e
+        # Without vocabulary files transformers still builds a tokenizer from config.json's
+        # model type, one that maps every text to no tokens at all.
+        if not tokenizer("a", add_special_tokens=False)["input_ids"]:
+            raise CheckpointError(
+                f"no usable tokenizer files in {path}: the tokenizer built there has no "
+                "vocabulary (add tokenizer.json or vocab files)"
+            )
+        return tokenizer
     if path.exists() or not looks_like_hub_id(str(name_or_path)):
         raise CheckpointError(
             f"no tokenizer at {path}: pass an HF model directory, a hub id or a .gguf file"
