@@ -48,7 +48,9 @@ class DataSpec:
     """Client data. `synthetic`: the embedded heterogeneous corpus (groups of clients drawn from
     distinct token sources, `overlap` in [0, 1]); `fortunes`: Debian fortune files by topic or
     language (`categories`), tokenized with the model's tokenizer (bytes for a base without
-    one whose vocabulary is the 256 bytes: `experiment.text_tokenizer`). `ag_news`,
+    one whose vocabulary is the 256 bytes: `experiment.text_tokenizer`); the last fortunes of
+    each category, enough for `reference_sequences / len(categories)` windows, are held out of
+    every client as the shared reference set (prediction trust). `ag_news`,
     `multilingual_wikipedia`, `code_wiki`: the trust-weighted paper's splits
     (`fedjax_lora.data.trust_datasets`; `variant`, `paper_bug_compatible`, `paths` = local files
     or hub ids, `tokens_per_client` train tokens, `val_fraction · tokens_per_client` validation

@@ -19,7 +19,13 @@ from fedjax_lora import amole, lora
 from fedjax_lora.algorithms import METHODS, Algorithm, Problem, SimState, get_method
 from fedjax_lora.checkpoint import Checkpointer
 from fedjax_lora.config import ExperimentConfig, convert, to_dict
-from fedjax_lora.data import FederatedData, eval_windows, stack_streams, synthetic_corpus
+from fedjax_lora.data import (
+    FederatedData,
+    eval_windows,
+    reference_windows,
+    stack_streams,
+    synthetic_corpus,
+)
 from fedjax_lora.data.streams import split_tail
 from fedjax_lora.distributed import host
 from fedjax_lora.engine.evaluate import EvalSet
@@ -46,14 +52,7 @@ def build_model(config: ExperimentConfig):
         from fedjax_lora import models
 
         model = models.load(spec.source, dtype=dtype, **overrides)
-        # The synthetic corpus is token ids already; for text, a checkpoint without tokenizer
-        # files may still read bytes (`text_tokenizer`).
-        tokenizer = None
-        if config.data.source != "synthetic":
-            try:
-                tokenizer = models.load_tokenizer(spec.source)
-            except models.CheckpointError:
-                tokenizer = None
+        tokenizer = base_tokenizer(config)
     else:
         cfg = ModelConfig(
             family=spec.family,
@@ -99,6 +98,20 @@ def build_data(config: ExperimentConfig, vocab_size: int, tokenizer=None) -> Fed
         builders = comigs_datasets if spec.source in comigs_datasets.DATASETS else trust_datasets
         data = builders.from_spec(spec, tokenizer=tokenizer, vocab_size=vocab_size, seq_len=seq)
     return data.validate(seq, vocab_size)
+
+
+def base_tokenizer(config: ExperimentConfig) -> Any:
+    """The tokenizer files of `model.source`, or None: for the synthetic corpus (token ids
+    already), the random base, or a checkpoint without them (which may still read bytes,
+    `text_tokenizer`)."""
+    if not config.model.source or config.data.source == "synthetic":
+        return None
+    from fedjax_lora import models
+
+    try:
+        return models.load_tokenizer(config.model.source)
+    except models.CheckpointError:
+        return None
 
 
 def text_tokenizer(config: ExperimentConfig, tokenizer: Any, vocab_size: int) -> Any:
@@ -197,7 +210,8 @@ def _fortunes_data(config: ExperimentConfig, vocab_size: int, tokenizer) -> Fede
     if not spec.categories:
         raise ValueError("data.categories is empty; name fortune languages (en, de, ...) or topics")
     languages = set(fortunes.list_languages(root))
-    clients, names, groups = [], [], []
+    clients, names, groups, held_out = [], [], [], []
+    seq, per_category = config.training.seq_len, spec.reference_sequences // len(spec.categories)
     for g, category in enumerate(spec.categories):
         texts = (
             fortunes.load_language(category, root)
@@ -206,8 +220,12 @@ def _fortunes_data(config: ExperimentConfig, vocab_size: int, tokenizer) -> Fede
         )
         rng = np.random.default_rng(spec.seed + g)
         order = rng.permutation(len(texts))
+        # The last fortunes of the shuffled order, enough for this category's reference windows,
+        # go to the shared reference set (prediction trust); no client holds them.
+        kept, reference = _hold_out(texts, order, per_category * (seq + 1), tokenizer, vocab_size)
+        held_out.append(reference_windows(reference, per_category, seq) if per_category else None)
         for c in range(spec.clients_per_group):
-            clients.append([texts[i] for i in order[c :: spec.clients_per_group]])
+            clients.append([texts[i] for i in kept[c :: spec.clients_per_group]])
             names.append(f"{category}-{c}")
             groups.append(g)
     train = 1.0 - spec.val_fraction - spec.test_fraction
@@ -218,7 +236,26 @@ def _fortunes_data(config: ExperimentConfig, vocab_size: int, tokenizer) -> Fede
         tokenizer=tokenizer,
         client_names=names,
         groups=np.asarray(groups),
+        reference=np.concatenate(held_out) if per_category else None,
     )
+
+
+def _hold_out(texts, order, tokens: int, tokenizer, vocab_size: int):
+    """`(kept order, held-out stream)`: fortunes from the end of `order` until their tokens
+    reach `tokens`."""
+    from fedjax_lora.data import tokenize_texts
+
+    pieces, have = [], 0
+    for i in order[::-1][: len(order) - 1]:  # at least one fortune stays with the clients
+        if have >= tokens:
+            break
+        pieces.append(tokenize_texts([texts[i]], tokenizer, vocab_size=vocab_size))
+        have += len(pieces[-1])
+    if have < tokens:
+        raise ValueError(
+            f"the fortunes cannot fill {tokens} reference tokens; lower data.reference_sequences"
+        )
+    return order[: len(order) - len(pieces)], np.concatenate(pieces[::-1])
 
 
 def build_problem(config: ExperimentConfig) -> tuple[Problem, FederatedData]:
@@ -415,11 +452,10 @@ def routing_record(
     from fedjax_lora.moe import routing_analysis
 
     moe_problem, _ = with_moe(problem, factory.keywords.get("moe"))
-    tokenizer = None
-    if config.model.source and config.data.source != "synthetic":
-        from fedjax_lora import models
-
-        tokenizer = models.load_tokenizer(config.model.source)
+    tokenizer = base_tokenizer(config)
+    if tokenizer is None and config.data.source != "synthetic":
+        vocab = nnx.merge(problem.graphdef, problem.template, problem.base).config.vocab_size
+        tokenizer = text_tokenizer(config, None, vocab)
     try:
         result = routing_analysis(
             moe_problem.graphdef,

@@ -90,6 +90,7 @@ def test_a_byte_level_checkpoint_without_tokenizer_reads_fortunes_as_bytes(tmp_p
     ]
     config = load(None, [f"model.source={_checkpoint(tmp_path, 256)}", *overrides])
     _, data = build_problem(config)
+    assert data.reference.shape == (16, 16)  # held-out fortunes, 8 windows per language
     for i, language in enumerate(("de", "es")):
         text = bytes(data.train.stream(i).astype("uint8").tolist()).decode("utf-8")
         assert text.split()[0] in " ".join(load_language(language, root))
