@@ -141,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "grid":
             from fedjax_lora import grid
 
+            args.out = _distributed_output(args.out)
             return grid.main(args.grid, args)
         if args.command == "sweep":
             _sweep(args)
