@@ -62,12 +62,18 @@ class DataSpec:
     auxiliary split for RSEA; the reference uses 0.05). `shared_eval_tokens > 0` (synthetic)
     adds the `shared_uniform` evaluation set, the same stream from the uniform mixture of all
     sources for every client (out-of-distribution evaluation); `eval_mixture: uniform`
-    (synthetic) draws every client's validation and test streams from that uniform mixture
-    (CoMiGS's out-of-distribution setting: the router trains on the target distribution).
+    draws every client's validation and test streams from that uniform mixture (synthetic), or
+    gives every client an equal share of every category's validation and test text (fortunes,
+    `fedjax_lora.data.uniform_evaluation`): CoMiGS's out-of-distribution setting, the router
+    trains on the target distribution.
     `cohort_size > 0`: a cross-device population, `cohort_size` clients drawn per round without
     replacement (`cohort_sampling`: `uniform` or by training-token counts `tokens`), idle
     clients' optimizer states kept or reset at their next draw (`cohort_optimizer`; see
     `fedjax_lora.engine.cohort`).
+
+    `train_fractions` (one value in (0, 1] per client, any source): client `i` keeps the first
+    `train_fractions[i]` of its training stream (users with different amounts of data, CoMiGS
+    Figs. 4–5; validation and test unchanged; `fedjax_lora.data.keep_train_fraction`).
 
     `dolly`, `snli`, `natural_instructions`: FedAMoLE's instruction data
     (`fedjax_lora.data.instruction`; `paths[0]` a local file/directory, else the hub dataset):
@@ -112,6 +118,7 @@ class DataSpec:
     alpha: float = 1.0
     num_tasks: int = 100
     max_rows: int | None = None
+    train_fractions: tuple[float, ...] = ()
 
     def cohort(self) -> Cohort | None:
         """The per-round client sample (None: every client takes part in every round)."""

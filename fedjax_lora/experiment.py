@@ -22,9 +22,11 @@ from fedjax_lora.config import ExperimentConfig, convert, to_dict
 from fedjax_lora.data import (
     FederatedData,
     eval_windows,
+    keep_train_fraction,
     reference_windows,
     stack_streams,
     synthetic_corpus,
+    uniform_evaluation,
 )
 from fedjax_lora.data.streams import split_tail
 from fedjax_lora.distributed import host
@@ -73,6 +75,12 @@ def build_data(config: ExperimentConfig, vocab_size: int, tokenizer=None) -> Fed
     """The clients' data as the config describes it, validated for the sequence length."""
     spec = config.data
     seq = config.training.seq_len
+    if spec.eval_mixture == "uniform" and spec.source not in ("synthetic", "fortunes"):
+        raise ValueError(
+            f"data.eval_mixture=uniform is built for data.source synthetic or fortunes, not "
+            f"{spec.source!r}; use data.eval_mixture=own (or comigs_ag_news for CoMiGS's "
+            "out-of-distribution setting on real data)"
+        )
     if spec.source == "synthetic":
         per_split = spec.tokens_per_client
         data = synthetic_corpus(
@@ -97,6 +105,8 @@ def build_data(config: ExperimentConfig, vocab_size: int, tokenizer=None) -> Fed
 
         builders = comigs_datasets if spec.source in comigs_datasets.DATASETS else trust_datasets
         data = builders.from_spec(spec, tokenizer=tokenizer, vocab_size=vocab_size, seq_len=seq)
+    if spec.train_fractions:
+        data = keep_train_fraction(data, spec.train_fractions)
     return data.validate(seq, vocab_size)
 
 
@@ -229,7 +239,7 @@ def _fortunes_data(config: ExperimentConfig, vocab_size: int, tokenizer) -> Fede
             names.append(f"{category}-{c}")
             groups.append(g)
     train = 1.0 - spec.val_fraction - spec.test_fraction
-    return build_federated(
+    data = build_federated(
         clients,
         vocab_size=vocab_size,
         split=(train, spec.val_fraction, spec.test_fraction),
@@ -238,6 +248,7 @@ def _fortunes_data(config: ExperimentConfig, vocab_size: int, tokenizer) -> Fede
         groups=np.asarray(groups),
         reference=np.concatenate(held_out) if per_category else None,
     )
+    return uniform_evaluation(data) if spec.eval_mixture == "uniform" else data
 
 
 def _hold_out(texts, order, tokens: int, tokenizer, vocab_size: int):
@@ -255,6 +266,8 @@ def _hold_out(texts, order, tokens: int, tokenizer, vocab_size: int):
         raise ValueError(
             f"the fortunes cannot fill {tokens} reference tokens; lower data.reference_sequences"
         )
+    if not pieces:  # no reference set asked for (data.reference_sequences = 0)
+        return order, np.zeros(0, np.int32)
     return order[: len(order) - len(pieces)], np.concatenate(pieces[::-1])
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from fedjax_lora.data.federated import build_federated
+from fedjax_lora.data.federated import build_federated, uniform_evaluation
 from fedjax_lora.data.streams import MaskedStream
 from fedjax_lora.data.tokenize import tokenize_prompt_target, tokenize_texts
 
@@ -154,3 +154,65 @@ def test_reference_and_shared_eval_checked(word_tokenizer):
         fd.validate(seq_len=8)
     with pytest.raises(ValueError, match="vocabulary mismatch: reference set contains id 13"):
         fd.validate(seq_len=3)
+
+
+def test_uniform_evaluation_gives_every_client_an_equal_share_of_every_group():
+    """CoMiGS's out-of-distribution setting on grouped data: client i's val/test is piece i of
+    every group's pooled stream (NumPy reference), masks travel with tokens, train unchanged."""
+    rng = np.random.default_rng(0)
+    groups = [0, 1, 0, 1]
+    lengths = {"val": [9, 14, 11, 7], "test": [12, 12, 13, 10]}
+    streams = {s: [rng.integers(0, 50, n) for n in ns] for s, ns in lengths.items()}
+    masks = [rng.integers(0, 2, n).astype(np.uint8) for n in lengths["val"]]
+    clients = [
+        {
+            "train": rng.integers(0, 50, 40),
+            "val": MaskedStream(streams["val"][i], masks[i]),
+            "test": streams["test"][i],
+        }
+        for i in range(4)
+    ]
+    fd = build_federated(clients, vocab_size=50, groups=groups)
+    out = uniform_evaluation(fd)
+    np.testing.assert_array_equal(out.train.tokens, fd.train.tokens)
+    for split in ("val", "test"):
+        pools = [
+            np.concatenate([streams[split][i] for i in (0, 2)]),
+            np.concatenate([streams[split][i] for i in (1, 3)]),
+        ]
+        m = min(len(p) for p in pools) // 4
+        for i in range(4):
+            expected = np.concatenate([p[i * m : (i + 1) * m] for p in pools])
+            np.testing.assert_array_equal(out.split(split).stream(i), expected)
+    mask_pools = [np.concatenate([masks[0], masks[2]]), np.concatenate([masks[1], masks[3]])]
+    m = min(len(p) for p in mask_pools) // 4
+    for i in range(4):
+        expected = np.concatenate([p[i * m : (i + 1) * m] for p in mask_pools])
+        np.testing.assert_array_equal(out.val.loss_mask[i, : out.val.lengths[i]], expected)
+    with pytest.raises(ValueError, match="fewer tokens than the 4 clients"):
+        tiny = [{"train": np.arange(8), "val": np.arange(2)} for _ in range(4)]
+        uniform_evaluation(build_federated(tiny, vocab_size=50, groups=groups))
+
+
+def test_keep_train_fraction_truncates_each_training_stream():
+    """Users with different data amounts: client i keeps round(f_i · |train_i|) leading tokens
+    (and their mask); val/test untouched; a wrong count or value names the setting."""
+    from fedjax_lora.data import keep_train_fraction
+
+    rng = np.random.default_rng(1)
+    train = [rng.integers(0, 30, n) for n in (40, 25, 33)]
+    masks = [rng.integers(0, 2, len(t)).astype(np.uint8) for t in train]
+    clients = [
+        {"train": MaskedStream(t, m), "val": rng.integers(0, 30, 9)}
+        for t, m in zip(train, masks, strict=True)
+    ]
+    fd = build_federated(clients, vocab_size=30)
+    out = keep_train_fraction(fd, [1.0, 0.2, 0.5])
+    for i, (f, t, m) in enumerate(zip((1.0, 0.2, 0.5), train, masks, strict=True)):
+        k = int(round(f * len(t)))
+        np.testing.assert_array_equal(out.train.stream(i), t[:k])
+        np.testing.assert_array_equal(out.train.loss_mask[i, :k], m[:k])
+        np.testing.assert_array_equal(out.val.stream(i), fd.val.stream(i))
+    for bad in ([1.0, 0.5], [1.0, 0.0, 0.5], [1.0, 1.5, 0.5]):
+        with pytest.raises(ValueError, match="train_fractions"):
+            keep_train_fraction(fd, bad)

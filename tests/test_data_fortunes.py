@@ -75,11 +75,7 @@ def test_a_byte_level_checkpoint_without_tokenizer_reads_fortunes_as_bytes(tmp_p
     from fedjax_lora.config import load
     from fedjax_lora.experiment import build_problem
 
-    root = tmp_path / "fortunes"
-    for language, word in (("de", "Katze"), ("es", "gato")):
-        (root / language).mkdir(parents=True)
-        items = [f"{word} {k}: {'ab' * k}" for k in range(40)]
-        (root / language / "tiere").write_text("\n%\n".join(items) + "\n%\n")
+    root = _animal_fortunes(tmp_path, 40, lambda k: "ab" * k)
     overrides = [
         "data.source=fortunes",
         f"data.fortunes_dir={root}",
@@ -97,3 +93,45 @@ def test_a_byte_level_checkpoint_without_tokenizer_reads_fortunes_as_bytes(tmp_p
     config = load(None, [f"model.source={_checkpoint(tmp_path, 64)}", *overrides])
     with pytest.raises(ValueError, match="has no tokenizer files and a vocabulary of 64"):
         build_problem(config)
+
+
+def test_uniform_evaluation_on_fortunes_mixes_every_language(tmp_path):
+    """`data.eval_mixture=uniform` on fortunes (CoMiGS's out-of-distribution setting): every
+    client's validation and test text holds both languages while its training text keeps its
+    own; other real-data sources refuse the setting, naming the fix."""
+    from fedjax_lora.config import load
+    from fedjax_lora.experiment import build_data
+
+    root = _animal_fortunes(tmp_path, 80, lambda k: "ab" * (k % 7))
+    overrides = [
+        "data.source=fortunes",
+        f"data.fortunes_dir={root}",
+        "data.categories=[de,es]",
+        "data.clients_per_group=2",
+        "data.val_fraction=0.2",
+        "data.test_fraction=0.2",
+        "data.reference_sequences=0",
+        "training.seq_len=16",
+    ]
+    text = lambda ct, i: bytes(ct.stream(i).astype("uint8").tolist()).decode("utf-8", "replace")
+    own = build_data(load(None, overrides), 256)
+    mixed = build_data(load(None, [*overrides, "data.eval_mixture=uniform"]), 256)
+    for i in range(4):
+        language_word = "Katze" if i < 2 else "gato"
+        assert text(mixed.train, i) == text(own.train, i)
+        assert "Katze" in text(own.val, i) if i < 2 else "gato" in text(own.val, i)
+        for split in (mixed.val, mixed.test):
+            assert "Katze" in text(split, i) and "gato" in text(split, i), language_word
+    with pytest.raises(ValueError, match="eval_mixture=uniform is built for"):
+        build_data(load(None, ["data.source=dolly", "data.eval_mixture=uniform"]), 256)
+
+
+def _animal_fortunes(tmp_path: Path, count: int, tail) -> Path:
+    """A fortunes root with German and Spanish files of `count` fortunes each, fortune `k`
+    reading "<Katze|gato> k: <tail(k)>"."""
+    root = tmp_path / "fortunes"
+    for language, word in (("de", "Katze"), ("es", "gato")):
+        (root / language).mkdir(parents=True)
+        items = [f"{word} {k}: {tail(k)}" for k in range(count)]
+        (root / language / "tiere").write_text("\n%\n".join(items) + "\n%\n")
+    return root

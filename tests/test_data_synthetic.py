@@ -128,3 +128,16 @@ def test_uniform_eval_mixture_targets_every_source():
             assert len(pairs & only_g) > 50
     with pytest.raises(ValueError, match="eval_mixture"):
         synthetic_corpus(2, 1, vocab_size=v, eval_mixture="ood")
+
+
+def test_train_fractions_config_gives_users_different_data_amounts():
+    """`data.train_fractions` (CoMiGS's data-quantity setting) through the config path."""
+    from fedjax_lora.config import load
+    from fedjax_lora.experiment import build_data
+
+    overrides = ["data.num_groups=2", "data.clients_per_group=1", "data.tokens_per_client=600"]
+    full = build_data(load(None, overrides), 64)
+    part = build_data(load(None, [*overrides, "data.train_fractions=[1.0,0.25]"]), 64)
+    np.testing.assert_array_equal(part.train.stream(0), full.train.stream(0))
+    np.testing.assert_array_equal(part.train.stream(1), full.train.stream(1)[:150])
+    np.testing.assert_array_equal(part.val.tokens, full.val.tokens)

@@ -2,7 +2,13 @@
 `FederatedData`. Hugging Face dataset loaders live in `fedjax_lora.data.datasets_hf` (imported on
 demand, it pulls in `datasets`)."""
 
-from fedjax_lora.data.federated import FederatedData, build_federated, check_streams
+from fedjax_lora.data.federated import (
+    FederatedData,
+    build_federated,
+    check_streams,
+    keep_train_fraction,
+    uniform_evaluation,
+)
 from fedjax_lora.data.partition import (
     category_proportions,
     check_proportions,
@@ -38,6 +44,7 @@ __all__ = [
     "eval_window_starts",
     "eval_windows",
     "gather_windows",
+    "keep_train_fraction",
     "make_markov_sources",
     "mixed",
     "open_stream",
@@ -47,5 +54,6 @@ __all__ = [
     "synthetic_corpus",
     "tokenize_prompt_target",
     "tokenize_texts",
+    "uniform_evaluation",
     "write_stream",
 ]

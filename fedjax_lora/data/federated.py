@@ -247,3 +247,62 @@ def build_federated(
         shared_eval=shared,
         reference=None if reference is None else np.asarray(reference, dtype=np.int32),
     )
+
+
+def uniform_evaluation(
+    data: FederatedData, splits: Sequence[str] = ("val", "test")
+) -> FederatedData:
+    """Out-of-distribution evaluation (CoMiGS's setting, the router trains on the target
+    mixture): every client's `splits` become an equal share of every group's data.
+
+    Per split, the streams of each group's clients are pooled (client order) into `P_g`; with
+    `N` clients and `m = min_g |P_g| // N`, client `i` gets `P_0[i·m:(i+1)·m] ‖ P_1[i·m:(i+1)·m]
+    ‖ …` (groups in order): a uniform mixture of the `G` groups with `G·m` tokens, no token
+    shared by two clients. Loss masks travel with their tokens; training data is unchanged.
+    """
+    n = data.num_clients
+    group_ids = sorted(set(int(g) for g in data.groups))
+    replaced = {}
+    for name in splits:
+        ct = data.split(name)
+        mask = ct.loss_mask
+        pools = [[i for i in range(n) if int(data.groups[i]) == g] for g in group_ids]
+        tokens = [np.concatenate([ct.stream(i) for i in members]) for members in pools]
+        masks = (
+            None
+            if mask is None
+            else [np.concatenate([mask[i, : ct.lengths[i]] for i in members]) for members in pools]
+        )
+        m = min(len(t) for t in tokens) // n
+        if m == 0:
+            raise ValueError(
+                f"uniform {name} evaluation: a group's pooled {name} stream has fewer tokens than "
+                f"the {n} clients; give the clients more {name} data ({name}_fraction)"
+            )
+        replaced[name] = stack_streams(
+            _uniform_pieces(tokens, n, m), None if masks is None else _uniform_pieces(masks, n, m)
+        )
+    return dataclasses.replace(data, **replaced)
+
+
+def _uniform_pieces(pools: list[np.ndarray], n: int, m: int) -> list[np.ndarray]:
+    """Client `i`'s stream: piece `i` (`m` entries) of every pool, pools in order."""
+    return [np.concatenate([p[i * m : (i + 1) * m] for p in pools]) for i in range(n)]
+
+
+def keep_train_fraction(data: FederatedData, fractions: Sequence[float]) -> FederatedData:
+    """Users with different amounts of data: client `i` keeps the first
+    `round(fractions[i] · |train_i|)` tokens of its training stream (and their loss mask);
+    validation, test and everything else unchanged."""
+    n = data.num_clients
+    values = [float(f) for f in fractions]
+    if len(values) != n or not all(0.0 < f <= 1.0 for f in values):
+        raise ValueError(
+            f"data.train_fractions needs one value in (0, 1] per client ({n} clients), got "
+            f"{list(fractions)}"
+        )
+    ct = data.train
+    keep = [int(round(f * int(length))) for f, length in zip(values, ct.lengths, strict=True)]
+    streams = [ct.tokens[i, : keep[i]] for i in range(n)]
+    masks = None if ct.loss_mask is None else [ct.loss_mask[i, : keep[i]] for i in range(n)]
+    return dataclasses.replace(data, train=stack_streams(streams, masks))
