@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import json
@@ -34,7 +35,13 @@ from fedjax_lora.engine.evaluate import EvalSet
 from fedjax_lora.models.config import ModelConfig
 from fedjax_lora.models.factory import from_config
 from fedjax_lora.plots import plot_expert_assignment, plot_history, plot_trust
-from fedjax_lora.tracking import open_trackers, progress_bar, require_wandb
+from fedjax_lora.tracking import (
+    evaluation_progress,
+    interactive,
+    open_trackers,
+    progress_bar,
+    require_wandb,
+)
 
 SPLITS = ("val", "test")
 INSTRUCTION_SOURCES = ("dolly", "snli", "natural_instructions")
@@ -419,8 +426,18 @@ def run_method(
     every = config.checkpoint.every
     ckpt = Checkpointer(checkpoint_dir, keep=config.checkpoint.keep) if every else None
     restored = ckpt.restore_latest(sim) if ckpt and resume else None
+    evaluating = functools.partial(
+        evaluation_progress,
+        problem.num_clients * len(problem.eval_sets),
+        enabled=problem.eval_progress,
+        desc=f"{name} evaluation",
+        unit="client",
+        leave=False,
+    )
     if restored is None:
-        first, records = 1, [_round_record(name, 0, scored(algo.evaluate(sim), problem), 0.0)]
+        with evaluating():
+            metrics = scored(algo.evaluate(sim), problem)
+        first, records = 1, [_round_record(name, 0, metrics, 0.0)]
     else:
         done, sim, records = restored
         first = done + 1
@@ -431,8 +448,9 @@ def run_method(
     bar = progress_bar(rounds, enabled=enabled, desc=name, unit="round", leave=False)
     for r in bar:
         start = time.perf_counter()
-        sim, metrics = algo.round(sim)
-        metrics = scored(metrics, problem)
+        with evaluating():
+            sim, metrics = algo.round(sim)
+            metrics = scored(metrics, problem)
         _finite_or_raise(name, r, metrics, sim.clients.params, problem.client_names)
         records.append(_round_record(name, r, metrics, time.perf_counter() - start))
         experts = expert_assignment(sim) if r == config.rounds else None
@@ -588,6 +606,9 @@ def train_and_evaluate(
     if config.tracking.wandb:
         require_wandb()
     problem, _ = build_problem(config)
+    # Evaluation progress is compiled into the rounds only when a bar can show.
+    shown = progress and config.tracking.progress and interactive()
+    problem = dataclasses.replace(problem, eval_progress=shown)
     # Every method is built (its options checked) before any of them trains.
     algorithms = {name: method_factory(name, config)(problem) for name in config.methods}
     (out / "config.json").write_text(json.dumps(to_dict(config), indent=2))

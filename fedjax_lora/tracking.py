@@ -1,12 +1,13 @@
 """Experiment tracking: every round record goes to `metrics.jsonl`, TensorBoard event files
 (tensorboardX) and, when installed and asked for, Weights & Biases; progress bars for long
-host-side loops."""
+host-side loops and for the per-client evaluations inside a compiled round."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -140,3 +141,40 @@ def progress_bar(iterable: Iterable, *, enabled: bool = True, **tqdm_options: An
     the CLI's `--no-progress`) and `interactive()`. It only wraps the iteration: the items, their
     order and every result are the same with or without it."""
     return tqdm(iterable, disable=not (enabled and interactive()), **tqdm_options)
+
+
+_EVALUATION_BAR: tqdm | None = None
+
+
+@contextlib.contextmanager
+def evaluation_progress(total: int, *, enabled: bool = True, **tqdm_options: Any) -> Iterator:
+    """A progress bar for the evaluations of one compiled call (a round or `evaluate`): while
+    open, every `tick` counts one client's evaluation on one set. Shown as `progress_bar`
+    (`enabled` and `interactive()`); the call's results must reach the host inside the block."""
+    global _EVALUATION_BAR
+    bar = tqdm(total=total, disable=not (enabled and interactive()), **tqdm_options)
+    _EVALUATION_BAR = bar
+    try:
+        yield bar
+    finally:
+        _EVALUATION_BAR = None
+        bar.close()
+
+
+def _tick(_: Any) -> None:
+    if _EVALUATION_BAR is not None:
+        _EVALUATION_BAR.update(1)
+
+
+def ticking(fn: Callable) -> Callable:
+    """`fn` (a per-client function inside `jit`) that also counts one step of the open
+    `evaluation_progress` bar once its result is computed (`jax.debug.callback`, per client under
+    `vmap`, `lax.map` and `shard_map` alike); results are unchanged."""
+    import jax
+
+    def counted(*args):
+        out = fn(*args)
+        jax.debug.callback(_tick, jax.tree.leaves(out)[0])
+        return out
+
+    return counted

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 
 import pytest
 
@@ -56,9 +57,34 @@ def test_bars_draw_on_a_terminal_and_leave_results_unchanged(tmp_path, monkeypat
     terminal = FakeTerminal()
     monkeypatch.setattr("sys.stderr", terminal)
     with_bars = _run(tmp_path / "on", progress=True)
-    assert "fedavg" in terminal.getvalue() and "round" in terminal.getvalue()
+    shown = terminal.getvalue()
+    assert "fedavg" in shown and "round" in shown
+    # every round's evaluation: 4 clients × the val and test sets, counted inside the program
+    assert "fedavg evaluation" in shown and re.search(r"\| [1-8]/8 \[", shown)
     quiet = FakeTerminal()
     monkeypatch.setattr("sys.stderr", quiet)
     without = _run(tmp_path / "off", progress=False)
     assert quiet.getvalue() == ""
     assert with_bars == without
+
+
+@pytest.mark.parametrize("kind", ["vmap", "map", "chunked"])
+def test_ticking_counts_every_client_inside_jit(monkeypatch, kind):
+    """`ticking` per-client functions advance the open evaluation bar once per client under
+    every strategy, and leave the results unchanged."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from fedjax_lora.engine.strategy import Strategy, map_clients
+    from fedjax_lora.tracking import evaluation_progress, ticking
+
+    monkeypatch.setattr("sys.stderr", FakeTerminal())
+    fn = lambda x, w: {"sum": (x * w).sum()}
+    strategy = Strategy(kind, chunk_size=2) if kind == "chunked" else Strategy(kind)
+    run = jax.jit(lambda xs, w: map_clients(ticking(fn), strategy, (xs,), (w,)))
+    xs = jnp.arange(15.0).reshape(5, 3)
+    with evaluation_progress(5) as bar:
+        out = jax.device_get(run(xs, jnp.float32(2.0)))
+        assert bar.n == 5
+    np.testing.assert_allclose(out["sum"], 2.0 * np.arange(15.0).reshape(5, 3).sum(1))

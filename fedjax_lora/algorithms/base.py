@@ -21,6 +21,7 @@ from fedjax_lora.engine.instruction import make_client_task
 from fedjax_lora.engine.state import ClientState, init_clients
 from fedjax_lora.engine.strategy import map_clients
 from fedjax_lora.engine.train import make_client_update, train_clients
+from fedjax_lora.tracking import ticking
 
 PyTree = Any
 Metrics = dict[str, Any]
@@ -61,9 +62,13 @@ def evaluation(
 
     client_eval: the per-client window evaluation (`make_client_eval`'s contract); default: the
     problem's model with dropout off. wrap: applied to every per-client function
-    `fn(params, ..., base)` (e.g. FedAMoLE's merge of the client's expert masks into the base)."""
+    `fn(params, ..., base)` (e.g. FedAMoLE's merge of the client's expert masks into the base).
+    With `problem.eval_progress` every client's evaluation on every set ticks the host's
+    `evaluation_progress` bar."""
     client_eval = client_eval or make_client_eval(problem.graphdef, problem.eval_batch_size)
     wrap = wrap or (lambda fn: fn)
+    if problem.eval_progress:
+        wrap = lambda fn, inner=wrap: ticking(inner(fn))
     out = {}
     for name, es in eval_sets.items():
         if isinstance(es, EvalSet):

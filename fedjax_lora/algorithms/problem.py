@@ -67,7 +67,8 @@ class Problem:
     with adapters attached; `eval_sets` maps a name (`val`, `test`, shared sets) to an `EvalSet`;
     `cohort`: the clients drawn per round out of the population (None: every client, every
     round; see `fedjax_lora.engine.cohort`); `task`: how a text-task set among `eval_sets` is
-    scored (`with_task`)."""
+    scored (`with_task`); `eval_progress`: every client's evaluation ticks the host's open
+    `fedjax_lora.tracking.evaluation_progress` bar (a host callback compiled into the round)."""
 
     graphdef: nnx.GraphDef
     template: nnx.State
@@ -83,6 +84,7 @@ class Problem:
     reference: jax.Array | None = None
     cohort: Cohort | None = None
     task: TextTask | None = None
+    eval_progress: bool = False
 
     @property
     def num_clients(self) -> int:
