@@ -80,12 +80,12 @@ def test_quick_run_writes_the_evidence(evidence, tmp_path):
     out = tmp_path / "evidence"
     assert evidence.main(["--quick", "--out", str(out), "--draws", "5"]) == 0
     result = json.loads((out / "evidence.json").read_text())
-    assert len(result["groups"]) == 4
-    assert set(result["scores"]) == {"fedamole", "fedit-ft"}
-    assert set(result["sharing"]) == {"fedamole"}
-    sharing = result["sharing"]["fedamole"]
+    assert len(result["groups"]) == 4 and set(result["runs"]) == {"0"}
+    run = result["runs"]["0"]
+    assert set(run["scores"]) == {"fedamole", "fedit-ft"} and set(run["sharing"]) == {"fedamole"}
+    sharing = run["sharing"]["fedamole"]
     assert 0.0 < sharing["p_value"] <= 1.0 and sharing["chance_different"] >= 0.0
-    for scores in result["scores"].values():
+    for scores in run["scores"].values():
         assert 0.0 <= scores["rouge_l"] <= 100.0 and scores["test_ppl"] > 1.0
     assert "fedit-ft" in (out / "evidence.md").read_text()
     assert (out / "base" / "model.safetensors").is_file()
