@@ -48,6 +48,7 @@ def test_engine_benchmark_quick_writes_the_schema(tmp_path):
             assert isinstance(value, float) and math.isfinite(value) and value > 0, (key, row)
         assert math.isfinite(row["final_loss"])
         assert row["client_steps_per_call"] == row["num_clients"] * config["steps"]
+        assert row["model_tflops_per_s"] > 0 and row["mfu"] is None  # no --peak-tflops given
     for summary in doc["summary"].values():
         assert summary["best_strategy"] in {"vmap", "map", "chunked", "sharded"}
 
@@ -62,3 +63,14 @@ def test_engine_benchmark_quick_writes_the_schema(tmp_path):
     assert all(math.isfinite(v) and v > 0 for v in breakdown["seconds"].values())
     assert breakdown["trust_round_s"] > breakdown["fedavg_round_s"] > 0
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_model_flops_per_token_of_gpt2_124m():
+    """The MFU numerator on the GPU preset (GPT-2 124M, T=256), by hand: matmul parameters
+    P = 12·(4·768² + 2·768·3072) + 768·50257 = 123,532,032; 4·P + 12·12·256·768."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("engine_benchmark", SCRIPT)
+    engine = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(engine)
+    assert engine.model_flops_per_token(engine.GPU) == 4 * 123_532_032 + 12 * 12 * 256 * 768

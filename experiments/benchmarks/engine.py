@@ -83,10 +83,50 @@ QUICK = {
     "warmup": 1,
     "num_clients": [2],
 }
-SCALING = {"full": [32, 128, 256, 512, 1024], "quick": [2, 4]}
-BREAKDOWN = {"full": [8, 32], "quick": [2]}
+# The scale issue's GPU measurement: GPT-2 124M (bf16 base), LoRA r=8 on q and v, 64 clients of
+# 8 windows x 256 tokens a step.
+GPU = {
+    "vocab_size": 50257,
+    "d_model": 768,
+    "n_layers": 12,
+    "n_heads": 12,
+    "d_ff": 3072,
+    "seq_len": 256,
+    "batch_size": 8,
+    "rank": 8,
+    "stream_len": 8192,
+    "steps": 4,
+    "reps": 3,
+    "warmup": 1,
+    "num_clients": [64],
+    "dtype": "bfloat16",
+}
+PRESETS = {"full": FULL, "quick": QUICK, "gpu": GPU}
+SCALING = {"full": [32, 128, 256, 512, 1024], "quick": [2, 4], "gpu": [64, 256, 1024]}
+BREAKDOWN = {"full": [8, 32], "quick": [2], "gpu": [64]}
 EVAL_WINDOWS = 16  # fixed evaluation windows per client in the breakdown
 TARGETS = ("c_attn.q", "c_attn.v")
+
+
+def model_flops_per_token(c: dict) -> float:
+    """Training FLOPs per token of a frozen GPT-2 base with LoRA, PaLM's convention (Chowdhery
+    et al. 2022, App. B) without weight gradients: forward `2·P` plus backward `2·P` for the
+    activation gradients (frozen weights take none), `P = L·(4d² + 2·d·d_ff) + d·V` the matmul
+    parameters (head included), plus attention scores and mixing, `12·L·T·d` (forward `4·L·T·d`,
+    backward twice that). LoRA's own FLOPs (< 1 % here) are left out."""
+    d, layers, t = c["d_model"], c["n_layers"], c["seq_len"]
+    matmul_params = layers * (4 * d * d + 2 * d * c["d_ff"]) + d * c["vocab_size"]
+    return 4.0 * matmul_params + 12.0 * layers * t * d
+
+
+def _device_peak_gb() -> float | None:
+    """Peak bytes in use on the first accelerator (None where the backend keeps no statistics,
+    e.g. the CPU: there `peak_rss_gb` is the memory)."""
+    import jax
+
+    stats = jax.devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return None if peak is None else peak / 1024**3
 
 
 def _rss_gb() -> float:
@@ -118,7 +158,7 @@ def setup(c: dict, n: int) -> dict:
         d_ff=c["d_ff"],
         max_positions=c["seq_len"],
     )
-    model = from_config(cfg, seed=0)
+    model = from_config(cfg, dtype=jnp.dtype(c.get("dtype", "float32")), seed=0)
     lora.add_lora(model, lora.LoRAConfig(targets=TARGETS, rank=c["rank"]))
     graphdef, template, base = lora.split(model)
     tx = OptimizerConfig(name="adamw", lr=1e-3).build()
@@ -275,12 +315,18 @@ def result_row(
     steps_per_call = n * c["steps"]
     median = statistics.median(times)
     sps = steps_per_call / median
+    tokens_per_s = sps * c["batch_size"] * c["seq_len"]
+    model_tflops = tokens_per_s * model_flops_per_token(c) / 1e12
+    peak = c.get("peak_tflops")
     return {
         "strategy": kind,
         "num_clients": n,
         "client_steps_per_s": sps,
-        "tokens_per_s": sps * c["batch_size"] * c["seq_len"],
+        "tokens_per_s": tokens_per_s,
+        "model_tflops_per_s": model_tflops,
+        "mfu": model_tflops / peak if peak else None,
         "peak_rss_gb": _rss_gb(),
+        "device_peak_gb": _device_peak_gb(),
         "compile_s": prepared["compile_s"],
         "call_s_median": median,
         "call_s": times,
@@ -624,6 +670,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument("--num-clients", type=int, nargs="+")
     p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="full",
+        help="model and sizes: full (the CPU benchmark), quick (tests), gpu (GPT-2 124M, N=64)",
+    )
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        help="the device's peak for the base's dtype (e.g. H200 bf16 dense: 989); adds `mfu`",
+    )
+    p.add_argument(
         "--strategies", nargs="+", default=["vmap", "map", "chunked"], choices=ENGINE_STRATEGIES
     )
     p.add_argument(
@@ -676,12 +733,14 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(worker(json.loads(args.worker))), flush=True)
         return 0
 
-    config = dict(QUICK if args.quick else FULL)
+    size = "quick" if args.quick else args.preset
+    config = {"dtype": "float32", **PRESETS[size]}
     for name in ("num_clients", "steps", "reps", "warmup"):
         if getattr(args, name) is not None:
             config[name] = getattr(args, name)
-    size = "quick" if args.quick else "full"
     config.update(
+        preset=size,
+        peak_tflops=args.peak_tflops,
         sections=args.sections,
         scaling_clients=args.scaling_clients or SCALING[size],
         scaling_strategies=args.scaling_strategies,
@@ -702,7 +761,6 @@ def main(argv: list[str] | None = None) -> int:
         ),
         lora_targets=list(TARGETS),
         optimizer="adamw",
-        dtype="float32",
         donated=True,
         sampling="random windows with replacement",
         timing="median of reps after warmup; compile = AOT lower().compile()",
