@@ -140,7 +140,12 @@ def progress_bar(iterable: Iterable, *, enabled: bool = True, **tqdm_options: An
     evaluations, a grid of runs), shown only when `enabled` (the config's `tracking.progress`,
     the CLI's `--no-progress`) and `interactive()`. It only wraps the iteration: the items, their
     order and every result are the same with or without it."""
-    return tqdm(iterable, disable=not (enabled and interactive()), **tqdm_options)
+    return tqdm(iterable, disable=_hidden(enabled), **tqdm_options)
+
+
+def _hidden(enabled: bool) -> bool:
+    """A bar stays hidden unless it is `enabled` and someone watches (`interactive()`)."""
+    return not (enabled and interactive())
 
 
 _EVALUATION_BAR: tqdm | None = None
@@ -149,10 +154,11 @@ _EVALUATION_BAR: tqdm | None = None
 @contextlib.contextmanager
 def evaluation_progress(total: int, *, enabled: bool = True, **tqdm_options: Any) -> Iterator:
     """A progress bar for the evaluations of one compiled call (a round or `evaluate`): while
-    open, every `tick` counts one client's evaluation on one set. Shown as `progress_bar`
-    (`enabled` and `interactive()`); the call's results must reach the host inside the block."""
+    open, every `ticking` function counts one client's evaluation on one set. Shown as
+    `progress_bar` (`enabled` and `interactive()`); the call's results must reach the host inside
+    the block."""
     global _EVALUATION_BAR
-    bar = tqdm(total=total, disable=not (enabled and interactive()), **tqdm_options)
+    bar = tqdm(total=total, disable=_hidden(enabled), **tqdm_options)
     _EVALUATION_BAR = bar
     try:
         yield bar

@@ -262,11 +262,11 @@ def uniform_evaluation(
     """
     n = data.num_clients
     group_ids = sorted(set(int(g) for g in data.groups))
+    pools = [[i for i in range(n) if int(data.groups[i]) == g] for g in group_ids]
     replaced = {}
     for name in splits:
         ct = data.split(name)
         mask = ct.loss_mask
-        pools = [[i for i in range(n) if int(data.groups[i]) == g] for g in group_ids]
         tokens = [np.concatenate([ct.stream(i) for i in members]) for members in pools]
         masks = (
             None
