@@ -8,7 +8,8 @@ Each script of a paper's harness records its comparisons in a `Results` and save
      "info":   [{"name": str, "value": float | null, "note": str}, ...],
      "speed":  {...}}
 
-A check passes iff `max_abs_diff <= tolerance`. A check whose fedjax_lora switch is not there
+A check passes iff `max_abs_diff <= tolerance` (a non-finite difference is stored as null and
+fails). A check whose fedjax_lora switch is not there
 yet carries `"missing": "<what>"`, `max_abs_diff: null` and `ok: false`, so it never passes
 silently. `info` rows are documented differences from the authors' code (by design, reference
 bugs this project does not reproduce by default) and diagnostics; they are not checks.
@@ -37,7 +38,12 @@ class Results:
     def check(self, name: str, diff: float, tolerance: float, note: str = "") -> bool:
         diff = float(diff)
         ok = math.isfinite(diff) and diff <= tolerance
-        row = {"name": name, "max_abs_diff": diff, "tolerance": float(tolerance), "ok": ok}
+        row = {
+            "name": name,
+            "max_abs_diff": diff if math.isfinite(diff) else None,  # strict JSON: no NaN
+            "tolerance": float(tolerance),
+            "ok": ok,
+        }
         if note:
             row["note"] = note
         self.checks.append(row)
@@ -68,7 +74,7 @@ class Results:
         out.mkdir(parents=True, exist_ok=True)
         path = out / f"{self.part}.json"
         body = {"checks": self.checks, "info": self.info_rows, "speed": self.speed}
-        path.write_text(json.dumps(body, indent=1, default=_jsonable))
+        path.write_text(json.dumps(body, indent=1, default=_jsonable, allow_nan=False))
         return path
 
 
@@ -112,7 +118,10 @@ def main(argv: list[str]) -> int:
     merged = collect(argv[0])
     bad = [c for c in merged["checks"] if not c["ok"]]
     for c in bad:
-        why = f"missing: {c['missing']}" if "missing" in c else f"{c['max_abs_diff']:.3e}"
+        if "missing" in c:
+            why = f"missing: {c['missing']}"
+        else:
+            why = "not finite" if c["max_abs_diff"] is None else f"{c['max_abs_diff']:.3e}"
         print(f"FAILED {c['name']} ({why}, tolerance {c['tolerance']:.1e})")
     print(
         f"{len(merged['checks'])} checks, {len(bad)} failed or missing; "

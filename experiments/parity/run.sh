@@ -17,18 +17,19 @@ usage() {
 }
 [ $# -ge 3 ] || usage
 PAPER=$1
-REF_DIR=$(cd "$2" && pwd)
-mkdir -p "$3"
-OUT_DIR=$(cd "$3" && pwd)
-shift 3
+case $PAPER in trust | comigs | fedamole) ;; *) usage ;; esac
+[ -d "$2" ] || { echo "REF_DIR $2 is not a directory: clone the authors' repository (README.md)" >&2; exit 2; }
 SPEED=0
-for arg in "$@"; do
+for arg in "${@:4}"; do
   case $arg in
     --quick) SPEED=0 ;;
     --speed) SPEED=1 ;;
     *) usage ;;
   esac
 done
+REF_DIR=$(cd "$2" && pwd)
+mkdir -p "$3"
+OUT_DIR=$(cd "$3" && pwd)
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
 VENVS=${PARITY_VENVS:-$OUT_DIR/venvs}
