@@ -36,16 +36,19 @@ VENVS=${PARITY_VENVS:-$OUT_DIR/venvs}
 PYTHON=${PYTHON:-python3}
 TORCH='torch==2.13.0'  # pinned: the unpinned name pulls several GB of CUDA wheels
 
-# One venv per set of pins; made once ($VENVS/<name>/.ready marks a finished install).
+# One venv per set of pins, (re)installed when the pins or pyproject.toml change
+# ($VENVS/<name>/.ready holds their hash).
 venv() {
   local name=$1
   shift
   local dir=$VENVS/$name
-  if [ ! -f "$dir/.ready" ]; then
+  local stamp
+  stamp=$( (echo "$@"; cat "$ROOT/pyproject.toml") | sha256sum | cut -d' ' -f1)
+  if [ "$(cat "$dir/.ready" 2>/dev/null)" != "$stamp" ]; then
     echo "== setting up $dir" >&2
-    "$PYTHON" -m venv "$dir"
-    "$dir/bin/pip" install -q "$@" >&2
-    touch "$dir/.ready"
+    [ -x "$dir/bin/python" ] || "$PYTHON" -m venv "$dir"
+    "$dir/bin/python" -m pip install -q "$@" >&2
+    echo "$stamp" > "$dir/.ready"
   fi
   echo "$dir/bin/python"
 }
