@@ -1002,6 +1002,78 @@ def jax_model_from_shape(shape, moe_cfg):
     return model
 
 
+# ---------------------------------------------------------------------------------------------
+# (f) router validation batches
+
+
+def section_f(ref):
+    """Router batches (issue 14 point 5): the reference's `get_batch` draws windows at
+    `torch.randint(len(data) - T)` over the whole validation stream; fedjax_lora's
+    `router_batches="random"` samples the stream rebuilt from the validation windows. On a stream
+    whose tokens are their positions, the first input token of a window is its offset, so both
+    offset distributions are read directly (seeds cannot be shared: torch vs JAX RNG)."""
+    import inspect
+
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    from fedjax_lora.algorithms import comigs as cm
+    from fedjax_lora.engine import LocalTraining
+    from fedjax_lora.engine.train import stream_sampler
+
+    t, w, b, n = 32, 47, 8, 4000
+    length = w * t + 1
+    stream = np.arange(length)
+    name = "router batch offsets, jax router_batches='random' vs reference get_batch"
+    if not (has_param(cm.comigs, "router_batches") and hasattr(cm, "val_stream")):
+        what = "comigs(router_batches='random') and comigs.val_stream (issue 14 point 5)"
+        row("f", f"{name}: KS statistic", float("nan"), "missing", what)
+        return
+    windows = np.stack([stream[i * t : i * t + t + 1] for i in range(w)]).astype(np.int32)
+    tokens, v_len, v_mask = cm.val_stream(jnp.asarray(windows), jnp.ones((w, t), jnp.float32))
+    rebuilt = np.asarray(tokens)
+    row(
+        "f",
+        "val_stream rebuilds the validation stream from its windows (tokens differing)",
+        float(rebuilt.shape != stream.shape or np.any(rebuilt != stream) or int(v_len) != length),
+        tol=0.0,
+    )
+    cfg = LocalTraining(steps=1, batch_size=b, seq_len=t, sampling="random")
+    sample = stream_sampler(cfg, tokens, v_len, v_mask, jax.random.key(0), w)
+    keys = jax.random.split(jax.random.key(1), n)
+    jax_starts = np.asarray(jax.vmap(lambda k: sample(k, 0).inputs[:, 0])(keys)).ravel()
+    get_batch = ref.clients.get_batch
+    kw = {"is_shifted": True} if "is_shifted" in inspect.signature(get_batch).parameters else {}
+    torch.manual_seed(0)
+    data = stream.astype(np.uint16)
+    ref_starts = np.concatenate(
+        [get_batch(data, t, b, **kw)[0][:, 0].numpy() for _ in range(n)]
+    ).astype(np.int64)
+    grid = np.arange(length - t + 1)
+    cdf = lambda s: np.searchsorted(np.sort(s), grid, side="right") / len(s)
+    ks = float(np.abs(cdf(jax_starts) - cdf(ref_starts)).max())
+    crit = 1.95 * np.sqrt(2.0 / (n * b))  # two-sample KS at the 0.1 % level
+    row(
+        "f",
+        f"{name}: KS statistic ({n * b} offsets each)",
+        ks,
+        note=f"critical value at 0.1 %: {crit:.4f}",
+        tol=crit,
+    )
+    outside = int(np.sum((jax_starts < 0) | (jax_starts > length - t - 1)))
+    row("f", f"{name}: offsets outside [0, len - T) (count)", float(outside), tol=0.0)
+    share = lambda s: float(np.mean(s % t == 0))
+    row(
+        "f",
+        f"{name}: share of offsets on window boundaries (multiples of T)",
+        abs(share(jax_starts) - share(ref_starts)),
+        note=f"ref {share(ref_starts):.4f}, jax {share(jax_starts):.4f}; "
+        f"router_batches='windows': 1 by construction",
+        tol=0.01,
+    )
+
+
 def main():
     import torch
 
@@ -1016,6 +1088,7 @@ def main():
     section_b(ref, shape, base)
     section_c(ref, shape, base)
     section_de(ref, shape, base)
+    section_f(ref)
     (out / "blocks.json").write_text(json.dumps(ROWS, indent=1))
     lines = ["| sec | quantity | max abs diff | verdict | note |", "|---|---|---|---|---|"]
     for r in ROWS:

@@ -25,6 +25,7 @@ Run: `REF_DIR=<exported reference> python trajectory.py [--experts 2] [--rounds 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import inspect
 import json
 import os
@@ -152,7 +153,8 @@ def jax_problem(a, weights_dir, train, val, kind):
     return Problem.create(
         model,
         stack_streams(train),
-        {"val": eval_windows(stack_streams(val), a.seq, a.val_windows)},
+        # all the validation stream's windows: router_batches="random" samples the whole stream
+        {"val": eval_windows(stack_streams(val), a.seq, (len(val[0]) - 1) // a.seq)},
         training=LocalTraining(
             steps=a.steps, batch_size=a.batch, seq_len=a.seq, sampling="random", dropout=False
         ),
@@ -177,6 +179,8 @@ def jax_algorithm(a, problem, leak):
     if a.jax_lb_on_block_output:
         moe["reference_lb_on_block_output"] = True
     options = {"evaluate": "local"} if has_param(comigs, "evaluate") else {}
+    if has_param(comigs, "router_batches"):
+        options["router_batches"] = a.router_batches
     return comigs(
         problem,
         moe=MoEConfig(**moe, generalist_share=0.5),
@@ -190,6 +194,14 @@ def jax_algorithm(a, problem, leak):
     )
 
 
+def router_random(a) -> bool:
+    """Whether fedjax_lora's router draws random offsets over the validation stream (the
+    reference's `get_batch`; issue 14 point 5) rather than fixed windows."""
+    from fedjax_lora.algorithms.comigs import comigs
+
+    return has_param(comigs, "router_batches") and a.router_batches == "random"
+
+
 def jax_batches(a, problem, rngs):
     """Every client's batches in the order the compiled round draws them, re-derived with
     fedjax_lora's own samplers along the round's key chain (`comigs.client_update`: each expert
@@ -197,7 +209,11 @@ def jax_batches(a, problem, rngs):
     `fold_in(k_batch, 0)`). Returns the batches and the final keys (checked against the run)."""
     import jax
 
+    from fedjax_lora.algorithms import comigs as cm
     from fedjax_lora.algorithms.comigs import val_sampler
+    from fedjax_lora.engine.train import stream_sampler
+
+    val_stream = getattr(cm, "val_stream", None)
     from fedjax_lora.engine.batches import sample_starts, windows_at
 
     max_windows = problem.train.max_windows(a.seq)
@@ -206,7 +222,18 @@ def jax_batches(a, problem, rngs):
     for i in range(a.clients):
         rng = rngs[i]
         tokens, length = problem.train.tokens[i], problem.train.lengths[i]
-        vs = val_sampler(val.windows[i], val.weights[i], a.batch)
+        if router_random(a):  # comigs' client_update: the stream behind the val windows
+            v_tokens, v_length, v_mask = val_stream(val.windows[i], val.weights[i])
+            vs = stream_sampler(
+                dataclasses.replace(problem.training, sampling="random"),
+                v_tokens,
+                v_length,
+                v_mask,
+                jax.random.key(0),  # unused by random sampling
+                max_windows,
+            )
+        else:
+            vs = val_sampler(val.windows[i], val.weights[i], a.batch)
         train_q, val_q = [], []
         for g in range(a.rounds):
             for s in range(a.steps):
@@ -360,7 +387,12 @@ def main():
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--val-windows", type=int, default=24)
+    p.add_argument(
+        "--router-batches",
+        default="random",
+        choices=["random", "windows"],
+        help="fedjax_lora's router validation batches (the reference: random offsets)",
+    )
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--strategy", default="map", choices=["map", "vmap"])
     p.add_argument("--no-clean", action="store_true", help="skip the clean (leak off) run")
@@ -381,16 +413,16 @@ def main():
     suffix = ("_reflbfix" if a.ref_lb_on_routed_input else "") + (
         "_jaxlbflag" if a.jax_lb_on_block_output else ""
     )
-    R = Results(f"trajectory_E{a.experts}_{a.strategy}{suffix}")
+    out_rows = Results(f"trajectory_E{a.experts}_{a.strategy}{suffix}")
     from fedjax_lora.moe import MoEConfig
 
     if a.jax_lb_on_block_output and not has_field(MoEConfig, "reference_lb_on_block_output"):
-        R.missing(
+        out_rows.missing(
             f"1G{a.experts - 1}S trajectory, jax reference_lb_on_block_output=True vs reference",
             "MoEConfig.reference_lb_on_block_output (issue 14 point 2)",
             TOL,
         )
-        print(f"written {R.save(common.out_dir())}")
+        print(f"written {out_rows.save(common.out_dir())}")
         return
 
     import jax
@@ -422,6 +454,7 @@ def main():
     from fedjax_lora.algorithms.comigs import comigs
 
     results["comigs_evaluate_option"] = has_param(comigs, "evaluate")
+    results["router_random"] = router_random(a)
     runs = [("leak", True)] + ([] if a.no_clean else [("clean", False)])
     jax_out = {}
     queues = None
@@ -531,8 +564,8 @@ def main():
             for x in ev["evaluate(local models, before aggregation; the reference's timing)"]
         ],
     )
-    checks(R, a, results)
-    print(f"\nwritten {path} and {R.save(out)}")
+    checks(out_rows, a, results)
+    print(f"\nwritten {path} and {out_rows.save(out)}")
 
 
 def checks(R: Results, a, results: dict) -> None:
@@ -543,6 +576,8 @@ def checks(R: Results, a, results: dict) -> None:
         tag += ", reference LB redirected to the routed input"
     if a.jax_lb_on_block_output:
         tag += ", jax reference_lb_on_block_output=True"
+    if results["router_random"]:
+        tag += ", router_batches=random"
     R.check(
         f"{tag}: batches served to the reference == planned",
         float(not results["batches_served_equal_planned"]),

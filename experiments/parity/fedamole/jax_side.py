@@ -31,6 +31,9 @@ from fedjax_lora.engine.batches import Batch  # noqa: E402
 from fedjax_lora.engine.loss import lm_loss  # noqa: E402
 from fedjax_lora.models.weights import load_hf, read_safetensors  # noqa: E402
 
+sys.path.insert(0, str(common.HERE.parent))
+from results import has_param  # noqa: E402
+
 FIXTURE = common.fixtures() / "tiny_parity"
 
 
@@ -337,8 +340,18 @@ def section_data():
     dec = lambda text: tok.decode(
         tok(text, add_special_tokens=False)["input_ids"], skip_special_tokens=True
     )
-    res["rouge_str"] = np.array([rouge_l(h, r) for h, r in pairs])
-    res["rouge_ids"] = np.array([rouge_l(dec(h), r) for h, r in pairs])  # engine: decode, raw ref
+    # issue 14 point 7: the paper's metric (PyPI `rouge` 1.0.1) as `rouge_l`'s implementation
+    switches = meta["switches"] = {}
+    if has_param(rouge_l, "implementation"):
+        rouge = lambda h, r: rouge_l(h, r, implementation="rouge")
+        res["rouge_score_ids"] = np.array(
+            [rouge_l(dec(h), r, implementation="rouge-score") for h, r in pairs]
+        )
+    else:
+        switches[7] = "engine.instruction.rouge_l(..., implementation='rouge') (issue 14 point 7)"
+        rouge = rouge_l
+    res["rouge_str"] = np.array([rouge(h, r) for h, r in pairs])
+    res["rouge_ids"] = np.array([rouge(dec(h), r) for h, r in pairs])  # engine: decode, raw ref
     common.save_npz("jax_data.npz", **res)
     common.save_json("jax_data.json", meta)
 
