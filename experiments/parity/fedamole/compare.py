@@ -357,7 +357,8 @@ def traj_rows(dispatch: str):
         d, s = maxdiff([(r["eval_loss_init"], j["eval_loss_init"])])
         add(
             sec,
-            "eval loss of the same example (Client.eval vs engine val window)",
+            "eval loss of the same example, response tokens (Client.eval vs engine val window; "
+            "issue 14 point 8)",
             d,
             1e-5,
             f"ref {np.round(r['eval_loss_init'], 4).tolist()} (response tokens) vs jax "
