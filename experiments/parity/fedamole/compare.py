@@ -201,16 +201,17 @@ def assign():
 def data():
     r, j = common.load_npz("ref_data.npz"), common.load_npz("jax_data.npz")
     rm, jm = common.load_json("ref_data.json"), common.load_json("jax_data.json")
+    MISSING.update({int(k): v for k, v in jm.get("switches", {}).items()})
     add(
         "d: partition",
         "Dolly label encoding (rows differing)",
         int(np.sum(r["labels_dolly"] != j["labels_dolly"])),
         0,
     )
-    for ds, label in (
-        ("dolly", "Dolly (8 categories)"),
-        ("snli", "SNLI-like (0.2% label -1)"),
-        ("snliraw", "SNLI-like, partitioner alone on labels with -1"),
+    for ds, label, point in (
+        ("dolly", "Dolly (8 categories)", None),
+        ("snli", "SNLI-like (0.2% label -1; issue 14 point 9)", 9),
+        ("snliraw", "SNLI-like, partition.dirichlet alone as the reference calls it", None),
     ):
         exact = sets = total = 0
         for seed in (42, 62, 82):
@@ -231,6 +232,31 @@ def data():
             0,
             f"{exact}/{total} identical incl. order, {sets}/{total} same sets; "
             "seeds 42/62/82 x alpha 0.1/1/100, 10 clients",
+            point=point,
+        )
+    for ds in ("dolly", "snli"):
+        differing = total = 0
+        for seed in (42, 62, 82):
+            for alpha in (0.1, 1.0, 100.0):
+                for name in ("train", "aux", "val", "test"):
+                    k = f"{name}_{ds}_{seed}_{alpha}"
+                    total += 1
+                    if f"split_{k}" not in j:
+                        differing += 1
+                        continue
+                    rp = common.to_list_of_arrays(r[f"split_{k}"], r[f"splitoff_{k}"])
+                    jp = common.to_list_of_arrays(j[f"split_{k}"], j[f"splitoff_{k}"])
+                    differing += not all(
+                        len(a) == len(b) and np.all(a == b) for a, b in zip(rp, jp, strict=True)
+                    )
+        add(
+            "d: splits",
+            f"{ds}: per-client split membership train/aux/val/test, same seed "
+            "(configs x splits differing; issue 14 point 9)",
+            differing,
+            0,
+            f"of {total}; aux = 5 % of train+aux (4 % of a client's examples), capped at 200",
+            point=9,
         )
     for ds in ("dolly", "snli"):
         dv = dt = dtr = 0
@@ -305,7 +331,6 @@ def data():
             f"{long} longer examples: reference truncates to {max_len} and forces "
             "EOS last; fedjax_lora keeps them whole (windows)",
         )
-    MISSING.update({int(k): v for k, v in jm.get("switches", {}).items()})
     kinds = common.ROUGE_KINDS
     d = r["rouge_ids"] - j["rouge_ids"]
     per = "; ".join(

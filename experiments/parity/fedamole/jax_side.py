@@ -270,6 +270,7 @@ def section_assign():
 
 
 def section_data():
+    from fedjax_lora.data import instruction as ins
     from fedjax_lora.data.datasets_hf import load_dolly, load_snli
     from fedjax_lora.data.instruction import client_splits, default_bos_id
     from fedjax_lora.data.partition import dirichlet
@@ -286,22 +287,69 @@ def section_data():
     snli_all = np.array([r["label"] for r in snli_rows])
     kept = np.flatnonzero((snli_all >= 0) & (snli_all < 3))  # load_snli's row filter
     res, meta = {"labels_dolly": dolly.labels, "labels_snli_kept": snli.labels}, {}
+    switches = meta["switches"] = {}  # issue-14 points whose switch is missing here
     ref_parts = common.load_npz("ref_data.npz")
     caps = {"dolly": (0.1, 0.1, 200, 50)}
     snli_eval = 10000 / (550152 + 10000 + 10000)
     caps["snli"] = (snli_eval, snli_eval, 200, 200)
+    # issue 14 point 9: the project's partition + split pipeline, as the reference's
+    # ClientDataLoader (K counts SNLI's -1, the legacy RNG stream continues into the splits)
+    pipeline = hasattr(ins, "partition_examples") and has_param(client_splits, "aux_fraction")
+    if pipeline:
+        labels = {
+            "dolly": dolly.labels,
+            "snli": load_snli(fx / "snli.jsonl", cache_dir=cache, unlabelled=True).labels,
+        }
+    else:
+        switches[9] = (
+            "data.instruction.partition_examples, client_splits(aux_fraction=...), "
+            "load_snli(unlabelled=True) (issue 14 point 9)"
+        )
     for seed in (42, 62, 82):
         for alpha in (0.1, 1.0, 100.0):
-            parts = dirichlet(dolly.labels, 10, alpha, seed, num_classes=len(dolly.label_names))
-            key = f"dolly_{seed}_{alpha}"
-            res[f"part_{key}"], res[f"off_{key}"] = common.pack(parts)
-            # The project's pipeline: -1 rows dropped first, then K = 3 classes.
-            parts = dirichlet(snli.labels, 10, alpha, seed, num_classes=3)
             key = f"snli_{seed}_{alpha}"
-            res[f"part_{key}"], res[f"off_{key}"] = common.pack([kept[p] for p in parts])
-            # The partitioner alone on the reference's labels (with -1), K = 3.
-            parts = dirichlet(snli_all, 10, alpha, seed, num_classes=3)
+            # The partitioner alone, called as the reference calls partition_idx_dir (its labels
+            # with -1, K = the number of distinct labels).
+            try:
+                parts = dirichlet(snli_all, 10, alpha, seed, num_classes=np.unique(snli_all).size)
+            except (ValueError, IndexError) as e:
+                print(f"dirichlet on labels with -1 raised {type(e).__name__}: {e}")
+                parts = [np.zeros(0, np.int64)] * 10
             res[f"part_snliraw_{key}"], res[f"off_snliraw_{key}"] = common.pack(parts)
+            if pipeline:
+                for dname in ("dolly", "snli"):
+                    val, test, max_val, max_test = caps[dname]
+                    rng = np.random.RandomState(seed)
+                    parts = ins.partition_examples(labels[dname], 10, "dirichlet", alpha, rng)
+                    pk = f"{dname}_{seed}_{alpha}"
+                    res[f"part_{pk}"], res[f"off_{pk}"] = common.pack(parts)
+                    splits = client_splits(
+                        parts,
+                        val_fraction=val,
+                        test_fraction=test,
+                        max_val=max_val,
+                        max_test=max_test,
+                        seed=rng,
+                        aux_fraction=0.05,
+                        max_aux=200,
+                    )
+                    for name in ("train", "aux", "val", "test"):
+                        k = f"{name}_{pk}"
+                        res[f"split_{k}"], res[f"splitoff_{k}"] = common.pack(
+                            [s[name] for s in splits]
+                        )
+                    res[f"sizes_{pk}"] = np.array(
+                        [
+                            [len(s["train"]) + len(s["aux"]), len(s["val"]), len(s["test"])]
+                            for s in splits
+                        ]
+                    )
+                continue
+            parts = dirichlet(dolly.labels, 10, alpha, seed, num_classes=len(dolly.label_names))
+            res[f"part_dolly_{seed}_{alpha}"], res[f"off_dolly_{seed}_{alpha}"] = common.pack(parts)
+            # The project's pipeline before issue 14: -1 rows dropped first, then K = 3 classes.
+            parts = dirichlet(snli.labels, 10, alpha, seed, num_classes=3)
+            res[f"part_{key}"], res[f"off_{key}"] = common.pack([kept[p] for p in parts])
             for dname in ("dolly", "snli"):
                 # Split rule alone: the project's client_splits on the reference's partition.
                 pk = f"{dname}_{seed}_{alpha}"

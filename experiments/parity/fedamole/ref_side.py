@@ -330,6 +330,9 @@ class IndexSet:
         return IndexSet(self.idx[r.start : r.stop])
 
 
+SPLITS = ("train", "aux", "val", "test")
+
+
 def split_ratios(eval_frac: float, test_frac: float) -> list[float]:
     """`load_dataset`'s per-client split ratios for ratio_train_to_aux "0.95,0.05" (spec §5.3)."""
     rs = [
@@ -369,13 +372,22 @@ def section_data():
                 parts = ref_partition.partition_idx_dir(y, 10, alpha, np.unique(y).shape[0])
                 flat, off = common.pack(parts)
                 res[f"part_{dname}_{seed}_{alpha}"], res[f"off_{dname}_{seed}_{alpha}"] = flat, off
-                sizes = []
+                sizes, members = [], {name: [] for name in SPLITS}
                 for part in parts:
                     np.random.shuffle(part)
-                    tr, aux, ev, te = ref_dataset.split_dataset(IndexSet(part), ratios)
+                    pieces = ref_dataset.split_dataset(IndexSet(part), ratios)
                     n = lambda s: 0 if s is None else len(s)
+                    tr, aux, ev, te = pieces
                     sizes.append([n(tr), min(n(aux), 200), min(n(ev), 200), min(n(te), test_cap)])
+                    for name, piece, cap in zip(
+                        SPLITS, pieces, (None, 200, 200, test_cap), strict=True
+                    ):
+                        idx = np.zeros(0, np.int64) if piece is None else piece.idx[:cap]
+                        members[name].append(np.asarray(idx, np.int64))
                 res[f"sizes_{dname}_{seed}_{alpha}"] = np.array(sizes)
+                for name in SPLITS:  # which examples each client's splits hold
+                    key = f"{name}_{dname}_{seed}_{alpha}"
+                    res[f"split_{key}"], res[f"splitoff_{key}"] = common.pack(members[name])
     # (e) templates and loss masks through the reference tokenizer and preprocessors
     args = make_args(model_name="tiny")
     tok = ref_common.get_tokenizer(args)
