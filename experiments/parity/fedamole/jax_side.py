@@ -389,7 +389,7 @@ def section_data():
         tok(text, add_special_tokens=False)["input_ids"], skip_special_tokens=True
     )
     # issue 14 point 7: the paper's metric (PyPI `rouge` 1.0.1) as `rouge_l`'s implementation
-    switches = meta["switches"] = {}
+    switches = meta["switches"]
     if has_param(rouge_l, "implementation"):
         rouge = lambda h, r: rouge_l(h, r, implementation="rouge")
         res["rouge_score_ids"] = np.array(
