@@ -53,6 +53,17 @@ def _checkpoint_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _preset_flag(parser: argparse.ArgumentParser) -> None:
+    from fedjax_lora.presets import PRESETS
+
+    parser.add_argument(
+        "--preset",
+        default=None,
+        choices=sorted(PRESETS),
+        help="a paper's settings, applied under the config file and the --set overrides",
+    )
+
+
 def _distributed_output(out: str) -> str:
     """Initialises `jax.distributed` when launched as several processes; process 0 writes to
     `out`, process `i > 0` to `out/process_<i>`."""
@@ -70,7 +81,7 @@ def _distributed_output(out: str) -> str:
 def _sweep(args: argparse.Namespace) -> None:
     from fedjax_lora.sweep import markdown, run_sweep
 
-    config = config_lib.load(args.config, args.set)
+    config = config_lib.load(args.config, args.set, preset=args.preset)
     out = _distributed_output(args.out or str(Path("runs") / f"{Path(args.config).stem}-sweep"))
     doc = run_sweep(config, out)
     print(markdown(doc["table"]))
@@ -105,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         metavar="KEY=VALUE",
         help="overrides such as training.steps=3 methods=[local]",
     )
+    _preset_flag(p_run)
     p_run.add_argument("--out", default=None, help="output directory (default runs/<config>)")
     p_run.add_argument("--no-progress", action="store_true")
     _checkpoint_flags(p_run)
@@ -120,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p_sweep.add_argument("config")
     p_sweep.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    _preset_flag(p_sweep)
     p_sweep.add_argument(
         "--out", default=None, help="output directory (default runs/<config>-sweep)"
     )
@@ -150,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             config = demo_config(args)
             out = args.out
         else:
-            config = config_lib.load(args.config, args.set)
+            config = config_lib.load(args.config, args.set, preset=args.preset)
             out = args.out or str(Path("runs") / Path(args.config).stem)
         _run(config, _distributed_output(out), args)
     except (ValueError, FileNotFoundError, FloatingPointError) as e:

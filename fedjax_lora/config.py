@@ -19,6 +19,7 @@ from fedjax_lora.engine.optim import OptimizerConfig
 from fedjax_lora.engine.strategy import Strategy
 from fedjax_lora.engine.train import LocalTraining
 from fedjax_lora.lora import LoRAConfig
+from fedjax_lora.presets import PRESETS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,11 +158,21 @@ class GenerationSpec:
 class EvalSpec:
     """Evaluation windows: at most `max_windows` fixed windows per client and split, processed
     `batch_size` at a time; `generation`: the instruction-task metric per client (instruction
-    data sources only; reported as `task_rouge_l` / `task_accuracy`)."""
+    data sources only; reported as `task_rouge_l` / `task_accuracy`); `attention_dropout`: the
+    trust-weighted methods evaluate (reported perplexities and trust inputs) with attention
+    dropout of this rate kept on, as the paper (0.2; `TrustOptions.eval_attention_dropout`);
+    null: no dropout in evaluation."""
 
     max_windows: int = 16
     batch_size: int = 8
     generation: GenerationSpec | None = None
+    attention_dropout: float | None = None
+
+    def __post_init__(self):
+        if self.attention_dropout is not None and not 0.0 <= self.attention_dropout < 1.0:
+            raise ValueError(
+                f"eval.attention_dropout must be in [0, 1) or null, got {self.attention_dropout}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,7 +232,9 @@ class SweepSpec:
 class ExperimentConfig:
     """`method_options`: per method name, keyword options of its factory, e.g.
     `{"comigs": {"expert_counts": [1, 2, 3, 4], "moe": {"num_experts": 4}}}` (mappings become the
-    annotated dataclasses; unknown names fail before any compute, listing the accepted ones)."""
+    annotated dataclasses; unknown names fail before any compute, listing the accepted ones).
+    `preset`: the paper preset (`fedjax_lora.presets.PRESETS`) applied under this config's own
+    values (recorded here; see `merge_base`)."""
 
     methods: tuple[str, ...] = ("local", "fedavg")
     rounds: int = 10
@@ -240,8 +253,11 @@ class ExperimentConfig:
     tracking: TrackingSpec = TrackingSpec()
     sweep: SweepSpec = SweepSpec()
     method_options: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    preset: str | None = None
 
     def __post_init__(self):
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; available: {sorted(PRESETS)}")
         if self.rounds < 1:
             raise ValueError(f"rounds must be >= 1, got {self.rounds}")
         if not self.methods:
@@ -319,7 +335,8 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 
 def merge_base(base: ExperimentConfig, values: dict[str, Any]) -> ExperimentConfig:
-    """`base` with the fields in the nested dict `values` replaced (sections merged key by key)."""
+    """`base` with the fields in the nested dict `values` replaced (sections merged key by key).
+    A `preset` in `values` is applied first: `base`, then `PRESETS[preset]`, then `values`."""
     merged = to_dict(base)
 
     def update(dst, src, where):
@@ -329,6 +346,11 @@ def merge_base(base: ExperimentConfig, values: dict[str, Any]) -> ExperimentConf
             else:
                 dst[k] = v
 
+    preset = values.get("preset")
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; available: {sorted(PRESETS)}")
+        update(merged, PRESETS[preset], "")
     update(merged, values, "")
     return from_dict(ExperimentConfig, merged)
 
@@ -352,9 +374,13 @@ def load(
     path: str | Path | None = None,
     overrides: list[str] | None = None,
     base: ExperimentConfig | None = None,
+    preset: str | None = None,
 ) -> ExperimentConfig:
-    """Reads a YAML experiment config (if given) on top of `base`, then applies overrides."""
+    """Reads a YAML experiment config (if given) on top of `base` (and the paper `preset`, e.g.
+    the command line's `--preset`), then applies overrides."""
     config = base or ExperimentConfig()
+    if preset is not None:
+        config = merge_base(config, {"preset": preset})
     if path is not None:
         p = Path(path)
         if not p.is_file():
@@ -362,6 +388,13 @@ def load(
         values = yaml.safe_load(p.read_text()) or {}
         if not isinstance(values, dict):
             raise ValueError(f"config file {str(p)!r} must hold a mapping at the top level")
+        if preset is not None and values.get("preset", preset) != preset:
+            raise ValueError(
+                f"config file {str(p)!r} names preset {values['preset']!r}, the command line "
+                f"{preset!r}; keep one"
+            )
+        if preset is not None:  # already applied under the file's values
+            values = {k: v for k, v in values.items() if k != "preset"}
         config = merge_base(config, values)
     if overrides:
         config = merge_base(config, parse_overrides(overrides))

@@ -377,6 +377,19 @@ def scored(metrics: dict, problem: Problem) -> dict:
     return {k: score_task(v, problem.task) if k in tasks else v for k, v in metrics.items()}
 
 
+def _trust_options(config: ExperimentConfig):
+    """`config.trust` with `eval.attention_dropout` as its evaluation dropout rate."""
+    rate, own = config.eval.attention_dropout, config.trust.eval_attention_dropout
+    if rate is None:
+        return config.trust
+    if own is not None and own != rate:
+        raise ValueError(
+            f"eval.attention_dropout={rate} and trust.eval_attention_dropout={own} disagree; "
+            "set eval.attention_dropout only"
+        )
+    return dataclasses.replace(config.trust, eval_attention_dropout=rate)
+
+
 def method_factory(name: str, config: ExperimentConfig):
     """`problem -> Algorithm` for method `name` with its options: `config.method_options[name]`,
     keyword arguments of the factory converted to their annotated types (a mapping becomes e.g. a
@@ -392,7 +405,7 @@ def method_factory(name: str, config: ExperimentConfig):
             f"options: {sorted(accepted)}"
         )
     if "trust" in accepted:
-        options.setdefault("trust", config.trust)
+        options.setdefault("trust", _trust_options(config))
     kwargs = {
         key: convert(accepted[key].annotation, value, f"method_options.{name}.{key}")
         for key, value in options.items()

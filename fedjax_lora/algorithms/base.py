@@ -8,7 +8,7 @@ round is compiled once; the round counter is data, so later rounds never recompi
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +25,18 @@ from fedjax_lora.tracking import ticking
 
 PyTree = Any
 Metrics = dict[str, Any]
+
+Evaluate = Literal["local", "aggregated"]
+"""Which models a round evaluates: `"local"`, each client's locally trained model before the
+server average (the CoMiGS reference evaluates inside `GeneralClient.train`, for every method of
+that paper), or `"aggregated"`, the models after aggregation."""
+
+
+def evaluates_local(evaluate: Evaluate) -> bool:
+    """`federated`'s `evaluate_local` for a method's `evaluate` option (checked)."""
+    if evaluate not in ("local", "aggregated"):
+        raise ValueError(f"evaluate must be 'local' or 'aggregated', got {evaluate!r}")
+    return evaluate == "local"
 
 
 class SimState(NamedTuple):

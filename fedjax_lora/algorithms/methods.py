@@ -19,7 +19,7 @@ from fedjax_lora.algorithms import (
     prompt_baselines,
     trust_weighted,
 )
-from fedjax_lora.algorithms.base import Algorithm, federated
+from fedjax_lora.algorithms.base import Algorithm, Evaluate, evaluates_local, federated
 from fedjax_lora.algorithms.problem import Problem
 
 
@@ -29,12 +29,17 @@ def local(problem: Problem) -> Algorithm:
     return federated("local", problem, local_aggregator(), shared_init=False)
 
 
-def fedavg(problem: Problem, weighting: Literal["uniform", "tokens"] = "uniform") -> Algorithm:
+def fedavg(
+    problem: Problem,
+    weighting: Literal["uniform", "tokens"] = "uniform",
+    evaluate: Evaluate = "aggregated",
+) -> Algorithm:
     """FedAvg (McMahan et al., 2017) over the adapters: after every round each client receives
     `Σ_j w_j θ_j`, `w` uniform or proportional to the clients' training-token counts. Optimizer
     states stay local. All clients start from the same adapters. With a cohort
     (`data.cohort_size`) the average is over the cohort and every client of the population
-    receives it (the server model)."""
+    receives it (the server model). `evaluate="local"`: each client's model before the average
+    (the CoMiGS reference's timing; the CoMiGS grids set it)."""
     if weighting not in ("uniform", "tokens"):
         raise ValueError(f"fedavg weighting must be 'uniform' or 'tokens', got {weighting!r}")
     inputs = None
@@ -47,6 +52,7 @@ def fedavg(problem: Problem, weighting: Literal["uniform", "tokens"] = "uniform"
         shared_init=True,
         aggregation_inputs=inputs,
         server_model=True,
+        evaluate_local=evaluates_local(evaluate),
     )
 
 

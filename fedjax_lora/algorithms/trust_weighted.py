@@ -51,9 +51,10 @@ class TrustOptions:
 
     first_aggregation_round: first round (1-based) that ends with an aggregation; earlier rounds
       are local warm-up (reference: 100 steps / 25 per round = 4).
-    eval_attention_dropout: the reference's quirk (spec §3.1): attention-probability dropout
-      (the model's `attn_dropout`) stays on in every evaluation, reported perplexities and trust
-      inputs alike; all other dropouts are off.
+    eval_attention_dropout: the paper's evaluation (spec §3.1): attention-probability dropout of
+      this rate (the paper: 0.2, its training rate) stays on in every evaluation, reported
+      perplexities and trust inputs alike; all other dropouts are off. None: no dropout (the
+      config sets it from `eval.attention_dropout`).
     eval_seed: seed of those evaluation dropout masks.
     temperature: softmax temperature of `weights` and `validation` (reference: 1).
     use_loss: `validation` on `log P` (mean CE) instead of perplexity (reference: False).
@@ -64,7 +65,7 @@ class TrustOptions:
     """
 
     first_aggregation_round: int = 1
-    eval_attention_dropout: bool = False
+    eval_attention_dropout: float | None = None
     eval_seed: int = 0
     temperature: float = 1.0
     use_loss: bool = False
@@ -79,6 +80,12 @@ class TrustOptions:
         if self.first_aggregation_round < 1:
             raise ValueError(
                 f"first_aggregation_round must be >= 1, got {self.first_aggregation_round}"
+            )
+        rate = self.eval_attention_dropout
+        if rate is not None and (isinstance(rate, bool) or not 0.0 <= rate < 1.0):
+            raise ValueError(
+                f"eval_attention_dropout must be a rate in [0, 1) or None, got {rate!r} "
+                "(the paper: 0.2; set it as eval.attention_dropout)"
             )
 
     def rule_options(self, rule: str, num_clients: int) -> dict[str, Any]:
@@ -100,8 +107,10 @@ class TrustOptions:
 
 def _cross_eval(problem: Problem, options: TrustOptions) -> CrossEval:
     graphdef, key = problem.graphdef, None
-    if options.eval_attention_dropout:
-        graphdef = attention_dropout_only(problem.graphdef, problem.template, problem.base)
+    if options.eval_attention_dropout is not None:
+        graphdef = attention_dropout_only(
+            problem.graphdef, problem.template, problem.base, options.eval_attention_dropout
+        )
         key = jax.random.key(options.eval_seed)
     return make_cross_eval(graphdef, problem.eval_batch_size, problem.strategy, dropout_key=key)
 
