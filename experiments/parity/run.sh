@@ -114,11 +114,12 @@ case $PAPER in
     "$REF_PY" ref_side.py layer model rsea assign data
     "$JAX_PY" jax_side.py layer model rsea assign data
     "$JAX_PY" jax_traj.py plan
-    for dispatch in static rsea; do
-      "$REF_PY" ref_traj.py "$dispatch"
-      "$JAX_PY" jax_traj.py run "$dispatch" map
+    "$JAX_PY" jax_traj.py plan examples     # examples of different lengths, padded (point 6)
+    for run in static rsea static_examples; do
+      "$REF_PY" ref_traj.py "$run"
+      "$JAX_PY" jax_traj.py run "$run" map
     done
-    "$JAX_PY" jax_traj.py run static vmap
+    "$JAX_PY" jax_traj.py run static vmap   # the float floor: map vs vmap
     "$JAX_PY" compare.py
     if [ "$SPEED" = 1 ]; then
       REF_PY=$REF_PY JAX_PY=$JAX_PY "$JAX_PY" speed.py --reps 3 --threads 1

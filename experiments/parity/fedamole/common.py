@@ -453,6 +453,25 @@ def traj_examples(client: int) -> tuple[np.ndarray, np.ndarray]:
     return ids, mask
 
 
+def traj_examples_var(client: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Client `client`'s training examples of different lengths (issue 14 point 6): `(ids, mask)`
+    per example, `[bos] prompt target eos` of `prompt_len + 3 .. T` tokens, prompts of 4 ..
+    `prompt_len` tokens, mask 1 on target + EOS. Batches of them need padding: the reference's
+    collator pads on the left, fedjax_lora's `instruction_packing="examples"` pads each example's
+    slot on the right."""
+    t, k, p_max = TRAJ["seq"], TRAJ["examples"], TRAJ["prompt_len"]
+    rng = np.random.default_rng(700 + client)
+    out = []
+    for _ in range(k):
+        n, p = int(rng.integers(p_max + 3, t + 1)), int(rng.integers(4, p_max + 1))
+        ids = rng.integers(3, 400, n).astype(np.int64)
+        ids[0], ids[-1] = 0, 1  # fixture tokenizer: bos 0, eos 1
+        mask = np.zeros(n, np.int64)
+        mask[p:] = 1
+        out.append((ids, mask))
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Speed (task 3): the same small configuration on both sides.
 

@@ -1,7 +1,7 @@
 """Trajectory parity, reference side: the authors' `Server`/`Client` round loop of `main.py`
 (static architecture: `--static_arch true`), fed the batches of results/traj_plan.npz.
 
-  python ref_traj.py [static|rsea]     # -> results/ref_traj_<dispatch>.npz
+  python ref_traj.py [static|rsea|static_examples]   # -> results/ref_traj_<run>.npz
 
 `Server.__init__` builds the global pool (PEFT init, torch seed TRAJ["torch_seed"]), and
 `dispatch_experts(0)` draws the random round-0 architecture (torch.rand + SCIP); both are saved
@@ -23,22 +23,41 @@ import common
 import numpy as np
 import peft.tuners.lora as lora
 import torch
-from ref_side import NullWriter, install, make_args, node
+from ref_side import NullWriter, install, make_args, node, ref_common, ref_preprocess
 
 T = common.TRAJ
 
 
-def batches_for(client: int, order: np.ndarray) -> list[dict]:
-    """Client `client`'s batches as its DataLoader would yield them: one dict of `[B, T]`
-    tensors per step, examples `order[client, step]` (labels -100 outside the target mask)."""
-    ids, mask = common.traj_examples(client)
+def batches_for(client: int, order: np.ndarray, examples: str = "fixed") -> list[dict]:
+    """Client `client`'s batches as its DataLoader would yield them: one dict of `[B, L]`
+    tensors per step, examples `order[client, step]` (labels -100 outside the target mask),
+    put together by the reference's own `CausalLMDataCollator` (which pads on the left)."""
+    if examples == "fixed":
+        ids, mask = common.traj_examples(client)
+        rows = list(zip(ids, mask, strict=True))
+    else:
+        rows = common.traj_examples_var(client)
+    collate = ref_preprocess.CausalLMDataCollator(tokenizer())
     out = []
     for step in order[client]:
-        x = torch.tensor(ids[step])
-        labels = x.clone()
-        labels[torch.tensor(mask[step]) == 0] = -100
-        out.append({"input_ids": x, "attention_mask": torch.ones_like(x), "labels": labels})
+        samples = []
+        for i in step:
+            ids, mask = rows[i]
+            labels = np.where(mask == 0, -100, ids)
+            samples.append(
+                {
+                    "input_ids": ids.tolist(),
+                    "attention_mask": [1] * len(ids),
+                    "labels": labels.tolist(),
+                }
+            )
+        out.append(collate(samples))
     return out
+
+
+def tokenizer():
+    """The fixture tokenizer, as the reference loads it (its pad token pads the batches)."""
+    return ref_common.get_tokenizer(make_args(model_name="tiny"))
 
 
 def pools(experts: dict, token_proj: dict, prefix: str) -> dict:
@@ -59,9 +78,16 @@ def pools(experts: dict, token_proj: dict, prefix: str) -> dict:
     return out
 
 
-def main(dispatch: str = "static"):
+def main(run: str = "static"):
+    """`run`: `static`, `rsea`, or `static_examples` (the examples of `traj_examples_var`)."""
     install()
-    order = common.load_npz("traj_plan.npz")["order"]
+    dispatch, _, examples = run.partition("_")
+    examples = examples or "fixed"
+    plan = common.load_npz(f"traj_plan{'' if examples == 'fixed' else '_examples'}.npz")
+    if "order" not in plan:  # fedjax_lora without one-example rows: nothing to compare with
+        print(f"ref trajectory ({run}): skipped, no plan")
+        return
+    order = plan["order"]
     args = make_args(
         expert_num=T["num_experts"],
         expert_choices=T["k"],
@@ -81,7 +107,7 @@ def main(dispatch: str = "static"):
     res = pools(server.experts, server.token_proj, "init")
     clients = []
     for c in range(T["num_clients"]):
-        loader = batches_for(c, order)  # [B, T] batches in the engine's order
+        loader = batches_for(c, order, examples)  # batches in the engine's order
         ids, _ = common.traj_aux(c)
         aux = [
             {
@@ -91,7 +117,7 @@ def main(dispatch: str = "static"):
             }
         ]  # one batch of aux_examples (min(batch, len(aux)))
         # Example 0 as a batch of one, scored by Client.eval (HF loss: response tokens only).
-        evalset = batches_for(c, np.zeros((T["num_clients"], 1, 1), np.int64))
+        evalset = batches_for(c, np.zeros((T["num_clients"], 1, 1), np.int64), examples)
         clients.append(node.Client(c, loader, aux, evalset, [], None, writer, args))
     server.register_clients(clients)
     server.dispatch_experts(0)
@@ -147,8 +173,8 @@ def main(dispatch: str = "static"):
                     res[f"dispatch{r}|{name}|P"] = p
                     res[f"dispatch{r}|{name}|X"] = np.asarray(server.expert_dispatch[name], bool)
     res["ce"], res["loss"], res["order"] = ce, loss, order
-    common.save_npz(f"ref_traj_{dispatch}.npz", **res)
-    print(f"ref trajectory ({dispatch}): CE", np.round(ce, 5).tolist())
+    common.save_npz(f"ref_traj_{run}.npz", **res)
+    print(f"ref trajectory ({run}): CE", np.round(ce, 5).tolist())
 
 
 if __name__ == "__main__":
