@@ -331,6 +331,31 @@ def data():
             f"{long} longer examples: reference truncates to {max_len} and forces "
             "EOS last; fedjax_lora keeps them whole (windows)",
         )
+    ri = common.to_list_of_arrays(r["dolly_input_ids"], r["dolly_input_ids_off"])
+    rl = common.to_list_of_arrays(r["dolly_labels"], r["dolly_labels_off"])
+    ref_kept = np.flatnonzero(r["dolly_source_lens"] < max_len)  # ClientDataLoader's filter
+    if "rows_kept" in j:
+        ji = common.to_list_of_arrays(j["rows_ids"], j["rows_off"])
+        jmask = common.to_list_of_arrays(j["rows_mask"], j["rows_off"])
+        kept_same = np.array_equal(ref_kept, j["rows_kept"])
+        bad = len(ref_kept) if not kept_same else 0
+        if kept_same:
+            for row, i in enumerate(ref_kept):
+                a, b, m = ri[i], ji[row], jmask[row]
+                bad += int(len(a) != len(b) or np.any(a != b) or np.any((rl[i] != -100) != (m > 0)))
+        long = int(sum(len(ri[i]) >= max_len for i in ref_kept))
+        add(
+            "e: example rows",
+            "dolly: every example as one row, truncated with EOS forced, long prompts dropped "
+            "(examples differing; issue 14 point 6)",
+            bad,
+            0,
+            f"{len(ref_kept)} kept of {len(ri)}, {long} cut to {max_len}; tokenize_example_rows "
+            "vs CausalLMPreprocessor + ClientDataLoader's filter",
+            point=6,
+        )
+    else:
+        add("e: example rows", "dolly: one example per row (issue 14 point 6)", 1, 0, point=6)
     kinds = common.ROUGE_KINDS
     d = r["rouge_ids"] - j["rouge_ids"]
     per = "; ".join(

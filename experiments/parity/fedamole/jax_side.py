@@ -382,6 +382,31 @@ def section_data():
             masks.append(np.asarray(s.loss_mask))
         res[f"{dname}_ids"], res[f"{dname}_ids_off"] = common.pack(ids)
         res[f"{dname}_mask"], _ = common.pack(masks)
+    # issue 14 point 6: one padded example per row, cut at the reference's max length with EOS
+    # forced, over-long prompts dropped (`tokenize_example_rows`), every Dolly example
+    from fedjax_lora.data import tokenize as tokenize_mod
+
+    if hasattr(tokenize_mod, "tokenize_example_rows"):
+        max_len = common.load_json("ref_data.json")["model_max_length"]  # the reference's
+        rows, kept = tokenize_mod.tokenize_example_rows(
+            dolly.prompts[:600],
+            dolly.targets[:600],
+            tok,
+            vocab_size=512,
+            max_length=max_len,
+            eos_id=eos,
+            bos_id=bos,
+        )
+        slots = np.asarray(rows.tokens).reshape(len(kept), max_len + 1)
+        slot_masks = np.asarray(rows.loss_mask).reshape(len(kept), max_len + 1)
+        lengths = [int(np.flatnonzero(m)[-1]) + 1 for m in slot_masks]
+        res["rows_kept"] = np.asarray(kept)
+        res["rows_ids"], res["rows_off"] = common.pack(
+            [s[:n] for s, n in zip(slots, lengths, strict=True)]
+        )
+        res["rows_mask"], _ = common.pack([m[:n] for m, n in zip(slot_masks, lengths, strict=True)])
+    else:
+        meta["switches"][6] = "data.tokenize.tokenize_example_rows (issue 14 point 6)"
     meta["snli_prompts"], meta["snli_targets"] = list(snli.prompts[:300]), list(snli.targets[:300])
     meta["snli_choice_ids"] = [list(c) + [eos] for c in encode_batch(tok, SNLI_CHOICES)]
     pairs = common.rouge_pairs()
