@@ -37,7 +37,8 @@ def test_preset_then_file_then_overrides(tmp_path):
 def test_presets_hold_the_papers_settings():
     """The numbers of the spec notes (trust-weighted §3.2-3.3, CoMiGS §2.3, FedAMoLE §3)."""
     tw = config_lib.load(preset="trust-weighted-paper")
-    assert (tw.lora.rank, tw.lora.alpha, tw.lora.scaling, tw.lora.dropout) == (4, 32.0, "alpha/r", 0.1)
+    lora = tw.lora
+    assert (lora.rank, lora.alpha, lora.scaling, lora.dropout) == (4, 32.0, "alpha/r", 0.1)
     assert tw.lora.init_fan == "rank" and tw.model.attn_dropout == 0.2
     assert (tw.optimizer.lr, tw.optimizer.weight_decay, tw.optimizer.schedule) == (
         2e-3,
@@ -75,7 +76,8 @@ def test_eval_attention_dropout_reaches_the_trust_methods():
     config = config_lib.load(None, ["eval.attention_dropout=0.3", "methods=[pcl-val]"])
     factory = method_factory("pcl-val", config)
     assert factory.keywords["trust"].eval_attention_dropout == 0.3
-    clash = config_lib.load(None, ["eval.attention_dropout=0.3", "trust.eval_attention_dropout=0.2"])
+    both = ["eval.attention_dropout=0.3", "trust.eval_attention_dropout=0.2"]
+    clash = config_lib.load(None, both)
     with pytest.raises(ValueError, match="disagree"):
         method_factory("pcl-val", clash)
     with pytest.raises(ValueError, match="eval_attention_dropout must be a rate"):
