@@ -96,3 +96,15 @@ def test_attention_dropout_only_sets_the_rate():
         if dataclasses.is_dataclass(v) and hasattr(v, "attn_dropout")
     ]
     assert cfgs and all(c.attn_dropout == 0.2 and c.dropout == 0.0 for c in cfgs)
+
+
+def test_cli_preset_flag(tmp_path, capsys):
+    from fedjax_lora.cli import main
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"preset": "comigs-paper"}))
+    argv = ["run", str(path), "--preset", "trust-weighted-paper", "--out", str(tmp_path / "o")]
+    assert main(argv) == 2  # the file's preset and the flag's disagree: stops before compute
+    assert "names preset 'comigs-paper'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["run", str(path), "--preset", "nope"])
