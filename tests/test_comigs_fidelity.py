@@ -6,7 +6,6 @@ load-balancing loss on the block output (`GPT.forward`), the FlexLoRA server's a
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -44,12 +43,13 @@ def test_local_evaluation_sees_the_models_before_the_average():
     local_eval = get_method("fedavg")(p, evaluate="local")
     after = get_method("fedavg")(p)
     unaggregated = federated("ref", p, local_aggregator(), shared_init=True)
+    leaves = lambda sim: jax.tree.leaves(sim.clients.params)
     sim_l, m_l = local_eval.round(local_eval.init(key))
     sim_a, m_a = after.round(after.init(key))
     _, m_ref = unaggregated.round(unaggregated.init(key))
     np.testing.assert_allclose(m_l["val"]["loss"], m_ref["val"]["loss"], rtol=1e-6)
     np.testing.assert_allclose(m_a["val"]["loss"], after.evaluate(sim_a)["val"]["loss"], rtol=1e-6)
-    for x, y in zip(jax.tree.leaves(sim_l.clients.params), jax.tree.leaves(sim_a.clients.params)):
+    for x, y in zip(leaves(sim_l), leaves(sim_a), strict=True):
         np.testing.assert_array_equal(x, y)
     assert not np.allclose(m_l["val"]["loss"], m_a["val"]["loss"])
 
@@ -95,7 +95,8 @@ def test_reference_lb_is_taken_on_the_block_output(pi):
     for quirk in (False, True):
         model = tiny_model()
         install_moe(
-            model, MoEConfig(**{**cfg.__dict__, "reference_lb_on_block_output": quirk}),
+            model,
+            MoEConfig(**{**cfg.__dict__, "reference_lb_on_block_output": quirk}),
             key=jax.random.key(1),
         )
         graphdef, params, base = nnx.split(model, Adapter, ...)
@@ -196,4 +197,6 @@ def test_router_batch_sources_differ():
             for p, v in jax.tree_util.tree_leaves_with_path(sim.clients.params)
             if "router" in jax.tree_util.keystr(p)
         ]
-    assert not all(np.allclose(a, b) for a, b in zip(routers["random"], routers["windows"]))
+    assert not all(
+        np.allclose(a, b) for a, b in zip(routers["random"], routers["windows"], strict=True)
+    )
