@@ -64,7 +64,7 @@ class Results:
         print(f"MISSING {name}: {what}", flush=True)
 
     def info(self, name: str, value: float | None, note: str = "") -> None:
-        value = None if value is None else float(value)
+        value = None if value is None or not math.isfinite(value) else float(value)
         self.info_rows.append({"name": name, "value": value, "note": note})
         shown = "-" if value is None else f"{value:.3e}"
         print(f"info {shown:>10s}  {name}  {note}", flush=True)

@@ -466,7 +466,7 @@ def trajectory():
         if have(f"ref_traj_{dispatch}.npz", f"jax_traj_{dispatch}_map.npz"):
             traj_rows(dispatch)
     if have("traj_plan_examples.npz") and "order" not in common.load_npz("traj_plan_examples.npz"):
-        MISSING[6] = "LocalTraining(packing='examples') (issue 14 point 6)"
+        MISSING.setdefault(6, "LocalTraining(packing='examples') (issue 14 point 6)")
         add("2: trajectory (static_examples)", "per-step CE", float("nan"), 1e-5, point=6)
 
 

@@ -406,7 +406,10 @@ def section_data():
         )
         res["rows_mask"], _ = common.pack([m[:n] for m, n in zip(slot_masks, lengths, strict=True)])
     else:
-        meta["switches"][6] = "data.tokenize.tokenize_example_rows (issue 14 point 6)"
+        meta["switches"][6] = (
+            "data.tokenize.tokenize_example_rows, LocalTraining(packing='examples') "
+            "(issue 14 point 6)"
+        )
     meta["snli_prompts"], meta["snli_targets"] = list(snli.prompts[:300]), list(snli.targets[:300])
     meta["snli_choice_ids"] = [list(c) + [eos] for c in encode_batch(tok, SNLI_CHOICES)]
     pairs = common.rouge_pairs()
