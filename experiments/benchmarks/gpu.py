@@ -57,13 +57,13 @@ GPU = {
     "num_clients": 64,
     "chunk_sizes": [8, 16, 4],
     "ce_chunk": 8192,
-    "scaling_clients": [64, 256, 1024],
+    "scaling_clients": [64, 1024, 256],  # the goal's pair first
     "scaling_chunk": 8,
     "method_clients": 64,
     "method_steps": 4,
     "eval_windows": 4,
     "amole": {"num_experts": 32, "clients_per_expert": 4, "min_experts": 2, "max_experts": 8},
-    "budgets": {"contenders": 170, "scaling": 90, "methods": 170, "reference": 60},
+    "budgets": {"contenders": 130, "scaling": 90, "methods": 180, "reference": 20},
 }
 SMOKE = {
     **engine.QUICK,
@@ -370,6 +370,10 @@ def peak_tflops(kind: str) -> float | None:
     return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in kind), None)
 
 
+def _n(row: dict) -> int:
+    return row["num_clients"]
+
+
 def _ok(rows: list[dict]) -> list[dict]:
     return [r for r in rows if "error" not in r and "skipped" not in r]
 
@@ -473,7 +477,7 @@ def plot(doc: dict, path: Path) -> None:
     rows = _ok(doc["sections"].get("contenders", {}).get("rows", []))
     axes[0].barh([r["label"] for r in rows], [r["client_steps_per_s"] for r in rows])
     axes[0].set(xlabel="client-steps / s", title=f"N={doc['config']['num_clients']}")
-    rows = _ok(doc["sections"].get("scaling", {}).get("rows", []))
+    rows = sorted(_ok(doc["sections"].get("scaling", {}).get("rows", [])), key=_n)
     ns = [r["num_clients"] for r in rows]
     for part in ("argument", "temp"):
         axes[1].plot(ns, [(r["xla_memory_gb"] or {}).get(part, 0) for r in rows], "o-", label=part)
