@@ -84,7 +84,15 @@ def test_gpu_benchmark_smoke_runs_every_section(tmp_path):
     goals with their targets, the Markdown table and the figure (no timing comparison)."""
     out = tmp_path / "gpu.json"
     proc = subprocess.run(
-        [sys.executable, str(GPU_SCRIPT), "--smoke", "--json", str(out)],
+        [
+            sys.executable,
+            str(GPU_SCRIPT),
+            "--smoke",
+            "--json",
+            str(out),
+            "--trace-dir",
+            str(tmp_path),
+        ],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -107,6 +115,8 @@ def test_gpu_benchmark_smoke_runs_every_section(tmp_path):
             assert math.isfinite(row[key]) and row[key] > 0, (key, row)
         assert math.isfinite(row["final_loss"])
         assert {"argument", "temp", "output"} <= set(row["xla_memory_gb"])
+    assert (tmp_path / rows[0]["trace"]).stat().st_size > 0  # the first contender's profile
+    assert rows[0]["trace_top"] and all(t["ms"] >= 0 for t in rows[0]["trace_top"])
     scaling_n = [r["num_clients"] for r in sections["scaling"]["rows"]]
     assert scaling_n == doc["config"]["scaling_clients"]
 

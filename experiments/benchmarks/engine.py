@@ -365,14 +365,22 @@ def result_row(
     }
 
 
-def run_contender(kind: str, n: int, c: dict, env: dict) -> dict:
-    """Compiles one contender, warms it up and times `reps` calls; one result row."""
+def run_contender(kind: str, n: int, c: dict, env: dict, trace_dir: Path | None = None) -> dict:
+    """Compiles one contender, warms it up and times `reps` calls; one result row. With
+    `trace_dir`, one more call runs under `jax.profiler.trace` (untimed) and writes its trace
+    there (TensorBoard / XProf's `plugins/profile` layout)."""
     prepared = prepare_contender(kind, n, c, env)
     for _ in range(c["warmup"]):
         timed_call(prepared)
     cpu, load = time.process_time(), os.getloadavg()[0]
     times = [timed_call(prepared) for _ in range(c["reps"])]
-    return result_row(kind, n, c, prepared, times, time.process_time() - cpu, load)
+    row = result_row(kind, n, c, prepared, times, time.process_time() - cpu, load)
+    if trace_dir is not None:
+        import jax
+
+        with jax.profiler.trace(str(trace_dir)):
+            timed_call(prepared)
+    return row
 
 
 def run_interleaved(kinds: list[str], n: int, c: dict, env: dict) -> list[dict]:

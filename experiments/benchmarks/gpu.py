@@ -34,9 +34,11 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -115,9 +117,13 @@ def _label(row: dict) -> str:
     return label + ("+remat" if row.get("remat") else "")
 
 
-def run_contenders(c: dict, emit, n: int | None = None, steps: int | None = None) -> None:
+def run_contenders(
+    c: dict, emit, n: int | None = None, steps: int | None = None, trace: Path | None = None
+) -> None:
     """Section 1 (and, with `n` and `steps`, one row of section 2): each contender compiled,
-    warmed up and timed in this process; a failure (e.g. out of memory) is recorded as its row."""
+    warmed up and timed in this process; a failure (e.g. out of memory) is recorded as its row.
+    `trace`: a folder that gets `trace_<label>.tar.gz`, a `jax.profiler` trace of one call of the
+    first contender (where the time goes, for a missed goal)."""
     n = n or c["num_clients"]
     rows = (
         contender_rows(c)
@@ -133,11 +139,43 @@ def run_contenders(c: dict, emit, n: int | None = None, steps: int | None = None
             key = (cfg.get("remat", False), cfg.get("ce_chunk") if "remat" in spec else None)
             if key not in envs:
                 envs[key] = engine.setup({**cfg, "ce_chunk": key[1]}, n)
-            row = engine.run_contender(spec["strategy"], n, {**cfg, "ce_chunk": key[1]}, envs[key])
+            traced = trace is not None and spec is rows[0]
+            with tempfile.TemporaryDirectory() as tmp:
+                row = engine.run_contender(
+                    spec["strategy"],
+                    n,
+                    {**cfg, "ce_chunk": key[1]},
+                    envs[key],
+                    trace_dir=Path(tmp) if traced else None,
+                )
+                if traced:
+                    archive = shutil.make_archive(str(trace / f"trace_{label}"), "gztar", tmp)
+                    row["trace"] = Path(archive).name
+                    row["trace_top"] = trace_summary(Path(tmp))
         except Exception as err:  # noqa: BLE001 - an OOM or compile failure is a result
             emit({"label": label, "num_clients": n, **spec, "error": _one_line(err)})
             continue
         emit({**row, "label": label, **spec})
+
+
+def trace_summary(folder: Path, top: int = 15) -> list[dict]:
+    """Where the time of a traced call goes: the `top` event names by inclusive milliseconds per
+    trace process (`/device:GPU:0` streams, the host), from the profiler's Chrome-trace JSON;
+    Python frames (`$file:line`) left out."""
+    import gzip
+
+    totals, names = {}, {}
+    for path in folder.glob("plugins/profile/*/*.trace.json.gz"):
+        events = json.loads(gzip.decompress(path.read_bytes()))["traceEvents"]
+        for e in events:
+            if e.get("ph") == "M" and e.get("name") == "process_name":
+                names[e["pid"]] = e["args"]["name"]
+        for e in events:
+            if "dur" in e and not e.get("name", "$").startswith("$"):
+                key = (names.get(e["pid"], str(e["pid"])), e["name"])
+                totals[key] = totals.get(key, 0.0) + e["dur"] / 1e3
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1])[:top]
+    return [{"process": proc, "name": name, "ms": ms} for (proc, name), ms in ranked]
 
 
 def run_scaling(c: dict, emit) -> None:
@@ -294,7 +332,7 @@ def worker(section: str, c: dict, rows_path: Path, args: dict) -> None:
         print(f"  {section}: {_summary_line(row)}", flush=True)
 
     if section == "contenders":
-        run_contenders(c, emit)
+        run_contenders(c, emit, trace=Path(args["trace_dir"]) if args["trace_dir"] else None)
     elif section == "scaling":
         run_scaling(c, emit)
     elif section == "methods":
@@ -457,6 +495,13 @@ def markdown(doc: dict) -> str:
         m = "-" if g["measured"] is None else f"{g['measured']:.3g}"
         met = {True: "met", False: "**not met**", None: "not measured"}[g["met"]]
         lines.append(f"| {g['goal']} | {g['target']:g} | {m} | {met} |")
+    traced = [r for r in doc["sections"].get("contenders", {}).get("rows", []) if "trace" in r]
+    for r in traced:
+        lines += ["", f"Traced call of `{r['label']}` (`{r['trace']}`), inclusive ms:", ""]
+        lines += ["| process | event | ms |", "|---|---|---|"]
+        lines += [
+            f"| {t['process']} | `{t['name'][:60]}` | {t['ms']:.1f} |" for t in r["trace_top"]
+        ]
     lines += ["", "| section | status | rows | wall s / budget s |", "|---|---|---|---|"]
     for name, s in doc["sections"].items():
         lines.append(
@@ -504,6 +549,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peak-tflops", type=float, help="default: the device kind's dense bf16 peak")
     p.add_argument("--ref-harness", default=".refcode/trust/speed.py", help="section 4's script")
     p.add_argument("--ref-dir", default=".refcode/personalized-collaborative-llms")
+    p.add_argument(
+        "--trace-dir", type=Path, help="write a profiler trace of the first contender's call here"
+    )
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -523,7 +571,12 @@ def main(argv: list[str] | None = None) -> int:
     workdir = path.parent / f".{path.stem}_rows"
     workdir.mkdir(exist_ok=True)
     doc = {"device": device, "machine": engine.machine_info(), "config": c, "sections": {}}
-    worker_args = {"smoke": args.smoke, "ref_harness": args.ref_harness, "ref_dir": args.ref_dir}
+    worker_args = {
+        "smoke": args.smoke,
+        "ref_harness": args.ref_harness,
+        "ref_dir": args.ref_dir,
+        "trace_dir": str(args.trace_dir.resolve()) if args.trace_dir else None,
+    }
     for section in args.sections:
         budget = c["budgets"][section]
         print(f"[{section}] budget {budget} s", flush=True)

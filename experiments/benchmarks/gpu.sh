@@ -14,7 +14,7 @@ python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . \
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
 python3 -c "import jax; print('jax', jax.__version__, jax.devices())" || exit 1
 marker="$(mktemp)"
-python3 experiments/benchmarks/gpu.py "$@" 2>&1 | tee "$out/gpu_log.txt"
+python3 experiments/benchmarks/gpu.py --trace-dir "$out" "$@" 2>&1 | tee "$out/gpu_log.txt"
 status=${PIPESTATUS[0]}
 find experiments/benchmarks/results -maxdepth 1 -type f -newer "$marker" -exec cp {} "$out/" \;
 ls -l "$out"
