@@ -130,23 +130,19 @@ def run_contenders(
         if steps is None
         else [{"strategy": "chunked", "chunk_size": c["scaling_chunk"]}]
     )
-    base = {**c, "steps": steps or c["steps"]}
+    base = {**c, "steps": steps or c["steps"], "chunk_size": 1, "remat": False, "ce_chunk": None}
     envs = {}  # engine.setup per memory setting (the model is built once for each)
     for spec in rows:
-        cfg = {**base, "chunk_size": spec.get("chunk_size", 1), **spec}
+        cfg = {**base, **spec}
         label = _label(spec)
         try:
-            key = (cfg.get("remat", False), cfg.get("ce_chunk") if "remat" in spec else None)
+            key = (cfg["remat"], cfg["ce_chunk"])
             if key not in envs:
-                envs[key] = engine.setup({**cfg, "ce_chunk": key[1]}, n)
+                envs[key] = engine.setup(cfg, n)
             traced = trace is not None and spec is rows[0]
             with tempfile.TemporaryDirectory() as tmp:
                 row = engine.run_contender(
-                    spec["strategy"],
-                    n,
-                    {**cfg, "ce_chunk": key[1]},
-                    envs[key],
-                    trace_dir=Path(tmp) if traced else None,
+                    spec["strategy"], n, cfg, envs[key], trace_dir=Path(tmp) if traced else None
                 )
                 if traced:
                     archive = shutil.make_archive(str(trace / f"trace_{label}"), "gztar", tmp)
@@ -187,16 +183,14 @@ def method_problem(c: dict, n: int):
     """The benchmark model (engine.setup's) as a `Problem` of N clients with `val` and `aux`
     evaluation sets (`eval_windows` windows each), `chunked` clients, K local steps."""
     import numpy as np
+    from flax import nnx
 
     from fedjax_lora.algorithms import Problem
     from fedjax_lora.data.streams import stack_streams
     from fedjax_lora.engine import LocalTraining, OptimizerConfig, Strategy
 
     env = engine.setup(c, n)
-    model_parts = (env["graphdef"], env["template"], env["base"])
-    from flax import nnx
-
-    model = nnx.merge(*model_parts)
+    model = nnx.merge(env["graphdef"], env["template"], env["base"])
     rng = np.random.default_rng(2)
     streams = np.asarray(env["tokens"])
     w, t = c["eval_windows"], c["seq_len"]
@@ -309,10 +303,11 @@ def run_reference(c: dict, emit, harness: Path | None, ref_dir: Path | None) -> 
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0 or not out.exists():
-        emit({"error": (proc.stderr or proc.stdout).strip().splitlines()[-1:]})
+        emit({"error": " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-2:])})
         return
     summary = json.loads(out.read_text())["summary"]
-    emit({"summary": summary, "ours_over_theirs": summary.get("speedup_jax-vmap")})
+    # the harness's speed-up: the reference's seconds per round over ours, per interleaved rep
+    emit({"summary": summary, "speedup_vs_reference": summary.get("speedup_jax-vmap")})
 
 
 def _one_line(err: BaseException) -> str:
@@ -348,7 +343,7 @@ def _summary_line(row: dict) -> str:
     if "method" in row:
         return f"{row['method']:<9} {row['round_s']:.3f} s/round"
     if "summary" in row:
-        return f"reference: {row['ours_over_theirs']}"
+        return f"speed-up vs the reference: {row['speedup_vs_reference']}"
     return (
         f"N={row['num_clients']:<5} {row['label']:<16} {row['client_steps_per_s']:9.2f} "
         f"client-steps/s  compile {row['compile_s']:.1f} s"
