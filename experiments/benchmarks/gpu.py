@@ -561,7 +561,10 @@ def main(argv: list[str] | None = None) -> int:
     device = device_info()
     c["peak_tflops"] = args.peak_tflops or peak_tflops(device["device_kind"])
     print(f"device: {device} (jax {jax.__version__}); peak {c['peak_tflops']} TFLOP/s", flush=True)
-    path = args.json or HERE / "results" / f"engine_{device_slug(device['device_kind'])}.json"
+    slug = device_slug(device["device_kind"]) + ("_smoke" if args.smoke else "")
+    if args.json is None and device["platform"] == "cpu":  # engine_cpu.json is engine.py's
+        p.error("no accelerator: give --json for a CPU run (e.g. --smoke --json /tmp/gpu.json)")
+    path = args.json or HERE / "results" / f"engine_{slug}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     workdir = path.parent / f".{path.stem}_rows"
     workdir.mkdir(exist_ok=True)
