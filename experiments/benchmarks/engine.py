@@ -146,6 +146,7 @@ def setup(c: dict, n: int) -> dict:
 
     from fedjax_lora import lora
     from fedjax_lora.engine import LocalTraining, OptimizerConfig, make_client_update
+    from fedjax_lora.engine.train import training_loss
     from fedjax_lora.models.config import ModelConfig
     from fedjax_lora.models.factory import from_config
 
@@ -163,7 +164,12 @@ def setup(c: dict, n: int) -> dict:
     graphdef, template, base = lora.split(model)
     tx = OptimizerConfig(name="adamw", lr=1e-3).build()
     training = LocalTraining(
-        steps=c["steps"], batch_size=c["batch_size"], seq_len=c["seq_len"], dropout=False
+        steps=c["steps"],
+        batch_size=c["batch_size"],
+        seq_len=c["seq_len"],
+        dropout=False,
+        remat=c.get("remat", False),
+        ce_chunk=c.get("ce_chunk"),
     )
     max_windows = c["stream_len"] // c["seq_len"]
     rng = np.random.default_rng(0)
@@ -180,6 +186,7 @@ def setup(c: dict, n: int) -> dict:
         ),
         "tokens": jnp.asarray(tokens, jnp.int32),
         "lengths": jnp.full((n,), c["stream_len"], jnp.int32),
+        "loss": training_loss(training),
     }
 
 
@@ -193,7 +200,6 @@ def prepare_contender(kind: str, n: int, c: dict, env: dict) -> dict:
     from fedjax_lora.engine import (
         Strategy,
         init_clients,
-        lm_loss,
         sample_starts,
         train_clients,
         windows_at,
@@ -249,8 +255,9 @@ def prepare_contender(kind: str, n: int, c: dict, env: dict) -> dict:
             return [o[0] for o in outs], jnp.stack([o[1] for o in outs])
 
     elif kind == "big_batch":
+        loss_fn = env["loss"]  # the clients' loss, memory settings (remat, ce_chunk) included
         value_and_grad = jax.value_and_grad(
-            lambda p, bs, batch: lm_loss(graphdef, p, bs, batch, None), has_aux=True
+            lambda p, bs, batch: loss_fn(graphdef, p, bs, batch, None), has_aux=True
         )
 
         def client_windows(key, row, row_len):
@@ -292,7 +299,25 @@ def prepare_contender(kind: str, n: int, c: dict, env: dict) -> dict:
 
     else:
         raise ValueError(f"unknown contender {kind!r}")
-    return {"call": call, "state": state, "compile_s": compile_s, "n_params": int(n_params)}
+    return {
+        "call": call,
+        "state": state,
+        "compile_s": compile_s,
+        "n_params": int(n_params),
+        "xla_memory_gb": xla_memory_gb(compiled),
+    }
+
+
+def xla_memory_gb(compiled) -> dict | None:
+    """XLA's memory plan of one compiled program (GB): `argument` (inputs: client states, tokens,
+    base), `output`, `temp` (activations and other scratch; what grows with the vmapped width)
+    and `alias` (donated inputs reused as outputs). The program's own numbers, unlike a process's
+    peak; None where the backend gives no analysis."""
+    stats = compiled.memory_analysis()
+    if stats is None:
+        return None
+    parts = ("argument", "output", "temp", "alias")
+    return {k: getattr(stats, f"{k}_size_in_bytes") / 1024**3 for k in parts}
 
 
 def timed_call(prepared: dict) -> float:
@@ -328,6 +353,7 @@ def result_row(
         "peak_rss_gb": _rss_gb(),
         "device_peak_gb": _device_peak_gb(),
         "compile_s": prepared["compile_s"],
+        "xla_memory_gb": prepared["xla_memory_gb"],
         "call_s_median": median,
         "call_s": times,
         "client_steps_per_call": steps_per_call,
@@ -339,14 +365,22 @@ def result_row(
     }
 
 
-def run_contender(kind: str, n: int, c: dict, env: dict) -> dict:
-    """Compiles one contender, warms it up and times `reps` calls; one result row."""
+def run_contender(kind: str, n: int, c: dict, env: dict, trace_dir: Path | None = None) -> dict:
+    """Compiles one contender, warms it up and times `reps` calls; one result row. With
+    `trace_dir`, one more call runs under `jax.profiler.trace` (untimed) and writes its trace
+    there (TensorBoard / XProf's `plugins/profile` layout)."""
     prepared = prepare_contender(kind, n, c, env)
     for _ in range(c["warmup"]):
         timed_call(prepared)
     cpu, load = time.process_time(), os.getloadavg()[0]
     times = [timed_call(prepared) for _ in range(c["reps"])]
-    return result_row(kind, n, c, prepared, times, time.process_time() - cpu, load)
+    row = result_row(kind, n, c, prepared, times, time.process_time() - cpu, load)
+    if trace_dir is not None:
+        import jax
+
+        with jax.profiler.trace(str(trace_dir)):
+            timed_call(prepared)
+    return row
 
 
 def run_interleaved(kinds: list[str], n: int, c: dict, env: dict) -> list[dict]:
