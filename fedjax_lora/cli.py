@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from fedjax_lora import config as config_lib
+from fedjax_lora.errors import ConfigError
 
 
 def demo_config(args: argparse.Namespace) -> config_lib.ExperimentConfig:
@@ -58,6 +59,10 @@ def _distributed_output(out: str) -> str:
     `out`, process `i > 0` to `out/process_<i>`."""
     from fedjax_lora.distributed import describe, initialize_from_env
 
+    if out and Path(out).exists() and not Path(out).is_dir():
+        raise ConfigError(
+            f"--out {out} is an existing file; name a directory for the run's outputs"
+        )
     if not initialize_from_env():
         return out
     import jax
@@ -153,10 +158,23 @@ def main(argv: list[str] | None = None) -> int:
             config = config_lib.load(args.config, args.set)
             out = args.out or str(Path("runs") / Path(args.config).stem)
         _run(config, _distributed_output(out), args)
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
-        print(f"fedjax-lora: error: {e}", file=sys.stderr)
+    except (ValueError, OSError, FloatingPointError) as e:
+        print(f"fedjax-lora: error: {one_line(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(
+            "fedjax-lora: interrupted; checkpoints already written are kept (continue with "
+            "--resume)",
+            file=sys.stderr,
+        )
+        return 130
     return 0
+
+
+def one_line(error: BaseException) -> str:
+    """An error's message on one line (YAML and OS errors may span several)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return "; ".join(lines) or type(error).__name__
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from fedjax_lora.models.weights import CheckpointError, _offline, looks_like_hub
 __all__ = ["TokenizerMismatchError", "check_vocab", "load_tokenizer"]
 
 
-class TokenizerMismatchError(ValueError):
+class TokenizerMismatchError(CheckpointError):
     """The tokenizer can produce ids the model has no embedding for."""
 
 

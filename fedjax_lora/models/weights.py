@@ -21,6 +21,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from fedjax_lora.errors import ModelFileError
 from fedjax_lora.models.config import ModelConfig
 from fedjax_lora.models.factory import LanguageModel, build
 
@@ -53,8 +54,8 @@ _IGNORED = re.compile(r"(^|\.)attn\.(bias|masked_bias)$|rotary_emb\.inv_freq$|\.
 _PREFIX = {"gpt2": "transformer.", "llama": "model."}
 
 
-class CheckpointError(ValueError):
-    """A checkpoint cannot be read or does not fit the model."""
+# A model checkpoint cannot be read or does not fit the model (the project's `ModelFileError`).
+CheckpointError = ModelFileError
 
 
 # ---------------------------------------------------------------------------------------------
