@@ -49,8 +49,14 @@ def _checkpoint_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--resume",
-        action="store_true",
-        help="continue from the newest readable checkpoint in the output directory",
+        nargs="?",
+        const=True,
+        default=False,
+        choices=(True, "if-any"),
+        metavar="if-any",
+        help="continue from the newest readable checkpoint in the output directory (the config "
+        "may change only rounds, tracking and checkpoint settings); an error when there is none, "
+        "unless --resume=if-any (then a fresh start)",
     )
 
 

@@ -6,6 +6,7 @@ Every configuration error is raised before any compute starts, naming the field 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import types
 import typing
@@ -343,8 +344,7 @@ def check_ranges(config: ExperimentConfig) -> None:
     """Raises `ConfigError` naming the first config value out of its range (and the fix): every
     count, seed, probability, fraction and optimizer constant, plus the constraints between
     fields (`model.d_model` divisible by `model.n_heads`, `data.val_fraction +
-    data.test_fraction < 1`, `training.seq_len <= model.max_positions` for the built-in base,
-    every `sweep` value). Pure Python: nothing is built or imported."""
+    data.test_fraction < 1`, every `sweep` value). Pure Python: nothing is built or imported."""
 
     def bad(path: str, requirement: str, value: Any) -> ConfigError:
         return ConfigError(
@@ -380,12 +380,6 @@ def check_ranges(config: ExperimentConfig) -> None:
             "data.test_fraction",
             f"below 1 - data.val_fraction = {1 - data.val_fraction:g} (training keeps the rest)",
             data.test_fraction,
-        )
-    if not model.source and config.training.seq_len > model.max_positions:
-        raise bad(
-            "training.seq_len",
-            f"<= model.max_positions={model.max_positions} (or raise model.max_positions)",
-            config.training.seq_len,
         )
     for i, f in enumerate(data.train_fractions):
         if isinstance(f, bool) or not isinstance(f, int | float) or not 0 < f <= 1:
@@ -548,3 +542,28 @@ def load(
     if overrides:
         config = merge_base(config, parse_overrides(overrides))
     return config
+
+
+# What may differ when a run is resumed: its length and how it is presented or saved.
+RESUMABLE = ("rounds", "tracking", "checkpoint")
+
+
+def _flat(values: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(values, dict) and values:
+        out: dict[str, Any] = {}
+        for key, value in values.items():
+            out.update(_flat(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: values}
+
+
+def resume_differences(saved: dict[str, Any], config: ExperimentConfig) -> list[str]:
+    """`field: saved -> new` for every field where `config` differs from the `config.json` of
+    the run it resumes, except those in `RESUMABLE` (`rounds`, `tracking.*`, `checkpoint.*`)."""
+    old = _flat(saved)
+    new = _flat(json.loads(json.dumps(to_dict(config))))
+    return [
+        f"{key}: {old.get(key, '(unset)')!r} -> {new.get(key, '(unset)')!r}"
+        for key in sorted(set(old) | set(new))
+        if old.get(key) != new.get(key) and key.split(".")[0] not in RESUMABLE
+    ]

@@ -3,13 +3,17 @@ field or file (`fedjax-lora: error: ...`, exit 2), never a traceback or a silent
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 
+import numpy as np
 import pytest
 
 from fedjax_lora import config as config_lib
 from fedjax_lora.cli import main
 from fedjax_lora.errors import ConfigError, FedjaxLoraError
+from tests.test_cli import TINY
 
 
 def error_line(capsys) -> str:
@@ -45,11 +49,12 @@ def error_line(capsys) -> str:
         ("seed=1180591620717411303424", "seed"),  # 2**70
         ("lora.targets=5", "lora.targets"),
         ("model.vocab_size=-1", "model.vocab_size"),
-        ("training.seq_len=1000", "training.seq_len"),  # above model.max_positions
         ("data.train_fractions=[0.5,1.5]", "data.train_fractions[1]"),
     ],
 )
-def test_out_of_range_values_stop_before_compute_naming_the_field(override, field, capsys, tmp_path):
+def test_out_of_range_values_stop_before_compute_naming_the_field(
+    override, field, capsys, tmp_path
+):
     with pytest.raises(ConfigError, match=re.escape(f"'{field}'")):
         config_lib.load(None, [override])
     assert main(["demo", "--out", str(tmp_path / "run"), "--set", override]) == 2
@@ -88,3 +93,109 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch):
     assert main(["demo", "--out", str(tmp_path / "o")]) == 130
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "interrupted" in err[0] and "Traceback" not in err[0]
+
+
+# --- resume (points 1, 2) ------------------------------------------------------------------------
+
+TINY_RUN = [*TINY, "methods=[local]", "data.num_groups=2", "data.clients_per_group=1"]
+
+
+def demo(out, *args, rounds=2):
+    return main(["demo", "--rounds", str(rounds), "--out", str(out), "--no-progress", *args])
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    """A finished 2-round run with checkpoints, copied for each test that resumes it."""
+    out = tmp_path_factory.mktemp("short") / "run"
+    assert demo(out, "--checkpoint-every", "1", "--set", *TINY_RUN) == 0
+    return out
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        "optimizer.lr=0.02",
+        "training.steps=3",
+        "training.batch_size=2",
+        "lora.alpha=8",
+        "seed=1",
+        "data.seed=1",
+        "data.overlap=0.5",
+        "training.seq_len=8",
+        "optimizer.weight_decay=0.1",
+        "optimizer.name=adam",
+        "lora.targets=[c_attn]",
+        "model.vocab_size=128",
+    ],
+)
+def test_resume_refuses_a_changed_setting_naming_it_with_both_values(
+    short_run, tmp_path, capsys, change
+):
+    out = tmp_path / "run"
+    shutil.copytree(short_run, out)
+    before = (out / "metrics.jsonl").read_text()
+    assert demo(out, "--resume", "--set", *TINY_RUN, change, rounds=3) == 2
+    line = error_line(capsys)
+    field, value = change.split("=")
+    assert f"{field}: " in line and "->" in line and "only rounds" in line, line
+    assert (out / "metrics.jsonl").read_text() == before  # nothing ran
+
+
+def test_resume_accepts_more_rounds_and_presentation_changes(short_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(short_run, out)
+    args = [*TINY_RUN, "tracking.tensorboard=false", "tracking.progress=false"]
+    assert demo(out, "--resume", "--checkpoint-every", "2", "--set", *args, rounds=3) == 0
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    rounds = [json.loads(line)["round"] for line in lines]
+    assert rounds == [0, 1, 2, 3]
+    assert json.loads((out / "config.json").read_text())["rounds"] == 3
+
+
+def test_resume_with_nothing_to_resume_stops_unless_asked_to_start_fresh(tmp_path, capsys):
+    assert demo(tmp_path / "typo", "--resume", "--set", *TINY_RUN) == 2
+    assert "nothing to resume" in error_line(capsys)
+    assert not (tmp_path / "typo").exists()
+    # a first run without --checkpoint-every leaves nothing to resume either
+    assert demo(tmp_path / "nockpt", "--set", *TINY_RUN) == 0
+    capsys.readouterr()
+    assert demo(tmp_path / "nockpt", "--resume", "--set", *TINY_RUN) == 2
+    assert "nothing to resume" in error_line(capsys)
+    assert demo(tmp_path / "nockpt", "--resume=if-any", "--set", *TINY_RUN) == 0
+
+
+def test_resume_when_every_checkpoint_is_unreadable_stops(short_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(short_run, out)
+    for f in (out / "checkpoints").rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"garbage")
+    assert demo(out, "--resume", "--set", *TINY_RUN, rounds=3) == 2
+    assert "every checkpoint of method 'local'" in error_line(capsys)
+
+
+# --- divergence (point 3) ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lr", ["1e6", "1e17"])
+def test_divergence_to_uniform_predictions_stops_naming_method_clients_round(tmp_path, capsys, lr):
+    out = tmp_path / "run"
+    assert demo(out, "--set", *TINY_RUN, f"optimizer.lr={lr}") == 2
+    line = error_line(capsys)
+    assert re.search(r"method 'local': .* client\(s\) \['g0c0', 'g1c1'\] in round [12]: ", line)
+    assert "collapsed to uniform" in line
+    assert not (out / "summary.json").exists()
+
+
+def test_divergence_rule_against_a_numpy_reference():
+    from fedjax_lora.experiment import diverged_clients
+
+    v = 64
+    ln_v = float(np.log(v))
+    train = np.array([[3.9, 3.8], [4.2, ln_v], [9.0, 3.0], [3.0, ln_v]])
+    val = np.array([3.7, ln_v, 3.9, 3.5])
+    collapsed, exploded = diverged_clients(train, val, np.arange(4), v)
+    # client 1: last step and validation at ln V; client 3: only training at ln V (not collapsed);
+    # client 2: a step above 2 ln V = 8.32
+    assert collapsed.tolist() == [1] and exploded.tolist() == [2]
