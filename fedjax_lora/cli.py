@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from fedjax_lora import config as config_lib
-from fedjax_lora.errors import ConfigError
+from fedjax_lora.errors import ConfigError, one_line
 
 
 def demo_config(args: argparse.Namespace) -> config_lib.ExperimentConfig:
@@ -175,12 +175,6 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 130
     return 0
-
-
-def one_line(error: BaseException) -> str:
-    """An error's message on one line (YAML and OS errors may span several)."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return "; ".join(lines) or type(error).__name__
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ __all__ = [
     "DivergenceError",
     "FedjaxLoraError",
     "ModelFileError",
+    "one_line",
 ]
 
 
@@ -44,3 +45,9 @@ class DataError(FedjaxLoraError):
 
 class DivergenceError(FedjaxLoraError, FloatingPointError):
     """Training diverged: a non-finite value, or a loss above the uniform prediction's."""
+
+
+def one_line(error: BaseException) -> str:
+    """An error's message on one line (YAML, OS and parser errors may span several)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return "; ".join(lines) or type(error).__name__
