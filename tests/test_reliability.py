@@ -199,3 +199,53 @@ def test_divergence_rule_against_a_numpy_reference():
     # client 1: last step and validation at ln V; client 3: only training at ln V (not collapsed);
     # client 2: a step above 2 ln V = 8.32
     assert collapsed.tolist() == [1] and exploded.tolist() == [2]
+
+
+# --- checkpoint bit rot (point 9) ----------------------------------------------------------------
+
+
+def _flip_a_byte_in_every_data_file(step_dir):
+    for f in (step_dir / "state").rglob("d/*"):
+        data = bytearray(f.read_bytes())
+        data[len(data) // 2] ^= 0x10
+        f.write_bytes(bytes(data))
+
+
+def test_a_flipped_checkpoint_byte_is_detected_and_the_previous_checkpoint_used(
+    short_run, tmp_path, caplog
+):
+    reference = tmp_path / "reference"
+    shutil.copytree(short_run, reference)
+    assert demo(reference, "--resume", "--checkpoint-every", "1", "--set", *TINY_RUN, rounds=3) == 0
+    out = tmp_path / "run"
+    shutil.copytree(short_run, out)
+    _flip_a_byte_in_every_data_file(out / "checkpoints" / "local" / "2")
+    assert demo(out, "--resume", "--checkpoint-every", "1", "--set", *TINY_RUN, rounds=3) == 0
+    assert "checkpoints/local/2 is unreadable" in caplog.text
+    summary = lambda d: json.loads((d / "summary.json").read_text())
+    assert summary(out) == summary(reference)  # resumed from round 1, same numbers
+
+
+def test_checkpoint_checksum_catches_a_changed_value(tmp_path, caplog):
+    import jax.numpy as jnp
+
+    from fedjax_lora.checkpoint import Checkpointer
+
+    ckpt = Checkpointer(tmp_path, keep=3)
+    state = {"w": jnp.arange(4.0)}
+    ckpt.save(1, state, [{"round": 1}])
+    ckpt.save(2, {"w": jnp.arange(4.0) + 1}, [{"round": 2}])
+    # rewrite round 2's records with a wrong checksum: the values no longer match what was saved
+    meta = next((tmp_path / "2" / "records").glob("*"))
+    assert meta.name == "metadata"
+    doc = json.loads(meta.read_text())
+    doc["sha256"] = "0" * 64
+    meta.write_text(json.dumps(doc))
+    step, restored, records = ckpt.restore_latest(state)
+    assert step == 1 and records == [{"round": 1}]
+    np.testing.assert_array_equal(restored["w"], np.arange(4.0))
+    assert "do not match the checksum" in caplog.text
+    doc.pop("records")  # records={}: unreadable, not a KeyError
+    meta.write_text(json.dumps(doc))
+    assert ckpt.restore_latest(state)[0] == 1
+    ckpt.close()
