@@ -22,6 +22,7 @@ from fedjax_lora.engine.strategy import Strategy
 from fedjax_lora.engine.train import LocalTraining
 from fedjax_lora.errors import ConfigError
 from fedjax_lora.lora import LoRAConfig
+from fedjax_lora.memory import experiment_bytes, host_memory_bytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -384,6 +385,14 @@ def check_ranges(config: ExperimentConfig) -> None:
     for i, f in enumerate(data.train_fractions):
         if isinstance(f, bool) or not isinstance(f, int | float) or not 0 < f <= 1:
             raise bad(f"data.train_fractions[{i}]", "a number in (0, 1]", f)
+    estimate = experiment_bytes(config)
+    if sum(estimate.values()) > host_memory_bytes() > 0:
+        parts = ", ".join(f"{k} {v / 2**30:.1f} GiB" for k, v in estimate.items())
+        raise ConfigError(
+            f"the config needs about {sum(estimate.values()) / 2**30:.1f} GiB ({parts}), more "
+            f"than this host's {host_memory_bytes() / 2**30:.1f} GiB; lower the model sizes "
+            "(model.*), data.tokens_per_client or training.batch_size / seq_len"
+        )
     for seed in config.sweep.seeds:
         if not 0 <= seed < _SEED:
             raise bad("sweep.seeds", f"integers in [0, {_SEED - 1}]", config.sweep.seeds)

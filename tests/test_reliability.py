@@ -7,8 +7,10 @@ import json
 import re
 import shutil
 
+import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from fedjax_lora import config as config_lib
 from fedjax_lora.cli import main
@@ -249,3 +251,36 @@ def test_checkpoint_checksum_catches_a_changed_value(tmp_path, caplog):
     meta.write_text(json.dumps(doc))
     assert ckpt.restore_latest(state)[0] == 1
     ckpt.close()
+
+
+# --- absurd sizes (point 8) ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "model.n_layers=100000",
+        "model.max_positions=1000000000000",
+        "data.tokens_per_client=1000000000000",
+        "model.d_model=65536",
+    ],
+)
+def test_absurd_sizes_are_refused_before_allocation_saying_how_much(override, tmp_path, capsys):
+    from fedjax_lora.memory import host_memory_bytes
+
+    assert main(["demo", "--out", str(tmp_path / "run"), "--set", override]) == 2
+    line = error_line(capsys)
+    needed = float(re.search(r"needs about ([\d.]+) GiB", line).group(1))
+    assert needed * 2**30 > host_memory_bytes()
+
+
+def test_parameter_count_against_the_fixture_models():
+    from fedjax_lora import models
+    from fedjax_lora.memory import parameter_count
+    from tests.test_models import FIXTURES
+
+    for name in ("gpt2", "llama", "qwen2"):
+        model = models.load(FIXTURES / name)
+        real = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+        estimate = parameter_count(model.config)  # an upper bound within biases and GQA
+        assert real * 0.8 <= estimate <= real * 1.6, (name, real, estimate)

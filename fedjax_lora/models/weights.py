@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from fedjax_lora.errors import ModelFileError, one_line
+from fedjax_lora.memory import check_fits, parameter_count
 from fedjax_lora.models.config import ModelConfig
 from fedjax_lora.models.factory import LanguageModel, build
 
@@ -354,11 +355,13 @@ def load_hf_config(directory: str | os.PathLike) -> tuple[ModelConfig, dict[str,
 
 
 def check_sizes(config: ModelConfig) -> None:
-    """Raises `ValueError` unless every size of `config` is a positive integer."""
+    """Raises `ValueError` unless every size of `config` is a positive integer and its
+    parameters (float32) fit the host's memory, before anything is allocated."""
     for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_positions"):
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    check_fits("the base's parameters", 4 * parameter_count(config), "model sizes")
 
 
 def _offline() -> bool:
