@@ -435,8 +435,10 @@ def convert(tp: Any, value: Any, where: str) -> Any:
         if value not in choices:
             raise ConfigError(f"config field {where!r} must be one of {choices}, got {value!r}")
         return value
-    if tp is float and isinstance(value, int | float | str) and not isinstance(value, bool):
+    if tp is float:
         try:
+            if isinstance(value, bool) or not isinstance(value, int | float | str):
+                raise ValueError
             return float(value)  # YAML 1.1 reads `1e-3` as a string
         except ValueError:
             raise ConfigError(f"config field {where!r} must be a number, got {value!r}") from None

@@ -102,7 +102,7 @@ def test_fuzz_safetensors(tmp_path, gpt2_reference):
         d = tmp_path / f"c{sum(tally.counts.values())}"
         shutil.copytree(source, d)
         write(d / "model.safetensors")
-        tally.run(label, lambda: models.load(d), _same(gpt2_reference), "model.safetensors")
+        tally.run(label, lambda: models.load(d), _same(gpt2_reference), d.name)
 
     for cut in rng.integers(0, len(raw), 12).tolist() + [0, 4, 8, 8 + n // 2]:
         case(f"truncated at {cut}", lambda p, cut=cut: p.write_bytes(raw[:cut]))
@@ -190,7 +190,7 @@ def test_fuzz_config_json(tmp_path, gpt2_reference):
         d = tmp_path / f"c{sum(tally.counts.values())}"
         shutil.copytree(FIXTURES / "gpt2", d)
         (d / "config.json").write_text(text)
-        tally.run(label, lambda: models.load(d), _same(gpt2_reference), "config.json")
+        tally.run(label, lambda: models.load(d), _same(gpt2_reference), d.name)
 
     for key in ("n_embd", "n_layer", "n_head", "n_positions", "vocab_size", "model_type"):
         case(f"no {key}", json.dumps({k: v for k, v in config.items() if k != key}))
@@ -236,11 +236,41 @@ def test_fuzz_gguf(tmp_path, gguf_file):
     tally.check()
 
 
-FIELDS = ["rounds", "seed", "optimizer.lr", "optimizer.b2", "lora.rank", "lora.alpha",
-          "model.n_heads", "data.val_fraction", "training.steps", "trust.temperature",
-          "lora.targets", "methods", "data.source", "tracking.progress", "nosuch.field"]  # fmt: skip
-VALUES = ["0", "-1", ".nan", ".inf", "1e309", "2.5", "true", "[]", "{}", "x", "'1'", "[1, 2",
-          "!!python/object/apply:os.system [echo hi]", "1180591620717411303424", "null", ""]  # fmt: skip
+FIELDS = [
+    "rounds",
+    "seed",
+    "optimizer.lr",
+    "optimizer.b2",
+    "lora.rank",
+    "lora.alpha",
+    "model.n_heads",
+    "data.val_fraction",
+    "training.steps",
+    "trust.temperature",
+    "lora.targets",
+    "methods",
+    "data.source",
+    "tracking.progress",
+    "nosuch.field",
+]
+VALUES = [
+    "0",
+    "-1",
+    ".nan",
+    ".inf",
+    "1e309",
+    "2.5",
+    "true",
+    "[]",
+    "{}",
+    "x",
+    "'1'",
+    "null",
+    "1180591620717411303424",
+    "[1, 2",
+    "!!python/object/apply:os.system [echo hi]",
+    "",
+]
 
 
 def test_fuzz_set_values_and_yaml(tmp_path):

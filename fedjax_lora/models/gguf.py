@@ -336,8 +336,10 @@ def load_gguf(
         _check_layout(reader, path)
         cfg, state = gguf_state_dict(reader)
         check_sizes(cfg)
-    except CheckpointError:
-        raise
+    except CheckpointError as e:
+        if str(path) in str(e):
+            raise
+        raise CheckpointError(f"{path}: {e}") from None
     except Exception as e:  # noqa: BLE001 - lying counts, types or metadata in the file
         raise CheckpointError(
             f"{path} is not a usable GGUF file ({type(e).__name__}: {one_line(e)})"
