@@ -284,3 +284,74 @@ def test_parameter_count_against_the_fixture_models():
         real = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
         estimate = parameter_count(model.config)  # an upper bound within biases and GQA
         assert real * 0.8 <= estimate <= real * 1.6, (name, real, estimate)
+
+
+# --- model files through the CLI (points 5, 6, 7) -------------------------------------------------
+
+
+def _gpt2_copy(tmp_path):
+    from tests.test_models import FIXTURES
+
+    d = tmp_path / "gpt2"
+    shutil.copytree(FIXTURES / "gpt2", d)
+    return d
+
+
+def _model_error(tmp_path, capsys, source) -> str:
+    argv = ["demo", "--out", str(tmp_path / "run"), "--set", f"model.source={source}"]
+    assert main(argv) == 2
+    return error_line(capsys)
+
+
+def test_index_path_traversal_is_refused_through_the_cli(tmp_path, capsys):
+    d = _gpt2_copy(tmp_path)
+    (d / "model.safetensors").rename(tmp_path / "elsewhere.safetensors")
+    names = list(json.loads((tmp_path / "elsewhere.safetensors").read_bytes()[8:2624]))
+    weight_map = {n: "../elsewhere.safetensors" for n in names if n != "__metadata__"}
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    line = _model_error(tmp_path, capsys, d)
+    assert "outside the checkpoint directory" in line and "model.safetensors.index.json" in line
+
+
+def test_garbage_weights_are_refused_at_load_through_the_cli(tmp_path, capsys):
+    from safetensors.numpy import load_file, save_file
+
+    d = _gpt2_copy(tmp_path)
+    state = load_file(d / "model.safetensors")
+    name = "transformer.h.0.ln_1.weight"
+    for bad, words in [
+        (state[name].astype(np.int32), "not floating point"),
+        (state[name].astype(np.bool_), "not floating point"),
+        (np.full_like(state[name], np.nan), "NaN or infinite"),
+    ]:
+        save_file({**state, name: bad}, d / "model.safetensors")
+        line = _model_error(tmp_path, capsys, d)
+        assert words in line and name in line and str(d) in line
+    save_file(
+        {**state, "lm_head.weight": state["transformer.wte.weight"] + 1}, d / "model.safetensors"
+    )
+    assert "tie_word_embeddings" in _model_error(tmp_path, capsys, d)
+
+
+def test_malformed_model_files_are_one_line_naming_the_file(tmp_path, capsys):
+    d = _gpt2_copy(tmp_path)
+    config = json.loads((d / "config.json").read_text())
+    for text, words in [
+        (
+            json.dumps({k: v for k, v in config.items() if k != "n_embd"}),
+            "lacks the field 'n_embd'",
+        ),
+        (json.dumps({**config, "n_head": 0}), "n_head"),
+        ("[]", "top level must be an object"),
+        ("null", "top level must be an object"),
+    ]:
+        (d / "config.json").write_text(text)
+        line = _model_error(tmp_path, capsys, d)
+        assert "config.json" in line and words in line, line
+    (d / "config.json").write_text(json.dumps(config))
+    raw = (d / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes(raw[: len(raw) // 3])
+    assert "is not a readable safetensors file" in _model_error(tmp_path, capsys, d)
+    gguf = tmp_path / "broken.gguf"
+    gguf.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\xff" * 40)
+    assert "broken.gguf" in _model_error(tmp_path, capsys, gguf)
