@@ -51,7 +51,8 @@ class ModelSpec:
 class DataSpec:
     """Client data. `synthetic`: the embedded heterogeneous corpus (groups of clients drawn from
     distinct token sources, `overlap` in [0, 1]); `fortunes`: Debian fortune files by topic or
-    language (`categories`), tokenized with the model's tokenizer (bytes for a base without
+    language (`categories`; each file decoded strictly in the first of `encodings` that reads
+    all of it, default UTF-8 only), tokenized with the model's tokenizer (bytes for a base without
     one whose vocabulary is the 256 bytes: `experiment.text_tokenizer`); the last fortunes of
     each category, enough for `reference_sequences / len(categories)` windows, are held out of
     every client as the shared reference set (prediction trust). `ag_news`,
@@ -105,6 +106,7 @@ class DataSpec:
     overlap: float = 0.0
     categories: tuple[str, ...] = ()
     fortunes_dir: str | None = None
+    encodings: tuple[str, ...] = ("utf-8",)
     val_fraction: float = 0.1
     test_fraction: float = 0.1
     aux_fraction: float = 0.0

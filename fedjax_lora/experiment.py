@@ -239,9 +239,9 @@ def _fortunes_data(config: ExperimentConfig, vocab_size: int, tokenizer) -> Fede
     seq, per_category = config.training.seq_len, spec.reference_sequences // len(spec.categories)
     for g, category in enumerate(spec.categories):
         texts = (
-            fortunes.load_language(category, root)
+            fortunes.load_language(category, root, spec.encodings)
             if category in languages
-            else fortunes.load_topic(category, "en", root)
+            else fortunes.load_topic(category, "en", root, spec.encodings)
         )
         rng = np.random.default_rng(spec.seed + g)
         order = rng.permutation(len(texts))
