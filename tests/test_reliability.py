@@ -286,7 +286,7 @@ def test_parameter_count_against_the_fixture_models():
         assert real * 0.8 <= estimate <= real * 1.6, (name, real, estimate)
 
 
-# --- model files through the CLI (points 5, 6, 7) -------------------------------------------------
+# --- model files through the CLI (points 5, 6, 7) -----------------------------------------------
 
 
 def _gpt2_copy(tmp_path):
@@ -355,3 +355,20 @@ def test_malformed_model_files_are_one_line_naming_the_file(tmp_path, capsys):
     gguf = tmp_path / "broken.gguf"
     gguf.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\xff" * 40)
     assert "broken.gguf" in _model_error(tmp_path, capsys, gguf)
+
+
+# --- token data (point 10) ---------------------------------------------------------------------
+
+
+def test_out_of_vocabulary_validation_ids_are_refused_before_compute():
+    from fedjax_lora.algorithms.problem import check_eval_vocab
+    from fedjax_lora.errors import DataError
+
+    windows = np.zeros((2, 3, 9), np.int32)
+    check_eval_vocab(windows, 64, "val")
+    windows[1, 2, 4] = 64
+    with pytest.raises(DataError, match=r"evaluation set 'val' holds token id 64, outside"):
+        check_eval_vocab(windows, 64, "val")
+    windows[1, 2, 4] = -3
+    with pytest.raises(DataError, match=r"token id -3"):
+        check_eval_vocab(windows, 64, "val")
