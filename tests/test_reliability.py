@@ -372,3 +372,18 @@ def test_out_of_vocabulary_validation_ids_are_refused_before_compute():
     windows[1, 2, 4] = -3
     with pytest.raises(DataError, match=r"token id -3"):
         check_eval_vocab(windows, 64, "val")
+
+
+def test_dolly_files_without_rows_or_responses_are_one_clear_error(tmp_path):
+    from fedjax_lora.data.datasets_hf import load_dolly
+    from fedjax_lora.errors import DataError
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(DataError, match="empty.jsonl"):
+        load_dolly(empty)
+    partial = tmp_path / "partial.jsonl"
+    row = {"instruction": "Say hi", "context": "", "category": "open_qa"}
+    partial.write_text(json.dumps({**row, "response": "hi"}) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(DataError, match=r"partial.jsonl: row 1 lacks the field\(s\)"):
+        load_dolly(partial)
