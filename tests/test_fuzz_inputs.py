@@ -346,3 +346,24 @@ def test_fuzz_checkpoint_bytes(tmp_path):
 
         tally.run(f"{f.name} #{i}", restore, exact, "checkpoint")
     tally.check()
+
+
+def test_fuzz_token_stream_sidecars(tmp_path):
+    from fedjax_lora.data.streams import open_stream, sidecar_path, write_stream
+
+    tally = Tally("token streams")
+    tokens = np.arange(1000) % 300
+    path = write_stream(tmp_path / "s.bin", tokens, vocab_size=300)
+    meta = json.loads(sidecar_path(path).read_text())
+    variants = ["", "{", "[]", "null", json.dumps({**meta, "dtype": "float32"})]
+    variants += [json.dumps({k: v for k, v in meta.items() if k != key}) for key in meta]
+    for value in (-1, 10**6, "x", None, 2.5, True):
+        variants += [json.dumps({**meta, "length": value}), json.dumps({**meta, "dtype": value})]
+    for i, text in enumerate(variants):
+        sidecar_path(path).write_text(text)
+
+        def correct(stream):
+            return np.array_equal(np.asarray(stream), tokens)
+
+        tally.run(f"sidecar {i}: {text}", lambda: open_stream(path), correct, "s.bin")
+    tally.check()
