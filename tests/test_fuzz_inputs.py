@@ -367,3 +367,37 @@ def test_fuzz_token_stream_sidecars(tmp_path):
 
         tally.run(f"sidecar {i}: {text}", lambda: open_stream(path), correct, "s.bin")
     tally.check()
+
+
+def test_fuzz_tokenizer_files(tmp_path):
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers import models as tok_models
+    from transformers import PreTrainedTokenizerFast
+
+    tally, rng = Tally("tokenizer files"), np.random.default_rng(RNG_SEED)
+    vocab = {w: i for i, w in enumerate(["[UNK]", "hello", "world", "fuzz", "!"])}
+    tok = Tokenizer(tok_models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    source = tmp_path / "source"
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(source)
+    text = "hello world fuzz !"
+    want = [1, 2, 3, 4]
+    raw = (source / "tokenizer.json").read_bytes()
+
+    def case(label, data):
+        d = tmp_path / f"c{sum(tally.counts.values())}"
+        shutil.copytree(source, d)
+        (d / "tokenizer.json").write_bytes(data)
+
+        def correct(t):
+            return t(text, add_special_tokens=False)["input_ids"] == want
+
+        tally.run(label, lambda: models.load_tokenizer(d), correct, d.name)
+
+    for cut in rng.integers(0, len(raw), 12).tolist() + [0, 1]:
+        case(f"truncated at {cut}", raw[:cut])
+    for pos in rng.integers(0, len(raw), 24).tolist():
+        flipped = bytearray(raw)
+        flipped[pos] ^= 1 << int(rng.integers(0, 7))
+        case(f"bit at {pos}", bytes(flipped))
+    tally.check()
