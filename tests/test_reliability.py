@@ -183,6 +183,8 @@ def test_resume_when_every_checkpoint_is_unreadable_stops(short_run, tmp_path, c
 @pytest.mark.parametrize("lr", ["1e6", "1e17"])
 def test_divergence_to_uniform_predictions_stops_naming_method_clients_round(tmp_path, capsys, lr):
     out = tmp_path / "run"
+    out.mkdir()
+    (out / "summary.json").write_text("{}")  # an earlier run's: must not outlive this one
     assert demo(out, "--set", *TINY_RUN, f"optimizer.lr={lr}") == 2
     line = error_line(capsys)
     assert re.search(r"method 'local': .* client\(s\) \['g0c0', 'g1c1'\] in round [12]: ", line)
