@@ -572,9 +572,11 @@ def _flat(values: Any, prefix: str = "") -> dict[str, Any]:
 
 def resume_differences(saved: dict[str, Any], config: ExperimentConfig) -> list[str]:
     """`field: saved -> new` for every field where `config` differs from the `config.json` of
-    the run it resumes, except those in `RESUMABLE` (`rounds`, `tracking.*`, `checkpoint.*`)."""
-    old = _flat(saved)
-    new = _flat(json.loads(json.dumps(to_dict(config))))
+    the run it resumes, except those in `RESUMABLE` (`rounds`, `tracking.*`, `checkpoint.*`);
+    a field missing from `saved` (written before the field existed) counts as its default."""
+    plain = lambda c: _flat(json.loads(json.dumps(to_dict(c))))
+    # A field the saved run predates held its default then.
+    old, new = {**plain(ExperimentConfig()), **_flat(saved)}, plain(config)
     return [
         f"{key}: {old.get(key, '(unset)')!r} -> {new.get(key, '(unset)')!r}"
         for key in sorted(set(old) | set(new))

@@ -389,3 +389,11 @@ def test_dolly_files_without_rows_or_responses_are_one_clear_error(tmp_path):
     partial.write_text(json.dumps({**row, "response": "hi"}) + "\n" + json.dumps(row) + "\n")
     with pytest.raises(DataError, match=r"partial.jsonl: row 1 lacks the field\(s\)"):
         load_dolly(partial)
+
+
+def test_resume_differences_treat_fields_the_saved_run_predates_as_defaults():
+    saved = config_lib.to_dict(config_lib.load(None, ["optimizer.lr=0.05"]))
+    del saved["data"]["encodings"]  # a run written before the field existed
+    assert config_lib.resume_differences(saved, config_lib.load(None, ["optimizer.lr=0.05"])) == []
+    changed = config_lib.resume_differences(saved, config_lib.load(None, ["rounds=20"]))
+    assert changed == ["optimizer.lr: 0.05 -> 0.01"]  # rounds may change, lr may not
