@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from fedjax_lora import config as config_lib
+from fedjax_lora.errors import ConfigError, one_line
 
 
 def demo_config(args: argparse.Namespace) -> config_lib.ExperimentConfig:
@@ -48,8 +49,14 @@ def _checkpoint_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--resume",
-        action="store_true",
-        help="continue from the newest readable checkpoint in the output directory",
+        nargs="?",
+        const=True,
+        default=False,
+        choices=(True, "if-any"),
+        metavar="if-any",
+        help="continue from the newest readable checkpoint in the output directory (the config "
+        "may change only rounds, tracking and checkpoint settings); an error when there is none, "
+        "unless --resume=if-any (then a fresh start)",
     )
 
 
@@ -69,6 +76,10 @@ def _distributed_output(out: str) -> str:
     `out`, process `i > 0` to `out/process_<i>`."""
     from fedjax_lora.distributed import describe, initialize_from_env
 
+    if out and Path(out).exists() and not Path(out).is_dir():
+        raise ConfigError(
+            f"--out {out} is an existing file; name a directory for the run's outputs"
+        )
     if not initialize_from_env():
         return out
     import jax
@@ -166,9 +177,16 @@ def main(argv: list[str] | None = None) -> int:
             config = config_lib.load(args.config, args.set, preset=args.preset)
             out = args.out or str(Path("runs") / Path(args.config).stem)
         _run(config, _distributed_output(out), args)
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
-        print(f"fedjax-lora: error: {e}", file=sys.stderr)
+    except (ValueError, OSError, FloatingPointError) as e:
+        print(f"fedjax-lora: error: {one_line(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(
+            "fedjax-lora: interrupted; checkpoints already written are kept (continue with "
+            "--resume)",
+            file=sys.stderr,
+        )
+        return 130
     return 0
 
 

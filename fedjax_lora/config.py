@@ -6,6 +6,8 @@ Every configuration error is raised before any compute starts, naming the field 
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -18,7 +20,9 @@ from fedjax_lora.engine.cohort import Cohort
 from fedjax_lora.engine.optim import OptimizerConfig
 from fedjax_lora.engine.strategy import Strategy
 from fedjax_lora.engine.train import LocalTraining
+from fedjax_lora.errors import ConfigError
 from fedjax_lora.lora import LoRAConfig
+from fedjax_lora.memory import experiment_bytes, host_memory_bytes
 from fedjax_lora.presets import PRESETS
 
 
@@ -48,7 +52,8 @@ class ModelSpec:
 class DataSpec:
     """Client data. `synthetic`: the embedded heterogeneous corpus (groups of clients drawn from
     distinct token sources, `overlap` in [0, 1]); `fortunes`: Debian fortune files by topic or
-    language (`categories`), tokenized with the model's tokenizer (bytes for a base without
+    language (`categories`; each file decoded strictly in the first of `encodings` that reads
+    all of it, default UTF-8 only), tokenized with the model's tokenizer (bytes for a base without
     one whose vocabulary is the 256 bytes: `experiment.text_tokenizer`); the last fortunes of
     each category, enough for `reference_sequences / len(categories)` windows, are held out of
     every client as the shared reference set (prediction trust). `ag_news`,
@@ -102,6 +107,7 @@ class DataSpec:
     overlap: float = 0.0
     categories: tuple[str, ...] = ()
     fortunes_dir: str | None = None
+    encodings: tuple[str, ...] = ("utf-8",)
     val_fraction: float = 0.1
     test_fraction: float = 0.1
     aux_fraction: float = 0.0
@@ -124,7 +130,7 @@ class DataSpec:
     def cohort(self) -> Cohort | None:
         """The per-round client sample (None: every client takes part in every round)."""
         if self.cohort_size < 0:
-            raise ValueError(
+            raise ConfigError(
                 f"data.cohort_size must be >= 0 (0: all clients), got {self.cohort_size}"
             )
         if self.cohort_size == 0:
@@ -148,7 +154,7 @@ class GenerationSpec:
 
     def __post_init__(self):
         if self.max_new_tokens < 1 or self.max_examples < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"eval.generation.max_new_tokens and max_examples must be >= 1, got "
                 f"{self.max_new_tokens}, {self.max_examples}"
             )
@@ -185,7 +191,7 @@ class CheckpointSpec:
 
     def __post_init__(self):
         if self.every < 0 or self.keep < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"checkpoint.every must be >= 0 and checkpoint.keep >= 1, got {self.every}, "
                 f"{self.keep}"
             )
@@ -220,12 +226,12 @@ class SweepSpec:
             try:
                 converted = tuple(kind(v) for v in values)
             except (TypeError, ValueError):
-                raise ValueError(
+                raise ConfigError(
                     f"sweep.{name} must be a list of numbers, got {values!r}"
                 ) from None
             object.__setattr__(self, name, converted)
         if any(lr <= 0 for lr in self.lrs):
-            raise ValueError(f"sweep.lrs must be positive, got {self.lrs}")
+            raise ConfigError(f"sweep.lrs must be positive, got {self.lrs}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -257,11 +263,163 @@ class ExperimentConfig:
 
     def __post_init__(self):
         if self.preset is not None and self.preset not in PRESETS:
-            raise ValueError(f"unknown preset {self.preset!r}; available: {sorted(PRESETS)}")
-        if self.rounds < 1:
-            raise ValueError(f"rounds must be >= 1, got {self.rounds}")
+            raise ConfigError(f"unknown preset {self.preset!r}; available: {sorted(PRESETS)}")
         if not self.methods:
-            raise ValueError("methods is empty; name at least one (see `fedjax-lora methods`)")
+            raise ConfigError("methods is empty; name at least one (see `fedjax-lora methods`)")
+        check_ranges(self)
+
+
+# Range rules of every numeric config value: (field, test, requirement). Pure Python, so a config
+# is checked before JAX is imported or anything is built.
+_SEED = 2**32
+_INT_RULES: tuple[tuple[str, int | None, int | None], ...] = (
+    # (field, smallest, largest) for integers; None: unbounded on that side.
+    ("rounds", 1, None),
+    ("seed", 0, _SEED - 1),
+    ("model.vocab_size", 1, None),
+    ("model.d_model", 1, None),
+    ("model.n_layers", 1, None),
+    ("model.n_heads", 1, None),
+    ("model.d_ff", 1, None),
+    ("model.max_positions", 1, None),
+    ("model.seed", 0, _SEED - 1),
+    ("lora.rank", 1, None),
+    ("data.num_groups", 1, None),
+    ("data.clients_per_group", 1, None),
+    ("data.tokens_per_client", 1, None),
+    ("data.shared_eval_tokens", 0, None),
+    ("data.reference_sequences", 0, None),
+    ("data.seed", 0, _SEED - 1),
+    ("data.cohort_size", 0, None),
+    ("data.num_clients", 1, None),
+    ("data.num_tasks", 1, None),
+    ("data.max_rows", 1, None),
+    ("training.steps", 1, None),
+    ("training.batch_size", 1, None),
+    ("training.seq_len", 1, None),
+    ("training.grad_accum", 1, None),
+    ("training.ce_chunk", 1, None),
+    ("optimizer.total_steps", 1, None),
+    ("optimizer.warmup_steps", 0, None),
+    ("strategy.chunk_size", 1, None),
+    ("strategy.num_devices", 1, None),
+    ("strategy.model_devices", 1, None),
+    ("eval.max_windows", 1, None),
+    ("eval.batch_size", 1, None),
+    ("eval.generation.max_new_tokens", 1, None),
+    ("eval.generation.max_examples", 1, None),
+    ("eval.generation.max_prompt_tokens", 1, None),
+    ("trust.first_aggregation_round", 1, None),
+    ("trust.eval_seed", 0, _SEED - 1),
+    ("trust.top_k", 1, None),
+    ("trust.top_peers", 1, None),
+    ("trust.min_keep", 1, None),
+    ("checkpoint.every", 0, None),
+    ("checkpoint.keep", 1, None),
+)
+# (field, low, high, low_open, high_open) for real numbers; every one must also be finite.
+_FLOAT_RULES: tuple[tuple[str, float, float, bool, bool], ...] = (
+    ("model.dropout", 0.0, 1.0, False, True),
+    ("model.attn_dropout", 0.0, 1.0, False, True),
+    ("lora.alpha", 0.0, math.inf, True, True),
+    ("lora.dropout", 0.0, 1.0, False, True),
+    ("lora.init_std", 0.0, math.inf, True, True),
+    ("data.overlap", 0.0, 1.0, False, False),
+    ("data.val_fraction", 0.0, 1.0, False, True),
+    ("data.test_fraction", 0.0, 1.0, False, True),
+    ("data.aux_fraction", 0.0, 1.0, False, True),
+    ("data.alpha", 0.0, math.inf, True, True),
+    ("optimizer.lr", 0.0, math.inf, True, True),
+    ("optimizer.b1", 0.0, 1.0, False, True),
+    ("optimizer.b2", 0.0, 1.0, False, True),
+    ("optimizer.eps", 0.0, math.inf, True, True),
+    ("optimizer.weight_decay", 0.0, math.inf, False, True),
+    ("optimizer.grad_clip", 0.0, math.inf, False, True),
+    ("optimizer.final_lr_fraction", 0.0, 1.0, False, False),
+    ("optimizer.pct_start", 0.0, 1.0, True, True),
+    ("optimizer.div_factor", 0.0, math.inf, True, True),
+    ("optimizer.final_div_factor", 0.0, math.inf, True, True),
+    ("trust.temperature", 0.0, math.inf, True, True),
+    ("trust.scale", 0.0, math.inf, True, True),
+    ("trust.threshold", -math.inf, math.inf, True, True),
+)
+
+
+def _field(config: Any, path: str) -> Any:
+    """The value at dotted `path`, or None when a section on the way is unset."""
+    value = config
+    for part in path.split("."):
+        value = getattr(value, part, None) if value is not None else None
+    return value
+
+
+def _range_text(low: float, high: float, low_open: bool, high_open: bool) -> str:
+    if high == math.inf:
+        return f"a finite number {'>' if low_open else '>='} {low:g}"
+    return f"a number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+
+def check_ranges(config: ExperimentConfig) -> None:
+    """Raises `ConfigError` naming the first config value out of its range (and the fix): every
+    count, seed, probability, fraction and optimizer constant, plus the constraints between
+    fields (`model.d_model` divisible by `model.n_heads`, `data.val_fraction +
+    data.test_fraction < 1`, every `sweep` value). Pure Python: nothing is built or imported."""
+
+    def bad(path: str, requirement: str, value: Any) -> ConfigError:
+        return ConfigError(
+            f"config field {path!r} must be {requirement}, got {value!r}; set it in the config "
+            f"file or with --set {path}=..."
+        )
+
+    for path, low, high in _INT_RULES:
+        value = _field(config, path)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad(path, "an integer", value)
+        if (low is not None and value < low) or (high is not None and value > high):
+            span = f"in [{low}, {high}]" if high is not None else f">= {low}"
+            raise bad(path, f"an integer {span}", value)
+    for path, low, high, low_open, high_open in _FLOAT_RULES:
+        value = _field(config, path)
+        if value is None:
+            continue
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        ok = ok and math.isfinite(value) and (value > low if low_open else value >= low)
+        if not (ok and (value < high if high_open else value <= high)):
+            raise bad(path, _range_text(low, high, low_open, high_open), value)
+    targets = _field(config, "lora.targets")
+    if not isinstance(targets, tuple) or not all(isinstance(t, str) and t for t in targets):
+        raise bad("lora.targets", "a list of projection names such as [c_attn, mlp.c_fc]", targets)
+    model, data = config.model, config.data
+    if model.d_model % model.n_heads:
+        raise bad("model.n_heads", f"a divisor of model.d_model={model.d_model}", model.n_heads)
+    if data.val_fraction + data.test_fraction >= 1:
+        raise bad(
+            "data.test_fraction",
+            f"below 1 - data.val_fraction = {1 - data.val_fraction:g} (training keeps the rest)",
+            data.test_fraction,
+        )
+    for i, f in enumerate(data.train_fractions):
+        if isinstance(f, bool) or not isinstance(f, int | float) or not 0 < f <= 1:
+            raise bad(f"data.train_fractions[{i}]", "a number in (0, 1]", f)
+    estimate = experiment_bytes(config)
+    if sum(estimate.values()) > host_memory_bytes() > 0:
+        parts = ", ".join(f"{k} {v / 2**30:.1f} GiB" for k, v in estimate.items())
+        raise ConfigError(
+            f"the config needs about {sum(estimate.values()) / 2**30:.1f} GiB ({parts}), more "
+            f"than this host's {host_memory_bytes() / 2**30:.1f} GiB; lower the model sizes "
+            "(model.*), data.tokens_per_client or training.batch_size / seq_len"
+        )
+    for seed in config.sweep.seeds:
+        if not 0 <= seed < _SEED:
+            raise bad("sweep.seeds", f"integers in [0, {_SEED - 1}]", config.sweep.seeds)
+    for lr in config.sweep.lrs:
+        if not (math.isfinite(lr) and lr > 0):
+            raise bad("sweep.lrs", "finite numbers > 0", config.sweep.lrs)
+    for overlap in config.sweep.overlaps:
+        if not 0 <= overlap <= 1:
+            raise bad("sweep.overlaps", "numbers in [0, 1]", config.sweep.overlaps)
 
 
 def convert(tp: Any, value: Any, where: str) -> Any:
@@ -272,31 +430,42 @@ def convert(tp: Any, value: Any, where: str) -> Any:
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
-            raise ValueError(f"config field {where!r} must be a mapping, got {value!r}")
+            raise ConfigError(f"config field {where!r} must be a mapping, got {value!r}")
         return from_dict(tp, value, where)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return None if value is None else convert(args[0], value, where)
     if origin is dict:
         if not isinstance(value, dict):
-            raise ValueError(f"config field {where!r} must be a mapping, got {value!r}")
+            raise ConfigError(f"config field {where!r} must be a mapping, got {value!r}")
         inner = typing.get_args(tp)[1] if typing.get_args(tp) else Any
         return {k: convert(inner, v, f"{where}.{k}") for k, v in value.items()}
     if origin is tuple:
-        items = [value] if isinstance(value, str) else list(value)
-        return tuple(items)
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"config field {where!r} must be a list, got {value!r}")
+        args = typing.get_args(tp)
+        inner = args[0] if args and (len(args) == 1 or args[1] is Ellipsis) else Any
+        return tuple(convert(inner, v, f"{where}[{i}]") for i, v in enumerate(value))
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
-            raise ValueError(f"config field {where!r} must be one of {choices}, got {value!r}")
+            raise ConfigError(f"config field {where!r} must be one of {choices}, got {value!r}")
         return value
-    if tp is float and isinstance(value, int | float | str) and not isinstance(value, bool):
+    if tp is float:
         try:
+            if isinstance(value, bool) or not isinstance(value, int | float | str):
+                raise ValueError
             return float(value)  # YAML 1.1 reads `1e-3` as a string
         except ValueError:
-            raise ValueError(f"config field {where!r} must be a number, got {value!r}") from None
+            raise ConfigError(f"config field {where!r} must be a number, got {value!r}") from None
     if tp is int and isinstance(value, bool | float) or tp is int and not isinstance(value, int):
-        raise ValueError(f"config field {where!r} must be an integer, got {value!r}")
+        raise ConfigError(f"config field {where!r} must be an integer, got {value!r}")
+    if tp is str and not isinstance(value, str):
+        raise ConfigError(f"config field {where!r} must be a string, got {value!r}")
+    if tp is bool and not isinstance(value, bool):
+        raise ConfigError(f"config field {where!r} must be true or false, got {value!r}")
     return value
 
 
@@ -307,7 +476,7 @@ def from_dict(cls: type, values: dict[str, Any], where: str = "") -> Any:
     unknown = sorted(set(values) - names)
     if unknown:
         prefix = f"{where}." if where else ""
-        raise ValueError(
+        raise ConfigError(
             f"unknown config field(s) {[prefix + u for u in unknown]}; valid fields of "
             f"{where or 'the experiment'}: {sorted(names)}"
         )
@@ -317,8 +486,10 @@ def from_dict(cls: type, values: dict[str, Any], where: str = "") -> Any:
         kwargs[key] = convert(hints[key], value, path)
     try:
         return cls(**kwargs)
+    except ConfigError:
+        raise
     except (TypeError, ValueError) as e:
-        raise ValueError(f"invalid config section {where or 'experiment'!r}: {e}") from None
+        raise ConfigError(f"invalid config section {where or 'experiment'!r}: {e}") from None
 
 
 def to_dict(config: Any) -> dict[str, Any]:
@@ -360,14 +531,26 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     nested: dict[str, Any] = {}
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"override {item!r} must look like section.field=value")
+            raise ConfigError(f"override {item!r} must look like section.field=value")
         key, raw = item.split("=", 1)
         node = nested
         parts = key.strip().split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(raw)
+        node[parts[-1]] = _yaml(raw, f"--set {item}")
     return nested
+
+
+def _yaml(text: str, where: str) -> Any:
+    """`text` parsed as YAML (safe: tags never execute); a syntax error names `where` and the
+    line and column."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or type(e).__name__
+        raise ConfigError(f"{where} is not valid YAML{at}: {problem}") from None
 
 
 def load(
@@ -385,8 +568,15 @@ def load(
         p = Path(path)
         if not p.is_file():
             raise FileNotFoundError(f"config file {str(p)!r} does not exist")
-        values = yaml.safe_load(p.read_text()) or {}
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(
+                f"config file {str(p)!r} is not UTF-8 text (byte {e.start})"
+            ) from None
+        values = _yaml(text, f"config file {str(p)!r}") or {}
         if not isinstance(values, dict):
+<<<<<<< HEAD
             raise ValueError(f"config file {str(p)!r} must hold a mapping at the top level")
         if preset is not None and values.get("preset", preset) != preset:
             raise ValueError(
@@ -395,7 +585,37 @@ def load(
             )
         if preset is not None:  # already applied under the file's values
             values = {k: v for k, v in values.items() if k != "preset"}
+=======
+            raise ConfigError(f"config file {str(p)!r} must hold a mapping at the top level")
+>>>>>>> r15
         config = merge_base(config, values)
     if overrides:
         config = merge_base(config, parse_overrides(overrides))
     return config
+
+
+# What may differ when a run is resumed: its length and how it is presented or saved.
+RESUMABLE = ("rounds", "tracking", "checkpoint")
+
+
+def _flat(values: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(values, dict) and values:
+        out: dict[str, Any] = {}
+        for key, value in values.items():
+            out.update(_flat(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: values}
+
+
+def resume_differences(saved: dict[str, Any], config: ExperimentConfig) -> list[str]:
+    """`field: saved -> new` for every field where `config` differs from the `config.json` of
+    the run it resumes, except those in `RESUMABLE` (`rounds`, `tracking.*`, `checkpoint.*`);
+    a field missing from `saved` (written before the field existed) counts as its default."""
+    plain = lambda c: _flat(json.loads(json.dumps(to_dict(c))))
+    # A field the saved run predates held its default then.
+    old, new = {**plain(ExperimentConfig()), **_flat(saved)}, plain(config)
+    return [
+        f"{key}: {old.get(key, '(unset)')!r} -> {new.get(key, '(unset)')!r}"
+        for key in sorted(set(old) | set(new))
+        if old.get(key) != new.get(key) and key.split(".")[0] not in RESUMABLE
+    ]

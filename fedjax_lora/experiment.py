@@ -19,7 +19,13 @@ from flax import nnx
 from fedjax_lora import amole, lora
 from fedjax_lora.algorithms import METHODS, Algorithm, Problem, SimState, get_method
 from fedjax_lora.checkpoint import Checkpointer
-from fedjax_lora.config import ExperimentConfig, convert, to_dict
+from fedjax_lora.config import (
+    RESUMABLE,
+    ExperimentConfig,
+    convert,
+    resume_differences,
+    to_dict,
+)
 from fedjax_lora.data import (
     FederatedData,
     eval_windows,
@@ -32,12 +38,14 @@ from fedjax_lora.data import (
 from fedjax_lora.data.streams import split_tail
 from fedjax_lora.distributed import host
 from fedjax_lora.engine.evaluate import EvalSet
+from fedjax_lora.errors import CheckpointError, ConfigError, DivergenceError
 from fedjax_lora.models.config import ModelConfig
 from fedjax_lora.models.factory import from_config
 from fedjax_lora.plots import plot_expert_assignment, plot_history, plot_trust
 from fedjax_lora.tracking import (
     evaluation_progress,
     interactive,
+    json_safe,
     open_trackers,
     progress_bar,
     require_wandb,
@@ -231,9 +239,9 @@ def _fortunes_data(config: ExperimentConfig, vocab_size: int, tokenizer) -> Fede
     seq, per_category = config.training.seq_len, spec.reference_sequences // len(spec.categories)
     for g, category in enumerate(spec.categories):
         texts = (
-            fortunes.load_language(category, root)
+            fortunes.load_language(category, root, spec.encodings)
             if category in languages
-            else fortunes.load_topic(category, "en", root)
+            else fortunes.load_topic(category, "en", root, spec.encodings)
         )
         rng = np.random.default_rng(spec.seed + g)
         order = rng.permutation(len(texts))
@@ -326,20 +334,64 @@ def _finite_per_client(params) -> jax.Array:
     return jnp.stack(per_leaf).all(0)
 
 
-def _finite_or_raise(method: str, round_idx: int, metrics: dict, params, names) -> None:
-    """Stops the run (before anything of this round is checkpointed) on a non-finite training
-    loss or adapter value, naming the method, the clients and the round."""
+# Divergence to a finite collapse (issue 15): a model whose logits became constant predicts the
+# uniform distribution, loss exactly ln V on every window; one that is worse than uniform by a
+# factor of 2 in log-loss (perplexity above V²) has left any reasonable optimum.
+COLLAPSE_TOLERANCE = 1e-4  # nats from ln V, on both the last training step and validation
+DIVERGENCE_FACTOR = 2.0  # a training loss above DIVERGENCE_FACTOR · ln V
+
+
+def diverged_clients(
+    train_loss: np.ndarray, val_loss: np.ndarray | None, trained: np.ndarray, vocab_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """`(collapsed, exploded)`: client indices whose predictions collapsed to uniform (the last
+    training step's loss and the validation loss both within `COLLAPSE_TOLERANCE` of `ln V`) and
+    those with a training loss above `DIVERGENCE_FACTOR · ln V`. `train_loss [K, steps]` of the
+    clients `trained [K]`, `val_loss [N]` (None: no validation loss)."""
+    uniform = np.log(vocab_size)
+    exploded = trained[np.any(train_loss > DIVERGENCE_FACTOR * uniform, axis=-1)]
+    if val_loss is None:
+        return np.zeros(0, int), exploded
+    flat = np.abs(train_loss[:, -1] - uniform) < COLLAPSE_TOLERANCE
+    flat &= np.abs(np.asarray(val_loss)[trained] - uniform) < COLLAPSE_TOLERANCE
+    return trained[flat], exploded
+
+
+def _finite_or_raise(
+    method: str, round_idx: int, metrics: dict, params, names, vocab_size: int
+) -> None:
+    """Stops the run (before anything of this round is checkpointed) when training diverged:
+    a non-finite training loss or adapter value, predictions collapsed to uniform, or a loss far
+    above the uniform prediction's (`diverged_clients`), naming the method, the clients and the
+    round. The config's values and the base's weights were checked before training, so the
+    cause is the optimization."""
     loss = np.asarray(metrics["train"]["train_loss"])
     finite = np.array(host(_finite_per_client(params)))
-    trained = metrics["train"].get("cohort", np.arange(finite.size))  # rows of `loss`
-    finite[np.asarray(trained)] &= np.all(np.isfinite(loss), axis=-1)
+    trained = np.asarray(metrics["train"].get("cohort", np.arange(finite.size)))  # rows of `loss`
+    finite[trained] &= np.all(np.isfinite(loss), axis=-1)
+    who = lambda idx: [names[i] if names else int(i) for i in idx]
+    fix = (
+        "lower optimizer.lr (or set optimizer.grad_clip); the last good checkpoint, if any, is kept"
+    )
     bad = np.flatnonzero(~finite)
     if bad.size:
-        who = [names[i] if names else int(i) for i in bad]
-        raise FloatingPointError(
-            f"method {method!r}: non-finite training loss or parameters for client(s) {who} in "
-            f"round {round_idx}; lower the learning rate or check the data (the last good "
-            "checkpoint, if any, is kept)"
+        raise DivergenceError(
+            f"method {method!r}: non-finite training loss or parameters for client(s) {who(bad)} "
+            f"in round {round_idx}: training diverged; {fix}"
+        )
+    val = metrics.get("val", {}).get("loss")
+    collapsed, exploded = diverged_clients(loss, val, trained, vocab_size)
+    if collapsed.size:
+        raise DivergenceError(
+            f"method {method!r}: training diverged for client(s) {who(collapsed)} in round "
+            f"{round_idx}: predictions collapsed to uniform (loss = ln V = "
+            f"{np.log(vocab_size):.4f}, perplexity = the vocabulary size {vocab_size}); {fix}"
+        )
+    if exploded.size:
+        raise DivergenceError(
+            f"method {method!r}: training diverged for client(s) {who(exploded)} in round "
+            f"{round_idx}: training loss above {DIVERGENCE_FACTOR:g} · ln V = "
+            f"{DIVERGENCE_FACTOR * np.log(vocab_size):.4f} (worse than uniform predictions); {fix}"
         )
 
 
@@ -436,9 +488,16 @@ def run_method(
     """
     algo = algorithm or method_factory(name, config)(problem)
     sim = algo.init(jax.random.key(config.seed))
+    vocab = nnx.merge(problem.graphdef, problem.template, problem.base).config.vocab_size
     every = config.checkpoint.every
-    ckpt = Checkpointer(checkpoint_dir, keep=config.checkpoint.keep) if every else None
+    saving = every or resume
+    ckpt = Checkpointer(checkpoint_dir, keep=config.checkpoint.keep) if saving else None
     restored = ckpt.restore_latest(sim) if ckpt and resume else None
+    if resume and restored is None and ckpt.steps():
+        raise CheckpointError(
+            f"--resume: every checkpoint of method {name!r} in {checkpoint_dir} (rounds "
+            f"{ckpt.steps()}) is unreadable; nothing was resumed. Start afresh in another --out"
+        )
     evaluating = functools.partial(
         evaluation_progress,
         problem.num_clients * len(problem.eval_sets),
@@ -464,7 +523,7 @@ def run_method(
         with evaluating():
             sim, metrics = algo.round(sim)
             metrics = scored(metrics, problem)
-        _finite_or_raise(name, r, metrics, sim.clients.params, problem.client_names)
+        _finite_or_raise(name, r, metrics, sim.clients.params, problem.client_names, vocab)
         records.append(_round_record(name, r, metrics, time.perf_counter() - start))
         experts = expert_assignment(sim) if r == config.rounds else None
         if experts:
@@ -473,7 +532,7 @@ def run_method(
         if routing:
             records[-1]["routing"] = routing
         log(records[-1])
-        if ckpt and (r % every == 0 or r == config.rounds):
+        if every and (r % every == 0 or r == config.rounds):
             ckpt.save(r, sim, records)
         bar.set_postfix(val_ppl=f"{records[-1]['val_mean_ppl']:.3f}")
     if ckpt:
@@ -597,8 +656,44 @@ def results_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def resumable(out: Path, config: ExperimentConfig, *, if_any: bool = False) -> bool:
+    """Whether `--resume` has a run to continue in `out`: checkpoints (some method's step
+    directory) and the run's `config.json`, from which `config` differs only in
+    `config.RESUMABLE` fields. Raises `CheckpointError` when there is nothing to resume (unless
+    `if_any`: then False, a fresh start) and `ConfigError` naming every other changed field with
+    both values."""
+    steps = [p for p in (out / "checkpoints").glob("*/*") if p.name.isdigit() and p.is_dir()]
+    if not steps:
+        if if_any:
+            return False
+        raise CheckpointError(
+            f"--resume: nothing to resume in {out}: it holds no checkpoints (a run saves them "
+            "with --checkpoint-every K); check --out, or drop --resume (or pass "
+            "--resume=if-any) to start from scratch"
+        )
+    try:
+        saved = json.loads((out / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(
+            f"--resume: {out / 'config.json'} of the run to continue is unreadable ({e}); "
+            "without it the configs cannot be compared, so nothing is resumed"
+        ) from None
+    changed = resume_differences(saved, config)
+    if changed:
+        raise ConfigError(
+            f"--resume: the config differs from the run in {out} in {'; '.join(changed)}; only "
+            f"{', '.join(RESUMABLE)} may change on resume: restore those values, or start a new "
+            "run in another --out"
+        )
+    return True
+
+
 def train_and_evaluate(
-    config: ExperimentConfig, out_dir: str | Path, *, progress: bool = True, resume: bool = False
+    config: ExperimentConfig,
+    out_dir: str | Path,
+    *,
+    progress: bool = True,
+    resume: bool | str = False,
 ) -> dict[str, Any]:
     """Runs every method of `config` and writes under `out_dir`: `config.json`, `metrics.jsonl`
     (one record per method and round, with the mixing matrix), TensorBoard events in
@@ -607,14 +702,16 @@ def train_and_evaluate(
     `routing_<method>.png` (generalist routing shares, CoMiGS family);
     returns the summary. Checkpoints go to
     `out_dir/checkpoints/<method>`; `resume` continues every method from its newest readable
-    checkpoint."""
+    checkpoint (`resume="if-any"`: or starts afresh when there is none); the config may then
+    differ from the saved run's only in `config.RESUMABLE` fields (`resumable`)."""
     out = Path(out_dir)
     checkpoints = out / "checkpoints"
     if not resume and checkpoints.is_dir() and any(checkpoints.iterdir()):
-        raise ValueError(
+        raise CheckpointError(
             f"{checkpoints} already holds checkpoints; pass --resume to continue that run or "
             "choose another output directory (nothing was overwritten)"
         )
+    resume = bool(resume) and resumable(out, config, if_any=resume == "if-any")
     out.mkdir(parents=True, exist_ok=True)
     if config.tracking.wandb:
         require_wandb()
@@ -625,6 +722,8 @@ def train_and_evaluate(
     # Every method is built (its options checked) before any of them trains.
     algorithms = {name: method_factory(name, config)(problem) for name in config.methods}
     (out / "config.json").write_text(json.dumps(to_dict(config), indent=2))
+    for stale in ("summary.json", "results.md"):  # rewritten when every method has finished
+        (out / stale).unlink(missing_ok=True)
     trackers = open_trackers(
         out,
         tensorboard=config.tracking.tensorboard,
@@ -648,7 +747,7 @@ def train_and_evaluate(
     finally:
         trackers.close()
     summary = summarize(history, problem.client_names)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / "summary.json").write_text(json.dumps(json_safe(summary), indent=2, allow_nan=False))
     (out / "results.md").write_text(results_table(summary) + "\n")
     plot_history(history, out / "ppl.png")
     trust = final_trust(history, problem.num_clients)

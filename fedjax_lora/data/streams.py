@@ -17,6 +17,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from fedjax_lora.errors import DataError, one_line
+
 UINT16_MAX_VOCAB = 1 << 16
 
 
@@ -205,11 +207,22 @@ def open_stream(path: str | Path) -> np.memmap | np.ndarray:
         raise FileNotFoundError(
             f"no sidecar {meta_path} for token stream {path}; write streams with write_stream()"
         )
-    meta = json.loads(meta_path.read_text())
-    dtype = np.dtype(meta["dtype"])
-    expected = meta["length"] * dtype.itemsize
+    try:
+        meta = json.loads(meta_path.read_text())
+        dtype, length = np.dtype(meta["dtype"]), meta["length"]
+        if dtype not in (np.dtype(np.uint16), np.dtype(np.uint32), np.dtype(np.int32)):
+            raise ValueError(f"dtype {dtype.name} is not an integer token type (uint16/uint32)")
+        if isinstance(length, bool) or not isinstance(length, int) or length < 0:
+            raise ValueError(f"length {length!r} is not a count")
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise DataError(
+            f"sidecar {meta_path} of token stream {path} is not usable ({type(e).__name__}: "
+            f'{one_line(e)}); it needs {{"dtype": "uint16"|"uint32", "length": N}} '
+            "as write_stream() writes it"
+        ) from None
+    expected = length * dtype.itemsize
     if path.stat().st_size != expected:
-        raise ValueError(
+        raise DataError(
             f"{path} has {path.stat().st_size} bytes but its sidecar says {meta['length']} "
             f"{dtype.name} tokens ({expected} bytes); the file is truncated or stale"
         )
