@@ -576,18 +576,14 @@ def load(
             ) from None
         values = _yaml(text, f"config file {str(p)!r}") or {}
         if not isinstance(values, dict):
-<<<<<<< HEAD
-            raise ValueError(f"config file {str(p)!r} must hold a mapping at the top level")
+            raise ConfigError(f"config file {str(p)!r} must hold a mapping at the top level")
         if preset is not None and values.get("preset", preset) != preset:
-            raise ValueError(
+            raise ConfigError(
                 f"config file {str(p)!r} names preset {values['preset']!r}, the command line "
                 f"{preset!r}; keep one"
             )
         if preset is not None:  # already applied under the file's values
             values = {k: v for k, v in values.items() if k != "preset"}
-=======
-            raise ConfigError(f"config file {str(p)!r} must hold a mapping at the top level")
->>>>>>> r15
         config = merge_base(config, values)
     if overrides:
         config = merge_base(config, parse_overrides(overrides))
