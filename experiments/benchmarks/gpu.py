@@ -212,7 +212,8 @@ def method_problem(c: dict, n: int):
 def method_options(name: str, c: dict, n: int) -> dict:
     """Each family at the plain LoRA's place and size where it has one: HetLoRA and FlexLoRA with
     ranks 2, 4, 8 (cycled over the clients, zero-padded to 8) on q and v; FedAMoLE on q and v
-    with a pool that RSEA can assign to N clients; CoMiGS 1G1S (one generalist, one specialist)."""
+    with a pool that RSEA can assign to N clients; CoMiGS 1G1S (one generalist, one specialist),
+    its router on fixed validation windows (the benchmark's windows do not cover the stream)."""
     from fedjax_lora.algorithms.fedamole import FedAMoLEOptions
     from fedjax_lora.amole import AMoLEConfig
     from fedjax_lora.lora import LoRAConfig
@@ -232,6 +233,8 @@ def method_options(name: str, c: dict, n: int) -> dict:
                 targets=engine.TARGETS, num_experts=a["num_experts"], rank=c["rank"], dropout=0.0
             ),
         }
+    if name == "comigs":
+        return {"router_batches": "windows"}
     return {}
 
 
