@@ -157,11 +157,14 @@ class GenerationSpec:
 class EvalSpec:
     """Evaluation windows: at most `max_windows` fixed windows per client and split, processed
     `batch_size` at a time; `generation`: the instruction-task metric per client (instruction
-    data sources only; reported as `task_rouge_l` / `task_accuracy`)."""
+    data sources only; reported as `task_rouge_l` / `task_accuracy`); `rouge`: the ROUGE-L
+    implementation of `rouge_l` tasks, `rouge` (PyPI `rouge` 1.0.1, the FedAMoLE paper's) or
+    `rouge-score` (`fedjax_lora.engine.instruction.rouge_l`)."""
 
     max_windows: int = 16
     batch_size: int = 8
     generation: GenerationSpec | None = None
+    rouge: Literal["rouge", "rouge-score"] = "rouge"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -202,7 +202,12 @@ def _with_task(problem: Problem, config: ExperimentConfig, data: FederatedData) 
         budget = gen.max_prompt_tokens or context - gen.max_new_tokens
         make = lambda n: instruction.make_generation_set(task.prompts, config.eval.batch_size, n)
         text_task = instruction.TextTask(
-            "rouge_l", gen.max_new_tokens, task.eos_id, task.references, task.decode
+            "rouge_l",
+            gen.max_new_tokens,
+            task.eos_id,
+            task.references,
+            task.decode,
+            rouge=config.eval.rouge,
         )
     else:
         budget = gen.max_prompt_tokens or context - max(len(c) for c in task.choices)
