@@ -79,7 +79,12 @@ class DataSpec:
     (`fedjax_lora.data.instruction`; `paths[0]` a local file/directory, else the hub dataset):
     `num_clients` clients, Dirichlet(`alpha`) over categories/classes (one task per client for
     Natural Instructions, of its `num_tasks` largest tasks), each client's examples split into
-    train / `val_fraction` / `test_fraction`; `max_rows` keeps the first rows only. A model without
+    train / `val_fraction` / `test_fraction` (and `aux_fraction` of the rest as the auxiliary
+    split, at most 200 examples: the reference's 0.05, i.e. 4 % of the examples), cut as the
+    reference cuts them; `max_rows` keeps the first rows only; `instruction_packing`: `examples`
+    (default, the reference: one example per training row, right-padded and masked, cut at
+    `training.seq_len` tokens with EOS forced, over-long prompts dropped) or `windows`
+    (`seq_len`-token windows of each client's stream of concatenated examples). A model without
     tokenizer files reads bytes (`ByteTokenizer`, vocabulary 256)."""
 
     source: Literal[
@@ -118,6 +123,7 @@ class DataSpec:
     alpha: float = 1.0
     num_tasks: int = 100
     max_rows: int | None = None
+    instruction_packing: Literal["examples", "windows"] = "examples"
     train_fractions: tuple[float, ...] = ()
 
     def cohort(self) -> Cohort | None:
