@@ -143,7 +143,7 @@ def split_ratios(val_fraction: float, test_fraction: float, aux_fraction: float)
     """`[train, aux, val, test]` shares of a client's examples, as the reference's
     `load_dataset.get_ratios(f"{1 - aux},{aux}", val, test)` computes them (same float
     operations, so the same cut points)."""
-    if not (0 <= val_fraction and 0 < test_fraction and val_fraction + test_fraction < 1):
+    if not (val_fraction >= 0 and test_fraction > 0 and val_fraction + test_fraction < 1):
         raise ValueError(
             f"need val_fraction >= 0, test_fraction > 0 and their sum < 1, got {val_fraction}, "
             f"{test_fraction}"

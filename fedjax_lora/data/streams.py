@@ -110,7 +110,8 @@ def eval_window_starts(
     Client i's stream holds `n_i = (length_i - 1) // seq_len` windows of `seq_len + 1` tokens at
     stride `seq_len` (consecutive windows share only their boundary token, so every target is
     counted at most once), or, with `stride = seq_len + 1` (streams of one-example slots,
-    `data.instruction_packing=examples`), its `n_i = length_i // (seq_len + 1)` slots. If `n_i > max_windows`, `W = max_windows` of those slots are taken
+    `data.instruction_packing=examples`), its `n_i = length_i // (seq_len + 1)` slots. If
+    `n_i > max_windows`, `W = max_windows` of those slots are taken
     evenly spread over the stream (slot `floor(k * n_i / W)`, k = 0..W-1). Returns
     `starts int32 [N, W]` and `valid bool [N, W]`; clients with fewer windows are padded with
     start 0 and marked invalid. Deterministic: no randomness.

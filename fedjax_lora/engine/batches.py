@@ -50,9 +50,10 @@ def sample_starts(
     fresh random order each epoch (the FedAMoLE reference's reshuffled data loader). `examples`:
     the stream is a run of slots of `seq_len + 1` tokens, one padded example each
     (`data.instruction_packing=examples`); windows are whole slots (stride `seq_len + 1`), a
-    uniform slot with replacement (`random`) or the slots in epoch order; `counter` counts windows drawn so far, so the permutation of
-    epoch `e = counter // n` is drawn from `fold_in(key, e)`. `max_windows` is the static bound on
-    any client's window count (padded windows are sorted to the end of the permutation).
+    uniform slot with replacement (`random`) or the slots in epoch order. `counter` counts
+    windows drawn so far, so the permutation of epoch `e = counter // n` is drawn from
+    `fold_in(key, e)`. `max_windows` is the static bound on any client's window count (padded
+    windows are sorted to the end of the permutation).
     """
     stride = seq_len + 1 if examples else seq_len
     n = jnp.maximum((length - seq_len - 1) // stride + 1, 1)
