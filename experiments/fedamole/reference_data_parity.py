@@ -78,7 +78,9 @@ def reference_sets(partition_idx_dir, split_dataset, y, seed, alpha, share, test
         np.random.shuffle(part)
         sets = split_dataset(IndexSet(part), ratios)
         idx = [np.zeros(0, np.int64) if s is None else s.idx for s in sets]
-        out.append(dict(zip(NAMES, (idx[0], idx[1][:200], idx[2][:200], idx[3][:test_cap]))))
+        out.append(
+            dict(zip(NAMES, (idx[0], idx[1][:200], idx[2][:200], idx[3][:test_cap]), strict=True))
+        )
     return out
 
 
