@@ -46,7 +46,14 @@ from fedjax_lora.engine.strategy import map_clients
 from fedjax_lora.engine.train import make_client_update, train_clients
 from fedjax_lora.lora import detach_adapters, split
 
-__all__ = ["METHODS", "FedAMoLEOptions", "fedamole", "reset_optimizer", "scaled_tx"]
+__all__ = [
+    "METHODS",
+    "FedAMoLEOptions",
+    "fedamole",
+    "input_weights",
+    "reset_optimizer",
+    "scaled_tx",
+]
 
 Dispatch = Literal["rsea", "static", "random"]
 
