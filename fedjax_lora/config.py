@@ -85,7 +85,12 @@ class DataSpec:
     (`fedjax_lora.data.instruction`; `paths[0]` a local file/directory, else the hub dataset):
     `num_clients` clients, Dirichlet(`alpha`) over categories/classes (one task per client for
     Natural Instructions, of its `num_tasks` largest tasks), each client's examples split into
-    train / `val_fraction` / `test_fraction`; `max_rows` keeps the first rows only. A model without
+    train / `val_fraction` / `test_fraction` (and `aux_fraction` of the rest as the auxiliary
+    split, at most 200 examples: the reference's 0.05, i.e. 4 % of the examples), cut as the
+    reference cuts them; `max_rows` keeps the first rows only; `instruction_packing`: `examples`
+    (default, the reference: one example per training row, right-padded and masked, cut at
+    `training.seq_len` tokens with EOS forced, over-long prompts dropped) or `windows`
+    (`seq_len`-token windows of each client's stream of concatenated examples). A model without
     tokenizer files reads bytes (`ByteTokenizer`, vocabulary 256)."""
 
     source: Literal[
@@ -125,6 +130,7 @@ class DataSpec:
     alpha: float = 1.0
     num_tasks: int = 100
     max_rows: int | None = None
+    instruction_packing: Literal["examples", "windows"] = "examples"
     train_fractions: tuple[float, ...] = ()
 
     def cohort(self) -> Cohort | None:
@@ -164,7 +170,9 @@ class GenerationSpec:
 class EvalSpec:
     """Evaluation windows: at most `max_windows` fixed windows per client and split, processed
     `batch_size` at a time; `generation`: the instruction-task metric per client (instruction
-    data sources only; reported as `task_rouge_l` / `task_accuracy`); `attention_dropout`: the
+    data sources only; reported as `task_rouge_l` / `task_accuracy`); `rouge`: the ROUGE-L
+    implementation of `rouge_l` tasks, `rouge` (PyPI `rouge` 1.0.1, the FedAMoLE paper's) or
+    `rouge-score` (`fedjax_lora.engine.instruction.rouge_l`); `attention_dropout`: the
     trust-weighted methods evaluate (reported perplexities and trust inputs) with attention
     dropout of this rate kept on, as the paper (0.2; `TrustOptions.eval_attention_dropout`);
     null: no dropout in evaluation."""
@@ -172,6 +180,7 @@ class EvalSpec:
     max_windows: int = 16
     batch_size: int = 8
     generation: GenerationSpec | None = None
+    rouge: Literal["rouge", "rouge-score"] = "rouge"
     attention_dropout: float | None = None
 
     def __post_init__(self):

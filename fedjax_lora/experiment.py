@@ -173,9 +173,10 @@ def _instruction_data(config: ExperimentConfig, vocab_size: int, tokenizer) -> F
     kw = {"source": spec.paths[0]} if spec.paths else {}
     if spec.source == "natural_instructions":
         pairs = datasets_hf.load_natural_instructions(num_tasks=spec.num_tasks, **kw)
-    else:
-        load = datasets_hf.load_dolly if spec.source == "dolly" else datasets_hf.load_snli
-        pairs = load(limit=spec.max_rows, **kw)
+    elif spec.source == "dolly":
+        pairs = datasets_hf.load_dolly(limit=spec.max_rows, **kw)
+    else:  # the unlabelled rows count in the reference's partition
+        pairs = datasets_hf.load_snli(limit=spec.max_rows, unlabelled=True, **kw)
     return instruction.instruction_data(
         pairs,
         tokenizer,
@@ -186,9 +187,12 @@ def _instruction_data(config: ExperimentConfig, vocab_size: int, tokenizer) -> F
         seed=spec.seed,
         val_fraction=spec.val_fraction,
         test_fraction=spec.test_fraction,
+        aux_fraction=spec.aux_fraction,
         max_test=gen.max_examples if gen else 50,
         choices=gen is not None and gen.metric == "choice_accuracy",
         bos_id=instruction.default_bos_id(tokenizer),
+        packing=spec.instruction_packing,
+        seq_len=config.training.seq_len,
     )
 
 
@@ -210,7 +214,12 @@ def _with_task(problem: Problem, config: ExperimentConfig, data: FederatedData) 
         budget = gen.max_prompt_tokens or context - gen.max_new_tokens
         make = lambda n: instruction.make_generation_set(task.prompts, config.eval.batch_size, n)
         text_task = instruction.TextTask(
-            "rouge_l", gen.max_new_tokens, task.eos_id, task.references, task.decode
+            "rouge_l",
+            gen.max_new_tokens,
+            task.eos_id,
+            task.references,
+            task.decode,
+            rouge=config.eval.rouge,
         )
     else:
         budget = gen.max_prompt_tokens or context - max(len(c) for c in task.choices)
@@ -298,14 +307,25 @@ def build_problem(config: ExperimentConfig) -> tuple[Problem, FederatedData]:
     model, tokenizer = build_model(config)
     data = build_data(config, model.config.vocab_size, tokenizer)
     seq, ev = config.training.seq_len, config.eval
-    train = data.train
+    train, training = data.train, config.training
+    stride = None
+    if data.example_rows:  # one padded example per slot of seq + 1 tokens
+        stride, training = seq + 1, dataclasses.replace(training, packing="examples")
+    # val/test count the target tokens only (an instruction example's response); aux every token
+    # (FedAMoLE's RSEA statistics: prompt and response, as the reference).
     windows = {
-        split: eval_windows(data.split(split), seq, ev.max_windows, data.client_names)
+        split: eval_windows(
+            data.split(split), seq, ev.max_windows, data.client_names, stride=stride, masked=True
+        )
         for split in SPLITS
     }
-    if config.data.aux_fraction > 0:  # held out of training, e.g. FedAMoLE's RSEA statistics
+    aux = data.aux
+    if aux is None and config.data.aux_fraction > 0:  # held out of the training stream
         train, aux = split_tail(train, config.data.aux_fraction)
-        windows["aux"] = eval_windows(aux, seq, ev.max_windows, data.client_names)
+    if aux is not None:
+        windows["aux"] = eval_windows(
+            aux, seq, ev.max_windows, data.client_names, stride=stride, masked=data.example_rows
+        )
     shared = {}
     for name, stream in (data.shared_eval or {}).items():
         w, v = eval_windows(stack_streams([stream]), seq, ev.max_windows)
@@ -314,7 +334,7 @@ def build_problem(config: ExperimentConfig) -> tuple[Problem, FederatedData]:
         model,
         train,
         windows,
-        training=config.training,
+        training=training,
         optimizer=config.optimizer,
         strategy=config.strategy,
         eval_batch_size=ev.batch_size,

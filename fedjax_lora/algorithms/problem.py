@@ -120,7 +120,7 @@ class Problem:
         cls,
         model: nnx.Module,
         train: ClientTokens,
-        eval_windows: dict[str, tuple[np.ndarray, np.ndarray]],
+        eval_windows: dict[str, tuple[np.ndarray, ...]],
         *,
         training: LocalTraining,
         optimizer: OptimizerConfig | optax.GradientTransformation,
@@ -134,7 +134,8 @@ class Problem:
     ) -> Problem:
         """Builds a problem from a model that already holds its adapters.
 
-        eval_windows: per-client sets `{name: (windows [N, W, T+1], valid [N, W])}`;
+        eval_windows: per-client sets `{name: (windows [N, W, T+1], valid [N, W])}`, or with a
+        third member, the target weights `[N, W, T]` (only those tokens count, e.g. responses);
         shared_windows: sets every client is evaluated on `{name: (windows [W, T+1], valid [W])}`;
         mixtures: the clients' known data proportions `[N, K]` (oracle trust);
         reference: shared reference sequences `int32 [S, T]` (prediction trust).
@@ -156,7 +157,9 @@ class Problem:
         if cohort is not None:
             cohort.check(data.num_clients)
             strategy.check_clients(cohort.size)
-        sets = {k: make_eval_set(w, v, eval_batch_size) for k, (w, v) in eval_windows.items()}
+        sets = {
+            k: make_eval_set(w[0], w[1], eval_batch_size, *w[2:]) for k, w in eval_windows.items()
+        }
         for k, (w, v) in (shared_windows or {}).items():
             sets[k] = shared_eval_set(w, v, data.num_clients, eval_batch_size)
         return cls(

@@ -241,18 +241,23 @@ def load_snli(
     splits: Sequence[str] = _SPLIT_NAMES,
     limit: int | None = None,
     cache_dir: str | Path | None = None,
+    unlabelled: bool = False,
 ) -> LabeledPairs:
     """SNLI as (prompt, "Yes"/"Maybe"/"No") pairs, the given splits concatenated (FedAMoLE uses
-    all three); rows with label -1 (no gold label) are dropped."""
+    all three); rows with label -1 (no gold label) are dropped, or, with `unlabelled`, kept with
+    label -1 and target "" (FedAMoLE's partition counts them before dropping them,
+    `fedjax_lora.data.instruction`). `limit` counts the rows kept."""
     if Path(source).is_file():
         splits = ("train",)
     rows: list[dict] = []
     for split in splits:
         rows += list(_take(load_rows(source, split=split, cache_dir=cache_dir), None))
-    rows = list(_take(rows, limit, lambda r: 0 <= int(r["label"]) < len(SNLI_CHOICES)))
+    low = -1 if unlabelled else 0
+    rows = list(_take(rows, limit, lambda r: low <= int(r["label"]) < len(SNLI_CHOICES)))
     labels = np.array([int(r["label"]) for r in rows], dtype=np.int64)
     prompts = [snli_prompt(r["premise"], r["hypothesis"]) for r in rows]
-    return LabeledPairs(prompts, [SNLI_CHOICES[k] for k in labels], labels, SNLI_CHOICES)
+    targets = [SNLI_CHOICES[k] if k >= 0 else "" for k in labels]
+    return LabeledPairs(prompts, targets, labels, SNLI_CHOICES)
 
 
 def _ni_github_rows(root: Path, task_list: str) -> list[dict]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +32,9 @@ class LocalTraining:
     recomputes every transformer block's activations in the backward pass (`jax.checkpoint` per
     block); `ce_chunk` evaluates the output head and cross-entropy `ce_chunk` tokens at a time, so
     the `[batch_size, seq_len, vocab]` logits are never materialised (None: all at once).
+    packing: `windows` (any offset of the stream) or `examples` (the stream is a run of one-example
+    slots of `seq_len + 1` tokens, `data.instruction_packing=examples`; a window is one slot, so
+    one example per row; `experiment.build_problem` sets it from the data).
     """
 
     steps: int
@@ -42,6 +45,7 @@ class LocalTraining:
     dropout: bool = True
     remat: bool = False
     ce_chunk: int | None = None
+    packing: Literal["windows", "examples"] = "windows"
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len", "grad_accum"):
@@ -49,6 +53,10 @@ class LocalTraining:
                 raise ValueError(f"LocalTraining.{name} must be >= 1, got {getattr(self, name)}")
         if self.sampling not in ("random", "epoch"):
             raise ValueError(f"sampling must be 'random' or 'epoch', got {self.sampling!r}")
+        if self.packing not in ("windows", "examples"):
+            raise ValueError(
+                f"training.packing must be 'windows' or 'examples', got {self.packing!r}"
+            )
         if self.ce_chunk is not None and self.ce_chunk < 1:
             raise ValueError(
                 "LocalTraining.ce_chunk must be >= 1 tokens or None (unchunked), got "
@@ -85,6 +93,7 @@ def stream_sampler(
             seq_len=cfg.seq_len,
             max_windows=max_windows,
             sampling=cfg.sampling,
+            examples=cfg.packing == "examples",
         )
         return windows_at(tokens, starts, cfg.seq_len, mask)
 
