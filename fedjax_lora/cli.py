@@ -1,8 +1,11 @@
 """The `fedjax-lora` command line: `demo`, `methods`, `run CONFIG.yaml`, `grid GRID.yaml`,
 `sweep CONFIG.yaml`, `report RUN_DIR`.
 
-Commands that compute first call `fedjax_lora.distributed.initialize_from_env()` (a no-op for one
-process); in a multi-process run the other processes write under `OUT/process_<i>`."""
+Configs and arguments are checked before JAX is imported, so a wrong key answers at once.
+`--import MODULE` (or the config's `imports:`) imports your own modules, e.g. one that
+`register`s a method, before methods are looked up. Commands that compute first call
+`fedjax_lora.distributed.initialize_from_env()` (a no-op for one process); in a multi-process run
+the other processes write under `OUT/process_<i>`."""
 
 from __future__ import annotations
 
@@ -11,6 +14,27 @@ import sys
 from pathlib import Path
 
 from fedjax_lora import config as config_lib
+
+
+def _import_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import MODULE first (e.g. one that registers your method); repeatable",
+    )
+
+
+def _with_imports(
+    config: config_lib.ExperimentConfig, args: argparse.Namespace
+) -> config_lib.ExperimentConfig:
+    """`config` with the `--import` modules added to its `imports`."""
+    if not args.imports:
+        return config
+    imports = list(dict.fromkeys([*config.imports, *args.imports]))
+    return config_lib.merge_base(config, {"imports": imports})
 
 
 def demo_config(args: argparse.Namespace) -> config_lib.ExperimentConfig:
@@ -25,7 +49,7 @@ def demo_config(args: argparse.Namespace) -> config_lib.ExperimentConfig:
         "methods=[" + ",".join(args.methods) + "]",
         *args.set,
     ]
-    return config_lib.load(None, overrides)
+    return _with_imports(config_lib.load(None, overrides), args)
 
 
 def _run(config: config_lib.ExperimentConfig, out: str, args: argparse.Namespace) -> None:
@@ -68,10 +92,10 @@ def _distributed_output(out: str) -> str:
 
 
 def _sweep(args: argparse.Namespace) -> None:
+    config = _with_imports(config_lib.load(args.config, args.set), args)
+    out = _distributed_output(args.out or str(Path("runs") / f"{Path(args.config).stem}-sweep"))
     from fedjax_lora.sweep import markdown, run_sweep
 
-    config = config_lib.load(args.config, args.set)
-    out = _distributed_output(args.out or str(Path("runs") / f"{Path(args.config).stem}-sweep"))
     doc = run_sweep(config, out)
     print(markdown(doc["table"]))
     print(f"\nwrote {Path(out) / 'sweep.md'} and sweep.json")
@@ -89,8 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     p_demo.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
     p_demo.add_argument("--no-progress", action="store_true")
     _checkpoint_flags(p_demo)
+    _import_flag(p_demo)
 
-    sub.add_parser("methods", help="list every implemented method")
+    _import_flag(sub.add_parser("methods", help="list every implemented method"))
 
     p_report = sub.add_parser("report", help="write a Markdown or HTML report of a finished run")
     p_report.add_argument("run_dir")
@@ -108,12 +133,14 @@ def main(argv: list[str] | None = None) -> int:
     p_run.add_argument("--out", default=None, help="output directory (default runs/<config>)")
     p_run.add_argument("--no-progress", action="store_true")
     _checkpoint_flags(p_run)
+    _import_flag(p_run)
 
     p_grid = sub.add_parser("grid", help="run a paper table: cells x methods x seeds (YAML)")
     p_grid.add_argument("grid", help="grid file, e.g. experiments/comigs/table1.yaml")
     from fedjax_lora.grid import add_arguments as grid_arguments
 
     grid_arguments(p_grid)
+    _import_flag(p_grid)
 
     p_sweep = sub.add_parser(
         "sweep", help="seeds x learning rates as one vectorized program (the config's sweep:)"
@@ -123,9 +150,15 @@ def main(argv: list[str] | None = None) -> int:
     p_sweep.add_argument(
         "--out", default=None, help="output directory (default runs/<config>-sweep)"
     )
+    _import_flag(p_sweep)
 
     args = parser.parse_args(argv)
     if args.command == "methods":
+        try:
+            config_lib.import_modules(args.imports)
+        except ValueError as e:
+            print(f"fedjax-lora: error: {e}", file=sys.stderr)
+            return 2
         from fedjax_lora.algorithms import METHODS
 
         for name, factory in sorted(METHODS.items()):
@@ -141,6 +174,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "grid":
             from fedjax_lora import grid
 
+            if args.imports:
+                args.set = [*args.set, "imports=[" + ",".join(args.imports) + "]"]
+            spec = grid.load_grid(args.grid)  # every run's config checked before JAX loads
+            grid.grid_configs(spec, args.cells, args.seeds, args.methods, args.set)
             args.out = _distributed_output(args.out)
             return grid.main(args.grid, args)
         if args.command == "sweep":
@@ -150,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
             config = demo_config(args)
             out = args.out
         else:
-            config = config_lib.load(args.config, args.set)
+            config = _with_imports(config_lib.load(args.config, args.set), args)
             out = args.out or str(Path("runs") / Path(args.config).stem)
         _run(config, _distributed_output(out), args)
     except (ValueError, FileNotFoundError, FloatingPointError) as e:

@@ -6,6 +6,9 @@ Every configuration error is raised before any compute starts, naming the field 
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import os
+import sys
 import types
 import typing
 from pathlib import Path
@@ -13,12 +16,16 @@ from typing import Any, Literal
 
 import yaml
 
-from fedjax_lora.algorithms.trust_weighted import TrustOptions
-from fedjax_lora.engine.cohort import Cohort
-from fedjax_lora.engine.optim import OptimizerConfig
-from fedjax_lora.engine.strategy import Strategy
-from fedjax_lora.engine.train import LocalTraining
-from fedjax_lora.lora import LoRAConfig
+from fedjax_lora.settings import (
+    LocalTraining,
+    LoRAConfig,
+    OptimizerConfig,
+    Strategy,
+    TrustOptions,
+)
+
+if typing.TYPE_CHECKING:
+    from fedjax_lora.engine.cohort import Cohort
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,6 +135,8 @@ class DataSpec:
             )
         if self.cohort_size == 0:
             return None
+        from fedjax_lora.engine.cohort import Cohort
+
         return Cohort(self.cohort_size, self.cohort_sampling, self.cohort_optimizer)
 
 
@@ -221,7 +230,9 @@ class SweepSpec:
 class ExperimentConfig:
     """`method_options`: per method name, keyword options of its factory, e.g.
     `{"comigs": {"expert_counts": [1, 2, 3, 4], "moe": {"num_experts": 4}}}` (mappings become the
-    annotated dataclasses; unknown names fail before any compute, listing the accepted ones)."""
+    annotated dataclasses; unknown names fail before any compute, listing the accepted ones).
+    `imports`: Python modules imported before methods are looked up (`import_modules`), e.g. one
+    that `register`s your own method (the CLI's `--import`)."""
 
     methods: tuple[str, ...] = ("local", "fedavg")
     rounds: int = 10
@@ -240,6 +251,7 @@ class ExperimentConfig:
     tracking: TrackingSpec = TrackingSpec()
     sweep: SweepSpec = SweepSpec()
     method_options: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    imports: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.rounds < 1:
@@ -346,6 +358,24 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
             node = node.setdefault(part, {})
         node[parts[-1]] = yaml.safe_load(raw)
     return nested
+
+
+def import_modules(names: typing.Iterable[str]) -> None:
+    """Imports every module of `names` (`importlib.import_module`; the working directory comes
+    first on the search path, as for `python -m`), e.g. one whose import registers a method."""
+    names = list(names)
+    if names and "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name is None or not name.startswith(e.name):
+                raise  # the module exists but one of its own imports is missing
+            raise ValueError(
+                f"imports: cannot import module {name!r} ({e}); give a module name importable "
+                "from the working directory or PYTHONPATH, e.g. my_methods for ./my_methods.py"
+            ) from None
 
 
 def load(

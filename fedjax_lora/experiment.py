@@ -19,7 +19,7 @@ from flax import nnx
 from fedjax_lora import amole, lora
 from fedjax_lora.algorithms import METHODS, Algorithm, Problem, SimState, get_method
 from fedjax_lora.checkpoint import Checkpointer
-from fedjax_lora.config import ExperimentConfig, convert, to_dict
+from fedjax_lora.config import ExperimentConfig, convert, import_modules, to_dict
 from fedjax_lora.data import (
     FederatedData,
     eval_windows,
@@ -279,7 +279,9 @@ def _hold_out(texts, order, tokens: int, tokenizer, vocab_size: int):
 
 
 def build_problem(config: ExperimentConfig) -> tuple[Problem, FederatedData]:
-    """Model, adapters, data and evaluation windows assembled into a `Problem`."""
+    """Model, adapters, data and evaluation windows assembled into a `Problem` (the config's
+    `imports` imported first, so their methods are known)."""
+    import_modules(config.imports)
     unknown = sorted(set(config.method_options) - set(METHODS))
     if unknown:
         raise ValueError(
