@@ -1,5 +1,6 @@
 """The `fedjax-lora` command line: `demo`, `methods`, `run CONFIG.yaml`, `grid GRID.yaml`,
-`sweep CONFIG.yaml`, `report RUN_DIR`.
+`sweep CONFIG.yaml`, `report RUN_DIR`, `export RUN_DIR --method M [--client C] [--format
+peft|merged] --out DIR`.
 
 Configs and arguments are checked before JAX is imported, so a wrong key answers at once.
 `--import MODULE` (or the config's `imports:`) imports your own modules, e.g. one that
@@ -121,6 +122,17 @@ def main(argv: list[str] | None = None) -> int:
     p_report.add_argument("run_dir")
     p_report.add_argument("--format", choices=("md", "html"), default="md")
 
+    p_export = sub.add_parser(
+        "export", help="a finished run's client adapters to PEFT, or merged weights"
+    )
+    p_export.add_argument("run_dir")
+    p_export.add_argument("--method", required=True, help="a method of the run")
+    p_export.add_argument(
+        "--client", default=None, help="a client name or index (default: every client)"
+    )
+    p_export.add_argument("--format", choices=("peft", "merged"), default="peft")
+    p_export.add_argument("--out", required=True, help="output directory (one folder per client)")
+
     p_run = sub.add_parser("run", help="run an experiment config (YAML)")
     p_run.add_argument("config")
     p_run.add_argument(
@@ -170,6 +182,14 @@ def main(argv: list[str] | None = None) -> int:
             from fedjax_lora.report import write_report
 
             print(f"wrote {write_report(args.run_dir, args.format)}")
+            return 0
+        if args.command == "export":
+            from fedjax_lora.export import export_run
+
+            for path in export_run(
+                args.run_dir, args.method, args.out, client=args.client, fmt=args.format
+            ):
+                print(f"wrote {path}")
             return 0
         if args.command == "grid":
             from fedjax_lora import grid

@@ -32,6 +32,7 @@ from fedjax_lora.data import (
 from fedjax_lora.data.streams import split_tail
 from fedjax_lora.distributed import host
 from fedjax_lora.engine.evaluate import EvalSet
+from fedjax_lora.export import ADAPTERS_DIR, save_run_adapters
 from fedjax_lora.models.config import ModelConfig
 from fedjax_lora.models.factory import from_config
 from fedjax_lora.plots import plot_expert_assignment, plot_history, plot_trust
@@ -412,6 +413,7 @@ def run_method(
     checkpoint_dir: Path | None = None,
     resume: bool = False,
     algorithm: Algorithm | None = None,
+    adapters_path: Path | None = None,
 ) -> list[dict[str, Any]]:
     """Runs one method for `config.rounds` rounds; returns and logs one record per round (round 0
     is the evaluation before training). The last record of a method with an expert assignment
@@ -422,6 +424,8 @@ def run_method(
     `checkpoint_dir` every that many rounds and after the last; `resume` continues from the newest
     readable checkpoint there, so the final state and metrics equal an uninterrupted run's.
     `algorithm`: the method already built from `problem` (else it is built here).
+    `adapters_path`: where the final stacked adapters go (`export.save_run_adapters`; what
+    `fedjax-lora export` reads).
     """
     algo = algorithm or method_factory(name, config)(problem)
     sim = algo.init(jax.random.key(config.seed))
@@ -467,6 +471,9 @@ def run_method(
         bar.set_postfix(val_ppl=f"{records[-1]['val_mean_ppl']:.3f}")
     if ckpt:
         ckpt.close()
+    if adapters_path is not None:
+        names = problem.client_names or [str(i) for i in range(problem.num_clients)]
+        save_run_adapters(adapters_path, sim.clients.params, names, records[-1]["round"])
     return records
 
 
@@ -592,11 +599,11 @@ def train_and_evaluate(
     """Runs every method of `config` and writes under `out_dir`: `config.json`, `metrics.jsonl`
     (one record per method and round, with the mixing matrix), TensorBoard events in
     `tensorboard/` (and a W&B run if asked), `summary.json`, `results.md`, `ppl.png`,
-    `trust.png` (final mixing matrices), `experts.png` (final expert assignments, FedAMoLE) and
-    `routing_<method>.png` (generalist routing shares, CoMiGS family);
-    returns the summary. Checkpoints go to
-    `out_dir/checkpoints/<method>`; `resume` continues every method from its newest readable
-    checkpoint."""
+    `trust.png` (final mixing matrices), `experts.png` (final expert assignments, FedAMoLE),
+    `routing_<method>.png` (generalist routing shares, CoMiGS family) and every method's final
+    adapters in `adapters/<method>.safetensors` (`fedjax-lora export`); returns the summary.
+    Checkpoints go to `out_dir/checkpoints/<method>`; `resume` continues every method from its
+    newest readable checkpoint."""
     out = Path(out_dir)
     checkpoints = out / "checkpoints"
     if not resume and checkpoints.is_dir() and any(checkpoints.iterdir()):
@@ -633,6 +640,7 @@ def train_and_evaluate(
                 checkpoint_dir=out / "checkpoints" / name,
                 resume=resume,
                 algorithm=algorithms[name],
+                adapters_path=out / ADAPTERS_DIR / f"{name}.safetensors",
             )
     finally:
         trackers.close()
