@@ -6,11 +6,13 @@ Configs and arguments are checked before JAX is imported, so a wrong key answers
 `--import MODULE` (or the config's `imports:`) imports your own modules, e.g. one that
 `register`s a method, before methods are looked up. Commands that compute first call
 `fedjax_lora.distributed.initialize_from_env()` (a no-op for one process); in a multi-process run
-the other processes write under `OUT/process_<i>`."""
+the other processes write under `OUT/process_<i>`. Compiled rounds are kept in JAX's persistent
+compilation cache (`compilation_cache_dir`; `FEDJAX_LORA_COMPILATION_CACHE=0` turns it off)."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -84,15 +86,39 @@ def _checkpoint_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+CACHE_SWITCH = "FEDJAX_LORA_COMPILATION_CACHE"
+
+
+def compilation_cache_dir(environ: dict[str, str] | None = None) -> Path | None:
+    """Where the CLI keeps JAX's persistent compilation cache, so a second run (or the next run
+    of a grid, a sweep level, a demo) loads its compiled rounds instead of compiling them:
+    `$FEDJAX_LORA_COMPILATION_CACHE` when it names a directory, None (off) when it is `0`, else
+    `$JAX_COMPILATION_CACHE_DIR` (JAX's own setting, left to JAX), else
+    `$XDG_CACHE_HOME/fedjax_lora/jax` (default `~/.cache/fedjax_lora/jax`)."""
+    env = os.environ if environ is None else environ
+    value = env.get(CACHE_SWITCH, "")
+    if value == "0" or env.get("JAX_COMPILATION_CACHE_DIR") and not value:
+        return None
+    if value:
+        return Path(value).expanduser()
+    root = Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return root / "fedjax_lora" / "jax"
+
+
 def _distributed_output(out: str) -> str:
-    """Initialises `jax.distributed` when launched as several processes; process 0 writes to
-    `out`, process `i > 0` to `out/process_<i>`."""
+    """Turns on the persistent compilation cache (`compilation_cache_dir`) and initialises
+    `jax.distributed` when launched as several processes; process 0 writes to `out`, process
+    `i > 0` to `out/process_<i>`."""
+    import jax
+
     from fedjax_lora.distributed import describe, initialize_from_env
+
+    cache = compilation_cache_dir()
+    if cache is not None:
+        jax.config.update("jax_compilation_cache_dir", str(cache))
 
     if not initialize_from_env():
         return out
-    import jax
-
     print(describe(), file=sys.stderr)
     i = jax.process_index()
     return out if i == 0 else str(Path(out) / f"process_{i}")
@@ -100,6 +126,7 @@ def _distributed_output(out: str) -> str:
 
 def _sweep(args: argparse.Namespace) -> None:
     config = _with_imports(config_lib.load(args.config, args.set), args)
+    config.sweep.check_seeds()
     out = _distributed_output(args.out or str(Path("runs") / f"{Path(args.config).stem}-sweep"))
     from fedjax_lora.sweep import markdown, run_sweep
 

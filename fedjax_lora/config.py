@@ -206,7 +206,9 @@ class SweepSpec:
     """`fedjax-lora sweep`: the grid of simulations. `seeds` (initialisation and cohort keys) and
     `lrs` (peak learning rates) are one more mapped axis of one compiled round (`vmap` over the
     `S = |seeds| · |lrs|` simulations); `overlaps` (the synthetic corpus's heterogeneity, different
-    data) loop on the host, one compiled program per level. Empty: the experiment's own value."""
+    data) loop on the host, one compiled program per level. Empty: the experiment's own value;
+    `seeds` needs at least 2 entries (`check_seeds`). Examples:
+    `experiments/configs/sweep_*.yaml`."""
 
     seeds: tuple[int, ...] = ()
     lrs: tuple[float, ...] = ()
@@ -224,6 +226,15 @@ class SweepSpec:
             object.__setattr__(self, name, converted)
         if any(lr <= 0 for lr in self.lrs):
             raise ValueError(f"sweep.lrs must be positive, got {self.lrs}")
+
+    def check_seeds(self) -> None:
+        """Raises unless `seeds` names at least 2 seeds: a sweep reports mean ± std over them."""
+        if len(self.seeds) < 2:
+            raise ValueError(
+                f"sweep.seeds names {len(self.seeds)} seed(s); a sweep reports mean ± std over "
+                "seeds, give at least 2 (e.g. --set 'sweep.seeds=[0,1,2]'; examples: "
+                "experiments/configs/sweep_*.yaml)"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
