@@ -101,3 +101,13 @@ def test_import_flag_runs_a_method_registered_in_a_user_module(tmp_path):
     # A module that cannot be imported is named in a one-line error.
     missing = _python(run, tmp_path, "methods", "--import", "no_such_module")
     assert missing.returncode == 2 and "no_such_module" in missing.stderr
+
+
+def test_compilation_cache_directory_and_its_switch():
+    from fedjax_lora.cli import compilation_cache_dir
+
+    home = {"XDG_CACHE_HOME": "/c"}
+    assert compilation_cache_dir(home) == Path("/c/fedjax_lora/jax")
+    assert compilation_cache_dir({**home, "FEDJAX_LORA_COMPILATION_CACHE": "/x"}) == Path("/x")
+    assert compilation_cache_dir({**home, "FEDJAX_LORA_COMPILATION_CACHE": "0"}) is None
+    assert compilation_cache_dir({"JAX_COMPILATION_CACHE_DIR": "/j"}) is None  # JAX's own
