@@ -517,14 +517,18 @@ def routing_record(
     }
 
 
-def summarize(history: dict[str, list[dict[str, Any]]], client_names) -> dict[str, Any]:
-    """Per method: final mean and per-client perplexity (test and validation splits)."""
+def summarize(
+    history: dict[str, list[dict[str, Any]]], client_names, groups: list[int] | None = None
+) -> dict[str, Any]:
+    """Per method: final mean and per-client perplexity (test and validation splits); with
+    `groups` (the data's client groups), `client_groups` too."""
     summary = {}
     for method, records in history.items():
         last = records[-1]
         summary[method] = {
             "rounds": last["round"],
             "client_names": list(client_names),
+            **({"client_groups": list(groups)} if groups is not None else {}),
             **{
                 f"{split}_{what}": last[f"{split}_{what}"]
                 for split in SPLITS
@@ -614,7 +618,8 @@ def train_and_evaluate(
     out.mkdir(parents=True, exist_ok=True)
     if config.tracking.wandb:
         require_wandb()
-    problem, _ = build_problem(config)
+    problem, data = build_problem(config)
+    groups = None if data.groups is None else np.asarray(data.groups).tolist()
     # Evaluation progress is compiled into the rounds only when a bar can show.
     shown = progress and config.tracking.progress and interactive()
     problem = dataclasses.replace(problem, eval_progress=shown)
@@ -644,10 +649,10 @@ def train_and_evaluate(
             )
     finally:
         trackers.close()
-    summary = summarize(history, problem.client_names)
+    summary = summarize(history, problem.client_names, groups)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     (out / "results.md").write_text(results_table(summary) + "\n")
-    plot_history(history, out / "ppl.png")
+    plot_history(history, out / "ppl.png", groups=groups)
     trust = final_trust(history, problem.num_clients)
     if trust:
         plot_trust(trust, problem.client_names, out / "trust.png")
