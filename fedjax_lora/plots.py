@@ -179,13 +179,13 @@ def plot_expert_assignment(
             panels.append((name, x[m], "Greys"))
         for i, (ax, (panel_title, values, cmap)) in enumerate(zip(axes, panels, strict=False)):
             im = ax.imshow(values, cmap=cmap, vmin=0, vmax=max(1, int(values.max())), aspect="auto")
-            ax.set_title(f"{label}: {panel_title}" if label else panel_title, fontsize=8)
+            ax.set_title(panel_title, fontsize=8)
             ax.set_xticks(ticks, list(client_names), rotation=90, fontsize=6)
             ax.set_yticks(np.arange(values.shape[0]))
             ax.tick_params(axis="y", labelsize=6)
             ax.set_xlabel("client", fontsize=7)
             if i % cols == 0:
-                ax.set_ylabel("expert", fontsize=8)
+                ax.set_ylabel(f"{label}\nexpert" if label else "expert", fontsize=8)
             if cmap == "viridis":
                 fig.colorbar(
                     im, ax=ax, shrink=0.8, label="modules holding it"
