@@ -68,7 +68,9 @@ def _run(config: config_lib.ExperimentConfig, out: str, args: argparse.Namespace
         config = config_lib.merge_base(config, {"checkpoint": {"every": args.checkpoint_every}})
     summary = train_and_evaluate(config, out, progress=not args.no_progress, resume=args.resume)
     print(results_table(summary))
-    print(f"\nwrote {Path(out) / 'metrics.jsonl'}, summary.json, results.md and ppl.png")
+    figures = ", ".join(sorted(p.name for p in Path(out).glob("*.png")))
+    print(f"\nwrote {Path(out) / 'metrics.jsonl'}, summary.json, results.md, {figures} and the")
+    print(f"final adapters in {Path(out) / 'adapters'} (fedjax-lora export {out} --method M ...)")
 
 
 def _checkpoint_flags(parser: argparse.ArgumentParser) -> None:
