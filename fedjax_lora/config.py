@@ -6,8 +6,11 @@ Every configuration error is raised before any compute starts, naming the field 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import math
+import os
+import sys
 import types
 import typing
 from pathlib import Path
@@ -15,15 +18,19 @@ from typing import Any, Literal
 
 import yaml
 
-from fedjax_lora.algorithms.trust_weighted import TrustOptions
-from fedjax_lora.engine.cohort import Cohort
-from fedjax_lora.engine.optim import OptimizerConfig
-from fedjax_lora.engine.strategy import Strategy
-from fedjax_lora.engine.train import LocalTraining
 from fedjax_lora.errors import ConfigError
-from fedjax_lora.lora import LoRAConfig
 from fedjax_lora.memory import experiment_bytes, host_memory_bytes
 from fedjax_lora.presets import PRESETS
+from fedjax_lora.settings import (
+    LocalTraining,
+    LoRAConfig,
+    OptimizerConfig,
+    Strategy,
+    TrustOptions,
+)
+
+if typing.TYPE_CHECKING:
+    from fedjax_lora.engine.cohort import Cohort
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,6 +148,8 @@ class DataSpec:
             )
         if self.cohort_size == 0:
             return None
+        from fedjax_lora.engine.cohort import Cohort
+
         return Cohort(self.cohort_size, self.cohort_sampling, self.cohort_optimizer)
 
 
@@ -223,7 +232,9 @@ class SweepSpec:
     """`fedjax-lora sweep`: the grid of simulations. `seeds` (initialisation and cohort keys) and
     `lrs` (peak learning rates) are one more mapped axis of one compiled round (`vmap` over the
     `S = |seeds| · |lrs|` simulations); `overlaps` (the synthetic corpus's heterogeneity, different
-    data) loop on the host, one compiled program per level. Empty: the experiment's own value."""
+    data) loop on the host, one compiled program per level. Empty: the experiment's own value;
+    `seeds` needs at least 2 entries (`check_seeds`). Examples:
+    `experiments/configs/sweep_*.yaml`."""
 
     seeds: tuple[int, ...] = ()
     lrs: tuple[float, ...] = ()
@@ -242,6 +253,15 @@ class SweepSpec:
         if any(lr <= 0 for lr in self.lrs):
             raise ConfigError(f"sweep.lrs must be positive, got {self.lrs}")
 
+    def check_seeds(self) -> None:
+        """Raises unless `seeds` names at least 2 seeds: a sweep reports mean ± std over them."""
+        if len(self.seeds) < 2:
+            raise ConfigError(
+                f"sweep.seeds names {len(self.seeds)} seed(s); a sweep reports mean ± std over "
+                "seeds, give at least 2 (e.g. --set 'sweep.seeds=[0,1,2]'; examples: "
+                "experiments/configs/sweep_*.yaml)"
+            )
+
 
 @dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
@@ -249,7 +269,9 @@ class ExperimentConfig:
     `{"comigs": {"expert_counts": [1, 2, 3, 4], "moe": {"num_experts": 4}}}` (mappings become the
     annotated dataclasses; unknown names fail before any compute, listing the accepted ones).
     `preset`: the paper preset (`fedjax_lora.presets.PRESETS`) applied under this config's own
-    values (recorded here; see `merge_base`)."""
+    values (recorded here; see `merge_base`).
+    `imports`: Python modules imported before methods are looked up (`import_modules`), e.g. one
+    that `register`s your own method (the CLI's `--import`)."""
 
     methods: tuple[str, ...] = ("local", "fedavg")
     rounds: int = 10
@@ -269,6 +291,7 @@ class ExperimentConfig:
     sweep: SweepSpec = SweepSpec()
     method_options: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     preset: str | None = None
+    imports: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.preset is not None and self.preset not in PRESETS:
@@ -560,6 +583,24 @@ def _yaml(text: str, where: str) -> Any:
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or type(e).__name__
         raise ConfigError(f"{where} is not valid YAML{at}: {problem}") from None
+
+
+def import_modules(names: typing.Iterable[str]) -> None:
+    """Imports every module of `names` (`importlib.import_module`; the working directory comes
+    first on the search path, as for `python -m`), e.g. one whose import registers a method."""
+    names = list(names)
+    if names and "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name is None or not name.startswith(e.name):
+                raise  # the module exists but one of its own imports is missing
+            raise ConfigError(
+                f"imports: cannot import module {name!r} ({e}); give a module name importable "
+                "from the working directory or PYTHONPATH, e.g. my_methods for ./my_methods.py"
+            ) from None
 
 
 def load(

@@ -23,6 +23,7 @@ from fedjax_lora.config import (
     RESUMABLE,
     ExperimentConfig,
     convert,
+    import_modules,
     resume_differences,
     to_dict,
 )
@@ -39,6 +40,7 @@ from fedjax_lora.data.streams import split_tail
 from fedjax_lora.distributed import host
 from fedjax_lora.engine.evaluate import EvalSet
 from fedjax_lora.errors import CheckpointError, ConfigError, DivergenceError
+from fedjax_lora.export import ADAPTERS_DIR, save_run_adapters
 from fedjax_lora.models.config import ModelConfig
 from fedjax_lora.models.factory import from_config
 from fedjax_lora.plots import plot_expert_assignment, plot_history, plot_trust
@@ -296,7 +298,9 @@ def _hold_out(texts, order, tokens: int, tokenizer, vocab_size: int):
 
 
 def build_problem(config: ExperimentConfig) -> tuple[Problem, FederatedData]:
-    """Model, adapters, data and evaluation windows assembled into a `Problem`."""
+    """Model, adapters, data and evaluation windows assembled into a `Problem` (the config's
+    `imports` imported first, so their methods are known)."""
+    import_modules(config.imports)
     unknown = sorted(set(config.method_options) - set(METHODS))
     if unknown:
         raise ValueError(
@@ -495,6 +499,7 @@ def run_method(
     checkpoint_dir: Path | None = None,
     resume: bool = False,
     algorithm: Algorithm | None = None,
+    adapters_path: Path | None = None,
 ) -> list[dict[str, Any]]:
     """Runs one method for `config.rounds` rounds; returns and logs one record per round (round 0
     is the evaluation before training). The last record of a method with an expert assignment
@@ -505,6 +510,8 @@ def run_method(
     `checkpoint_dir` every that many rounds and after the last; `resume` continues from the newest
     readable checkpoint there, so the final state and metrics equal an uninterrupted run's.
     `algorithm`: the method already built from `problem` (else it is built here).
+    `adapters_path`: where the final stacked adapters go (`export.save_run_adapters`; what
+    `fedjax-lora export` reads).
     """
     algo = algorithm or method_factory(name, config)(problem)
     sim = algo.init(jax.random.key(config.seed))
@@ -557,6 +564,9 @@ def run_method(
         bar.set_postfix(val_ppl=f"{records[-1]['val_mean_ppl']:.3f}")
     if ckpt:
         ckpt.close()
+    if adapters_path is not None:
+        names = problem.client_names or [str(i) for i in range(problem.num_clients)]
+        save_run_adapters(adapters_path, sim.clients.params, names, records[-1]["round"])
     return records
 
 
@@ -600,14 +610,18 @@ def routing_record(
     }
 
 
-def summarize(history: dict[str, list[dict[str, Any]]], client_names) -> dict[str, Any]:
-    """Per method: final mean and per-client perplexity (test and validation splits)."""
+def summarize(
+    history: dict[str, list[dict[str, Any]]], client_names, groups: list[int] | None = None
+) -> dict[str, Any]:
+    """Per method: final mean and per-client perplexity (test and validation splits); with
+    `groups` (the data's client groups), `client_groups` too."""
     summary = {}
     for method, records in history.items():
         last = records[-1]
         summary[method] = {
             "rounds": last["round"],
             "client_names": list(client_names),
+            **({"client_groups": list(groups)} if groups is not None else {}),
             **{
                 f"{split}_{what}": last[f"{split}_{what}"]
                 for split in SPLITS
@@ -718,12 +732,12 @@ def train_and_evaluate(
     """Runs every method of `config` and writes under `out_dir`: `config.json`, `metrics.jsonl`
     (one record per method and round, with the mixing matrix), TensorBoard events in
     `tensorboard/` (and a W&B run if asked), `summary.json`, `results.md`, `ppl.png`,
-    `trust.png` (final mixing matrices), `experts.png` (final expert assignments, FedAMoLE) and
-    `routing_<method>.png` (generalist routing shares, CoMiGS family);
-    returns the summary. Checkpoints go to
-    `out_dir/checkpoints/<method>`; `resume` continues every method from its newest readable
-    checkpoint (`resume="if-any"`: or starts afresh when there is none); the config may then
-    differ from the saved run's only in `config.RESUMABLE` fields (`resumable`)."""
+    `trust.png` (final mixing matrices), `experts.png` (final expert assignments, FedAMoLE),
+    `routing_<method>.png` (generalist routing shares, CoMiGS family) and every method's final
+    adapters in `adapters/<method>.safetensors` (`fedjax-lora export`); returns the summary.
+    Checkpoints go to `out_dir/checkpoints/<method>`; `resume` continues every method from its
+    newest readable checkpoint (`resume="if-any"`: or starts afresh when there is none); the
+    config may then differ from the saved run's only in `config.RESUMABLE` fields."""
     out = Path(out_dir)
     checkpoints = out / "checkpoints"
     if not resume and checkpoints.is_dir() and any(checkpoints.iterdir()):
@@ -735,7 +749,8 @@ def train_and_evaluate(
     out.mkdir(parents=True, exist_ok=True)
     if config.tracking.wandb:
         require_wandb()
-    problem, _ = build_problem(config)
+    problem, data = build_problem(config)
+    groups = None if data.groups is None else np.asarray(data.groups).tolist()
     # Evaluation progress is compiled into the rounds only when a bar can show.
     shown = progress and config.tracking.progress and interactive()
     problem = dataclasses.replace(problem, eval_progress=shown)
@@ -763,13 +778,14 @@ def train_and_evaluate(
                 checkpoint_dir=out / "checkpoints" / name,
                 resume=resume,
                 algorithm=algorithms[name],
+                adapters_path=out / ADAPTERS_DIR / f"{name}.safetensors",
             )
     finally:
         trackers.close()
-    summary = summarize(history, problem.client_names)
+    summary = summarize(history, problem.client_names, groups)
     (out / "summary.json").write_text(json.dumps(json_safe(summary), indent=2, allow_nan=False))
     (out / "results.md").write_text(results_table(summary) + "\n")
-    plot_history(history, out / "ppl.png")
+    plot_history(history, out / "ppl.png", groups=groups)
     trust = final_trust(history, problem.num_clients)
     if trust:
         plot_trust(trust, problem.client_names, out / "trust.png")

@@ -5,6 +5,7 @@ host-side loops and for the per-client evaluations inside a compiled round."""
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import math
 import sys
@@ -140,12 +141,14 @@ def open_trackers(
 
 def interactive() -> bool:
     """True when someone watches: stderr is a terminal, or the code runs in a Jupyter/Colab
-    kernel (where `tqdm.auto` draws notebook bars)."""
+    kernel with `ipywidgets` (where `tqdm.auto` draws widget bars; without it tqdm would print
+    text fragments and a warning, so bars stay off: `pip install 'fedjax_lora[notebook]'`)."""
     if sys.stderr is not None and sys.stderr.isatty():
         return True
     shell = sys.modules.get("IPython")
     ipython = shell.get_ipython() if shell is not None else None
-    return ipython is not None and hasattr(ipython, "kernel")
+    in_kernel = ipython is not None and hasattr(ipython, "kernel")
+    return in_kernel and importlib.util.find_spec("ipywidgets") is not None
 
 
 def progress_bar(iterable: Iterable, *, enabled: bool = True, **tqdm_options: Any) -> tqdm:

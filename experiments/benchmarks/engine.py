@@ -656,43 +656,58 @@ def plot(doc: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import ScalarFormatter
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    ax = axes[0]
-    for kind in sorted({r["strategy"] for r in doc.get("results", [])}):
-        rows = sorted(
-            (r for r in doc["results"] if r["strategy"] == kind), key=lambda r: r["num_clients"]
-        )
-        ax.plot([r["num_clients"] for r in rows], [r["client_steps_per_s"] for r in rows], "o-")
-        ax.annotate(kind, (rows[-1]["num_clients"], rows[-1]["client_steps_per_s"]), fontsize=7)
-    ax.set(xscale="log", xlabel="clients N", ylabel="client-steps / s", title="contenders")
-    ax.xaxis.set_major_formatter(ScalarFormatter())
-    ax = axes[1]
-    for kind in sorted({r["strategy"] for r in doc.get("scaling", [])}):
-        rows = sorted(
-            (r for r in doc["scaling"] if r["strategy"] == kind), key=lambda r: r["num_clients"]
-        )
-        ns = [r["num_clients"] for r in rows]
-        ax.plot(ns, [r["client_steps_per_s"] for r in rows], "o-", label=f"{kind} steps/s")
-        twin = ax.twinx()
-        twin.plot(ns, [r["peak_rss_gb"] for r in rows], "s--", color="tab:red")
-        twin.set_ylabel("peak RSS (GB)", color="tab:red")
-        twin.set_ylim(bottom=0)
-    ax.set(xscale="log", xlabel="clients N", ylabel="client-steps / s", title="scaling with N")
-    ax.xaxis.set_major_formatter(ScalarFormatter())
-    ax.set_ylim(bottom=0)
-    ax.legend(fontsize=7)
-    ax = axes[2]
-    rows = doc.get("breakdown", [])
-    if rows:
-        names = list(rows[0]["seconds"])
+    panels = [k for k in ("results", "scaling", "breakdown") if doc.get(k)]  # measured ones
+    if not panels:
+        raise ValueError("the benchmark document holds no results, scaling or breakdown rows")
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    axes = dict(zip(panels, axes[0], strict=True))
+    if "results" in axes:
+        ax = axes["results"]
+        for kind in sorted({r["strategy"] for r in doc["results"]}):
+            rows = sorted(
+                (r for r in doc["results"] if r["strategy"] == kind),
+                key=lambda r: r["num_clients"],
+            )
+            ns = [r["num_clients"] for r in rows]
+            ax.plot(ns, [r["client_steps_per_s"] for r in rows], "o-", label=kind)
+        ax.set(xscale="log", xlabel="clients N", ylabel="client-steps / s")
+        ax.set_title("strategies compared (higher is better)", fontsize=10)
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=7)
+    if "scaling" in axes:
+        ax = axes["scaling"]
+        handles = []
+        for kind in sorted({r["strategy"] for r in doc["scaling"]}):
+            rows = sorted(
+                (r for r in doc["scaling"] if r["strategy"] == kind),
+                key=lambda r: r["num_clients"],
+            )
+            ns = [r["num_clients"] for r in rows]
+            handles += ax.plot(ns, [r["client_steps_per_s"] for r in rows], "o-",
+                               label=f"{kind}: client-steps / s")  # fmt: skip
+            twin = ax.twinx()
+            handles += twin.plot(ns, [r["peak_rss_gb"] for r in rows], "s--", color="tab:red",
+                                 label=f"{kind}: peak RSS (GB)")  # fmt: skip
+            twin.set_ylabel("peak RSS (GB)", color="tab:red")
+            twin.set_ylim(bottom=0)
+        ax.set(xscale="log", xlabel="clients N", ylabel="client-steps / s")
+        ax.set_title("throughput and memory against N", fontsize=10)
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.set_ylim(bottom=0)
+        ax.legend(handles=handles, fontsize=7, loc="lower right")
+    if "breakdown" in axes:
+        ax = axes["breakdown"]
+        rows = doc["breakdown"]
         bottom = [0.0] * len(rows)
         labels = [f"N={r['num_clients']}" for r in rows]
-        for name in names:
+        for name in rows[0]["seconds"]:
             heights = [r["seconds"][name] for r in rows]
             ax.bar(labels, heights, bottom=bottom, label=name)
             bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
         ax.legend(fontsize=7)
-    ax.set(ylabel="seconds per call", title="round breakdown")
+        ax.set(xlabel="population", ylabel="seconds per call")
+        ax.set_title("one round, piece by piece", fontsize=10)
     fig.suptitle(f"{doc['machine']['cpu']}, {doc['machine']['cores']} cores", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -6,12 +6,12 @@ A client's stream is `tokens: int32 [L]` (right-padded) with a true `length`; a 
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-Sampling = Literal["random", "epoch"]
+from fedjax_lora.settings import Sampling
 
 
 class Batch(NamedTuple):
