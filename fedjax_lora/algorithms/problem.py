@@ -150,7 +150,7 @@ class Problem:
                 f"{cfg.max_positions} positions; lower seq_len"
             )
         check_streams(train, training.seq_len, cfg.vocab_size, "train", client_names or None)
-        for name, (w, _) in {**eval_windows, **(shared_windows or {})}.items():
+        for name, (w, *_) in {**eval_windows, **(shared_windows or {})}.items():
             check_eval_vocab(np.asarray(w), cfg.vocab_size, name)
         data = TrainData.from_client_tokens(train)
         strategy.check_clients(data.num_clients)
