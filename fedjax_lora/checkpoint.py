@@ -13,11 +13,14 @@ step.
 from __future__ import annotations
 
 import contextlib
+import errno
 import gc
 import hashlib
 import json
 import logging
+import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -69,10 +72,15 @@ def _from_saved(arrays: list[np.ndarray], template: PyTree) -> PyTree:
     return jax.tree.unflatten(treedef, restored)
 
 
+def _is_closed_loop_noise(error: BaseException | None) -> bool:
+    return isinstance(error, RuntimeError) and "Event loop is closed" in str(error)
+
+
 @contextlib.contextmanager
-def _quiet_failed_reads():
-    """Drops the "Event loop is closed" noise orbax's aborted asynchronous reads leave behind
-    when a corrupt checkpoint fails (collected here, not printed later as a traceback)."""
+def _quiet_aborted_io():
+    """Drops the "Event loop is closed" noise orbax's aborted asynchronous reads and writes leave
+    behind when a corrupt checkpoint or a failed write stops them (collected here, not printed
+    later as a traceback)."""
     previous = sys.unraisablehook
 
     def hook(unraisable):
@@ -85,6 +93,67 @@ def _quiet_failed_reads():
     finally:
         gc.collect()
         sys.unraisablehook = previous
+
+
+def _drop_closed_loop_tracebacks() -> None:
+    """After a failed write, array writes still in flight complete into orbax's closed event loop
+    and their callbacks report "Event loop is closed" (as unraisable errors or through
+    `sys.excepthook`), possibly after the run has stopped: from then on such errors are dropped
+    (any other error is reported as before)."""
+    unraisable, excepthook = sys.unraisablehook, sys.excepthook
+
+    def unraisable_hook(u):
+        if not _is_closed_loop_noise(u.exc_value):
+            unraisable(u)
+
+    def except_hook(kind, error, tb):
+        if not _is_closed_loop_noise(error):
+            excepthook(kind, error, tb)
+
+    sys.unraisablehook, sys.excepthook = unraisable_hook, except_hook
+
+
+class _DropThreadTracebacks(logging.Filter):
+    """Drops orbax's log of an exception in one of its writer threads: the same exception is
+    raised in the caller (`save`), which reports it as one line; a failed write also leaves
+    later writer threads failing at exit ("cannot schedule new futures after shutdown")."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "_SignalingThread.run() raised an exception" not in str(record.msg)
+
+
+_ABSL_FILTER = _DropThreadTracebacks()
+
+
+def _remove_partial(directory: Path, round_idx: int, settle: float = 0.5, limit: float = 30.0):
+    """Removes what a failed write left of step `round_idx` (its temporary directory, or the step
+    if it was already renamed). Array writes still in flight may recreate files after a removal:
+    it repeats until nothing has reappeared for `settle` seconds (at most `limit` seconds)."""
+    start = quiet_since = time.monotonic()
+    while time.monotonic() - quiet_since < settle and time.monotonic() - start < limit:
+        partial = [
+            p for p in directory.glob(f"{round_idx}*") if p.name.split(".")[0] == str(round_idx)
+        ]
+        for p in partial:
+            shutil.rmtree(p, ignore_errors=True)
+        if partial:
+            quiet_since = time.monotonic()
+        time.sleep(settle / 5)
+
+
+def _write_failure(directory: Path, round_idx: int, error: BaseException) -> CheckpointError:
+    """The one-line error of a checkpoint write that failed, with the fix for its cause."""
+    code = getattr(error, "errno", None)
+    if code == errno.ENOSPC or "No space left" in str(error):
+        fix = "free disk space there (or lower checkpoint.keep)"
+    elif code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        fix = "make it writable"
+    else:
+        fix = "check that it is writable and has free space"
+    return CheckpointError(
+        f"could not write the checkpoint of round {round_idx} to {directory} ({one_line(error)}): "
+        f"{fix}, then continue with --resume from the last complete checkpoint"
+    )
 
 
 def checksum(arrays: list[np.ndarray], records: list[dict[str, Any]]) -> str:
@@ -107,22 +176,39 @@ class Checkpointer:
             raise ValueError(f"checkpoint keep must be >= 1, got {keep}")
         self.directory = Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=False
+            max_to_keep=keep,
+            create=True,
+            enable_async_checkpointing=False,
+            cleanup_tmp_directories=True,  # partial steps of an interrupted or failed write
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
+        logging.getLogger("absl").addFilter(_ABSL_FILTER)
 
     def save(self, round_idx: int, state: PyTree, records: list[dict[str, Any]]) -> None:
-        """Saves the state after round `round_idx` and the metric records up to it."""
+        """Saves the state after round `round_idx` and the metric records up to it.
+
+        A write that fails (disk full, directory not writable) raises one `CheckpointError`
+        naming the directory and the fix; what it wrote of this round is removed, so the
+        previous checkpoint stays the one `--resume` continues from.
+        """
         arrays = _to_saveable(state)
         items = {str(i): a for i, a in enumerate(arrays)}
         meta = {"records": records, "sha256": checksum(arrays, records)}
-        self._manager.save(
-            round_idx,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(items), records=ocp.args.JsonSave(meta)
-            ),
-        )
-        self._manager.wait_until_finished()
+        try:
+            with _quiet_aborted_io():
+                self._manager.save(
+                    round_idx,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardSave(items), records=ocp.args.JsonSave(meta)
+                    ),
+                )
+                self._manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - any write failure: one line, no partial step
+            _drop_closed_loop_tracebacks()
+            with contextlib.suppress(Exception), _quiet_aborted_io():
+                self._manager.close()
+            _remove_partial(self.directory, round_idx)
+            raise _write_failure(self.directory, round_idx, e) from None
 
     def steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
@@ -136,7 +222,7 @@ class Checkpointer:
         """
         for step in reversed(self.steps()):
             try:
-                with _quiet_failed_reads():
+                with _quiet_aborted_io():
                     restored = self._manager.restore(
                         step,
                         args=ocp.args.Composite(

@@ -216,7 +216,7 @@ def _flip_a_byte_in_every_data_file(step_dir):
 
 
 def test_a_flipped_checkpoint_byte_is_detected_and_the_previous_checkpoint_used(
-    short_run, tmp_path, caplog
+    short_run, tmp_path, caplog, capfd
 ):
     reference = tmp_path / "reference"
     shutil.copytree(short_run, reference)
@@ -226,8 +226,47 @@ def test_a_flipped_checkpoint_byte_is_detected_and_the_previous_checkpoint_used(
     _flip_a_byte_in_every_data_file(out / "checkpoints" / "local" / "2")
     assert demo(out, "--resume", "--checkpoint-every", "1", "--set", *TINY_RUN, rounds=3) == 0
     assert "checkpoints/local/2 is unreadable" in caplog.text
+    assert "Traceback" not in capfd.readouterr().err  # no orbax traceback of the failed read
     summary = lambda d: json.loads((d / "summary.json").read_text())
     assert summary(out) == summary(reference)  # resumed from round 1, same numbers
+
+
+def test_a_full_disk_stops_with_one_line_and_resume_uses_the_last_complete_checkpoint(
+    short_run, tmp_path, monkeypatch, capfd
+):
+    """The second checkpoint's write fails with ENOSPC (the records file, written by orbax while
+    its array writes are in flight): one line naming the directory and the fix, exit 2, no
+    traceback; round 1 stays the newest checkpoint and `--resume` finishes the run exactly."""
+    import errno
+
+    from etils.epath import gpath
+
+    write_text = gpath._GPath.write_text
+    writes = []
+
+    def full_disk(path, *args, **kwargs):
+        if path.name == "metadata" and "records" in str(path):
+            writes.append(path)
+            if len(writes) >= 2:
+                raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return write_text(path, *args, **kwargs)
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(gpath._GPath, "write_text", full_disk)
+    assert demo(out, "--checkpoint-every", "1", "--set", *TINY_RUN) == 2
+    monkeypatch.setattr(gpath._GPath, "write_text", write_text)
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Event loop is closed" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fedjax-lora: error: "), lines
+    assert f"round 2 to {out / 'checkpoints' / 'local'}" in lines[0]
+    assert "No space left on device" in lines[0] and "free disk space" in lines[0]
+    steps = [p.name for p in (out / "checkpoints" / "local").iterdir() if p.name.isdigit()]
+    assert steps == ["1"]  # nothing of round 2 that a resume would pick
+    assert demo(out, "--resume", "--checkpoint-every", "1", "--set", *TINY_RUN) == 0
+    assert not list((out / "checkpoints" / "local").glob("*tmp*"))  # leftovers removed
+    summary = lambda d: json.loads((d / "summary.json").read_text())
+    assert summary(out) == summary(short_run)  # resumed from round 1, same numbers
 
 
 def test_checkpoint_checksum_catches_a_changed_value(tmp_path, caplog):
