@@ -232,7 +232,9 @@ class SweepSpec:
     """`fedjax-lora sweep`: the grid of simulations. `seeds` (initialisation and cohort keys) and
     `lrs` (peak learning rates) are one more mapped axis of one compiled round (`vmap` over the
     `S = |seeds| · |lrs|` simulations); `overlaps` (the synthetic corpus's heterogeneity, different
-    data) loop on the host, one compiled program per level. Empty: the experiment's own value;
+    data of equal shapes) are a further mapped axis of the same program, the levels' data passed
+    as arguments (one program per level for methods that need their data on the host). Empty:
+    the experiment's own value;
     `seeds` needs at least 2 entries (`check_seeds`). Examples:
     `experiments/configs/sweep_*.yaml`."""
 

@@ -10,8 +10,14 @@ r"""Vectorized sweeps: `S` independent simulations as one more mapped axis of on
   optimizer state (`LearningRate`) set per member. Every schedule here is linear in its peak rate
   (`lr(t) = η · shape(t)`), so member `(seed, η)` follows the single run with `seed` and
   `optimizer.lr = η` (equal up to float rounding);
-- `overlaps`: levels of the synthetic corpus's heterogeneity change the data (the `Problem`),
-  so they run one after another on the host, one compiled program per level.
+- `overlaps`: levels of the synthetic corpus's heterogeneity change the data (the `Problem`'s
+  training streams, evaluation windows, reference set and mixtures). Levels whose data have
+  equal shapes (the synthetic corpus at any overlap) are one more mapped axis of the same
+  program: `jit(vmap over levels (vmap over seeds × lrs (round)))`, the levels' data stacked
+  and passed to the round as arguments (the method's factory traced with them). A method that
+  needs its data on the host (e.g. `pcl-oracle`'s mixtures, `centralized`'s pooled stream), or
+  levels of different shapes, run one program per level (`NotVectorizable`); `sweep.json`'s
+  `programs` says how many each method compiled.
 
 Results: `sweep.json` (every member's per-round validation and test perplexities and final
 metrics) and `sweep.md` (per method, heterogeneity and learning rate: mean ± sample standard
@@ -82,17 +88,68 @@ def _stack(trees: list[PyTree]) -> PyTree:
     return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
 
-def _member(tree: PyTree, s: int) -> PyTree:
-    return jax.tree.map(lambda x: x[s], tree)
+def _member(tree: PyTree, level: int, s: int) -> PyTree:
+    return jax.tree.map(lambda x: x[level, s], tree)
+
+
+def _level_data(problem) -> dict[str, Any]:
+    """What a heterogeneity level changes in a `Problem`: its data, as arrays."""
+    mixtures = None if problem.mixtures is None else jnp.asarray(problem.mixtures)
+    return {
+        "train": problem.train,
+        "eval_sets": problem.eval_sets,
+        "reference": problem.reference,
+        "mixtures": mixtures,
+    }
+
+
+def _shapes(tree: PyTree) -> tuple:
+    leaves, treedef = jax.tree.flatten(tree)
+    return treedef, tuple((np.shape(x), str(x.dtype)) for x in leaves)
+
+
+class NotVectorizable(ValueError):
+    """A method whose factory or round needs concrete values (host-side steps) and so cannot
+    take its data, or its simulation, as one more mapped axis."""
 
 
 def run_members(
-    name: str, problem, config: ExperimentConfig, seeds: list[int], lrs: list[float]
+    name: str, problems: list, config: ExperimentConfig, seeds: list[int], lrs: list[float]
 ) -> list[dict[str, Any]]:
-    """One method on one problem for every `(seed, lr)` as one vmapped simulation; per member
-    `{"seed", "lr", "records", "diverged"}` with `experiment._round_record` records."""
+    """One method on every problem (heterogeneity level) for every `(seed, lr)`; per member
+    `{"level", "seed", "lr", "records", "diverged", "state"}` (level-major, then seed, then lr)
+    with `experiment._round_record` records and the final `SimState`.
+
+    The levels run as one vmapped axis of the same compiled round when their data have equal
+    shapes and the method's factory traces with its data as arguments (`NotVectorizable`
+    otherwise: then one program per level)."""
+    if len(problems) > 1 and len({_shapes(_level_data(p)) for p in problems}) == 1:
+        try:
+            return _run_members(name, problems, config, seeds, lrs, data_axis=True)
+        except NotVectorizable:
+            pass
+    return [
+        {**m, "level": level, "program": level}
+        for level, problem in enumerate(problems)
+        for m in _run_members(name, [problem], config, seeds, lrs, data_axis=False)
+    ]
+
+
+def _run_members(
+    name: str,
+    problems: list,
+    config: ExperimentConfig,
+    seeds: list[int],
+    lrs: list[float],
+    *,
+    data_axis: bool,
+) -> list[dict[str, Any]]:
+    """`run_members` as one program: `jit(vmap over levels (vmap over seeds × lrs (round)))`;
+    with `data_axis` the levels' data are arguments of the round, otherwise there is one level
+    and its data are constants of the program."""
     from fedjax_lora.experiment import _finite_per_client, _round_record, method_factory, scored
 
+    problem = problems[0]
     if problem.strategy.kind == "sharded":
         raise ValueError(
             "a sweep maps simulations with vmap and cannot nest the 'sharded' strategy; set "
@@ -100,42 +157,73 @@ def run_members(
         )
     if not isinstance(problem.optimizer, OptimizerConfig):
         raise ValueError("a sweep needs the optimizer as an OptimizerConfig (config.optimizer)")
-    problem = dataclasses.replace(problem, optimizer=sweep_optimizer(problem.optimizer))
-    algo = method_factory(name, config)(problem)
+    optimizer = sweep_optimizer(problem.optimizer)
+    levels = [dataclasses.replace(p, optimizer=optimizer) for p in problems]
+    factory = method_factory(name, config)
+    algos = [factory(p) for p in levels]
     grid = list(itertools.product(seeds, lrs))
     sims = []
-    for seed, lr in grid:
-        sim = algo.init(jax.random.key(seed))
-        clients = sim.clients._replace(opt_state=with_learning_rate(sim.clients.opt_state, lr))
-        sims.append(sim._replace(clients=clients))
+    for algo in algos:
+        row = []
+        for seed, lr in grid:
+            sim = algo.init(jax.random.key(seed))
+            opt_state = with_learning_rate(sim.clients.opt_state, lr)
+            row.append(sim._replace(clients=sim.clients._replace(opt_state=opt_state)))
+        sims.append(_stack(row))
     sims = _stack(sims)
-    vround = jax.jit(jax.vmap(algo.round))
-    vevaluate = jax.jit(jax.vmap(algo.evaluate))
-    finite = jax.jit(jax.vmap(_finite_per_client))
+    if data_axis:
+        data = _stack([_level_data(p) for p in levels])
+        on = lambda d: factory(dataclasses.replace(levels[0], **d))
+    else:
+        data, on = None, lambda d: algos[0]
 
-    members = [{"seed": s, "lr": lr, "records": [], "diverged": False} for s, lr in grid]
+    def sweep_round(sim, d):
+        return on(d).round(sim)
+
+    def sweep_evaluate(sim, d):
+        return on(d).evaluate(sim)
+
+    mapped = lambda f: jax.jit(jax.vmap(jax.vmap(f, in_axes=(0, None)), in_axes=(0, 0)))
+    vround, vevaluate = mapped(sweep_round), mapped(sweep_evaluate)
+    finite = jax.jit(jax.vmap(jax.vmap(_finite_per_client)))
+
+    members = [
+        {"level": level, "program": 0, "seed": s, "lr": lr, "records": [], "diverged": False}
+        for level in range(len(levels))
+        for s, lr in grid
+    ]
+    index = [(level, s) for level in range(len(levels)) for s in range(len(grid))]
 
     def record(r: int, metrics: dict, seconds: float, params_ok=None) -> None:
-        for s, m in enumerate(members):
-            one = scored(_member(metrics, s), problem)
+        for m, (level, s) in zip(members, index, strict=True):
+            one = scored(_member(metrics, level, s), levels[level])
             m["records"].append(_round_record(name, r, one, seconds))
             if params_ok is not None:
                 loss_ok = np.all(np.isfinite(np.asarray(one["train"]["train_loss"])))
-                m["diverged"] |= not (loss_ok and bool(np.all(params_ok[s])))
+                m["diverged"] |= not (loss_ok and bool(np.all(params_ok[level, s])))
 
-    record(0, jax.device_get(vevaluate(sims)), 0.0)
-    for r in range(1, config.rounds + 1):
-        start = time.perf_counter()
+    def call(f, *args):
         try:
-            sims, metrics = vround(sims)
-        except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError) as e:
-            raise ValueError(
+            return f(*args)
+        except Exception as e:
+            if data_axis:  # any failure: the per-level programs run it (and show a real error)
+                raise NotVectorizable(str(e)) from None
+            if not isinstance(e, jax.errors.JAXTypeError):
+                raise
+            raise NotVectorizable(
                 f"method {name!r} runs host-side steps in its round and cannot be vectorized "
                 f"over simulations; run it with `fedjax-lora grid` or `run` per seed ({e})"
             ) from None
+
+    record(0, jax.device_get(call(vevaluate, sims, data)), 0.0)
+    for r in range(1, config.rounds + 1):
+        start = time.perf_counter()
+        sims, metrics = call(vround, sims, data)
         metrics = jax.device_get(metrics)
         params_ok = np.asarray(finite(sims.clients.params))
         record(r, metrics, time.perf_counter() - start, params_ok)
+    for m, (level, s) in zip(members, index, strict=True):
+        m["state"] = _member(sims, level, s)
     return members
 
 
@@ -194,17 +282,20 @@ def run_sweep(config: ExperimentConfig, out_dir: str | Path) -> dict[str, Any]:
     overlaps = list(spec.overlaps or (config.data.overlap,))
     if spec.overlaps and config.data.source != "synthetic":
         raise ValueError("sweep.overlaps varies the synthetic corpus; set data.source: synthetic")
-    members, compiled = [], []
+    problems = []
     for overlap in overlaps:
-        level = merge_base(config, {"data": {"overlap": overlap}})
-        problem, _ = build_problem(level)
-        for name in config.methods:
-            start = time.perf_counter()
-            for m in run_members(name, problem, level, seeds, lrs):
-                members.append({"method": name, "overlap": overlap, **m})
-            compiled.append(
-                {"method": name, "overlap": overlap, "seconds": time.perf_counter() - start}
-            )
+        problem, _ = build_problem(merge_base(config, {"data": {"overlap": overlap}}))
+        problems.append(problem)
+    members, compiled = [], []
+    for name in config.methods:
+        start = time.perf_counter()
+        run = run_members(name, problems, config, seeds, lrs)
+        programs = len({m.pop("program") for m in run})
+        for m in run:
+            m.pop("state")
+            members.append({"method": name, "overlap": overlaps[m.pop("level")], **m})
+        seconds = time.perf_counter() - start
+        compiled.append({"method": name, "programs": programs, "seconds": seconds})
     rows = summary_table(members)
     doc = {
         "grid": {"seeds": seeds, "lrs": lrs, "overlaps": overlaps, "methods": list(config.methods)},

@@ -42,6 +42,8 @@ TINY = [
 
 
 def test_every_sweep_member_equals_its_single_run(tmp_path):
+    """Seeds × learning rates × two heterogeneity levels, one compiled round: each member equals
+    the single run of its seed, learning rate and overlap."""
     config = config_lib.load(
         None,
         [
@@ -50,34 +52,71 @@ def test_every_sweep_member_equals_its_single_run(tmp_path):
             "data.cohort_size=2",  # the members also draw their own cohorts
             "sweep.seeds=[0,1]",
             "sweep.lrs=[0.01,0.03]",
+            "sweep.overlaps=[0.0,0.5]",
         ],
     )
     doc = run_sweep(config, tmp_path)
     members = doc["members"]
-    assert [(m["seed"], m["lr"]) for m in members] == [(0, 0.01), (0, 0.03), (1, 0.01), (1, 0.03)]
-    problem, _ = build_problem(config)
-    for m in members:
-        single = config_lib.merge_base(config, {"seed": m["seed"], "optimizer": {"lr": m["lr"]}})
-        records = run_method(
-            "fedavg",
-            dataclasses.replace(problem, optimizer=single.optimizer),
-            single,
-            lambda record: None,
-            progress=False,
-        )
-        assert len(records) == len(m["records"]) == config.rounds + 1
-        for want, got in zip(records, m["records"], strict=True):
-            for key in ("val_ppl", "test_ppl", "train_loss", "cohort"):
-                if key in want:
-                    np.testing.assert_allclose(
-                        got[key], want[key], rtol=2e-5, err_msg=f"{m['seed']}, {m['lr']}: {key}"
-                    )
-    # the two seeds differ and the learning rates matter
-    finals = {(m["seed"], m["lr"]): m["final"]["val_mean_ppl"] for m in members}
-    assert len(set(np.round(list(finals.values()), 6))) == 4
-    row = {r["lr"]: r for r in doc["table"]}[0.03]
-    vals = [finals[(0, 0.03)], finals[(1, 0.03)]]
+    assert [(m["overlap"], m["seed"], m["lr"]) for m in members] == [
+        (overlap, seed, lr) for overlap in (0.0, 0.5) for seed in (0, 1) for lr in (0.01, 0.03)
+    ]
+    assert doc["programs"][0]["programs"] == 1  # the levels are one more mapped axis
+    for overlap in (0.0, 0.5):
+        level = config_lib.merge_base(config, {"data": {"overlap": overlap}})
+        problem, _ = build_problem(level)
+        for m in (m for m in members if m["overlap"] == overlap):
+            single = config_lib.merge_base(level, {"seed": m["seed"], "optimizer": {"lr": m["lr"]}})
+            records = run_method(
+                "fedavg",
+                dataclasses.replace(problem, optimizer=single.optimizer),
+                single,
+                lambda record: None,
+                progress=False,
+            )
+            assert len(records) == len(m["records"]) == config.rounds + 1
+            for want, got in zip(records, m["records"], strict=True):
+                for key in ("val_ppl", "test_ppl", "train_loss", "cohort"):
+                    if key in want:
+                        np.testing.assert_allclose(
+                            got[key], want[key], rtol=2e-5, err_msg=f"{m}: {key}"
+                        )
+    # the seeds and levels differ and the learning rates matter
+    finals = {(m["overlap"], m["seed"], m["lr"]): m["final"]["val_mean_ppl"] for m in members}
+    assert len(set(np.round(list(finals.values()), 6))) == 8
+    row = {(r["overlap"], r["lr"]): r for r in doc["table"]}[(0.5, 0.03)]
+    vals = [finals[(0.5, 0, 0.03)], finals[(0.5, 1, 0.03)]]
     np.testing.assert_allclose(row["val_mean_ppl"], (np.mean(vals), np.std(vals, ddof=1)))
+
+
+def test_heterogeneity_levels_run_in_one_compiled_round(tmp_path):
+    """Three overlap levels × 2 seeds compile the sweep's round and evaluation once (JAX's
+    compilation events); a method that needs its data on the host (`pcl-oracle`'s mixtures)
+    falls back to one program per level."""
+    from jax import monitoring
+
+    compiled = []
+
+    def listen(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiled.append(kwargs.get("fun_name"))
+
+    monitoring.register_event_duration_secs_listener(listen)
+    try:
+        config = config_lib.load(
+            None,
+            [*TINY, "rounds=2", "methods=[pcl-val]", "sweep.seeds=[0,1]"]
+            + ["sweep.overlaps=[0.0,0.5,1.0]"],
+        )
+        doc = run_sweep(config, tmp_path / "vectorized")
+        assert compiled.count("jit(sweep_round)") == compiled.count("jit(sweep_evaluate)") == 1
+        assert doc["programs"][0]["programs"] == 1 and len(doc["members"]) == 6
+        assert len({m["final"]["val_mean_ppl"] for m in doc["members"]}) == 6
+        compiled.clear()
+        oracle = config_lib.merge_base(config, {"methods": ["pcl-oracle"]})
+        doc = run_sweep(oracle, tmp_path / "per-level")
+        assert compiled.count("jit(sweep_round)") == 3 and doc["programs"][0]["programs"] == 3
+    finally:
+        monitoring.unregister_event_duration_listener(listen)
 
 
 def test_sweep_command_writes_the_table_over_heterogeneity_levels(tmp_path, capsys):
