@@ -552,12 +552,8 @@ def run_method(
             metrics = scored(metrics, problem)
         _finite_or_raise(name, r, metrics, sim.clients.params, problem.client_names, vocab)
         records.append(_round_record(name, r, metrics, time.perf_counter() - start))
-        experts = expert_assignment(sim) if r == config.rounds else None
-        if experts:
-            records[-1]["experts"] = {m: x.astype(int).tolist() for m, x in experts.items()}
-        routing = routing_record(name, config, problem, sim) if r == config.rounds else None
-        if routing:
-            records[-1]["routing"] = routing
+        if r == config.rounds:
+            records[-1].update(final_analyses(name, config, problem, sim))
         log(records[-1])
         if every and (r % every == 0 or r == config.rounds):
             ckpt.save(r, sim, records)
@@ -565,9 +561,28 @@ def run_method(
     if ckpt:
         ckpt.close()
     if adapters_path is not None:
-        names = problem.client_names or [str(i) for i in range(problem.num_clients)]
-        save_run_adapters(adapters_path, sim.clients.params, names, records[-1]["round"])
+        _save_adapters(adapters_path, problem, sim, records[-1]["round"])
     return records
+
+
+def _save_adapters(path: Path, problem: Problem, sim: SimState, round_idx: int) -> None:
+    names = problem.client_names or [str(i) for i in range(problem.num_clients)]
+    save_run_adapters(path, sim.clients.params, names, round_idx)
+
+
+def final_analyses(
+    name: str, config: ExperimentConfig, problem: Problem, sim: SimState
+) -> dict[str, Any]:
+    """What the last record of a run adds: `experts` (`expert_assignment`, 0/1 lists) and
+    `routing` (`routing_record`), for the methods that have them."""
+    extra = {}
+    experts = expert_assignment(sim)
+    if experts:
+        extra["experts"] = {m: x.astype(int).tolist() for m, x in experts.items()}
+    routing = routing_record(name, config, problem, sim)
+    if routing:
+        extra["routing"] = routing
+    return extra
 
 
 def routing_record(
@@ -756,16 +771,7 @@ def train_and_evaluate(
     problem = dataclasses.replace(problem, eval_progress=shown)
     # Every method is built (its options checked) before any of them trains.
     algorithms = {name: method_factory(name, config)(problem) for name in config.methods}
-    (out / "config.json").write_text(json.dumps(to_dict(config), indent=2))
-    for stale in ("summary.json", "results.md"):  # rewritten when every method has finished
-        (out / stale).unlink(missing_ok=True)
-    trackers = open_trackers(
-        out,
-        tensorboard=config.tracking.tensorboard,
-        wandb=config.tracking.wandb,
-        project=config.tracking.wandb_project,
-        config=to_dict(config),
-    )
+    trackers = _start_run(out, config)
     history = {}
     try:
         for name in config.methods:
@@ -782,6 +788,98 @@ def train_and_evaluate(
             )
     finally:
         trackers.close()
+    return write_results(out, problem, groups, history)
+
+
+def _start_run(out: Path, config: ExperimentConfig):
+    """Writes the run's `config.json`, removes a stale summary and opens its trackers."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(to_dict(config), indent=2))
+    for stale in ("summary.json", "results.md"):  # rewritten when every method has finished
+        (out / stale).unlink(missing_ok=True)
+    return open_trackers(
+        out,
+        tensorboard=config.tracking.tensorboard,
+        wandb=config.tracking.wandb,
+        project=config.tracking.wandb_project,
+        config=to_dict(config),
+    )
+
+
+def train_and_evaluate_seeds(
+    configs: list[ExperimentConfig], out_dirs: list[str | Path], *, progress: bool = True
+) -> list[dict[str, Any]]:
+    """The same experiment at several seeds (`configs` equal but for `seed`), each written to its
+    directory in `out_dirs` as `train_and_evaluate` writes it; returns the summaries.
+
+    Each method's seeds run as one vectorized sweep (`sweep.run_members`: one compiled round
+    mapped over the seeds, the data and base its arguments, so runs of equal shapes share the
+    program) where the method allows it, one run per seed otherwise; both stop on divergence
+    like a single run. Runs that checkpoint, or a single seed, are `train_and_evaluate` calls.
+    """
+    from fedjax_lora.sweep import NotVectorizable, run_members
+
+    first = configs[0]
+    same = lambda c: dataclasses.replace(c, seed=first.seed) == first
+    if len(configs) < 2 or first.checkpoint.every or not all(map(same, configs)):
+        return [
+            train_and_evaluate(c, d, progress=progress)
+            for c, d in zip(configs, out_dirs, strict=True)
+        ]
+    outs = [Path(d) for d in out_dirs]
+    for out in outs:
+        if (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()):
+            raise CheckpointError(
+                f"{out / 'checkpoints'} already holds checkpoints; choose another output "
+                "directory (nothing was overwritten)"
+            )
+    if first.tracking.wandb:
+        require_wandb()
+    problem, data = build_problem(first)
+    groups = None if data.groups is None else np.asarray(data.groups).tolist()
+    for name in first.methods:
+        method_factory(name, first)(problem)  # every method's options checked before training
+    vocab = nnx.merge(problem.graphdef, problem.template, problem.base).config.vocab_size
+    names = problem.client_names
+    seeds = [c.seed for c in configs]
+    histories: list[dict[str, list]] = [{} for _ in configs]
+    for name in first.methods:
+        check = lambda i, r, metrics, params, name=name: _finite_or_raise(
+            f"{name} (seed {seeds[i]})", r, metrics, params, names, vocab
+        )
+        try:
+            members = run_members(name, [problem], first, seeds, [first.optimizer.lr], check)
+        except NotVectorizable:
+            members = None
+        for i, config in enumerate(configs):
+            path = outs[i] / ADAPTERS_DIR / f"{name}.safetensors"
+            if members is None:  # one run per seed
+                histories[i][name] = run_method(
+                    name, problem, config, lambda r: None, progress=progress, adapters_path=path
+                )
+                continue
+            records, sim = members[i]["records"], members[i]["state"]
+            records[-1].update(final_analyses(name, config, problem, sim))
+            _save_adapters(path, problem, sim, records[-1]["round"])
+            histories[i][name] = records
+    summaries = []
+    for config, out, history in zip(configs, outs, histories, strict=True):
+        trackers = _start_run(out, config)
+        try:
+            for records in history.values():
+                for record in records:
+                    trackers.log(record)
+        finally:
+            trackers.close()
+        summaries.append(write_results(out, problem, groups, history))
+    return summaries
+
+
+def write_results(
+    out: Path, problem: Problem, groups: list | None, history: dict[str, list[dict[str, Any]]]
+) -> dict[str, Any]:
+    """A finished run's `summary.json`, `results.md` and figures under `out`; returns the
+    summary."""
     summary = summarize(history, problem.client_names, groups)
     (out / "summary.json").write_text(json.dumps(json_safe(summary), indent=2, allow_nan=False))
     (out / "results.md").write_text(results_table(summary) + "\n")

@@ -1,5 +1,6 @@
-"""Paper tables as grids: cells × methods × seeds, each run by `train_and_evaluate`, summarised as
-mean ± std over seeds.
+"""Paper tables as grids: cells × methods × seeds, summarised as mean ± std over seeds. A cell's
+seeds run together (`experiment.train_and_evaluate_seeds`): each method's seeds as one vectorized
+sweep where the method allows it, one run per seed otherwise.
 
 A grid file (YAML) holds:
 
@@ -125,25 +126,24 @@ def run_grid(
     seeds = list(seeds or grid["seeds"])
     cell_methods, configs = grid_configs(grid, cells, seeds, methods, overrides)
     chosen = list(cell_methods)
-    from fedjax_lora.experiment import final_trust, train_and_evaluate
+    from fedjax_lora.experiment import final_trust, train_and_evaluate_seeds
     from fedjax_lora.plots import plot_trust
     from fedjax_lora.report import load_history
     from fedjax_lora.tracking import progress_bar
 
     final: Results = {}
-    runs = [(name, k, seed) for name in chosen for k, seed in enumerate(seeds)]
-    for name, k, seed in progress_bar(runs, enabled=progress, desc="grid", unit="run"):
-        final.setdefault(name, {m: [] for m in cell_methods[name]})
-        run_dir = out / name / f"seed{seed}"
-        summary = train_and_evaluate(configs[(name, seed)], run_dir, progress=progress)
-        for m in cell_methods[name]:
-            final[name][m].append(summary[m][metric])
-        client_names = summary[cell_methods[name][0]]["client_names"]
-        trust = final_trust(load_history(run_dir), len(client_names)) if k == 0 else None
+    for name in progress_bar(chosen, enabled=progress, desc="grid", unit="cell"):
+        run_dirs = [out / name / f"seed{seed}" for seed in seeds]
+        summaries = train_and_evaluate_seeds(
+            [configs[(name, seed)] for seed in seeds], run_dirs, progress=progress
+        )
+        final[name] = {m: [summary[m][metric] for summary in summaries] for m in cell_methods[name]}
+        client_names = summaries[0][cell_methods[name][0]]["client_names"]
+        trust = final_trust(load_history(run_dirs[0]), len(client_names))
         if trust:
             (out / "heatmaps").mkdir(parents=True, exist_ok=True)
             plot_trust(
-                trust, client_names, out / "heatmaps" / f"{name}.png", f"{name}, seed {seed}"
+                trust, client_names, out / "heatmaps" / f"{name}.png", f"{name}, seed {seeds[0]}"
             )
     columns = list(dict.fromkeys(m for name in chosen for m in cell_methods[name]))
     (out / "results.json").write_text(json.dumps({"metric": metric, "results": final}, indent=2))

@@ -32,6 +32,7 @@ import dataclasses
 import itertools
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -113,26 +114,39 @@ class NotVectorizable(ValueError):
     take its data, or its simulation, as one more mapped axis."""
 
 
+Check = Callable[[int, int, dict, PyTree], None]
+
+
 def run_members(
-    name: str, problems: list, config: ExperimentConfig, seeds: list[int], lrs: list[float]
+    name: str,
+    problems: list,
+    config: ExperimentConfig,
+    seeds: list[int],
+    lrs: list[float],
+    check: Check | None = None,
 ) -> list[dict[str, Any]]:
     """One method on every problem (heterogeneity level) for every `(seed, lr)`; per member
-    `{"level", "seed", "lr", "records", "diverged", "state"}` (level-major, then seed, then lr)
-    with `experiment._round_record` records and the final `SimState`.
+    `{"level", "program", "seed", "lr", "records", "diverged", "state"}` (level-major, then
+    seed, then lr) with `experiment._round_record` records and the final `SimState`.
+    `check(member, round, metrics, params)`, if given, sees every member's scored metrics and
+    adapters after every round (and may stop the sweep by raising).
 
-    The levels run as one vmapped axis of the same compiled round when their data have equal
-    shapes and the method's factory traces with its data as arguments (`NotVectorizable`
-    otherwise: then one program per level)."""
-    if len(problems) > 1 and len({_shapes(_level_data(p)) for p in problems}) == 1:
+    The levels' data (and the base) are arguments of the compiled round, so the levels run as
+    one vmapped axis of one program when their data have equal shapes, and problems of equal
+    shapes share compiled programs; a method whose factory needs its data on the host runs one
+    program per level with its data as constants (`program`: the member's program)."""
+    if len({_shapes(_level_data(p)) for p in problems}) == 1:
         try:
-            return _run_members(name, problems, config, seeds, lrs, data_axis=True)
+            return _run_members(name, problems, config, seeds, lrs, check, data_axis=True)
         except NotVectorizable:
             pass
-    return [
-        {**m, "level": level, "program": level}
-        for level, problem in enumerate(problems)
-        for m in _run_members(name, [problem], config, seeds, lrs, data_axis=False)
-    ]
+    members = []
+    for level, problem in enumerate(problems):
+        offset = level * len(seeds) * len(lrs)
+        shifted = None if check is None else lambda i, *a, o=offset: check(i + o, *a)
+        for m in _run_members(name, [problem], config, seeds, lrs, shifted, data_axis=False):
+            members.append({**m, "level": level, "program": level})
+    return members
 
 
 def _run_members(
@@ -141,22 +155,25 @@ def _run_members(
     config: ExperimentConfig,
     seeds: list[int],
     lrs: list[float],
+    check: Check | None,
     *,
     data_axis: bool,
 ) -> list[dict[str, Any]]:
     """`run_members` as one program: `jit(vmap over levels (vmap over seeds × lrs (round)))`;
-    with `data_axis` the levels' data are arguments of the round, otherwise there is one level
-    and its data are constants of the program."""
+    with `data_axis` the levels' data and the base are arguments of the round, otherwise there
+    is one level and its data are constants of the program."""
     from fedjax_lora.experiment import _finite_per_client, _round_record, method_factory, scored
 
     problem = problems[0]
     if problem.strategy.kind == "sharded":
-        raise ValueError(
+        raise NotVectorizable(
             "a sweep maps simulations with vmap and cannot nest the 'sharded' strategy; set "
             "strategy.kind to map, chunked or vmap"
         )
     if not isinstance(problem.optimizer, OptimizerConfig):
-        raise ValueError("a sweep needs the optimizer as an OptimizerConfig (config.optimizer)")
+        raise NotVectorizable(
+            "a sweep needs the optimizer as an OptimizerConfig (config.optimizer)"
+        )
     optimizer = sweep_optimizer(problem.optimizer)
     levels = [dataclasses.replace(p, optimizer=optimizer) for p in problems]
     factory = method_factory(name, config)
@@ -172,18 +189,18 @@ def _run_members(
         sims.append(_stack(row))
     sims = _stack(sims)
     if data_axis:
-        data = _stack([_level_data(p) for p in levels])
-        on = lambda d: factory(dataclasses.replace(levels[0], **d))
+        data, base = _stack([_level_data(p) for p in levels]), levels[0].base
+        on = lambda d, b: factory(dataclasses.replace(levels[0], base=b, **d))
     else:
-        data, on = None, lambda d: algos[0]
+        data, base, on = None, None, lambda d, b: algos[0]
 
-    def sweep_round(sim, d):
-        return on(d).round(sim)
+    def sweep_round(sim, d, b):
+        return on(d, b).round(sim)
 
-    def sweep_evaluate(sim, d):
-        return on(d).evaluate(sim)
+    def sweep_evaluate(sim, d, b):
+        return on(d, b).evaluate(sim)
 
-    mapped = lambda f: jax.jit(jax.vmap(jax.vmap(f, in_axes=(0, None)), in_axes=(0, 0)))
+    mapped = lambda f: jax.jit(jax.vmap(jax.vmap(f, in_axes=(0, None, None)), in_axes=(0, 0, None)))
     vround, vevaluate = mapped(sweep_round), mapped(sweep_evaluate)
     finite = jax.jit(jax.vmap(jax.vmap(_finite_per_client)))
 
@@ -195,9 +212,11 @@ def _run_members(
     index = [(level, s) for level in range(len(levels)) for s in range(len(grid))]
 
     def record(r: int, metrics: dict, seconds: float, params_ok=None) -> None:
-        for m, (level, s) in zip(members, index, strict=True):
+        for i, (m, (level, s)) in enumerate(zip(members, index, strict=True)):
             one = scored(_member(metrics, level, s), levels[level])
             m["records"].append(_round_record(name, r, one, seconds))
+            if params_ok is not None and check is not None:
+                check(i, r, one, _member(sims.clients.params, level, s))
             if params_ok is not None:
                 loss_ok = np.all(np.isfinite(np.asarray(one["train"]["train_loss"])))
                 m["diverged"] |= not (loss_ok and bool(np.all(params_ok[level, s])))
@@ -215,10 +234,10 @@ def _run_members(
                 f"over simulations; run it with `fedjax-lora grid` or `run` per seed ({e})"
             ) from None
 
-    record(0, jax.device_get(call(vevaluate, sims, data)), 0.0)
+    record(0, jax.device_get(call(vevaluate, sims, data, base)), 0.0)
     for r in range(1, config.rounds + 1):
         start = time.perf_counter()
-        sims, metrics = call(vround, sims, data)
+        sims, metrics = call(vround, sims, data, base)
         metrics = jax.device_get(metrics)
         params_ok = np.asarray(finite(sims.clients.params))
         record(r, metrics, time.perf_counter() - start, params_ok)

@@ -1,6 +1,8 @@
-"""A grid's runs that share shapes share compiled programs: with the CLI's persistent compilation
-cache, a 4-run grid (2 cells of different data × 2 seeds) compiles its programs in the first run
-only; every later run loads them (JAX's cache miss / hit events, counted per run)."""
+"""A grid's runs that share shapes share compiled programs: a cell's seeds run as one vectorized
+sweep (one compiled round per method, each seed equal to its single run), and with the CLI's
+persistent compilation cache a 4-run grid (2 cells of different data × 2 seeds) compiles its
+programs in the first cell only; the second loads them (JAX's cache miss / hit events, counted
+per cell)."""
 
 from __future__ import annotations
 
@@ -40,21 +42,21 @@ monitoring.register_event_listener(
     lambda event, **kw: counts.__setitem__(EVENTS[event], counts[EVENTS[event]] + 1)
     if event in EVENTS else None
 )
-runs, train_and_evaluate = [], experiment.train_and_evaluate
+cells, train_and_evaluate_seeds = [], experiment.train_and_evaluate_seeds
 
 def counted(*args, **kwargs):
     before = dict(counts)
-    result = train_and_evaluate(*args, **kwargs)
-    runs.append({k: counts[k] - before[k] for k in counts})
+    result = train_and_evaluate_seeds(*args, **kwargs)
+    cells.append({k: counts[k] - before[k] for k in counts})
     return result
 
-experiment.train_and_evaluate = counted  # the grid looks it up when it starts
+experiment.train_and_evaluate_seeds = counted  # the grid looks it up when it starts
 assert main(sys.argv[1:]) == 0
-print("RUNS", json.dumps(runs))
+print("CELLS", json.dumps(cells))
 """
 
 
-def test_grid_runs_compile_each_program_once(tmp_path):
+def test_grid_cells_compile_each_program_once(tmp_path):
     (tmp_path / "grid.yaml").write_text(GRID)
     env = {
         **os.environ,
@@ -72,8 +74,55 @@ def test_grid_runs_compile_each_program_once(tmp_path):
         text=True,
     )
     assert result.returncode == 0, result.stderr
-    runs = json.loads(result.stdout.split("RUNS", 1)[1])
-    assert len(runs) == 4
-    assert runs[0]["miss"] > 0  # the first run compiles every program
-    assert [r["miss"] for r in runs[1:]] == [0, 0, 0]  # later runs compile nothing
-    assert all(r["hit"] > 0 for r in runs[1:])  # they load the programs they trace anew
+    cells = json.loads(result.stdout.split("CELLS", 1)[1])
+    assert len(cells) == 2  # each cell's 2 seeds in one sweep
+    assert cells[0]["miss"] > 0  # the first cell compiles every program
+    assert cells[1]["miss"] == 0  # the second, other data of the same shapes, compiles nothing
+    assert cells[1]["hit"] > 0  # it loads the programs it traces anew
+    runs = [
+        tmp_path / "out" / cell / f"seed{seed}" for cell in ("distinct", "mixed") for seed in (0, 1)
+    ]
+    for run in runs:
+        assert (run / "summary.json").is_file() and (run / "metrics.jsonl").is_file()
+        assert (run / "adapters" / "fedavg.safetensors").is_file()
+
+
+def test_a_cells_seeds_run_as_one_sweep_equal_to_their_single_runs(tmp_path):
+    """2 seeds × 2 methods in one cell: one compiled round per method (not per seed), and every
+    seed's summary equals the single run of that seed."""
+    import numpy as np
+    from jax import monitoring
+
+    from fedjax_lora import grid as grid_lib
+    from fedjax_lora.experiment import train_and_evaluate
+
+    (tmp_path / "grid.yaml").write_text(GRID.replace("[fedavg]", "[local, fedavg]"))
+    grid = grid_lib.load_grid(tmp_path / "grid.yaml")
+    compiled = []
+
+    def listen(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiled.append(kwargs.get("fun_name"))
+
+    monitoring.register_event_duration_secs_listener(listen)
+    try:
+        grid_lib.run_grid(grid, tmp_path / "out", cells=["mixed"], progress=False)
+    finally:
+        monitoring.unregister_event_duration_listener(listen)
+    assert compiled.count("jit(sweep_round)") == 2  # local and fedavg, each over both seeds
+    _, configs = grid_lib.grid_configs(grid, ["mixed"])
+    for seed in (0, 1):
+        single = train_and_evaluate(
+            configs[("mixed", seed)], tmp_path / f"single{seed}", progress=False
+        )
+        swept = json.loads(
+            (tmp_path / "out" / "mixed" / f"seed{seed}" / "summary.json").read_text()
+        )
+        for method in ("local", "fedavg"):
+            for key in ("val_ppl", "test_ppl", "val_mean_ppl"):
+                np.testing.assert_allclose(
+                    swept[method][key],
+                    single[method][key],
+                    rtol=2e-5,
+                    err_msg=f"{seed} {method} {key}",
+                )
