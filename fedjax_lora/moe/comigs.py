@@ -38,10 +38,11 @@ given to `e` (each selected expert counts `1/k_i`, no gradient) and `P̄_e` the 
 `π` the generalist's target share (`c ≡ 1` without one). For `E = k = 2`, `π = 1/2` it is the
 constant 1. Token means and sums (here and in the CV² loss) run over the training batch's real
 tokens (`Batch.tokens`, `fedjax_lora.engine.loss.routing_tokens`: the right padding of
-one-example rows does not count), over every position otherwise. `reference_lb_on_block_output=True` replicates the GPT-2 reference's `GPT.forward`,
-which passes the *block's output* (after the MLP residual, no LayerNorm) to
-`get_load_balancing_loss`: the same `L_LB` of the router's logits on that tensor, so its
-gradient also reaches the LoRA (spec §1.5; it changes trajectories only for `E > 2` or `π ≠ 1/2`).
+one-example rows does not count), over every position otherwise.
+`reference_lb_on_block_output=True` replicates the GPT-2 reference's `GPT.forward`, which
+passes the *block's output* (after the MLP residual, no LayerNorm) to `get_load_balancing_loss`:
+the same `L_LB` of the router's logits on that tensor, so its gradient also reaches the LoRA
+(spec §1.5; it changes trajectories only for `E > 2` or `π ≠ 1/2`).
 
 **CV² balancing** (`balance_loss="cv2"`, `cv2_balancing_loss`; the Llama reference's llama-moe
 `TopKBalancedNoisyGate`, spec §1.6), *summed* over layers, weighted by `λ_LB`:
