@@ -19,7 +19,14 @@ of them. The values are the authors' scripts' (spec notes of each paper):
   every method evaluated on the local models before the server average (`fedavg` set here, the
   CoMiGS family by default).
 - `fedamole-paper`: Zhang et al. (arXiv:2411.19128), `zyc140345/FedAMoLE`: LoRA r 8, α 16, dropout
-  0.05 on `q_proj`/`v_proj`; 30 rounds × 200 steps of batch 1, 512 tokens; Adam lr 5e-5, eps 1e-6.
+  0.05 on `q_proj`/`v_proj`; 30 rounds × 200 steps of batch 1, one example per row cut at the
+  reference's `max_length` 1024 (`data.instruction_packing: examples`) from a reshuffled pass over
+  the client's examples (`sampling: epoch`); Adam lr 5e-5, eps 1e-6 (re-created every round with
+  the 0.99 decay, FedAMoLE's defaults); the RSEA auxiliary split `data.aux_fraction: 0.05` (4 % of a
+  client's examples, at most 200; the grid gives the baselines 0, as the reference trains them on
+  train + aux); every aux and evaluation example (`eval.max_windows: 200`), ROUGE-L by the PyPI
+  `rouge` package (`eval.rouge: rouge`). The task metric (`eval.generation`: ROUGE-L on 50 or
+  choice accuracy on 200 test examples) depends on the data source, so the configs set it.
 """
 
 from __future__ import annotations
@@ -99,8 +106,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "fedamole-paper": {
         "rounds": 30,
         "lora": {"targets": ["q_proj", "v_proj"], "rank": 8, "alpha": 16.0, "dropout": 0.05},
-        "training": {"steps": 200, "batch_size": 1, "seq_len": 512, "sampling": "random"},
+        "training": {"steps": 200, "batch_size": 1, "seq_len": 1024, "sampling": "epoch"},
         "optimizer": {"name": "adam", "lr": 5e-5, "b1": 0.9, "b2": 0.999, "eps": 1e-6},
+        "data": {"instruction_packing": "examples", "aux_fraction": 0.05},
+        "eval": {"max_windows": 200, "batch_size": 8, "rouge": "rouge"},
     },
 }
 """Config overrides per paper preset (module docstring), merged like a config file."""

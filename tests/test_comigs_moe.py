@@ -234,6 +234,19 @@ def test_load_balancing_matches_numpy(num_experts, k, pi, num_real):
     np.testing.assert_allclose(got, np_lb(logits, k, num_real, pi), rtol=1e-5)
 
 
+@pytest.mark.parametrize("k,pi", [(2, 0.5), (1, 0.7)])
+def test_load_balancing_counts_only_the_real_tokens(k, pi):
+    """With a token mask (`Batch.tokens`: an example row's padding 0) the loss is the reference's
+    on the real tokens alone."""
+    rng = np.random.default_rng(k)
+    logits = rng.normal(size=(40, 4)) * 2
+    tokens = (rng.uniform(size=40) < 0.6).astype(np.float32)
+    got = load_balancing_loss(
+        jnp.asarray(logits, jnp.float32), jnp.ones(4, bool), k, pi, jnp.asarray(tokens)
+    )
+    np.testing.assert_allclose(got, np_lb(logits[tokens > 0], k, 4, pi), rtol=1e-5)
+
+
 def test_load_balancing_is_the_constant_one_for_two_experts_top2_half():
     rng = np.random.default_rng(0)
     mask = jnp.ones(2, bool)

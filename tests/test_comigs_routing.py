@@ -137,6 +137,21 @@ def test_cv2_balancing_matches_llama_moe(e_max, num_real, k, pi, noise, quirk):
         got, np_cv2_loss(noisy, clean, k, num_real, pi, noise, quirk), rtol=1e-4, atol=1e-7
     )
     assert np.all(np.isfinite(grad))  # padded experts' -inf logits give no NaN gradient
+    # With a token mask (an example row's padding 0): llama-moe's loss on the real tokens alone.
+    tokens = np.arange(len(clean)) % 3 > 0
+    got = cv2_balancing_loss(
+        jnp.asarray(weights, jnp.float32),
+        masked(noisy),
+        jnp.asarray(mask),
+        k,
+        pi,
+        clean=masked(clean),
+        noise_std=noise,
+        noise_quirk=quirk,
+        tokens=jnp.asarray(tokens, jnp.float32),
+    )
+    want = np_cv2_loss(noisy[tokens], clean[tokens], k, num_real, pi, noise, quirk)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)
 
 
 def test_cv2_block_loss_is_summed_over_layers():

@@ -18,13 +18,16 @@ from fedjax_lora.aggregation import holder_average
 from fedjax_lora.algorithms import METHODS, Problem
 from fedjax_lora.algorithms.fedamole import FedAMoLEOptions, fedamole
 from fedjax_lora.data.streams import eval_windows, stack_streams
-from fedjax_lora.engine import LocalTraining, OptimizerConfig
+from fedjax_lora.engine import Batch, LocalTraining, OptimizerConfig, lm_loss
+from fedjax_lora.engine.loss import routing_tokens
+from fedjax_lora.engine.train import stream_sampler
 from fedjax_lora.models.factory import from_config
 from fedjax_lora.models.layers import Embed, Linear
-from tests.tiny import CONFIG, SEQ, client_streams
+from tests.tiny import CONFIG, SEQ, VOCAB, client_streams
 
 D, OUT, E, R = 6, 5, 5, 3
 CFG = amole.AMoLEConfig(targets=("proj",), num_experts=E, rank=R, alpha=6.0, dropout=0.0)
+CFG_MODEL = amole.AMoLEConfig(targets=("c_attn.q", "c_attn.v"), num_experts=E, rank=R)
 
 
 def filled_module(seed: int, held) -> amole.AMoLE:
@@ -86,6 +89,63 @@ def test_module_matches_numpy_per_token_reference(held):
     chex.assert_shape(keys, (2, 7, E, R))
     # A plain call (no capture: evaluation) gives the same output and records nothing.
     np.testing.assert_allclose(m(X), y, rtol=1e-6)
+
+
+def test_load_balance_counts_only_real_tokens():
+    """docs/fidelity.md FedAMoLE row 3: under the batch's real-token mask the LB loss is the
+    reference's (`MoLELinear.forward`: a mean over every position of its batch) over the real
+    tokens alone; for one padded row, exactly the reference at its batch size 1 on the example."""
+    m = filled_module(3, [1, 1, 0, 1, 1])
+    mask = np.zeros((2, 7), np.float32)
+    mask[0, :5], mask[1, :3] = 1, 1
+    with routing_tokens(jnp.asarray(mask)):
+        _, lb, _, _ = run_captured(m, X)
+    np.testing.assert_allclose(lb, np_amole(m, X[mask > 0])[1], rtol=1e-5)
+    with routing_tokens(jnp.asarray(mask[:1])):
+        _, lb_row, _, _ = run_captured(m, X[:1])
+    np.testing.assert_allclose(lb_row, np_amole(m, X[0, :5])[1], rtol=1e-5)
+    _, lb_all, _, _ = run_captured(m, X[:1])  # no mask: the padding counts
+    assert abs(float(lb_all) - float(lb_row)) > 1e-6
+    with routing_tokens(jnp.ones((1, 7))), pytest.raises(ValueError, match="routing token mask"):
+        run_captured(m, X)
+
+
+def test_example_rows_route_without_their_padding():
+    """One right-padded example row through `LocalTraining(packing="examples")`'s sampler and
+    `lm_loss`: its real-token mask is the example's positions, and the LB loss equals that of the
+    example alone, unpadded (the reference at batch size 1)."""
+    rng = np.random.default_rng(5)
+    model = from_config(CONFIG, seed=0)
+    amole.add_amole(model, CFG_MODEL, key=jax.random.key(1))
+    graphdef, params, base = lora.split(model)
+    lengths, prompt, eos = (9, 13, 16), 4, 1
+    slots = np.full((len(lengths), SEQ + 1), eos, np.int32)
+    mask = np.zeros_like(slots)
+    for i, n in enumerate(lengths):
+        slots[i, :n] = rng.integers(2, VOCAB, n)
+        slots[i, n - 1] = eos
+        mask[i, prompt:n] = 1
+    cfg = LocalTraining(steps=1, batch_size=1, seq_len=SEQ, sampling="epoch", packing="examples")
+    sample = stream_sampler(
+        cfg,
+        jnp.asarray(slots.reshape(-1)),
+        jnp.asarray(slots.size),
+        jnp.asarray(mask.reshape(-1)),
+        jax.random.key(2),
+        max_windows=len(lengths),
+    )
+    for counter in range(len(lengths)):
+        batch = sample(jax.random.key(0), jnp.asarray(counter))
+        (row,) = [i for i in range(len(lengths)) if np.all(slots[i, :SEQ] == batch.inputs[0])]
+        n = lengths[row]
+        np.testing.assert_array_equal(batch.tokens[0], np.arange(SEQ) < n)
+        aux = lm_loss(graphdef, params, base, batch, None)[1]["aux"]
+        ids = jnp.asarray(slots[row, None, :n])
+        alone = Batch(ids, ids, jnp.ones(ids.shape, jnp.float32))
+        np.testing.assert_allclose(aux, lm_loss(graphdef, params, base, alone, None)[1]["aux"])
+        if n < SEQ:  # without the mask the padding would count
+            padded = lm_loss(graphdef, params, base, batch._replace(tokens=None), None)[1]["aux"]
+            assert abs(float(padded) - float(aux)) > 1e-7
 
 
 def test_all_held_is_a_standard_top2_moe():

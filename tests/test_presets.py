@@ -59,6 +59,11 @@ def test_presets_hold_the_papers_settings():
     assert cm.method_options["fedavg"]["evaluate"] == "local"
     fa = config_lib.load(preset="fedamole-paper")
     assert (fa.rounds, fa.training.steps, fa.optimizer.lr, fa.lora.rank) == (30, 200, 5e-5, 8)
+    # FedAMoLE §3.3 and issue 14 points 6-9: one example per row cut at max_length 1024, the
+    # reshuffled loader, the RSEA aux split, every aux/eval example, the PyPI rouge package.
+    assert (fa.training.batch_size, fa.training.seq_len, fa.training.sampling) == (1, 1024, "epoch")
+    assert (fa.data.instruction_packing, fa.data.aux_fraction) == ("examples", 0.05)
+    assert (fa.eval.max_windows, fa.eval.rouge) == (200, "rouge")
     assert set(PRESETS) == {"trust-weighted-paper", "comigs-paper", "fedamole-paper"}
 
 
@@ -70,6 +75,9 @@ def test_the_paper_grids_use_the_presets():
     assert config.preset == "trust-weighted-paper" and config.eval.attention_dropout == 0.2
     cm = load_grid(COMIGS / "table1.yaml")
     assert cell_config(cm, cm["cells"][0], 42, ["fedavg"], []).preset == "comigs-paper"
+    fa = yaml.safe_load((Path(COMIGS).parent / "fedamole" / "grid.yaml").read_text())
+    cell = cell_config({**fa, "cells": fa["scenarios"]}, fa["scenarios"][3], 42, ["fedamole"], [])
+    assert cell.preset == "fedamole-paper" and cell.training.seq_len == 1024
 
 
 def test_eval_attention_dropout_reaches_the_trust_methods():

@@ -114,8 +114,9 @@ case $PAPER in
     "$REF_PY" ref_side.py layer model rsea assign data
     "$JAX_PY" jax_side.py layer model rsea assign data
     "$JAX_PY" jax_traj.py plan
-    "$JAX_PY" jax_traj.py plan examples     # examples of different lengths, padded (point 6)
-    for run in static rsea static_examples; do
+    "$JAX_PY" jax_traj.py plan examples     # examples of different lengths, padded, batch 1
+    "$JAX_PY" jax_traj.py plan examples2    # the same at batch 2 (info rows: ref's left padding)
+    for run in static rsea static_examples static_examples2; do
       "$REF_PY" ref_traj.py "$run"
       "$JAX_PY" jax_traj.py run "$run" map
     done

@@ -19,12 +19,16 @@ over the set `S` of experts the client holds in this module (a boolean mask over
 
 Routing uses `x` without dropout; every (token, slot) pair draws its own dropout mask, as each
 expert's own PEFT dropout does in the reference. Non-held experts get exactly zero gate, so their
-gradients are exactly zero. The Switch-style load-balancing loss over the `T` token positions of
-the call (`n = |S|`, `f` without gradient),
+gradients are exactly zero. The Switch-style load-balancing loss over the real tokens `X` of the
+call (`n = |S|`, `f` without gradient),
 
-.. math:: L_{lb} = n \sum_e P_e f_e, \quad P_e = \mathrm{mean}_x\, p_e(x), \quad
-          f_e = \#\{\text{top-}k \text{ slots on } e\} / (k T),
+.. math:: L_{lb} = n \sum_e P_e f_e, \quad P_e = \mathrm{mean}_{x \in X}\, p_e(x), \quad
+          f_e = \#\{\text{top-}k \text{ slots on } e \text{ over } X\} / (k |X|),
 
+where `X` is every position of the call unless the training loss marks real tokens
+(`fedjax_lora.engine.loss.routing_tokens`, set from `Batch.tokens`: the right padding of one-example
+rows is no token). The reference averages over all `B·T` positions of its batch, which at its
+default batch size 1 is exactly the example's tokens (`docs/fidelity.md`, FedAMoLE row 3). It
 is sown, times `load_balance` (0.001), as the `aux_loss` intermediate, so the engine's loss sums it
 over modules. The per-token embeddings `x W_tok` and `x A_e` are sown as `RoutingEmbeddings`
 (captured only by `fedjax_lora.amole.stats`). Both are sown only under `nnx.capture`.
@@ -41,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fedjax_lora.engine.loss import AUX_LOSS
+from fedjax_lora.engine.loss import AUX_LOSS, routing_token_mask
 from fedjax_lora.lora import Init, LoRA, LoRAConfig, attach_adapters
 from fedjax_lora.models.layers import Adapter, dropout
 
@@ -154,8 +158,12 @@ class AMoLE(nnx.Module):
         z = jnp.einsum("...ker,...ke->...er", z, gates)
         routed = self.scale * jnp.einsum("...er,ero->...o", z, b)
 
-        p_mean = probs.reshape(-1, num_experts).mean(0)
-        f = slots.reshape(-1, num_experts).sum(0) / (slots.shape[-2] * probs[..., 0].size)
+        mask = routing_token_mask(probs.shape[:-1])
+        w = jnp.ones(probs.shape[:-1], probs.dtype) if mask is None else mask.astype(probs.dtype)
+        w = w.reshape(-1, 1)
+        count = jnp.maximum(jnp.sum(w), 1.0)
+        p_mean = jnp.sum(probs.reshape(-1, num_experts) * w, 0) / count
+        f = jnp.sum(slots.sum(-2).reshape(-1, num_experts) * w, 0) / (self.top_k * count)
         n = jnp.sum(held).astype(p_mean.dtype)
         lb = n * jnp.sum(p_mean * jax.lax.stop_gradient(f))
         if hasattr(self, "__captures__"):  # what `Module.sow` itself tests

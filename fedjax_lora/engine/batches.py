@@ -18,6 +18,9 @@ class Batch(NamedTuple):
     inputs: jax.Array  # int32 [B, T]
     targets: jax.Array  # int32 [B, T]
     weights: jax.Array  # f32 [B, T]: 1 where the target counts in the loss
+    # f32 [B, T]: 1 on real input tokens, 0 on an example row's padding (what token-averaged
+    # routing statistics count, `loss.routing_tokens`); None: every input token is real.
+    tokens: jax.Array | None = None
 
 
 def windows_at(tokens: jax.Array, starts: jax.Array, seq_len: int, mask: jax.Array | None) -> Batch:
@@ -30,6 +33,17 @@ def windows_at(tokens: jax.Array, starts: jax.Array, seq_len: int, mask: jax.Arr
         weights = jax.vmap(lambda s: jax.lax.dynamic_slice_in_dim(mask, s + 1, seq_len))(starts)
         weights = weights.astype(jnp.float32)
     return Batch(w[:, :-1], w[:, 1:], weights)
+
+
+def example_tokens(weights: jax.Array) -> jax.Array:
+    """`[..., T]` real-input mask of one-example rows (`data.instruction_packing=examples`) from
+    their target weights: an example row is `[bos] prompt target eos` then padding, and its last
+    counted target is the final EOS (counted by the training and the all-token weights alike), so
+    input `j` is real iff `j <= 1 + ` the last counted target position. A row with no counted
+    target has no real token."""
+    t = weights.shape[-1]
+    last = jnp.max(jnp.where(weights > 0, jnp.arange(t), -2), axis=-1, keepdims=True)
+    return (jnp.arange(t) <= last + 1).astype(jnp.float32)
 
 
 def sample_starts(

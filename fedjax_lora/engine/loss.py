@@ -9,7 +9,9 @@ Two memory settings (`LocalTraining.remat`, `LocalTraining.ce_chunk`):
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -22,6 +24,35 @@ from fedjax_lora.engine.batches import Batch
 PyTree = Any
 
 AUX_LOSS = "aux_loss"
+
+_ROUTING_TOKENS: contextvars.ContextVar[jax.Array | None] = contextvars.ContextVar(
+    "routing_tokens", default=None
+)
+
+
+@contextlib.contextmanager
+def routing_tokens(mask: jax.Array | None) -> Iterator[None]:
+    """Within the block, modules that average routing statistics over token positions (FedAMoLE's
+    load-balancing loss) count only the tokens where `mask [B, T]` is nonzero
+    (`routing_token_mask`); None: every position. Read while tracing, so it covers the forward
+    pass traced inside the block (`lm_loss` sets it from `Batch.tokens`)."""
+    reset = _ROUTING_TOKENS.set(mask)
+    try:
+        yield
+    finally:
+        _ROUTING_TOKENS.reset(reset)
+
+
+def routing_token_mask(shape: tuple[int, ...]) -> jax.Array | None:
+    """The `routing_tokens` mask for activations whose token axes are `shape` (`[B, T]`), or None
+    when every position counts."""
+    mask = _ROUTING_TOKENS.get()
+    if mask is not None and mask.shape != tuple(shape):
+        raise ValueError(
+            f"routing token mask of shape {mask.shape} does not fit activations of token shape "
+            f"{tuple(shape)}: a soft prompt cannot be combined with masked routing statistics"
+        )
+    return mask
 
 
 def token_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -85,7 +116,8 @@ def lm_loss(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """`mean_w CE(model(inputs), targets) + Σ aux`; dropout on iff `rng` is given.
 
-    The mean is weighted by `batch.weights` (label masks of prompt tokens get weight 0).
+    The mean is weighted by `batch.weights` (label masks of prompt tokens get weight 0); routing
+    statistics count the tokens of `batch.tokens` (`routing_tokens`; None: every position).
     ce_chunk: tokens per piece of the chunked head + cross-entropy (`chunked_token_cross_entropy`;
     None: all logits at once). remat: rematerialise every block in the backward pass (the
     model's `remat` switch, see `fedjax_lora.models.causal_lm.CausalLM`).
@@ -105,7 +137,8 @@ def lm_loss(
         per_token = lambda m, x: chunked_token_cross_entropy(
             m.head, m.features(x, rngs=rngs), batch.targets, ce_chunk
         )
-    ce, intermediates = nnx.capture(per_token, nnx.Intermediate)(model, batch.inputs)
+    with routing_tokens(batch.tokens):
+        ce, intermediates = nnx.capture(per_token, nnx.Intermediate)(model, batch.inputs)
     ce = jnp.sum(ce * batch.weights) / jnp.maximum(jnp.sum(batch.weights), 1.0)
     aux = sum_aux_losses(intermediates)
     return ce + aux, {"ce": ce, "aux": aux}

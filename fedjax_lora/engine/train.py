@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from fedjax_lora.engine.batches import Batch, sample_starts, windows_at
+from fedjax_lora.engine.batches import Batch, example_tokens, sample_starts, windows_at
 from fedjax_lora.engine.loss import lm_loss
 from fedjax_lora.engine.state import ClientState
 from fedjax_lora.engine.strategy import Strategy, map_clients
@@ -39,7 +39,9 @@ def stream_sampler(
     max_windows: int,
 ) -> Callable[[jax.Array, jax.Array], Batch]:
     """`sample(key, counter) -> Batch` of `cfg.batch_size` windows of one client's stream: random
-    windows from `key`, or the epoch order of `data_key` at position `counter`."""
+    windows from `key`, or the epoch order of `data_key` at position `counter`. With
+    `packing="examples"` the batch marks its real tokens (`Batch.tokens`), so that routing
+    statistics skip the right padding of each example row."""
 
     def sample(key: jax.Array, counter: jax.Array) -> Batch:
         starts = sample_starts(
@@ -52,7 +54,10 @@ def stream_sampler(
             sampling=cfg.sampling,
             examples=cfg.packing == "examples",
         )
-        return windows_at(tokens, starts, cfg.seq_len, mask)
+        batch = windows_at(tokens, starts, cfg.seq_len, mask)
+        if cfg.packing == "examples":  # right padding is no token (routing statistics)
+            batch = batch._replace(tokens=example_tokens(batch.weights))
+        return batch
 
     return sample
 

@@ -36,10 +36,13 @@ given to `e` (each selected expert counts `1/k_i`, no gradient) and `P̄_e` the 
     c_0 = \frac{1}{E_i π}, \quad c_{j≥1} = \frac{E_i - 1}{E_i (1 - π)},
 
 `π` the generalist's target share (`c ≡ 1` without one). For `E = k = 2`, `π = 1/2` it is the
-constant 1. `reference_lb_on_block_output=True` replicates the GPT-2 reference's `GPT.forward`,
-which passes the *block's output* (after the MLP residual, no LayerNorm) to
-`get_load_balancing_loss`: the same `L_LB` of the router's logits on that tensor, so its
-gradient also reaches the LoRA (spec §1.5; it changes trajectories only for `E > 2` or `π ≠ 1/2`).
+constant 1. Token means and sums (here and in the CV² loss) run over the training batch's real
+tokens (`Batch.tokens`, `fedjax_lora.engine.loss.routing_tokens`: the right padding of
+one-example rows does not count), over every position otherwise.
+`reference_lb_on_block_output=True` replicates the GPT-2 reference's `GPT.forward`, which
+passes the *block's output* (after the MLP residual, no LayerNorm) to `get_load_balancing_loss`:
+the same `L_LB` of the router's logits on that tensor, so its gradient also reaches the LoRA
+(spec §1.5; it changes trajectories only for `E > 2` or `π ≠ 1/2`).
 
 **CV² balancing** (`balance_loss="cv2"`, `cv2_balancing_loss`; the Llama reference's llama-moe
 `TopKBalancedNoisyGate`, spec §1.6), *summed* over layers, weighted by `λ_LB`:
@@ -70,6 +73,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from fedjax_lora.engine.loss import routing_token_mask
 from fedjax_lora.lora import Init, init_adapters
 from fedjax_lora.models.config import ModelConfig
 from fedjax_lora.models.gpt2 import GPT2MLP, GPT2Block
@@ -187,12 +191,30 @@ def top_k_gating(logits: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     return weights, one_hot.sum(-2) > 0
 
 
+def _token_sum(x: jax.Array, tokens: jax.Array | None) -> jax.Array:
+    """`Σ_t x_t` over the counted tokens (`tokens [T]` weights; None: all) of `x [T, E]`."""
+    return jnp.sum(x, 0) if tokens is None else jnp.sum(x * tokens[:, None], 0)
+
+
+def _token_mean(x: jax.Array, tokens: jax.Array | None) -> jax.Array:
+    """The mean of `x [T, E]` over the counted tokens (`tokens [T]` weights; None: all)."""
+    if tokens is None:
+        return x.mean(0)
+    return _token_sum(x, tokens) / jnp.maximum(jnp.sum(tokens), 1.0)
+
+
 def load_balancing_loss(
-    logits: jax.Array, mask: jax.Array, k: int, generalist_share: float | None
+    logits: jax.Array,
+    mask: jax.Array,
+    k: int,
+    generalist_share: float | None,
+    tokens: jax.Array | None = None,
 ) -> jax.Array:
     """`E_i Σ_e f_e P̄_e c_e` over the real experts (`mask`) of `logits [T, E]` (module docstring).
 
-    `logits` are the routed logits with `-∞` at absent experts; `k` is the static top-k.
+    `logits` are the routed logits with `-∞` at absent experts; `k` is the static top-k;
+    `tokens [T]`: 1 on the tokens `f` and `P̄` average over (0 on an example row's padding,
+    `fedjax_lora.engine.loss.routing_tokens`); None: every position.
     """
     num = jnp.sum(mask).astype(jnp.float32)  # E_i
     _, selected = top_k_gating(logits, k)
@@ -202,9 +224,17 @@ def load_balancing_loss(
     else:
         scattered = jnp.where(selected, logits, jnp.where(mask, 0.0, -jnp.inf))
         proxy = jax.nn.softmax(scattered, -1)
-    density = selected.astype(jnp.float32).mean(0) / jnp.minimum(k, num)  # f_e
+    density = _token_mean(selected.astype(jnp.float32), tokens) / jnp.minimum(k, num)  # f_e
     factors = _importance_factors(logits.shape[-1], num, generalist_share)
-    return num * jnp.sum(jnp.where(mask, density * proxy.mean(0) * factors, 0.0))
+    p_mean = _token_mean(proxy, tokens)
+    return num * jnp.sum(jnp.where(mask, density * p_mean * factors, 0.0))
+
+
+def _routing_tokens(h: jax.Array) -> jax.Array | None:
+    """The training batch's real-token mask for activations `h [B, T, d]`, flattened to `[B·T]`
+    (`fedjax_lora.engine.loss.routing_tokens`); None: every position counts."""
+    tokens = routing_token_mask(h.shape[:-1])
+    return None if tokens is None else tokens.reshape(-1).astype(jnp.float32)
 
 
 def _importance_factors(slots: int, num: jax.Array, generalist_share: float | None) -> jax.Array:
@@ -233,17 +263,19 @@ def cv2_balancing_loss(
     clean: jax.Array | None = None,
     noise_std: float = 0.0,
     noise_quirk: bool = False,
+    tokens: jax.Array | None = None,
 ) -> jax.Array:
     """`CV²(I ⊙ c) + CV²(ℓ ⊙ c)` over the real experts (`mask`) of one layer (module docstring).
 
     weights: the mixture weights `[T, E]`; logits: the routed (noisy) logits with `-∞` at absent
     experts; clean: the logits before the noise of std `noise_std` (the smooth load is used when
     both are given and `k < E`, else the selection count); noise_quirk: llama-moe's membership
-    test on the noise alone.
+    test on the noise alone. tokens: `[T]` weights of the counted tokens (as in
+    `load_balancing_loss`); None: every position.
     """
     num = jnp.sum(mask).astype(jnp.float32)
     factors = _importance_factors(logits.shape[-1], num, generalist_share)
-    importance = jnp.sum(weights, 0)
+    importance = _token_sum(weights, tokens)
     if clean is not None and noise_std > 0 and k < logits.shape[-1]:
         floor = -1e9  # absent experts' -∞ made finite (masked out below), so no NaN gradients
         top = jax.lax.top_k(logits, k + 1)[0]
@@ -256,10 +288,10 @@ def cv2_balancing_loss(
             jax.scipy.stats.norm.cdf((z - threshold_in) / noise_std),
             jax.scipy.stats.norm.cdf((z - threshold_out) / noise_std),
         )
-        load = jnp.sum(jnp.where(mask, prob, 0.0), 0)
+        load = _token_sum(jnp.where(mask, prob, 0.0), tokens)
     else:
         _, selected = top_k_gating(logits, k)
-        load = jnp.sum(selected & mask, 0).astype(jnp.float32)
+        load = _token_sum((selected & mask).astype(jnp.float32), tokens)
     return _cv_squared(importance * factors, mask, num) + _cv_squared(load * factors, mask, num)
 
 
@@ -366,6 +398,7 @@ class MoEMLP(nnx.Module):
         weights, _ = top_k_gating(logits, self.k)
         if self.lb_coef > 0 and not self.lb_on_block_output:
             flat = lambda x: x.reshape(-1, x.shape[-1])
+            tokens = _routing_tokens(h)
             if self.balance_loss == "cv2":
                 lb = cv2_balancing_loss(
                     flat(weights),
@@ -376,9 +409,10 @@ class MoEMLP(nnx.Module):
                     clean=flat(clean),
                     noise_std=self.router.noise if rngs is not None else 0.0,
                     noise_quirk=self.cv2_noise_quirk,
+                    tokens=tokens,
                 )
             else:
-                lb = load_balancing_loss(flat(logits), mask, self.k, self.generalist_share)
+                lb = load_balancing_loss(flat(logits), mask, self.k, self.generalist_share, tokens)
             self.sow(nnx.Intermediate, "aux_loss", self.lb_coef * lb)
         self.sow(nnx.Intermediate, ROUTING_WEIGHTS, weights)
         return weights
@@ -390,8 +424,9 @@ class MoEMLP(nnx.Module):
             return
         mask = self.expert_mask[...]
         logits = jnp.where(mask, self.router(out), -jnp.inf)
+        tokens = _routing_tokens(out)
         logits = logits.reshape(-1, logits.shape[-1])
-        lb = load_balancing_loss(logits, mask, self.k, self.generalist_share)
+        lb = load_balancing_loss(logits, mask, self.k, self.generalist_share, tokens)
         self.sow(nnx.Intermediate, "aux_loss", self.lb_coef * lb)
 
     def __call__(self, h: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:

@@ -441,6 +441,19 @@ TRAJ = dict(
 )
 
 
+def traj_run(run: str) -> tuple[str, str, int, str]:
+    """`(dispatch, examples, batch, plan file)` of a trajectory run: `static`, `rsea` (the fixed
+    examples of `traj_examples`, TRAJ["batch"] per step); `static_examples` (the examples of
+    different lengths of `traj_examples_var` at the reference's default batch size 1: no padding
+    on its side, right padding on ours, which routing statistics skip); `static_examples2` (the
+    same at batch 2, where the reference's collator pads on the left and its load-balancing loss
+    counts that padding: an info run, docs/fidelity.md FedAMoLE row 3)."""
+    dispatch, _, examples = run.partition("_")
+    batch = {"": TRAJ["batch"], "examples": 1, "examples2": 2}[examples]
+    plan = f"traj_plan{'_' + examples if examples else ''}.npz"
+    return dispatch, "var" if examples else "fixed", batch, plan
+
+
 def traj_examples(client: int) -> tuple[np.ndarray, np.ndarray]:
     """Client `client`'s training examples: `[K, T]` token ids `[bos] prompt target eos` (every
     example exactly T tokens) and the target mask (1 on target + EOS, as both pipelines count)."""

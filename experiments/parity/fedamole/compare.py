@@ -461,10 +461,34 @@ def traj_rows(dispatch: str):
         )
 
 
+def padded_batch_info():
+    """`static_examples2`: batch 2, the reference's collator pads on the left and its LB loss
+    counts the padding, fedjax_lora's skips its right padding (not replicated; docs/fidelity.md
+    FedAMoLE row 3): info rows, not checks."""
+    r = common.load_npz("ref_traj_static_examples2.npz")
+    j = common.load_npz("jax_traj_static_examples2_map.npz")
+    why = "ref counts its left [PAD] tokens in the LB at batch 2 (not replicated, fidelity row 3)"
+    first = np.abs(r["ce"][:, 0, 0] - j["ce"][:, 0, 0]).max()
+    for name, key in (("per-step CE", "ce"), ("per-step CE + 0.001 sum LB", "loss")):
+        d = np.abs(r[key] - j[key]).max()
+        INFO.append((f"2: trajectory (static_examples, batch 2) {name}", d, why))
+    INFO.append(("2: trajectory (static_examples, batch 2) CE of the first step", first, why))
+    ks = [k for k in r if k.startswith("agg")]
+    INFO.append(
+        (
+            "2: trajectory (static_examples, batch 2) aggregated adapters",
+            maxdiff((r[k], j[k]) for k in ks)[0],
+            why,
+        )
+    )
+
+
 def trajectory():
     for dispatch in ("static", "rsea", "static_examples"):
         if have(f"ref_traj_{dispatch}.npz", f"jax_traj_{dispatch}_map.npz"):
             traj_rows(dispatch)
+    if have("ref_traj_static_examples2.npz", "jax_traj_static_examples2_map.npz"):
+        padded_batch_info()
     if have("traj_plan_examples.npz") and "order" not in common.load_npz("traj_plan_examples.npz"):
         MISSING.setdefault(6, "LocalTraining(packing='examples') (issue 14 point 6)")
         add("2: trajectory (static_examples)", "per-step CE", float("nan"), 1e-5, point=6)

@@ -1,10 +1,10 @@
 """Trajectory parity, fedjax_lora side: the real `fedamole(problem, dispatch="static")` rounds.
 
-  python jax_traj.py plan [examples]
-                            # -> results/traj_plan[_examples].npz: the batches the engine's epoch
+  python jax_traj.py plan [examples|examples2]
+                            # -> results/traj_plan[_examples[2]].npz: the batches the engine's epoch
                             #    sampler will draw (predicted with `engine.batches.sample_starts`
                             #    and the clients' `data_key`s), for ref_traj.py to feed the ref.
-  python jax_traj.py run [static|rsea|static_examples] [map|vmap]
+  python jax_traj.py run [static|rsea|static_examples|static_examples2] [map|vmap]
                             # needs results/ref_traj_<run>.npz: loads the reference's initial
                             #    pool and round-0 assignment into the clients, runs TRAJ["rounds"]
                             #    rounds, writes results/jax_traj_<run>_<strategy>.npz
@@ -18,8 +18,10 @@ so with `sampling="epoch"` every window is exactly one example (`[bos] prompt ta
 next example's BOS as a weight-0 last target): the engine's windows equal the reference's
 batch-size-`batch` examples. `static_examples` (issue 14 point 6): examples of different lengths
 (`common.traj_examples_var`), one right-padded slot each with `LocalTraining(packing="examples")`,
-while the reference's collator pads its batches on the left. Dropout is off on both sides; Adam
-eps is the reference's fp32 1e-8.
+at the reference's default batch size 1 (no padding on its side); `static_examples2`: the same at
+batch 2, where the reference's collator pads on the left and counts that padding in its
+load-balancing loss (`common.traj_run`). Dropout is off on both sides; Adam eps is the
+reference's fp32 1e-8.
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ def response_only_eval() -> bool:
     return has_param(eval_windows, "masked")
 
 
-def build(strategy="map", dispatch="static", examples=False):
+def build(strategy="map", dispatch="static", examples=False, batch=T["batch"]):
     model = load_hf(FIXTURE)
     amole.add_amole(model, amole_config(T["num_experts"]))
     train = client_streams("examples" if examples else "train")
@@ -94,7 +96,7 @@ def build(strategy="map", dispatch="static", examples=False):
         sets,
         training=LocalTraining(
             steps=T["steps"],
-            batch_size=T["batch"],
+            batch_size=batch,
             seq_len=T["seq"],
             sampling="epoch",
             dropout=False,
@@ -116,7 +118,7 @@ def build(strategy="map", dispatch="static", examples=False):
 
 def predict_order(problem, sim, examples=False) -> np.ndarray:
     """`int [C, rounds * steps, batch]`: example index of every window the sampler draws."""
-    seq, b = T["seq"], T["batch"]
+    seq, b = T["seq"], problem.training.batch_size
     kw = {"examples": True} if examples else {}
     max_windows = problem.train.max_windows(seq)
     out = np.zeros((T["num_clients"], T["rounds"] * T["steps"], b), np.int64)
@@ -187,26 +189,28 @@ def assignment(sim) -> dict:
 
 
 def main(mode: str, run: str = "static", strategy: str = "map"):
-    """`plan [examples]` or `run static|rsea|static_examples map|vmap`."""
+    """`plan [examples|examples2]` or `run static|rsea|static_examples[2] map|vmap`."""
     jax.config.update("jax_default_matmul_precision", "highest")
     if mode == "plan":
-        examples = run == "examples"
+        dispatch, examples, batch, name = common.traj_run(
+            "static" if run == "static" else f"static_{run}"
+        )
+        examples = examples == "var"
         if examples and not examples_packing():
-            common.save_npz("traj_plan_examples.npz", missing=np.array(1))
+            common.save_npz(name, missing=np.array(1))
             print("no LocalTraining(packing='examples') here: examples trajectory skipped")
             return
-        problem, algo = build(examples=examples)
+        problem, algo = build(dispatch=dispatch, examples=examples, batch=batch)
         sim = algo.init(jax.random.key(T["jax_seed"]))
-        name = "traj_plan_examples.npz" if examples else "traj_plan.npz"
         common.save_npz(name, order=predict_order(problem, sim, examples))
         return
-    dispatch, _, examples = run.partition("_")
-    examples = examples == "examples"
+    dispatch, examples, batch, _ = common.traj_run(run)
+    examples = examples == "var"
     ref_file = common.results() / f"ref_traj_{run}.npz"
     if not ref_file.exists():
         print(f"no {ref_file.name}: skipped")
         return
-    problem, algo = build(strategy, dispatch, examples)
+    problem, algo = build(strategy, dispatch, examples, batch)
     sim = algo.init(jax.random.key(T["jax_seed"]))
     order = predict_order(problem, sim, examples)
     ref = common.load_npz(ref_file.name)

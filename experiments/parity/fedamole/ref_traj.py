@@ -1,7 +1,8 @@
 """Trajectory parity, reference side: the authors' `Server`/`Client` round loop of `main.py`
 (static architecture: `--static_arch true`), fed the batches of results/traj_plan.npz.
 
-  python ref_traj.py [static|rsea|static_examples]   # -> results/ref_traj_<run>.npz
+  python ref_traj.py [static|rsea|static_examples|static_examples2]
+                                                    # -> results/ref_traj_<run>.npz
 
 `Server.__init__` builds the global pool (PEFT init, torch seed TRAJ["torch_seed"]), and
 `dispatch_experts(0)` draws the random round-0 architecture (torch.rand + SCIP); both are saved
@@ -79,11 +80,10 @@ def pools(experts: dict, token_proj: dict, prefix: str) -> dict:
 
 
 def main(run: str = "static"):
-    """`run`: `static`, `rsea`, or `static_examples` (the examples of `traj_examples_var`)."""
+    """`run`: `static`, `rsea`, `static_examples` or `static_examples2` (`common.traj_run`)."""
     install()
-    dispatch, _, examples = run.partition("_")
-    examples = examples or "fixed"
-    plan = common.load_npz(f"traj_plan{'' if examples == 'fixed' else '_examples'}.npz")
+    dispatch, examples, batch, plan_file = common.traj_run(run)
+    plan = common.load_npz(plan_file)
     if "order" not in plan:  # fedjax_lora without one-example rows: nothing to compare with
         print(f"ref trajectory ({run}): skipped, no plan")
         return
@@ -96,7 +96,7 @@ def main(run: str = "static"):
         static_arch=dispatch == "static",
         lr=T["lr"],
         lr_decay=T["lr_decay"],
-        batch_size=T["batch"],
+        batch_size=batch,
         client_step=T["steps"],
         rounds=T["rounds"],
     )
