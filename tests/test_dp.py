@@ -76,6 +76,15 @@ def test_dp_fedavg_mean_of_clipped_updates_under_a_server_optimizer():
         np.testing.assert_allclose(g, np.broadcast_to(w, g.shape), rtol=1e-5, atol=1e-6)
 
 
+def test_dp_keeps_local_leaves():
+    """FedSA-LoRA's `b` is local: neither clipped, averaged nor noised."""
+    theta, clients = _clients(np.random.default_rng(4), [0.1, 3.0, 0.2, 4.0, 1.0])
+    aggregator = agg.dp_aggregator(clip_norm=0.5, noise_multiplier=1.0, policy="fedsa")
+    out, _ = jax.jit(aggregator.apply)(clients, aggregator.init(clients), {"global": theta})
+    np.testing.assert_array_equal(out["x"]["b"], clients["x"]["b"])
+    np.testing.assert_array_equal(out["x"]["a"], np.broadcast_to(out["x"]["a"][0], (N, 4, 3)))
+
+
 def test_noise_std_is_z_c_over_n_and_shared_by_clients():
     z, c = 1.5, 0.4
     theta = {"w": np.zeros((100, 100), np.float32)}

@@ -140,11 +140,18 @@ def test_fedadam_first_step_is_sign_like_not_fedavg():
         np.testing.assert_allclose(got[0], want, rtol=1e-4, atol=1e-5)
 
 
-def test_server_optimizer_only_steps_the_global_part():
+@pytest.mark.parametrize(
+    "aggregator",
+    [
+        server_optimizer(
+            masked_aggregator("fedsa"), optax.adam(0.05, 0.9, 0.99, 1e-3), policy="fedsa"
+        ),
+        fedadam(0.05, policy="fedsa"),  # the default inner rule averages the global part only
+    ],
+    ids=["explicit", "default_inner"],
+)
+def test_server_optimizer_only_steps_the_global_part(aggregator):
     """FedSA-LoRA: `a` global through the server optimizer, each client's `b` its own."""
-    aggregator = server_optimizer(
-        masked_aggregator("fedsa"), optax.adam(0.05, 0.9, 0.99, 1e-3), policy="fedsa"
-    )
     start, deltas, outs = _rounds(aggregator)
     want = _np_server(np_adam(0.05, 0.9, 0.99, 1e-3), start, deltas)
     b = np.asarray(start["lora"]["b"], np.float64)

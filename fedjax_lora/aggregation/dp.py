@@ -27,14 +27,13 @@ previous round's noisy consensus kept in the state (initially the clients' mean)
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from fedjax_lora.aggregation.core import Aggregator, Inputs, fedavg_aggregator, num_clients
-from fedjax_lora.aggregation.masks import Policy, global_mask, merge_global
+from fedjax_lora.aggregation.core import Aggregator, Inputs, num_clients
+from fedjax_lora.aggregation.masks import PolicyArg, global_mask, masked_aggregator, merge_global
 from fedjax_lora.aggregation.server_opt import client_mean, unstacked_mask
 
 __all__ = ["DPState", "client_update_norms", "dp_aggregator", "update_noise_multiplier"]
@@ -92,9 +91,10 @@ def dp_aggregator(
     clip_lr: float = 0.2,
     count_noise_std: float | None = None,
     seed: int = 0,
-    policy: Policy | Callable[[tuple[str, ...]], bool] = "all",
+    policy: PolicyArg = "all",
 ) -> Aggregator:
-    """DP-FedAvg around `inner` (default the uniform FedAvg; module docstring).
+    """DP-FedAvg around `inner` (default the uniform FedAvg of the `policy`'s global part,
+    `masked_aggregator(policy)`; module docstring).
 
     clip_norm: `C` (the initial one under adaptive clipping); noise_multiplier: `z`, the total
     noise multiplier the accountant certifies; adaptive_quantile: `γ` in (0, 1) to adapt `C`
@@ -107,7 +107,7 @@ def dp_aggregator(
         )
     if adaptive_quantile is not None and not 0.0 < adaptive_quantile < 1.0:
         raise ValueError(f"DP: adaptive_quantile must be in (0, 1), got {adaptive_quantile}")
-    inner = inner or fedavg_aggregator()
+    inner = inner or masked_aggregator(policy)
     global_mask(None, policy)  # fail early on an unknown policy
 
     def init(stacked_tree: PyTree) -> DPState:

@@ -39,6 +39,7 @@ from fedjax_lora.aggregation.core import Aggregator, Inputs, fedavg
 __all__ = [
     "POLICIES",
     "Policy",
+    "PolicyArg",
     "global_mask",
     "leaf_role",
     "masked_aggregator",
@@ -50,6 +51,8 @@ __all__ = [
 PyTree = Any
 Policy = Literal["none", "all", "experts", "expert_0", "expert_01", "ffa", "fedsa"]
 POLICIES: tuple[str, ...] = ("none", "all", "experts", "expert_0", "expert_01", "ffa", "fedsa")
+PolicyArg = Policy | Callable[[tuple[str, ...]], bool]
+"""A policy name or a predicate over a leaf's path names (True: global)."""
 Role = Literal["router", "experts", "mask", "shared"]
 
 

@@ -29,12 +29,11 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_lora.aggregation.core import Aggregator, Inputs, MixState, mix, num_clients
-from fedjax_lora.aggregation.masks import Policy, global_mask, merge_global
+from fedjax_lora.aggregation.masks import PolicyArg, global_mask, merge_global
 
 __all__ = ["krum_aggregator", "krum_scores", "median_aggregator", "trimmed_mean_aggregator"]
 
 PyTree = Any
-PolicyArg = Policy | Callable[[tuple[str, ...]], bool]
 
 
 def _coordinate_aggregator(

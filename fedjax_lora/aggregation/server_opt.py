@@ -31,23 +31,24 @@ No Adam setting reduces to FedAvg: Adam divides by the second moment, so its fir
 of `Δ`; only `fedavgm(lr=1, momentum=0)` (or any `tx` that is the identity on `−Δ` up to sign,
 `optax.sgd(1.0)`) equals FedAvg exactly.
 
-The inner aggregator must be a consensus rule on the global part (all rows equal, e.g. `fedavg`,
-`masked`, a robust reduction, `dp_aggregator`); its row mean is taken as :math:`\bar θ`. The
+The inner aggregator must be a consensus rule on the global part (all rows equal, e.g. `masked`,
+a robust reduction, `dp_aggregator`); its row mean is taken as :math:`\bar θ`. The named
+factories default to `masked_aggregator(policy)`, FedAvg of the global part (token-weighted when
+`inputs["weights"]` is given). The
 global tree is passed to the inner rule as `inputs["global"]` (no client axis), so that a DP
 inner rule clips the client updates relative to it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_lora.aggregation.core import Aggregator, Inputs, fedavg_aggregator
-from fedjax_lora.aggregation.masks import Policy, global_mask, merge_global
+from fedjax_lora.aggregation.core import Aggregator, Inputs
+from fedjax_lora.aggregation.masks import PolicyArg, global_mask, masked_aggregator, merge_global
 
 __all__ = [
     "ServerOptState",
@@ -75,9 +76,7 @@ def client_mean(stacked_tree: PyTree) -> PyTree:
     return jax.tree.map(lambda x: jnp.mean(x.astype(jnp.float32), axis=0), stacked_tree)
 
 
-def unstacked_mask(
-    stacked_tree: PyTree, global_tree: PyTree, policy: Policy | Callable[[tuple[str, ...]], bool]
-) -> PyTree:
+def unstacked_mask(stacked_tree: PyTree, global_tree: PyTree, policy: PolicyArg) -> PyTree:
     """The policy's global mask of `stacked_tree`, broadcastable to the unstacked `global_tree`
     (a per-slot mask `[1, E, 1, ...]` loses its client axis)."""
     return jax.tree.map(
@@ -88,7 +87,7 @@ def unstacked_mask(
 def server_optimizer(
     inner: Aggregator,
     tx: optax.GradientTransformation,
-    policy: Policy | Callable[[tuple[str, ...]], bool] = "all",
+    policy: PolicyArg = "all",
 ) -> Aggregator:
     """`inner`'s consensus taken as a step of `tx` from the global tree (module docstring)."""
     global_mask(None, policy)  # fail early on an unknown policy
@@ -119,10 +118,20 @@ def server_optimizer(
     return Aggregator(init, apply)
 
 
-def fedavgm(lr: float = 1.0, momentum: float = 0.9, inner: Aggregator | None = None, **kw: Any):
+def _fedopt(tx: optax.GradientTransformation, inner: Aggregator | None, policy: PolicyArg):
+    """`server_optimizer` with `inner` defaulting to FedAvg of the `policy`'s global part."""
+    return server_optimizer(inner or masked_aggregator(policy), tx, policy)
+
+
+def fedavgm(
+    lr: float = 1.0,
+    momentum: float = 0.9,
+    inner: Aggregator | None = None,
+    policy: PolicyArg = "all",
+) -> Aggregator:
     """FedAvgM: server SGD with momentum on the pseudo-gradient (`optax.sgd(lr, momentum)`).
-    `inner` defaults to FedAvg; `kw` (`policy`) goes to `server_optimizer`."""
-    return server_optimizer(inner or fedavg_aggregator(), optax.sgd(lr, momentum or None), **kw)
+    `inner` defaults to FedAvg of the `policy`'s global part (`masked_aggregator(policy)`)."""
+    return _fedopt(optax.sgd(lr, momentum or None), inner, policy)
 
 
 def fedadam(
@@ -131,10 +140,10 @@ def fedadam(
     b2: float = 0.99,
     eps: float = 1e-3,
     inner: Aggregator | None = None,
-    **kw: Any,
+    policy: PolicyArg = "all",
 ) -> Aggregator:
     """FedAdam (Reddi et al. 2021): `optax.adam(lr, b1, b2, eps)` on the pseudo-gradient."""
-    return server_optimizer(inner or fedavg_aggregator(), optax.adam(lr, b1, b2, eps), **kw)
+    return _fedopt(optax.adam(lr, b1, b2, eps), inner, policy)
 
 
 def fedyogi(
@@ -143,16 +152,18 @@ def fedyogi(
     b2: float = 0.99,
     eps: float = 1e-3,
     inner: Aggregator | None = None,
-    **kw: Any,
+    policy: PolicyArg = "all",
 ) -> Aggregator:
     """FedYogi (Reddi et al. 2021): `optax.yogi(lr, b1, b2, eps)` on the pseudo-gradient."""
-    return server_optimizer(inner or fedavg_aggregator(), optax.yogi(lr, b1, b2, eps), **kw)
+    return _fedopt(optax.yogi(lr, b1, b2, eps), inner, policy)
 
 
 def fedadagrad(
-    lr: float = 1e-1, eps: float = 1e-3, inner: Aggregator | None = None, **kw: Any
+    lr: float = 1e-1,
+    eps: float = 1e-3,
+    inner: Aggregator | None = None,
+    policy: PolicyArg = "all",
 ) -> Aggregator:
     """FedAdagrad (Reddi et al. 2021): `optax.adagrad` with `v_{-1} = eps²` on the
     pseudo-gradient."""
-    tx = optax.adagrad(lr, initial_accumulator_value=eps**2, eps=0.0)
-    return server_optimizer(inner or fedavg_aggregator(), tx, **kw)
+    return _fedopt(optax.adagrad(lr, initial_accumulator_value=eps**2, eps=0.0), inner, policy)
