@@ -44,7 +44,7 @@ class AggregatorEntry(NamedTuple):
 
     factory: Callable[..., Aggregator]
     example_inputs: Callable[[np.random.Generator, int], Inputs]
-    properties: frozenset[str] = PROPERTIES
+    properties: tuple[str, ...] = PROPERTIES
 
 
 def _no_inputs(rng: np.random.Generator, n: int) -> Inputs:
@@ -77,9 +77,9 @@ def _holders(rng: np.random.Generator, n: int) -> Inputs:
 
 
 # Coordinate-wise reductions pick clients per coordinate: not one mixing matrix.
-_REDUCTION = frozenset({"permutation_equivariant", "within_range"})
+_REDUCTION = ("permutation_equivariant", "within_range")
 # A server step (optimizer, added noise) leaves the clients' range.
-_STEP = frozenset({"permutation_equivariant"})
+_STEP = ("permutation_equivariant",)
 
 AGGREGATORS: dict[str, AggregatorEntry] = {
     "local": AggregatorEntry(local_aggregator, _no_inputs),

@@ -50,7 +50,7 @@ Reference = Callable[[list[np.ndarray], dict[str, Any]], np.ndarray | list[np.nd
 the aggregator must apply to every leaf, or a list of matrices, one per leaf; otherwise the list
 of expected result leaves."""
 
-PROPERTIES: frozenset[str] = frozenset({"permutation_equivariant", "mixing", "within_range"})
+PROPERTIES: tuple[str, ...] = ("permutation_equivariant", "mixing", "within_range")
 """The properties a rule may declare (module docstring); a mixing rule has all of them."""
 
 
@@ -129,7 +129,7 @@ def check_aggregator(
 
     Returns the names of the properties checked, in order.
     """
-    unknown_properties = sorted(set(properties) - PROPERTIES)
+    unknown_properties = sorted(set(properties) - set(PROPERTIES))
     if unknown_properties:
         raise ValueError(
             f"unknown properties {unknown_properties}; expected a subset of {sorted(PROPERTIES)}"
