@@ -114,13 +114,13 @@ def aggregation_section() -> list[str]:
         "",
         "### Registered aggregators (`AGGREGATORS`)",
         "",
-        "| name | factory | permutation equivariant |",
+        "| name | factory | battery properties |",
         "|---|---|---|",
     ]
     for name, entry in sorted(agg.AGGREGATORS.items()):
         lines.append(
             f"| `{name}` | {_describe_factory(entry.factory)} | "
-            f"{'yes' if entry.permutation_equivariant else 'no'} |"
+            f"{', '.join(sorted(entry.properties))} |"
         )
     lines.append("")
     for info in sorted(pkgutil.iter_modules(agg.__path__), key=lambda m: m.name):

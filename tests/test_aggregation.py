@@ -40,10 +40,43 @@ def np_holder_matrix(held: np.ndarray) -> np.ndarray:
     return np.array([[held[j] / held.sum() for j in range(len(held))] for _ in range(len(held))])
 
 
+def np_median(leaves, inputs):
+    return [np.broadcast_to(np.median(x, axis=0), x.shape) for x in leaves]
+
+
+def np_trimmed_mean(leaves, inputs, beta=0.2):
+    """Per coordinate: sort the N values in a loop, drop floor(beta N) at each end, average."""
+    out = []
+    for x in leaves:
+        n, flat = x.shape[0], x.reshape(x.shape[0], -1)
+        b = int(beta * n)
+        means = [np.mean(sorted(flat[:, k])[b : n - b]) for k in range(flat.shape[1])]
+        out.append(np.broadcast_to(np.reshape(means, x.shape[1:]), x.shape))
+    return out
+
+
+def np_krum_matrix(leaves, f=1, m=1):
+    """Blanchard et al. 2017: score = sum of the n - f - 2 smallest squared distances to others;
+    the m lowest-scoring clients are averaged (m = None: n - f)."""
+    n = leaves[0].shape[0]
+    flat = np.concatenate([x.reshape(n, -1) for x in leaves], axis=1)
+    scores = []
+    for i in range(n):
+        d = sorted(np.sum((flat[i] - flat[j]) ** 2) for j in range(n) if j != i)
+        scores.append(sum(d[: n - f - 2]))
+    keep = n - f if m is None else m
+    w = np.zeros((n, n))
+    w[:, np.argsort(scores, kind="stable")[:keep]] = 1.0 / keep
+    return w
+
+
 # name -> (leaves, inputs) -> the mixing matrix the aggregator must use, in NumPy; or a list of
-# matrices, one per leaf (in `example_tree`'s leaf order: lora_a, lora_b, router).
+# matrices, one per leaf (in `example_tree`'s leaf order: lora_a, lora_b, router); for entries
+# without the `mixing` property, the expected leaves. None: the rule's numbers are tested in its
+# own module (server optimizers over several rounds in test_server_opt.py, DP noise statistically
+# in test_dp.py); the battery still checks its declared properties.
 NUMPY_REFERENCES: dict[
-    str, Callable[[list[np.ndarray], dict[str, Any]], np.ndarray | list[np.ndarray]]
+    str, Callable[[list[np.ndarray], dict[str, Any]], np.ndarray | list[np.ndarray]] | None
 ] = {
     "local": lambda leaves, inputs: np.eye(N),
     "fedavg": lambda leaves, inputs: np_fedavg_matrix(inputs["weights"]),
@@ -58,6 +91,15 @@ NUMPY_REFERENCES: dict[
     "experts": lambda leaves, inputs: np_holder_matrix(inputs["holders"].astype(np.float64)),
     # CoMiGS `expert_0` policy: the shared LoRA (lora_a, lora_b) averaged, the router kept.
     "masked": lambda leaves, inputs: [np_fedavg_matrix(inputs["weights"])] * 2 + [np.eye(N)],
+    "median": np_median,
+    "trimmed_mean": np_trimmed_mean,
+    "krum": lambda leaves, inputs: np_krum_matrix(leaves),
+    "multi_krum": lambda leaves, inputs: np_krum_matrix(leaves, m=None),
+    "fedavgm": None,
+    "fedadam": None,
+    "fedyogi": None,
+    "fedadagrad": None,
+    "dp_fedavg": None,
 }
 
 
@@ -71,7 +113,7 @@ def test_registered_aggregator_passes_the_battery(name):
             NUMPY_REFERENCES[name],
             example_inputs=entry.example_inputs,
             num_clients=N,
-            permutation_equivariant=entry.permutation_equivariant,
+            properties=entry.properties,
             seed=seed,
             name=name,
         )
@@ -114,6 +156,10 @@ def _upcast(tree, state, inputs=None):
     ), state
 
 
+def _overshoot(tree, state, inputs=None):  # a step beyond every client (like an unchecked server)
+    return jax.tree.map(lambda x: 3 * x + 1, tree), state
+
+
 def _first_client(tree):  # everyone copies client 0: row-stochastic, not equivariant
     return jnp.zeros((N, N)).at[:, 0].set(1.0)
 
@@ -131,6 +177,7 @@ def _python_branch(tree):  # Python control flow on a traced value
         (_matrix_rule(_first_client), None, "permutation equivariance"),
         (_matrix_rule(_python_branch), None, "jit"),
         (_matrix_rule(_uniform), lambda leaves, inputs: np.eye(N), "NumPy reference"),
+        (agg.Aggregator(lambda t: (), _overshoot), None, "within_range"),
     ],
 )
 def test_battery_names_the_failed_property(aggregator, reference, prop):
@@ -139,7 +186,10 @@ def test_battery_names_the_failed_property(aggregator, reference, prop):
 
 
 def test_battery_skips_equivariance_when_declared_and_validates_inputs():
-    check_aggregator(_matrix_rule(_first_client), permutation_equivariant=False)
+    checked = check_aggregator(_matrix_rule(_first_client), properties={"mixing", "within_range"})
+    assert "permutation_equivariant" not in checked and "within_range" in checked
+    with pytest.raises(ValueError, match="unknown properties"):
+        check_aggregator(_matrix_rule(_uniform), properties={"linear"})
     with pytest.raises(ValueError, match="input_client_axes"):
         check_aggregator(agg.fedavg_aggregator, example_inputs=lambda rng, n: {"sizes": np.ones(n)})
     check_aggregator(

@@ -50,6 +50,7 @@ INPUT_CLIENT_AXES: dict[str, tuple[int, ...]] = {
     "logits": (0,),
     "mixtures": (0,),
     "holders": (0,),
+    "global": (),
 }
 """Known side inputs of `Aggregator.apply` and which of their axes index clients.
 
@@ -58,6 +59,8 @@ INPUT_CLIENT_AXES: dict[str, tuple[int, ...]] = {
 - `logits: [N, S, V]`: client `j`'s last-position logits on `S` shared reference windows.
 - `mixtures: [N, K]`: each client's share (or token count) of each of `K` data domains.
 - `holders`: 0/1 masks `[N, ...]`, a pytree prefix of the tree: which clients hold which part.
+- `global`: the global tree the clients received this round (no client axis); passed by
+  `server_optimizer` to its inner rule (a DP rule clips the client updates relative to it).
 """
 
 

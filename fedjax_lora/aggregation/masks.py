@@ -39,9 +39,11 @@ from fedjax_lora.aggregation.core import Aggregator, Inputs, fedavg
 __all__ = [
     "POLICIES",
     "Policy",
+    "PolicyArg",
     "global_mask",
     "leaf_role",
     "masked_aggregator",
+    "merge_global",
     "path_names",
     "trainable",
 ]
@@ -49,6 +51,8 @@ __all__ = [
 PyTree = Any
 Policy = Literal["none", "all", "experts", "expert_0", "expert_01", "ffa", "fedsa"]
 POLICIES: tuple[str, ...] = ("none", "all", "experts", "expert_0", "expert_01", "ffa", "fedsa")
+PolicyArg = Policy | Callable[[tuple[str, ...]], bool]
+"""A policy name or a predicate over a leaf's path names (True: global)."""
 Role = Literal["router", "experts", "mask", "shared"]
 
 
@@ -106,6 +110,14 @@ def global_mask(stacked_tree: PyTree, policy: Policy | Callable[[tuple[str, ...]
     )
 
 
+def merge_global(
+    stacked_tree: PyTree, aggregated: PyTree, policy: Policy | Callable[[tuple[str, ...]], bool]
+) -> PyTree:
+    """`where(m, aggregated, stacked_tree)` leaf by leaf, `m = global_mask(stacked_tree, policy)`:
+    the server's result on the global part, each client's own tensors elsewhere."""
+    return jax.tree.map(jnp.where, global_mask(stacked_tree, policy), aggregated, stacked_tree)
+
+
 def trainable(names: Sequence[str], policy: Policy) -> bool:
     """Whether the expert-side optimizer trains this (non-router) adapter leaf: everything except
     the frozen expert `A` of `ffa`."""
@@ -123,7 +135,6 @@ def masked_aggregator(
 
     def apply(stacked_tree: PyTree, state: tuple, inputs: Inputs | None = None):
         averaged = fedavg(stacked_tree, (inputs or {}).get("weights", weights))
-        mask = global_mask(stacked_tree, policy)
-        return jax.tree.map(jnp.where, mask, averaged, stacked_tree), state
+        return merge_global(stacked_tree, averaged, policy), state
 
     return Aggregator(lambda stacked_tree: (), apply)

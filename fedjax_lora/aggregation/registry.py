@@ -2,8 +2,8 @@
 
 Adding an aggregator is one `AGGREGATORS` line: its factory with production defaults, and a
 builder of random but valid `inputs` (`(numpy_rng, num_clients) -> inputs`) so that the shared
-battery `fedjax_lora.aggregation.testing.check_aggregator` (shapes, dtypes, permutation
-equivariance, row-stochastic mixing, NumPy reference, jit) runs over it in
+battery `fedjax_lora.aggregation.testing.check_aggregator` (shapes, dtypes, jit, row-stochastic
+mixing, NumPy reference, and the `properties` the entry declares) runs over it in
 `tests/test_aggregation.py`. New side inputs also get an `INPUT_CLIENT_AXES` entry.
 """
 
@@ -22,20 +22,29 @@ from fedjax_lora.aggregation.core import (
     local_aggregator,
     trust_aggregator,
 )
+from fedjax_lora.aggregation.dp import dp_aggregator
 from fedjax_lora.aggregation.experts import expert_aggregator
 from fedjax_lora.aggregation.masks import masked_aggregator
+from fedjax_lora.aggregation.robust import (
+    krum_aggregator,
+    median_aggregator,
+    trimmed_mean_aggregator,
+)
+from fedjax_lora.aggregation.server_opt import fedadagrad, fedadam, fedavgm, fedyogi
+from fedjax_lora.aggregation.testing import PROPERTIES
 
 __all__ = ["AGGREGATORS", "AggregatorEntry", "make_aggregator"]
 
 
 class AggregatorEntry(NamedTuple):
     """factory: builds the aggregator with its defaults; example_inputs: `(rng, n) -> inputs`;
-    permutation_equivariant: False for rules tied to client indices (a fixed topology), which
-    skips that check of the battery."""
+    properties: which of the battery's optional properties hold by definition
+    (`testing.PROPERTIES`: `permutation_equivariant`, `mixing`, `within_range`; default all, as
+    for every mixing rule)."""
 
     factory: Callable[..., Aggregator]
     example_inputs: Callable[[np.random.Generator, int], Inputs]
-    permutation_equivariant: bool = True
+    properties: tuple[str, ...] = PROPERTIES
 
 
 def _no_inputs(rng: np.random.Generator, n: int) -> Inputs:
@@ -67,6 +76,11 @@ def _holders(rng: np.random.Generator, n: int) -> Inputs:
     return {"holders": held}
 
 
+# Coordinate-wise reductions pick clients per coordinate: not one mixing matrix.
+_REDUCTION = ("permutation_equivariant", "within_range")
+# A server step (optimizer, added noise) leaves the clients' range.
+_STEP = ("permutation_equivariant",)
+
 AGGREGATORS: dict[str, AggregatorEntry] = {
     "local": AggregatorEntry(local_aggregator, _no_inputs),
     "fedavg": AggregatorEntry(fedavg_aggregator, _token_counts),
@@ -80,6 +94,15 @@ AGGREGATORS: dict[str, AggregatorEntry] = {
     "trust_oracle": AggregatorEntry(functools.partial(trust_aggregator, "oracle"), _mixtures),
     "experts": AggregatorEntry(expert_aggregator, _holders),
     "masked": AggregatorEntry(masked_aggregator, _token_counts),
+    "median": AggregatorEntry(median_aggregator, _token_counts, _REDUCTION),
+    "trimmed_mean": AggregatorEntry(trimmed_mean_aggregator, _token_counts, _REDUCTION),
+    "krum": AggregatorEntry(krum_aggregator, _token_counts),
+    "multi_krum": AggregatorEntry(functools.partial(krum_aggregator, m=None), _token_counts),
+    "fedavgm": AggregatorEntry(fedavgm, _no_inputs, _STEP),
+    "fedadam": AggregatorEntry(fedadam, _no_inputs, _STEP),
+    "fedyogi": AggregatorEntry(fedyogi, _no_inputs, _STEP),
+    "fedadagrad": AggregatorEntry(fedadagrad, _no_inputs, _STEP),
+    "dp_fedavg": AggregatorEntry(dp_aggregator, _no_inputs, _STEP),
 }
 
 

@@ -1,28 +1,37 @@
 r"""`check_aggregator`: the property battery every aggregator must pass, for your own rules too.
 
 An aggregator (`Aggregator(init, apply)` over stacked client trees, leaves `[N, ...]`) is checked
-on a random stacked tree with f32 and bf16 leaves for:
+on a random stacked tree with f32 and bf16 leaves. Always:
 
 - **runs**: `init` and `apply` run eagerly on the example;
 - **shapes and dtypes**: `apply` returns a tree of the input's structure, shapes and dtypes, with
   finite values, and a state of `init`'s structure (so rounds can carry it through `lax.cond`);
 - **jit**: `jax.jit(apply)` traces (no Python branching on values) and gives the eager numbers;
 - **row-stochastic mixing**: a returned `MixState.matrix` is `[N, N]`, non-negative, rows sum to 1;
-- **permutation equivariance** (unless declared otherwise): relabelling the clients by `π`
-  (tree and the client axes of the side inputs, `INPUT_CLIENT_AXES`) relabels the result,
-  `apply(π·θ, π·inputs) = π·apply(θ, inputs)`;
-- **NumPy reference** (when given): the result equals `θ'_i = Σ_j W[i, j] θ_j` leaf by leaf,
-  with `W` from an independent NumPy implementation (f64); a returned `MixState.matrix` equals
-  `W`.
+- **NumPy reference** (when given): the result equals an independent NumPy implementation (f64).
 
-A failed property raises `AssertionError` naming the aggregator, the property and the numbers.
-`tests/test_aggregation.py` runs it over every registered aggregator (`AGGREGATORS`).
+and the `properties` the rule declares (`PROPERTIES`; all of them by default, since every mixing
+rule has them; a rule for which one does not hold by definition leaves it out):
+
+- `permutation_equivariant`: relabelling the clients by `π` (tree and the client axes of the side
+  inputs, `INPUT_CLIENT_AXES`) relabels the result, `apply(π·θ, π·inputs) = π·apply(θ, inputs)`
+  (not for rules tied to client indices, e.g. a fixed ring);
+- `mixing`: the result is a mixing `θ'_i = Σ_j W[i, j] θ_j` leaf by leaf, so the reference gives
+  `W` (and a returned `MixState.matrix` equals it); without it the reference gives the expected
+  leaves themselves (coordinate-wise median, trimmed mean, server optimizers);
+- `within_range`: every coordinate of the result lies between the clients' smallest and largest
+  value of it (convex combinations and robust reductions; not a server optimizer's step or added
+  noise).
+
+`check_aggregator` returns the names of the properties it checked. A failed property raises
+`AssertionError` naming the aggregator, the property and the numbers. `tests/test_aggregation.py`
+runs it over every registered aggregator (`AGGREGATORS`) with the properties its entry declares.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import Any
 
 import chex
@@ -32,13 +41,17 @@ import numpy as np
 
 from fedjax_lora.aggregation.core import INPUT_CLIENT_AXES, Aggregator, Inputs, MixState
 
-__all__ = ["Reference", "check_aggregator", "example_tree"]
+__all__ = ["PROPERTIES", "Reference", "check_aggregator", "example_tree"]
 
 PyTree = Any
 Reference = Callable[[list[np.ndarray], dict[str, Any]], np.ndarray | list[np.ndarray]]
-"""`reference(leaves, inputs) -> W`: from the example's leaves (f64 NumPy `[N, ...]`, in
-`jax.tree.leaves` order) and side inputs (NumPy), the `[N, N]` mixing matrix the aggregator must
-apply to every leaf, or a list of matrices, one per leaf."""
+"""`reference(leaves, inputs)`: from the example's leaves (f64 NumPy `[N, ...]`, in
+`jax.tree.leaves` order) and side inputs (NumPy), for a `mixing` rule the `[N, N]` mixing matrix
+the aggregator must apply to every leaf, or a list of matrices, one per leaf; otherwise the list
+of expected result leaves."""
+
+PROPERTIES: tuple[str, ...] = ("permutation_equivariant", "mixing", "within_range")
+"""The properties a rule may declare (module docstring); a mixing rule has all of them."""
 
 
 def example_tree(rng: np.random.Generator, num_clients: int = 5) -> dict[str, Any]:
@@ -92,27 +105,36 @@ def check_aggregator(
     example_inputs: Callable[[np.random.Generator, int], Inputs] | None = None,
     tree: PyTree | None = None,
     num_clients: int = 5,
-    permutation_equivariant: bool = True,
+    properties: Collection[str] = PROPERTIES,
     input_client_axes: Mapping[str, tuple[int, ...]] | None = None,
     seed: int = 0,
     rtol: float = 1e-5,
     atol: float = 1e-6,
     name: str | None = None,
-) -> None:
+) -> tuple[str, ...]:
     """Checks the aggregator's properties (module docstring); raises `AssertionError` naming the
     first one that fails.
 
     aggregator_or_factory: an `Aggregator`, or a factory called without arguments.
-    reference: an independent NumPy mixing matrix (`Reference`); None skips that check.
+    reference: an independent NumPy mixing matrix, or the expected leaves when the rule does not
+      declare `mixing` (`Reference`); None skips that check.
     example_inputs: `(numpy_rng, num_clients) -> inputs`, random but valid side inputs (the
       registry's `AggregatorEntry.example_inputs`); None: the rule needs none.
     tree: the stacked client tree to aggregate; default `example_tree(rng, num_clients)`.
-    permutation_equivariant: False for rules that depend on client order (e.g. a ring topology
-      given by index); the check is then skipped.
+    properties: which of `PROPERTIES` hold for the rule (default all); e.g. leave out
+      `permutation_equivariant` for a ring topology given by client index.
     input_client_axes: which axes of extra side inputs index clients, added to
       `INPUT_CLIENT_AXES` (needed for the permutation check).
     rtol, atol: tolerances for f32 leaves (bf16 leaves: 1e-2).
+
+    Returns the names of the properties checked, in order.
     """
+    unknown_properties = sorted(set(properties) - set(PROPERTIES))
+    if unknown_properties:
+        raise ValueError(
+            f"unknown properties {unknown_properties}; expected a subset of {sorted(PROPERTIES)}"
+        )
+    permutation_equivariant = "permutation_equivariant" in properties
     if isinstance(aggregator_or_factory, Aggregator):
         aggregator = aggregator_or_factory
     elif callable(aggregator_or_factory):
@@ -136,9 +158,10 @@ def check_aggregator(
     if unknown and permutation_equivariant:
         raise ValueError(
             f"side inputs {unknown} have no client axes; pass input_client_axes={{name: (axes,)}} "
-            "(or permutation_equivariant=False)"
+            "(or leave permutation_equivariant out of properties)"
         )
 
+    checked = ["runs", "shapes and dtypes", "jit"]
     with _property(label, "runs (init and apply, eager)"):
         state = aggregator.init(tree)
         eager = aggregator.apply(tree, state, inputs)
@@ -154,13 +177,26 @@ def check_aggregator(
         chex.assert_trees_all_close(apply(tree, state, inputs), eager, rtol=rtol, atol=atol)
 
     if isinstance(new_state, MixState):
+        checked.append("row-stochastic mixing")
         with _property(label, "row-stochastic mixing"):
             w = np.asarray(new_state.matrix, np.float64)
             chex.assert_shape(w, (n, n))
             assert np.all(w >= 0), f"negative weights in the mixing matrix:\n{w}"
             np.testing.assert_allclose(w.sum(axis=1), 1.0, rtol=1e-5, err_msg="row sums")
 
+    if "within_range" in properties:
+        checked.append("within_range")
+        with _property(label, "within_range"):
+            pairs = zip(jax.tree.leaves(tree), jax.tree.leaves(new_tree), strict=True)
+            for i, (x, y) in enumerate(pairs):
+                r, a = _tolerance(y.dtype, rtol, atol)
+                x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+                slack = a + r * np.abs(x).max()
+                assert np.all(y >= x.min(axis=0) - slack), f"leaf {i} below the clients' minimum"
+                assert np.all(y <= x.max(axis=0) + slack), f"leaf {i} above the clients' maximum"
+
     if permutation_equivariant:
+        checked.append("permutation_equivariant")
         with _property(label, "permutation equivariance"):
             perm = rng.permutation(n)
             got, _ = apply(
@@ -170,15 +206,20 @@ def check_aggregator(
             _assert_leaves_close(got, want, max(rtol, 1e-4), max(atol, 1e-5))
 
     if reference is not None:
+        mixing = "mixing" in properties
+        checked.append(f"NumPy reference ({'mixing matrix' if mixing else 'result leaves'})")
         with _property(label, "NumPy reference"):
             leaves = [np.asarray(x, np.float64) for x in jax.tree.leaves(tree)]
-            w = reference(leaves, jax.tree.map(np.asarray, inputs))
-            per_leaf = w if isinstance(w, list) else [w] * len(leaves)
-            if isinstance(new_state, MixState) and not isinstance(w, list):
-                np.testing.assert_allclose(
-                    new_state.matrix, w, rtol=rtol, atol=atol, err_msg="mixing matrix"
-                )
-            want = [
-                np.einsum("ij,j...->i...", wl, x) for wl, x in zip(per_leaf, leaves, strict=True)
-            ]
+            want = reference(leaves, jax.tree.map(np.asarray, inputs))
+            if mixing:
+                per_leaf = want if isinstance(want, list) else [want] * len(leaves)
+                if isinstance(new_state, MixState) and not isinstance(want, list):
+                    np.testing.assert_allclose(
+                        new_state.matrix, want, rtol=rtol, atol=atol, err_msg="mixing matrix"
+                    )
+                want = [
+                    np.einsum("ij,j...->i...", wl, x)
+                    for wl, x in zip(per_leaf, leaves, strict=True)
+                ]
             _assert_leaves_close(new_tree, want, rtol, atol)
+    return tuple(checked)
