@@ -20,6 +20,7 @@ from flax import nnx
 
 from fedjax_lora.models.layers import Adapter, Linear, dropout
 from fedjax_lora.settings import LoRAConfig
+from fedjax_lora.typing import PyTree
 
 __all__ = [
     "Adapter",
@@ -34,8 +35,6 @@ __all__ = [
     "projection_paths",
     "split",
 ]
-
-PyTree = Any
 
 
 @dataclasses.dataclass(frozen=True)

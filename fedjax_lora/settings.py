@@ -12,6 +12,8 @@ import math
 import typing
 from typing import TYPE_CHECKING, Any, Literal
 
+from fedjax_lora.typing import PyTree
+
 if TYPE_CHECKING:
     import optax
     from jax.sharding import Mesh, NamedSharding
@@ -31,7 +33,6 @@ __all__ = [
     "TrustOptions",
 ]
 
-PyTree = Any
 Sampling = Literal["random", "epoch"]
 Schedule = Literal["constant", "cosine", "warmup_cosine", "one_cycle"]
 STRATEGIES = ("vmap", "map", "chunked", "sharded")

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from fedjax_lora.aggregation import trust
+from fedjax_lora.typing import PyTree
 
 __all__ = [
     "INPUT_CLIENT_AXES",
@@ -41,7 +42,6 @@ __all__ = [
     "trust_aggregator",
 ]
 
-PyTree = Any
 Inputs = Mapping[str, Any]
 
 INPUT_CLIENT_AXES: dict[str, tuple[int, ...]] = {

@@ -12,16 +12,13 @@ client's own value. `A` and `B` are averaged separately (not `BA`).
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 
 from fedjax_lora.aggregation.core import Aggregator, Inputs
+from fedjax_lora.typing import PyTree
 
 __all__ = ["expert_aggregator", "holder_average"]
-
-PyTree = Any
 
 
 def _average_leaf(held: jax.Array, leaf: jax.Array) -> jax.Array:

@@ -27,7 +27,7 @@ pruning.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +35,7 @@ import optax
 
 from fedjax_lora.aggregation.core import Aggregator, Inputs, fedavg
 from fedjax_lora.aggregation.ranks import map_ranked, truncate
+from fedjax_lora.typing import PyTree
 
 __all__ = [
     "HetLoRAState",
@@ -44,7 +45,6 @@ __all__ = [
     "tail_norm_product",
 ]
 
-PyTree = Any
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from fedjax_lora.aggregation.core import Aggregator, Inputs, fedavg
+from fedjax_lora.typing import PyTree
 
 __all__ = [
     "POLICIES",
@@ -46,7 +47,6 @@ __all__ = [
     "trainable",
 ]
 
-PyTree = Any
 Policy = Literal["none", "all", "experts", "expert_0", "expert_01", "ffa", "fedsa"]
 POLICIES: tuple[str, ...] = ("none", "all", "experts", "expert_0", "expert_01", "ffa", "fedsa")
 Role = Literal["router", "experts", "mask", "shared"]

@@ -15,16 +15,15 @@ treat the ranked modules specially and average the other leaves uniformly.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from fedjax_lora.aggregation.masks import path_names
+from fedjax_lora.typing import PyTree
 
 __all__ = ["RANK_SCALE", "map_ranked", "truncate"]
 
-PyTree = Any
 RANK_SCALE = "rank_scale"
 _RANKED = ("a", "b", RANK_SCALE)
 

@@ -34,12 +34,12 @@ All functions are pure and jittable; options are static Python values (the adjac
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
+
+from fedjax_lora.typing import PyTree
 
 __all__ = [
     "TOPOLOGIES",
@@ -52,7 +52,6 @@ __all__ = [
     "weight_similarity_scores",
 ]
 
-PyTree = Any
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 _COS_EPS = 1e-8  # torch.nn.functional.cosine_similarity default

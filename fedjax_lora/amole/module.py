@@ -57,7 +57,6 @@ __all__ = [
     "module_path",
 ]
 
-PyTree = Any
 EMBEDDINGS = "embeddings"
 
 

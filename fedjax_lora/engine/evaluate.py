@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -12,8 +12,7 @@ from flax import nnx
 
 from fedjax_lora.engine.loss import token_cross_entropy
 from fedjax_lora.engine.strategy import Strategy, map_clients
-
-PyTree = Any
+from fedjax_lora.typing import PyTree
 
 
 class EvalSet(NamedTuple):

@@ -10,7 +10,6 @@ Two memory settings (`LocalTraining.remat`, `LocalTraining.ce_chunk`):
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -18,8 +17,7 @@ import optax
 from flax import nnx
 
 from fedjax_lora.engine.batches import Batch
-
-PyTree = Any
+from fedjax_lora.typing import PyTree
 
 AUX_LOSS = "aux_loss"
 
