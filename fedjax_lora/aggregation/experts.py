@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
+from jaxtyping import Array, Shaped
 
 from fedjax_lora.aggregation.core import Aggregator, Inputs
 from fedjax_lora.typing import PyTree
@@ -21,7 +23,9 @@ from fedjax_lora.typing import PyTree
 __all__ = ["expert_aggregator", "holder_average"]
 
 
-def _average_leaf(held: jax.Array, leaf: jax.Array) -> jax.Array:
+def _average_leaf(
+    held: Shaped[ArrayLike, "n ..."], leaf: Shaped[ArrayLike, "n ..."]
+) -> Shaped[Array, "n ..."]:
     h = jnp.asarray(held, jnp.float32)
     h = h.reshape(h.shape + (1,) * (leaf.ndim - h.ndim))
     x = leaf.astype(jnp.float32)

@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float
 
 from fedjax_lora.aggregation.masks import path_names
 from fedjax_lora.typing import PyTree
@@ -49,7 +50,9 @@ def map_ranked(tree: PyTree, ranked: RankedFn, rest: PyTree | None = None) -> Py
     return jax.tree.unflatten(treedef, out)
 
 
-def truncate(a: jax.Array, b: jax.Array, active: jax.Array) -> tuple[jax.Array, jax.Array]:
+def truncate(
+    a: Float[Array, "n d_in r"], b: Float[Array, "n r d_out"], active: Bool[Array, "n r"]
+) -> tuple[Float[Array, "n d_in r"], Float[Array, "n r d_out"]]:
     """Stacked factors `a [N, in, r]`, `b [N, r, out]` with the columns / rows of inactive ranks
     (`active bool [N, r]` False) set to zero: the truncation to each client's rank."""
     return (
