@@ -207,9 +207,11 @@ class OptimizerConfig:
 
     @functools.cache  # noqa: B019 - frozen and hashable: equal configs share one optimizer
     def build(self) -> optax.GradientTransformation:
-        """The optax transformation; equal configs return the same object, so functions compiled
-        with it as a static argument are reused."""
+        """The optax transformation (`standard_promotion`: optax is not dtype-strict); equal configs
+        return the same object, so functions compiled with it as a static argument are reused."""
         import optax
+
+        from fedjax_lora.engine.optim import standard_promotion
 
         lr = self.learning_rate()
         if self.name == "adamw":
@@ -220,7 +222,7 @@ class OptimizerConfig:
             opt = optax.sgd(lr)
         if self.grad_clip > 0:
             opt = optax.chain(optax.clip_by_global_norm(self.grad_clip), opt)
-        return opt
+        return standard_promotion(opt)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -61,7 +61,7 @@ def tail_mask(active: Bool[Array, " r"], keep: float) -> Bool[Array, " r"]:
     """`bool [r]`: the tail ranks `max(⌊keep · r⌋, 1) .. r-1` of a client with active ranks
     `active bool [r]` (a prefix, `r = Σ active`)."""
     rank = jnp.sum(active)
-    kept = jnp.maximum(jnp.floor(keep * rank).astype(rank.dtype), 1)
+    kept = jnp.maximum(jnp.floor(keep * rank.astype(jnp.float32)).astype(rank.dtype), 1)
     return active & (jnp.arange(active.shape[-1]) >= kept)
 
 
