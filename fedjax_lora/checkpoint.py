@@ -30,8 +30,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from fedjax_lora.errors import CheckpointError, one_line
+from fedjax_lora.typing import PyTree
 
-PyTree = Any
 log = logging.getLogger(__name__)
 
 

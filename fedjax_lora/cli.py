@@ -172,7 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     _checkpoint_flags(p_demo)
     _import_flag(p_demo)
 
-    _import_flag(sub.add_parser("methods", help="list every implemented method"))
+    _import_flag(
+        sub.add_parser(
+            "methods", help="list every implemented method with its options and defaults"
+        )
+    )
 
     p_report = sub.add_parser("report", help="write a Markdown or HTML report of a finished run")
     p_report.add_argument("run_dir")
@@ -230,10 +234,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"fedjax-lora: error: {e}", file=sys.stderr)
             return 2
         from fedjax_lora.algorithms import METHODS
+        from fedjax_lora.options import describe_methods
 
-        for name, factory in sorted(METHODS.items()):
-            doc = " ".join((factory.__doc__ or "").split())
-            print(f"{name:16s} {doc.split('. ')[0].rstrip('.')}")
+        print(describe_methods(METHODS))
         return 0
     try:
         if args.command == "report":

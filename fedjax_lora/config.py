@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 
 from fedjax_lora.errors import ConfigError
+from fedjax_lora.families import FAMILIES, NAMES
 from fedjax_lora.memory import experiment_bytes, host_memory_bytes
 from fedjax_lora.presets import PRESETS
 from fedjax_lora.settings import (
@@ -41,7 +42,7 @@ class ModelSpec:
     reference: 0.2, 0.2, `gelu_erf`)."""
 
     source: str | None = None
-    family: Literal["gpt2", "llama"] = "gpt2"
+    family: Literal[NAMES] = "gpt2"  # one of `fedjax_lora.families.FAMILIES`
     vocab_size: int = 256
     d_model: int = 64
     n_layers: int = 2
@@ -279,9 +280,7 @@ class ExperimentConfig:
     rounds: int = 10
     seed: int = 0
     model: ModelSpec = ModelSpec()
-    lora: LoRAConfig = LoRAConfig(
-        targets=("c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"), rank=8, alpha=16.0
-    )
+    lora: LoRAConfig = LoRAConfig(targets=FAMILIES["gpt2"].lora_targets, rank=8, alpha=16.0)
     data: DataSpec = DataSpec()
     training: LocalTraining = LocalTraining(steps=5, batch_size=8, seq_len=32)
     optimizer: OptimizerConfig = OptimizerConfig(lr=1e-2)

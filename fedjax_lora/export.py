@@ -33,12 +33,12 @@ from safetensors.numpy import save_file
 
 from fedjax_lora import config as config_lib
 from fedjax_lora.distributed import host
+from fedjax_lora.families import family
 from fedjax_lora.lora import LoRA, split
 from fedjax_lora.models.config import ModelConfig
 from fedjax_lora.models.layers import Linear
 from fedjax_lora.models.weights import hf_param_names
-
-PyTree = Any
+from fedjax_lora.typing import PyTree
 
 __all__ = [
     "client_adapters",
@@ -125,7 +125,7 @@ def to_peft(
         "lora_dropout": 0.0,
         "bias": "none",
         "use_rslora": False,
-        "fan_in_fan_out": cfg.family == "gpt2",
+        "fan_in_fan_out": family(cfg.family).conv1d,
         "target_modules": "^(?:" + "|".join(m.replace(".", r"\.") for m in deltas) + ")$",
         "rank_pattern": {m: k for m, k in ranks.items() if k != r},
         "alpha_pattern": {m: k for m, k in alphas.items() if not math.isclose(k, alpha)},
@@ -140,34 +140,28 @@ def to_peft(
 
 def hf_config(cfg: ModelConfig) -> dict[str, Any]:
     """A transformers `config.json` dictionary for a model config."""
-    if cfg.family == "gpt2":
+    spec = family(cfg.family)
+    sizes = {
+        spec.hf_fields[f]: getattr(cfg, f)
+        for f in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_positions")
+    }
+    if spec.name == "gpt2":
         return {
-            "model_type": "gpt2",
+            "model_type": spec.hf_model_types[0],
             "architectures": ["GPT2LMHeadModel"],
-            "vocab_size": cfg.vocab_size,
-            "n_embd": cfg.d_model,
-            "n_layer": cfg.n_layers,
-            "n_head": cfg.n_heads,
-            "n_inner": cfg.d_ff,
-            "n_positions": cfg.max_positions,
+            **sizes,
             "layer_norm_epsilon": cfg.norm_eps,
             "activation_function": "gelu_new" if cfg.activation == "gelu_tanh" else "gelu",
             "tie_word_embeddings": cfg.tie_embeddings,
             "bos_token_id": cfg.bos_token_id,
             "eos_token_id": cfg.eos_token_id,
         }
-    model_type = "qwen2" if cfg.qkv_bias else "llama"
     return {
-        "model_type": model_type,
+        "model_type": "qwen2" if cfg.qkv_bias else "llama",
         "architectures": ["Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM"],
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.d_model,
-        "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads,
+        **sizes,
         "num_key_value_heads": cfg.num_kv_heads,
         "head_dim": cfg.dim_per_head,
-        "intermediate_size": cfg.d_ff,
-        "max_position_embeddings": cfg.max_positions,
         "rms_norm_eps": cfg.norm_eps,
         "hidden_act": "silu",
         "tie_word_embeddings": cfg.tie_embeddings,

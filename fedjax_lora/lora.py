@@ -17,9 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jaxtyping import Array, Float, PRNGKeyArray
 
 from fedjax_lora.models.layers import Adapter, Linear, dropout
 from fedjax_lora.settings import LoRAConfig
+from fedjax_lora.typing import PyTree
 
 __all__ = [
     "Adapter",
@@ -34,8 +36,6 @@ __all__ = [
     "projection_paths",
     "split",
 ]
-
-PyTree = Any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +74,9 @@ class LoRA(nnx.Module):
         self.scale = config.scale
         self.dropout = config.dropout
 
-    def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
+    def __call__(
+        self, x: Float[Array, "*batch d_in"], rngs: nnx.Rngs | None = None
+    ) -> Float[Array, "*batch d_out"]:
         a, b = self.a[...], self.b[...]
         h = dropout(x.astype(a.dtype), self.dropout, rngs)
         return self.scale * ((h @ a) @ b)
@@ -179,7 +181,7 @@ def merge(graphdef: nnx.GraphDef, adapters: PyTree, base: nnx.State) -> nnx.Modu
     return nnx.merge(graphdef, adapters, base)
 
 
-def init_adapters(adapters: nnx.State, key: jax.Array) -> nnx.State:
+def init_adapters(adapters: nnx.State, key: PRNGKeyArray) -> nnx.State:
     """Redraws every adapter variable from its `Init` metadata (`fixed` ones keep their value);
     pure and `vmap`-able over keys.
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from fedjax_lora.families import family
+
 __all__ = ["check_fits", "experiment_bytes", "host_memory_bytes", "parameter_count"]
 
 
@@ -18,9 +20,10 @@ def parameter_count(model: Any) -> int:
     d = model.d_model
     head_dim = getattr(model, "head_dim", None) or d // max(model.n_heads, 1)
     embed = model.vocab_size * d * (1 if getattr(model, "tie_embeddings", True) else 2)
-    if model.family == "gpt2":
+    spec = family(model.family)
+    if spec.learned_positions:
         embed += model.max_positions * d
-    mlp = (2 if model.family == "gpt2" else 3) * d * model.d_ff
+    mlp = spec.mlp_matrices * d * model.d_ff
     return embed + model.n_layers * (4 * d * model.n_heads * head_dim + mlp)
 
 

@@ -12,6 +12,8 @@ import math
 import typing
 from typing import TYPE_CHECKING, Any, Literal
 
+from fedjax_lora.typing import PyTree
+
 if TYPE_CHECKING:
     import optax
     from jax.sharding import Mesh, NamedSharding
@@ -31,7 +33,6 @@ __all__ = [
     "TrustOptions",
 ]
 
-PyTree = Any
 Sampling = Literal["random", "epoch"]
 Schedule = Literal["constant", "cosine", "warmup_cosine", "one_cycle"]
 STRATEGIES = ("vmap", "map", "chunked", "sharded")
@@ -206,9 +207,11 @@ class OptimizerConfig:
 
     @functools.cache  # noqa: B019 - frozen and hashable: equal configs share one optimizer
     def build(self) -> optax.GradientTransformation:
-        """The optax transformation; equal configs return the same object, so functions compiled
-        with it as a static argument are reused."""
+        """The optax transformation (`standard_promotion`: optax is not dtype-strict); equal configs
+        return the same object, so functions compiled with it as a static argument are reused."""
         import optax
+
+        from fedjax_lora.engine.optim import standard_promotion
 
         lr = self.learning_rate()
         if self.name == "adamw":
@@ -219,7 +222,7 @@ class OptimizerConfig:
             opt = optax.sgd(lr)
         if self.grad_clip > 0:
             opt = optax.chain(optax.clip_by_global_norm(self.grad_clip), opt)
-        return opt
+        return standard_promotion(opt)
 
 
 @dataclasses.dataclass(frozen=True)

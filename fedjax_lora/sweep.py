@@ -43,8 +43,7 @@ import optax
 
 from fedjax_lora.config import ExperimentConfig, merge_base
 from fedjax_lora.engine.optim import OptimizerConfig
-
-PyTree = Any
+from fedjax_lora.typing import PyTree
 
 
 class LearningRate(NamedTuple):

@@ -145,7 +145,9 @@ def methods_section() -> list[str]:
         "## Methods (`fedjax_lora.algorithms.methods.METHODS`)",
         "",
         "Each factory maps a `Problem` to an `Algorithm(init, round, evaluate)`; "
-        "`fedjax-lora methods` lists them and configs name them in `methods:`.",
+        "`fedjax-lora methods` lists them with their options and configs name them in `methods:`; "
+        "each option is set as `method_options.<method>.<option>` (dotted keys: fields of an "
+        "option dataclass).",
         "",
     ]
     for name, factory in sorted(METHODS.items()):
@@ -162,7 +164,25 @@ def methods_section() -> list[str]:
             first_paragraph(factory),
             "",
         ]
+        lines += options_table(factory)
     return lines
+
+
+def options_table(factory: Any) -> list[str]:
+    """The method's options (`method_options.<method>.<key>`) with types and defaults, option
+    dataclasses field by field (`fedjax_lora.options.method_options`)."""
+    from fedjax_lora.options import method_options
+
+    options = method_options(factory)
+    if not options:
+        return ["No options.", ""]
+    cell = lambda text: f"`{text}`".replace("|", "\\|") if text else ""
+    return [
+        "| option | type | default |",
+        "|---|---|---|",
+        *(f"| {cell(o.key)} | {cell(o.type)} | {cell(o.default)} |" for o in options),
+        "",
+    ]
 
 
 def export_section() -> list[str]:

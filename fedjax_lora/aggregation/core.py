@@ -22,8 +22,10 @@ from typing import Any, NamedTuple, Protocol
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
+from jaxtyping import Array, Float, Real
 
 from fedjax_lora.aggregation import trust
+from fedjax_lora.typing import PyTree
 
 __all__ = [
     "INPUT_CLIENT_AXES",
@@ -41,7 +43,6 @@ __all__ = [
     "trust_aggregator",
 ]
 
-PyTree = Any
 Inputs = Mapping[str, Any]
 
 INPUT_CLIENT_AXES: dict[str, tuple[int, ...]] = {
@@ -93,7 +94,7 @@ class MixState(NamedTuple):
       `init`); kept for logging trust heatmaps.
     """
 
-    matrix: jax.Array
+    matrix: Float[Array, "n n"]
 
 
 def num_clients(stacked_tree: PyTree) -> int:
@@ -104,7 +105,7 @@ def num_clients(stacked_tree: PyTree) -> int:
     return sizes.pop()
 
 
-def mix(stacked_tree: PyTree, matrix: ArrayLike) -> PyTree:
+def mix(stacked_tree: PyTree, matrix: Real[ArrayLike, "n n"]) -> PyTree:
     r"""`θ_i ← Σ_j W[i, j] θ_j` on every leaf: `einsum('ij,j...->i...', W, leaf)`.
 
     Computed in f32 at full matmul precision; every leaf keeps its dtype. `W` is `[N, N]`, normally
@@ -112,7 +113,7 @@ def mix(stacked_tree: PyTree, matrix: ArrayLike) -> PyTree:
     """
     w = jnp.asarray(matrix, jnp.float32)
 
-    def mix_leaf(leaf: jax.Array) -> jax.Array:
+    def mix_leaf(leaf: ArrayLike) -> jax.Array:
         out = jnp.einsum(
             "ij,j...->i...", w, leaf.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST
         )
@@ -121,7 +122,7 @@ def mix(stacked_tree: PyTree, matrix: ArrayLike) -> PyTree:
     return jax.tree.map(mix_leaf, stacked_tree)
 
 
-def fedavg_matrix(n: int, weights: ArrayLike | None = None) -> jax.Array:
+def fedavg_matrix(n: int, weights: Real[ArrayLike, " n"] | None = None) -> Float[Array, "n n"]:
     r"""FedAvg as a mixing matrix: every row is `p = w / Σ_j w_j` (uniform `1/N` without weights).
 
     The trust-weighted reference (`naive`) uses uniform weights; weights such as token counts give
@@ -133,7 +134,7 @@ def fedavg_matrix(n: int, weights: ArrayLike | None = None) -> jax.Array:
     return jnp.broadcast_to(w / w.sum(), (n, n))
 
 
-def fedavg(stacked_tree: PyTree, weights: ArrayLike | None = None) -> PyTree:
+def fedavg(stacked_tree: PyTree, weights: Real[ArrayLike, " n"] | None = None) -> PyTree:
     r"""Every client receives the (weighted) average `Σ_j p_j θ_j`, `p = w / Σ w` (default 1/N)."""
     return mix(stacked_tree, fedavg_matrix(num_clients(stacked_tree), weights))
 
@@ -172,7 +173,7 @@ def local_aggregator() -> Aggregator:
     return Aggregator(_init_identity, apply)
 
 
-def fedavg_aggregator(weights: ArrayLike | None = None) -> Aggregator:
+def fedavg_aggregator(weights: Real[ArrayLike, " n"] | None = None) -> Aggregator:
     """FedAvg (`fedavg`); `inputs["weights"]`, when given, overrides the fixed `weights`."""
     return _matrix_aggregator(
         lambda tree, inputs: fedavg_matrix(num_clients(tree), inputs.get("weights", weights))

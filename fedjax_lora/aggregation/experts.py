@@ -12,19 +12,20 @@ client's own value. `A` and `B` are averaged separately (not `BA`).
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
+from jaxtyping import Array, Shaped
 
 from fedjax_lora.aggregation.core import Aggregator, Inputs
+from fedjax_lora.typing import PyTree
 
 __all__ = ["expert_aggregator", "holder_average"]
 
-PyTree = Any
 
-
-def _average_leaf(held: jax.Array, leaf: jax.Array) -> jax.Array:
+def _average_leaf(
+    held: Shaped[ArrayLike, "n ..."], leaf: Shaped[ArrayLike, "n ..."]
+) -> Shaped[Array, "n ..."]:
     h = jnp.asarray(held, jnp.float32)
     h = h.reshape(h.shape + (1,) * (leaf.ndim - h.ndim))
     x = leaf.astype(jnp.float32)

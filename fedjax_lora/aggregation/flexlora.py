@@ -25,17 +25,15 @@ server; set both (`merge_alpha=16, reference_accumulator=True`) to reproduce the
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 
 from fedjax_lora.aggregation.core import Aggregator, Inputs, fedavg
 from fedjax_lora.aggregation.ranks import map_ranked, truncate
+from fedjax_lora.typing import PyTree
 
 __all__ = ["flexlora_aggregator"]
 
-PyTree = Any
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 

@@ -27,14 +27,16 @@ pruning.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
+from jaxtyping import Array, Bool, Float
 
 from fedjax_lora.aggregation.core import Aggregator, Inputs, fedavg
 from fedjax_lora.aggregation.ranks import map_ranked, truncate
+from fedjax_lora.typing import PyTree
 
 __all__ = [
     "HetLoRAState",
@@ -44,7 +46,6 @@ __all__ = [
     "tail_norm_product",
 ]
 
-PyTree = Any
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -56,15 +57,17 @@ class HetLoRAState(NamedTuple):
     server: dict[str, tuple[jax.Array, jax.Array]]
 
 
-def tail_mask(active: jax.Array, keep: float) -> jax.Array:
+def tail_mask(active: Bool[Array, " r"], keep: float) -> Bool[Array, " r"]:
     """`bool [r]`: the tail ranks `max(⌊keep · r⌋, 1) .. r-1` of a client with active ranks
     `active bool [r]` (a prefix, `r = Σ active`)."""
     rank = jnp.sum(active)
-    kept = jnp.maximum(jnp.floor(keep * rank).astype(rank.dtype), 1)
+    kept = jnp.maximum(jnp.floor(keep * rank.astype(jnp.float32)).astype(rank.dtype), 1)
     return active & (jnp.arange(active.shape[-1]) >= kept)
 
 
-def tail_norm_product(a: jax.Array, b: jax.Array, tail: jax.Array) -> jax.Array:
+def tail_norm_product(
+    a: Float[Array, "d_in r"], b: Float[Array, "r d_out"], tail: Bool[Array, " r"]
+) -> Float[Array, ""]:
     """`‖A[:, tail]‖_F · ‖B[tail, :]‖_F` of one client's `a [in, r]`, `b [r, out]`; zero gradient
     where a norm is 0 (`optax.safe_norm`)."""
     norm_a = optax.safe_norm(jnp.where(tail[None, :], a, 0.0).astype(jnp.float32), 0.0)
@@ -78,7 +81,9 @@ def _normalize(norms: jax.Array) -> jax.Array:
     return jnp.where(total > 0, norms / safe, 1.0 / norms.shape[0])
 
 
-def sparsity_weights(a: jax.Array, b: jax.Array, scale: jax.Array) -> jax.Array:
+def sparsity_weights(
+    a: Float[Array, "n d_in r"], b: Float[Array, "n r d_out"], scale: Float[Array, "n r"]
+) -> Float[Array, " n"]:
     """`p [N]`, `p_i ∝ ‖A_i diag(scale_i) B_i‖_F` for stacked `a [N, in, r]`, `b [N, r, out]`,
     `scale [N, r]`, via `‖A B‖_F² = Σ_{rs} (AᵀA)_{rs} (B Bᵀ)_{rs}` (no `[in, out]` product)."""
     a = a.astype(jnp.float32) * scale[:, None, :]

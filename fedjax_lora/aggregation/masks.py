@@ -33,8 +33,10 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
+from jaxtyping import Real
 
 from fedjax_lora.aggregation.core import Aggregator, Inputs, fedavg
+from fedjax_lora.typing import PyTree
 
 __all__ = [
     "POLICIES",
@@ -48,7 +50,6 @@ __all__ = [
     "trainable",
 ]
 
-PyTree = Any
 Policy = Literal["none", "all", "experts", "expert_0", "expert_01", "ffa", "fedsa"]
 POLICIES: tuple[str, ...] = ("none", "all", "experts", "expert_0", "expert_01", "ffa", "fedsa")
 PolicyArg = Policy | Callable[[tuple[str, ...]], bool]
@@ -81,7 +82,7 @@ def _check(policy: Policy | Callable[[tuple[str, ...]], bool]) -> None:
         raise ValueError(f"unknown mask policy {policy!r}; expected one of {POLICIES}")
 
 
-def _leaf_mask(names: tuple[str, ...], leaf: jax.Array, policy) -> jax.Array:
+def _leaf_mask(names: tuple[str, ...], leaf: ArrayLike, policy) -> jax.Array:
     """`bool`, broadcastable to the stacked leaf `[N, ...]`."""
     if callable(policy):
         return jnp.bool_(policy(names))
@@ -127,7 +128,7 @@ def trainable(names: Sequence[str], policy: Policy) -> bool:
 
 def masked_aggregator(
     policy: Policy | Callable[[tuple[str, ...]], bool] = "expert_0",
-    weights: ArrayLike | None = None,
+    weights: Real[ArrayLike, " n"] | None = None,
 ) -> Aggregator:
     """FedAvg of the `policy`'s global leaves; local leaves are kept. `inputs["weights"]`, when
     given, overrides the fixed `weights` (default uniform, the reference's 1/N mean). Stateless."""

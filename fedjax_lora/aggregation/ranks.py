@@ -15,16 +15,16 @@ treat the ranked modules specially and average the other leaves uniformly.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float
 
 from fedjax_lora.aggregation.masks import path_names
+from fedjax_lora.typing import PyTree
 
 __all__ = ["RANK_SCALE", "map_ranked", "truncate"]
 
-PyTree = Any
 RANK_SCALE = "rank_scale"
 _RANKED = ("a", "b", RANK_SCALE)
 
@@ -50,7 +50,9 @@ def map_ranked(tree: PyTree, ranked: RankedFn, rest: PyTree | None = None) -> Py
     return jax.tree.unflatten(treedef, out)
 
 
-def truncate(a: jax.Array, b: jax.Array, active: jax.Array) -> tuple[jax.Array, jax.Array]:
+def truncate(
+    a: Float[Array, "n d_in r"], b: Float[Array, "n r d_out"], active: Bool[Array, "n r"]
+) -> tuple[Float[Array, "n d_in r"], Float[Array, "n r d_out"]]:
     """Stacked factors `a [N, in, r]`, `b [N, r, out]` with the columns / rows of inactive ranks
     (`active bool [N, r]` False) set to zero: the truncation to each client's rank."""
     return (

@@ -32,6 +32,7 @@ import numpy as np
 import scipy.optimize
 import scipy.sparse
 from jax.typing import ArrayLike
+from jaxtyping import Array, Bool, Float, Real
 
 __all__ = ["assign", "check_feasible", "expert_keys", "random_assignment", "scores"]
 
@@ -68,7 +69,9 @@ def check_feasible(
         )
 
 
-def assign(P: ArrayLike, clients_per_expert: int, min_experts: int, max_experts: int) -> np.ndarray:
+def assign(
+    P: Real[ArrayLike, "e c"], clients_per_expert: int, min_experts: int, max_experts: int
+) -> Bool[np.ndarray, "e c"]:
     """The exact RSEA assignment: `bool [E, C]` maximising `Σ P·X` with every expert held by exactly
     `clients_per_expert` clients and every client holding `min_experts … max_experts` experts.
 
@@ -108,7 +111,9 @@ def assign(P: ArrayLike, clients_per_expert: int, min_experts: int, max_experts:
     return X
 
 
-def expert_keys(expert_means: ArrayLike, held: ArrayLike) -> jax.Array:
+def expert_keys(
+    expert_means: Real[ArrayLike, "c e r"], held: Bool[ArrayLike, "c e"]
+) -> Float[Array, "e r"]:
     """`ū_e = Σ_c X[c, e] ū_{c,e} / Σ_c X[c, e]`: each expert's key, the mean of its holders'
     uploaded embeddings (0 for an expert nobody holds).
 
@@ -121,7 +126,11 @@ def expert_keys(expert_means: ArrayLike, held: ArrayLike) -> jax.Array:
     return total / jnp.maximum(h.sum(0), 1.0)[:, None]
 
 
-def scores(token_means: ArrayLike, expert_means: ArrayLike, held: ArrayLike) -> jax.Array:
+def scores(
+    token_means: Real[ArrayLike, "c r"],
+    expert_means: Real[ArrayLike, "c e r"],
+    held: Bool[ArrayLike, "c e"],
+) -> Float[Array, "e c"]:
     """RSEA's expert-to-client preferences `P = softmax_c(ū T̄ᵀ / √r)`, shape `[E, C]`.
 
     token_means: `[C, r]` the clients' mean token embeddings `t̄_c`; expert_means `[C, E, r]` and

@@ -40,10 +40,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_lora.aggregation.core import INPUT_CLIENT_AXES, Aggregator, Inputs, MixState
+from fedjax_lora.typing import PyTree
 
 __all__ = ["PROPERTIES", "Reference", "check_aggregator", "example_tree"]
 
-PyTree = Any
 Reference = Callable[[list[np.ndarray], dict[str, Any]], np.ndarray | list[np.ndarray]]
 """`reference(leaves, inputs)`: from the example's leaves (f64 NumPy `[N, ...]`, in
 `jax.tree.leaves` order) and side inputs (NumPy), for a `mixing` rule the `[N, N]` mixing matrix

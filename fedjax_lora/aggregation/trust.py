@@ -34,12 +34,13 @@ All functions are pure and jittable; options are static Python values (the adjac
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
+from jaxtyping import Array, Bool, Float, Real
+
+from fedjax_lora.typing import PyTree
 
 __all__ = [
     "TOPOLOGIES",
@@ -52,7 +53,6 @@ __all__ = [
     "weight_similarity_scores",
 ]
 
-PyTree = Any
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 _COS_EPS = 1e-8  # torch.nn.functional.cosine_similarity default
@@ -75,7 +75,7 @@ reference's `rebutal-ring`); `"star"` (client 0 is the hub, leaves talk to the h
 `"isolated"` (self only). Self-loops are always added."""
 
 
-def topology(name: str, n: int) -> np.ndarray:
+def topology(name: str, n: int) -> Bool[np.ndarray, "n n"]:
     """Boolean adjacency `[n, n]` of a named topology (see `TOPOLOGIES`), diagonal set."""
     if name not in TOPOLOGIES:
         raise ValueError(f"unknown topology {name!r}; expected one of {sorted(TOPOLOGIES)}")
@@ -96,14 +96,14 @@ def _top_mask(scores: jax.Array, k: int) -> jax.Array:
 
 
 def softmax_trust(
-    scores: ArrayLike,
+    scores: Real[ArrayLike, "n n"],
     *,
     temperature: float = 1.0,
     top_peers: int | None = None,
     threshold: float | None = None,
     min_keep: int = 2,
-    adjacency: ArrayLike | None = None,
-) -> jax.Array:
+    adjacency: Bool[ArrayLike, "n n"] | None = None,
+) -> Float[Array, "n n"]:
     r"""Row-wise `softmax(S̃ / T)` of a score matrix after peer selection (module docstring).
 
     Args:
@@ -132,7 +132,7 @@ def softmax_trust(
     return jax.nn.softmax(jnp.where(keep, scores, -jnp.inf) / temperature, axis=-1)
 
 
-def weight_similarity_scores(stacked_adapters: PyTree) -> jax.Array:
+def weight_similarity_scores(stacked_adapters: PyTree) -> Float[Array, "n n"]:
     r"""Mean row-wise cosine similarity between every pair of clients' adapters (Strategy 1).
 
     Every leaf `[N, ..., d]` is read as `R` rows of `d` features (the last axis; `A: (in, r)` gives
@@ -168,8 +168,8 @@ def weight_similarity(
     top_peers: int | None = None,
     threshold: float | None = None,
     min_keep: int = 2,
-    adjacency: ArrayLike | None = None,
-) -> jax.Array:
+    adjacency: Bool[ArrayLike, "n n"] | None = None,
+) -> Float[Array, "n n"]:
     r"""Strategy 1 (`dynamic`): `W = softmax(S / T)` row-wise, `S = weight_similarity_scores(θ)`.
 
     The reference uses `T = 1` (no temperature): since `s_ii ≤ 1` and `s_ij ≥ -1`, weights stay
@@ -186,15 +186,15 @@ def weight_similarity(
 
 
 def validation_trust(
-    ppl: ArrayLike,
+    ppl: Real[ArrayLike, "n n"],
     *,
     use_loss: bool = False,
     temperature: float = 1.0,
     top_peers: int | None = None,
     threshold: float | None = None,
     min_keep: int = 2,
-    adjacency: ArrayLike | None = None,
-) -> jax.Array:
+    adjacency: Bool[ArrayLike, "n n"] | None = None,
+) -> Float[Array, "n n"]:
     r"""Strategy 2 (`dynamic-ref`): trust from peers' perplexity on one's own validation data.
 
     `ppl[i, j]` is the perplexity of client `j`'s model on client `i`'s validation split, and
@@ -223,15 +223,15 @@ def _sparsify_top_k(logits: jax.Array, k: int) -> jax.Array:
 
 
 def prediction_trust(
-    logits: ArrayLike,
+    logits: Real[ArrayLike, "n s v"],
     top_k: int = 100,
     scale: float = 10.0,
     *,
     top_peers: int | None = None,
     threshold: float | None = None,
     min_keep: int = 2,
-    adjacency: ArrayLike | None = None,
-) -> jax.Array:
+    adjacency: Bool[ArrayLike, "n n"] | None = None,
+) -> Float[Array, "n n"]:
     r"""Strategy 3 (`dynamic-token`): trust from predictions on a shared reference set.
 
     `logits[j]` are client `j`'s logits at the **last position** of each of `S` shared reference
@@ -264,13 +264,13 @@ def prediction_trust(
 
 
 def oracle_trust(
-    mixtures: ArrayLike,
+    mixtures: Real[ArrayLike, "n k"],
     *,
     top_peers: int | None = None,
     threshold: float | None = None,
     min_keep: int = 2,
-    adjacency: ArrayLike | None = None,
-) -> jax.Array:
+    adjacency: Bool[ArrayLike, "n n"] | None = None,
+) -> Float[Array, "n n"]:
     r"""Oracle ("theoretical", `static`) trust from the clients' known data mixtures.
 
     `mixtures[i, k] ≥ 0` is client `i`'s share (or token count) of domain `k`, `[N, K]`. Trust is

@@ -22,8 +22,8 @@ from fedjax_lora.engine.state import ClientState, init_clients
 from fedjax_lora.engine.strategy import map_clients
 from fedjax_lora.engine.train import make_client_update, train_clients
 from fedjax_lora.tracking import ticking
+from fedjax_lora.typing import PyTree
 
-PyTree = Any
 Metrics = dict[str, Any]
 
 Evaluate = Literal["local", "aggregated"]

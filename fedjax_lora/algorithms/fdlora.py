@@ -42,7 +42,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
-from typing import Any, Literal, NamedTuple
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -56,6 +56,7 @@ from fedjax_lora.engine.evaluate import EvalSet, make_client_eval
 from fedjax_lora.engine.state import init_clients
 from fedjax_lora.engine.strategy import map_clients
 from fedjax_lora.engine.train import make_client_update, train_clients
+from fedjax_lora.typing import PyTree
 
 __all__ = [
     "COMIGS",
@@ -68,8 +69,6 @@ __all__ = [
     "fusion_candidates",
     "fusion_search",
 ]
-
-PyTree = Any
 
 
 @dataclasses.dataclass(frozen=True)

@@ -44,6 +44,7 @@ from fedjax_lora.algorithms.problem import Problem
 from fedjax_lora.engine.state import ClientState, init_clients
 from fedjax_lora.engine.strategy import map_clients
 from fedjax_lora.engine.train import make_client_update, train_clients
+from fedjax_lora.families import family
 from fedjax_lora.lora import detach_adapters, split
 
 __all__ = [
@@ -113,16 +114,12 @@ def reset_optimizer(tx: optax.GradientTransformation, params, scale: jax.Array):
     return inner, schedule._replace(hyperparams={**schedule.hyperparams, "step_size": step})
 
 
-# The reference adapts q and v (PEFT's Llama default); GPT-2 holds them as slices of `c_attn`.
-DEFAULT_TARGETS = {"llama": ("q_proj", "v_proj"), "gpt2": ("c_attn.q", "c_attn.v")}
-
-
 def with_amole(problem: Problem, config: amole.AMoLEConfig | None = None) -> Problem:
     """The problem with its model's adapters replaced by AMoLE modules (default `AMoLEConfig` on
     the family's q and v projections)."""
     model = nnx.merge(problem.graphdef, problem.template, problem.base)
     detach_adapters(model)
-    config = config or amole.AMoLEConfig(targets=DEFAULT_TARGETS[model.config.family])
+    config = config or amole.AMoLEConfig(targets=family(model.config.family).amole_targets)
     amole.add_amole(model, config)
     graphdef, template, base = split(model)
     return dataclasses.replace(problem, graphdef=graphdef, template=template, base=base)

@@ -4,7 +4,7 @@ client data on device, evaluation sets, local-training and optimizer settings, s
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -22,8 +22,6 @@ from fedjax_lora.engine.optim import OptimizerConfig
 from fedjax_lora.engine.strategy import Strategy
 from fedjax_lora.engine.train import LocalTraining
 from fedjax_lora.errors import DataError
-
-PyTree = Any
 
 
 class TrainData(NamedTuple):

@@ -61,7 +61,6 @@ __all__ = [
     "module_path",
 ]
 
-PyTree = Any
 EMBEDDINGS = "embeddings"
 
 

@@ -10,20 +10,27 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
+from jaxtyping import Array, Float, Int, PRNGKeyArray, Shaped
 
 from fedjax_lora.settings import Sampling
 
 
 class Batch(NamedTuple):
-    inputs: jax.Array  # int32 [B, T]
-    targets: jax.Array  # int32 [B, T]
-    weights: jax.Array  # f32 [B, T]: 1 where the target counts in the loss
-    # f32 [B, T]: 1 on real input tokens, 0 on an example row's padding (what token-averaged
-    # routing statistics count, `loss.routing_tokens`); None: every input token is real.
-    tokens: jax.Array | None = None
+    inputs: Int[Array, "b t"]
+    targets: Int[Array, "b t"]
+    weights: Float[Array, "b t"]  # 1 where the target counts in the loss
+    # 1 on real input tokens, 0 on an example row's padding (what token-averaged routing
+    # statistics count, `loss.routing_tokens`); None: every input token is real.
+    tokens: Float[Array, "b t"] | None = None
 
 
-def windows_at(tokens: jax.Array, starts: jax.Array, seq_len: int, mask: jax.Array | None) -> Batch:
+def windows_at(
+    tokens: Int[Array, " length"],
+    starts: Int[Array, " b"],
+    seq_len: int,
+    mask: Shaped[Array, " length"] | None,
+) -> Batch:
     """Windows of `seq_len + 1` tokens starting at `starts [B]`; `mask` marks counted targets."""
     take = jax.vmap(lambda s: jax.lax.dynamic_slice_in_dim(tokens, s, seq_len + 1))
     w = take(starts)
@@ -47,16 +54,16 @@ def example_tokens(weights: jax.Array) -> jax.Array:
 
 
 def sample_starts(
-    key: jax.Array,
-    length: jax.Array,
-    counter: jax.Array,
+    key: PRNGKeyArray,
+    length: Int[ArrayLike, ""],
+    counter: Int[ArrayLike, ""],
     *,
     batch_size: int,
     seq_len: int,
     max_windows: int,
     sampling: Sampling,
     examples: bool = False,
-) -> jax.Array:
+) -> Int[Array, " batch_size"]:
     """Window start positions for one batch.
 
     `random`: uniform with replacement over `[0, length - seq_len - 1]` (nanoGPT's `get_batch`, as

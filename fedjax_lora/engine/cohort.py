@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-PyTree = Any
+from fedjax_lora.typing import PyTree
 
 COHORT_SAMPLING = ("uniform", "tokens")
 COHORT_OPTIMIZER = ("keep", "reset")

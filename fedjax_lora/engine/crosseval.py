@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 from flax import nnx
@@ -37,8 +37,7 @@ from fedjax_lora import lora
 from fedjax_lora.engine.evaluate import EvalSet, make_client_eval, summarize
 from fedjax_lora.engine.strategy import Strategy, map_clients
 from fedjax_lora.models.config import ModelConfig
-
-PyTree = Any
+from fedjax_lora.typing import PyTree
 
 __all__ = [
     "CrossEval",

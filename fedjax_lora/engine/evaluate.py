@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jaxtyping import Array, Float, Int, Shaped
 
 from fedjax_lora.engine.loss import token_cross_entropy
 from fedjax_lora.engine.strategy import Strategy, map_clients
-
-PyTree = Any
+from fedjax_lora.typing import PyTree
 
 
 class EvalSet(NamedTuple):
@@ -23,15 +23,15 @@ class EvalSet(NamedTuple):
     A shared set (every client evaluated on the same data) has the same windows in every row.
     """
 
-    windows: jax.Array
-    weights: jax.Array
+    windows: Int[Array, "n w t1"]
+    weights: Float[Array, "n w t"]
 
 
 def make_eval_set(
-    windows: np.ndarray,
-    valid: np.ndarray,
+    windows: Int[np.ndarray, "n w t1"],
+    valid: Shaped[np.ndarray, "n w"],
     batch_size: int,
-    target_mask: np.ndarray | None = None,
+    target_mask: Shaped[np.ndarray, "n w t"] | None = None,
 ) -> EvalSet:
     """Pads the window axis to a multiple of `batch_size` and folds validity (and an optional
     target mask `[N, W, T]`) into per-token weights."""
@@ -46,7 +46,12 @@ def make_eval_set(
     return EvalSet(jnp.asarray(windows, jnp.int32), jnp.asarray(weights))
 
 
-def shared_eval_set(windows: np.ndarray, valid: np.ndarray, num_clients: int, batch_size: int):
+def shared_eval_set(
+    windows: Int[np.ndarray, "w t1"],
+    valid: Shaped[np.ndarray, " w"],
+    num_clients: int,
+    batch_size: int,
+) -> EvalSet:
     """An evaluation set of shared windows `[W, T+1]` given to every client."""
     return make_eval_set(
         np.broadcast_to(windows, (num_clients, *windows.shape)),
@@ -92,7 +97,7 @@ def make_client_eval(
     return client_eval
 
 
-def summarize(sums: dict[str, jax.Array]) -> dict[str, jax.Array]:
+def summarize(sums: dict[str, Float[Array, "*n"]]) -> dict[str, Float[Array, "*n"]]:
     """`loss = Σ CE / tokens`, `ppl = exp(loss)` (perplexity of the mean token CE), `accuracy`."""
     tokens = jnp.maximum(sums["tokens"], 1.0)
     loss = sums["ce_sum"] / tokens
@@ -101,7 +106,7 @@ def summarize(sums: dict[str, jax.Array]) -> dict[str, jax.Array]:
 
 def evaluate_clients(
     client_eval: Callable, strategy: Strategy, params: PyTree, eval_set: EvalSet, base: nnx.State
-) -> dict[str, jax.Array]:
+) -> dict[str, Float[Array, " n"]]:
     """Every client's model on its own row of `eval_set`; per-client `loss`, `ppl`, `accuracy`."""
     sums = map_clients(client_eval, strategy, (params, eval_set.windows, eval_set.weights), (base,))
     return summarize(sums)

@@ -12,16 +12,15 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jaxtyping import Array, Float, Int
 
 from fedjax_lora.engine.batches import Batch
-
-PyTree = Any
+from fedjax_lora.typing import PyTree
 
 AUX_LOSS = "aux_loss"
 
@@ -55,14 +54,19 @@ def routing_token_mask(shape: tuple[int, ...]) -> jax.Array | None:
     return mask
 
 
-def token_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+def token_cross_entropy(
+    logits: Float[Array, "*batch v"], targets: Int[Array, "*batch"]
+) -> Float[Array, "*batch"]:
     """Per-token `-log softmax(logits)[target]` in f32, shape of `targets`."""
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
 
 
 def chunked_token_cross_entropy(
-    head: Callable[[jax.Array], jax.Array], hidden: jax.Array, targets: jax.Array, chunk: int
-) -> jax.Array:
+    head: Callable[[Float[Array, "n d"]], Float[Array, "n v"]],
+    hidden: Float[Array, "b t d"],
+    targets: Int[Array, "b t"],
+    chunk: int,
+) -> Float[Array, "b t"]:
     r"""`token_cross_entropy(head(hidden), targets)` computed `chunk` tokens at a time.
 
     The `B·T` token positions are cut into `⌈B·T / chunk⌉` pieces (the last one zero-padded);

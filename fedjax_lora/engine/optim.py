@@ -3,13 +3,37 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
+import jax
 import jax.numpy as jnp
 import optax
 
 from fedjax_lora.settings import OptimizerConfig, Schedule
 
-__all__ = ["OptimizerConfig", "Schedule", "one_cycle"]
+__all__ = ["OptimizerConfig", "Schedule", "one_cycle", "standard_promotion"]
+
+
+def standard_promotion(tx: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+    """`tx` with its `init` and `update` traced under JAX's standard dtype promotion.
+
+    optax mixes Python floats with its int32 step counter (Adam's bias correction
+    `1 - decay ** count`, the schedules), which `jax_numpy_dtype_promotion="strict"` refuses; the
+    library's own code is strict-clean (the tests run strict), so only the optimizer is wrapped.
+    Same state, same numbers."""
+    tx = optax.with_extra_args_support(tx)
+
+    def init(params: Any) -> optax.OptState:
+        with jax.numpy_dtype_promotion("standard"):
+            return tx.init(params)
+
+    def update(
+        updates: optax.Updates, state: optax.OptState, params: Any = None, **extra_args: Any
+    ) -> tuple[optax.Updates, optax.OptState]:
+        with jax.numpy_dtype_promotion("standard"):
+            return tx.update(updates, state, params, **extra_args)
+
+    return optax.GradientTransformationExtraArgs(init, update)
 
 
 def one_cycle(

@@ -11,8 +11,7 @@ import optax
 from flax import nnx
 
 from fedjax_lora.lora import init_adapters
-
-PyTree = Any
+from fedjax_lora.typing import PyTree
 
 
 class ClientState(NamedTuple):

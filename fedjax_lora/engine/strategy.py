@@ -21,7 +21,6 @@ A Python loop over clients never appears inside `jit`: compile time stays indepe
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -29,10 +28,9 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from fedjax_lora.settings import CLIENT_AXIS, MODEL_AXIS, STRATEGIES, Strategy
+from fedjax_lora.typing import PyTree
 
 __all__ = ["CLIENT_AXIS", "MODEL_AXIS", "STRATEGIES", "Strategy", "map_clients", "put"]
-
-PyTree = Any
 
 
 def put(x: jax.Array, sharding: NamedSharding) -> jax.Array:

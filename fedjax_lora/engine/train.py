@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -16,8 +15,8 @@ from fedjax_lora.engine.loss import lm_loss
 from fedjax_lora.engine.state import ClientState
 from fedjax_lora.engine.strategy import Strategy, map_clients
 from fedjax_lora.settings import LocalTraining
+from fedjax_lora.typing import PyTree
 
-PyTree = Any
 LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 
 

@@ -6,15 +6,14 @@ import dataclasses
 from collections.abc import Iterator, Mapping
 from typing import Any, Literal
 
+from fedjax_lora.families import FAMILIES, family, family_of_hf
+
 Family = Literal["gpt2", "llama"]
 Activation = Literal["gelu_tanh", "gelu_erf", "silu"]
 
 # Hugging Face `model_type` values and the family that implements them.
-HF_MODEL_TYPES: dict[str, Family] = {
-    "gpt2": "gpt2",
-    "llama": "llama",
-    "qwen2": "llama",
-    "mistral": "llama",
+HF_MODEL_TYPES: dict[str, str] = {
+    t: spec.name for spec in FAMILIES.values() for t in spec.hf_model_types
 }
 _HF_GELU = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu_erf"}
 
@@ -79,10 +78,7 @@ class ModelConfig:
     def __post_init__(self):
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, FrozenMapping):
             object.__setattr__(self, "rope_scaling", FrozenMapping(self.rope_scaling))
-        if self.family not in ("gpt2", "llama"):
-            raise ValueError(
-                f"unknown architecture family {self.family!r}; supported: 'gpt2', 'llama'"
-            )
+        family(self.family)  # an unknown family fails naming the supported ones
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_positions"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -109,33 +105,33 @@ class ModelConfig:
     def from_hf(cls, hf: dict[str, Any]) -> ModelConfig:
         """Builds a config from a Hugging Face `config.json` dictionary."""
         model_type = hf.get("model_type")
-        family = HF_MODEL_TYPES.get(model_type)
-        if family is None:
+        spec = family_of_hf(model_type)
+        if spec is None:
             raise ValueError(
                 f"unknown architecture model_type={model_type!r} in config.json; supported: "
                 f"{sorted(HF_MODEL_TYPES)}"
             )
-        if family == "gpt2":
-            act = _HF_GELU.get(hf.get("activation_function", "gelu_new"))
+        sizes = {f: spec.hf(hf, f) for f in ("vocab_size", "d_model", "n_layers", "n_heads")}
+        common = dict(
+            family=spec.name,
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=_first(hf.get("eos_token_id")),
+        )
+        if spec.name == "gpt2":
+            act = _HF_GELU.get(spec.hf(hf, "activation", "gelu_new"))
             if act is None:
                 raise ValueError(f"unsupported GPT-2 activation {hf['activation_function']!r}")
-            d = hf["n_embd"]
             return cls(
-                family="gpt2",
-                vocab_size=hf["vocab_size"],
-                d_model=d,
-                n_layers=hf["n_layer"],
-                n_heads=hf["n_head"],
-                d_ff=hf.get("n_inner") or 4 * d,
-                max_positions=hf["n_positions"],
-                norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+                **sizes,
+                d_ff=spec.hf(hf, "d_ff", None) or 4 * sizes["d_model"],
+                max_positions=spec.hf(hf, "max_positions"),
+                norm_eps=spec.hf(hf, "norm_eps", 1e-5),
                 activation=act,
                 tie_embeddings=hf.get("tie_word_embeddings", True),
                 qkv_bias=True,
-                bos_token_id=hf.get("bos_token_id"),
-                eos_token_id=hf.get("eos_token_id"),
+                **common,
             )
-        if hf.get("hidden_act", "silu") != "silu":
+        if spec.hf(hf, "activation", "silu") != "silu":
             raise ValueError(f"unsupported Llama activation {hf['hidden_act']!r}; expected 'silu'")
         rope_scaling = hf.get("rope_scaling")
         rope_theta = hf.get("rope_theta", 10000.0)
@@ -147,23 +143,18 @@ class ModelConfig:
         if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) == "default":
             rope_scaling = None
         return cls(
-            family="llama",
-            vocab_size=hf["vocab_size"],
-            d_model=hf["hidden_size"],
-            n_layers=hf["num_hidden_layers"],
-            n_heads=hf["num_attention_heads"],
-            n_kv_heads=hf.get("num_key_value_heads"),
-            head_dim=hf.get("head_dim"),
-            d_ff=hf["intermediate_size"],
-            max_positions=hf.get("max_position_embeddings", 2048),
-            norm_eps=hf.get("rms_norm_eps", 1e-6),
+            **sizes,
+            d_ff=spec.hf(hf, "d_ff"),
+            max_positions=spec.hf(hf, "max_positions", 2048),
+            n_kv_heads=spec.hf(hf, "n_kv_heads", None),
+            head_dim=spec.hf(hf, "head_dim", None),
+            norm_eps=spec.hf(hf, "norm_eps", 1e-6),
             activation="silu",
             tie_embeddings=hf.get("tie_word_embeddings", False),
-            qkv_bias=hf.get("attention_bias", model_type == "qwen2"),
+            qkv_bias=spec.hf(hf, "qkv_bias", model_type == "qwen2"),
             rope_theta=rope_theta,
             rope_scaling=dict(rope_scaling) if rope_scaling else None,
-            bos_token_id=hf.get("bos_token_id"),
-            eos_token_id=_first(hf.get("eos_token_id")),
+            **common,
         )
 
 

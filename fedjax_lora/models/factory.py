@@ -9,19 +9,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from fedjax_lora.families import family
 from fedjax_lora.models.causal_lm import CausalLM
 from fedjax_lora.models.config import ModelConfig
-from fedjax_lora.models.gpt2 import GPT2LMHeadModel
-from fedjax_lora.models.llama import LlamaForCausalLM
-
-MODEL_CLASSES = {"gpt2": GPT2LMHeadModel, "llama": LlamaForCausalLM}
 
 LanguageModel = CausalLM
 
 
 def build(cfg: ModelConfig, *, dtype: Any = jnp.float32) -> LanguageModel:
     """An uninitialised (zero/one-filled) model of the config's family."""
-    return MODEL_CLASSES[cfg.family](cfg, dtype=dtype)
+    return family(cfg.family).model()(cfg, dtype=dtype)
 
 
 def from_config(

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_lora.errors import one_line
+from fedjax_lora.families import FAMILIES, family_of_gguf
 from fedjax_lora.models.config import ModelConfig
 from fedjax_lora.models.factory import LanguageModel, build
 from fedjax_lora.models.weights import (
@@ -42,39 +43,7 @@ __all__ = [
     "unpermute_qk",
 ]
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "gpt2")
-
-_LLAMA_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-_LLAMA_BLOCK = {
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-_GPT2_NAMES = {
-    "token_embd.weight": "transformer.wte.weight",
-    "position_embd.weight": "transformer.wpe.weight",
-    "output_norm.weight": "transformer.ln_f.weight",
-    "output_norm.bias": "transformer.ln_f.bias",
-    "output.weight": "lm_head.weight",
-}
-_GPT2_BLOCK = {
-    "attn_norm": "ln_1",
-    "ffn_norm": "ln_2",
-    "attn_qkv": "attn.c_attn",
-    "attn_output": "attn.c_proj",
-    "ffn_up": "mlp.c_fc",
-    "ffn_down": "mlp.c_proj",
-}
+SUPPORTED_ARCHITECTURES = tuple(a for s in FAMILIES.values() for a in s.gguf_architectures)
 _BLOCK = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
 # llama.cpp pre-tokenizer names → (split regex or None, split digits individually).
@@ -151,7 +120,7 @@ def _require(reader, key: str) -> Any:
 
 def _architecture(reader) -> str:
     arch = _require(reader, "general.architecture")
-    if arch not in SUPPORTED_ARCHITECTURES:
+    if family_of_gguf(arch) is None:
         raise CheckpointError(
             f"unsupported GGUF architecture {arch!r}; supported: {list(SUPPORTED_ARCHITECTURES)}"
         )
@@ -192,9 +161,10 @@ def gguf_config(path_or_reader) -> ModelConfig:
         bos_token_id=_meta(reader, "tokenizer.ggml.bos_token_id"),
         eos_token_id=_meta(reader, "tokenizer.ggml.eos_token_id"),
     )
-    if arch == "gpt2":
+    spec = family_of_gguf(arch)
+    if spec.name == "gpt2":
         return ModelConfig(
-            family="gpt2",
+            family=spec.name,
             norm_eps=float(key("attention.layer_norm_epsilon", 1e-5)),
             activation="gelu_tanh",
             qkv_bias=True,
@@ -217,7 +187,7 @@ def gguf_config(path_or_reader) -> ModelConfig:
         rope_scaling = {"rope_type": "linear", "factor": float(key("rope.scaling.factor"))}
     n_kv = key("attention.head_count_kv")
     return ModelConfig(
-        family="llama",
+        family=spec.name,
         n_kv_heads=int(n_kv) if n_kv is not None else None,
         head_dim=head_dim if head_dim * n_heads != d_model else None,
         norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-6)),
@@ -272,11 +242,8 @@ def gguf_state_dict(path_or_reader) -> tuple[ModelConfig, dict[str, np.ndarray]]
     reader = _as_reader(path_or_reader)
     arch = _architecture(reader)
     cfg = gguf_config(reader)
-    top, block, prefix = (
-        (_GPT2_NAMES, _GPT2_BLOCK, "transformer.h")
-        if arch == "gpt2"
-        else (_LLAMA_NAMES, _LLAMA_BLOCK, "model.layers")
-    )
+    spec = family_of_gguf(arch)
+    top, block, prefix = spec.gguf_names, spec.gguf_block, spec.gguf_block_prefix
     state: dict[str, np.ndarray] = {}
     unknown = []
     for tensor in reader.tensors:
@@ -291,10 +258,10 @@ def gguf_state_dict(path_or_reader) -> tuple[ModelConfig, dict[str, np.ndarray]]
             unknown.append(name)
             continue
         value = _dequantize(tensor)
-        if arch == "llama" and m and m.group(2) in ("attn_q", "attn_k"):
+        if arch in spec.gguf_permuted_qk and m and m.group(2) in ("attn_q", "attn_k"):
             heads = cfg.n_heads if m.group(2) == "attn_q" else cfg.num_kv_heads
             value = unpermute_qk(value, heads)
-        if arch == "gpt2" and m and value.ndim == 2:
+        if spec.conv1d and m and value.ndim == 2:
             value = value.T  # GPT-2 Conv1D weights are (in, out) in HF; GGUF stores (out, in)
         state[hf] = value
     if unknown:

@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from fedjax_lora.errors import ModelFileError, one_line
+from fedjax_lora.families import family
 from fedjax_lora.memory import check_fits, parameter_count
 from fedjax_lora.models.config import ModelConfig
 from fedjax_lora.models.factory import LanguageModel, build
@@ -52,8 +53,6 @@ HUB_PATTERNS = [
 # Non-parameter buffers some checkpoints carry: GPT-2's causal-mask `attn.bias`/`attn.masked_bias`,
 # rotary `inv_freq`.
 _IGNORED = re.compile(r"(^|\.)attn\.(bias|masked_bias)$|rotary_emb\.inv_freq$|\.inv_freq$")
-# Backbone prefix as HF names it; bare checkpoints (e.g. the hub's `gpt2`) omit it.
-_PREFIX = {"gpt2": "transformer.", "llama": "model."}
 
 
 # A model checkpoint cannot be read or does not fit the model (the project's `ModelFileError`).
@@ -74,21 +73,22 @@ def hf_param_names(model: nnx.Module) -> dict[str, tuple[tuple[Any, ...], bool]]
     Our `...kernel` is HF's `...weight`; it is transposed at load except for GPT-2's `Conv1D`
     projections (everything under `transformer.` in a GPT-2 model), which HF stores `(in, out)`.
     """
-    family = model.config.family
+    spec = family(model.config.family)
     names = {}
     for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         leaf = path[-1]
         hf = _path_name((*path[:-1], "weight" if leaf == "kernel" else leaf))
-        transpose = leaf == "kernel" and not (family == "gpt2" and path[0] == "transformer")
+        conv1d = spec.conv1d and f"{path[0]}." == spec.backbone_prefix
+        transpose = leaf == "kernel" and not conv1d
         names[hf] = (tuple(path), transpose)
     return names
 
 
-def _canonical(name: str, family: str, known: Mapping[str, Any]) -> str:
+def _canonical(name: str, family_name: str, known: Mapping[str, Any]) -> str:
     """The model's name for a checkpoint tensor name (adds the backbone prefix when omitted)."""
     if name in known:
         return name
-    prefixed = _PREFIX[family] + name
+    prefixed = family(family_name).backbone_prefix + name
     return prefixed if prefixed in known else name
 
 
@@ -153,7 +153,8 @@ def load_state_dict(
         problems.append(f"not floating point ({len(not_float)}): {_listing(not_float)}")
     if not_finite:
         problems.append(f"NaN or infinite values ({len(not_finite)}): {_listing(not_finite)}")
-    embed = _PREFIX[cfg.family] + ("wte.weight" if cfg.family == "gpt2" else "embed_tokens.weight")
+    spec = family(cfg.family)
+    embed = spec.backbone_prefix + spec.embedding
     if tied_head is not None and embed in filled and not np.array_equal(tied_head, filled[embed]):
         problems.append(
             "a distinct lm_head.weight although the config ties the head to the embeddings "

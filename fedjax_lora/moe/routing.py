@@ -29,6 +29,7 @@ from flax import nnx
 from fedjax_lora.engine.evaluate import EvalSet
 from fedjax_lora.engine.strategy import Strategy, map_clients
 from fedjax_lora.moe.comigs import ROUTING_WEIGHTS
+from fedjax_lora.typing import PyTree
 
 __all__ = [
     "Routing",
@@ -38,8 +39,6 @@ __all__ = [
     "routing_analysis",
     "routing_weights",
 ]
-
-PyTree = Any
 
 
 class TokenShare(NamedTuple):
