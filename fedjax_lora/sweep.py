@@ -78,6 +78,16 @@ def with_learning_rate(opt_state: PyTree, lr: float) -> PyTree:
     )
 
 
+def check_sweepable(algo) -> None:
+    """Refuses a method that does not declare vectorized sweeps (`Capabilities.sweeps`: its round
+    has a host step, e.g. FedAMoLE's assignment LP), naming the alternative."""
+    if not algo.method.capabilities.sweeps:
+        raise ValueError(
+            f"method {algo.name!r} runs a host-side step in its round and cannot be vectorized "
+            "over simulations; run it with `fedjax-lora grid` or `run` per seed"
+        )
+
+
 def _stack(trees: list[PyTree]) -> PyTree:
     return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
@@ -102,6 +112,7 @@ def run_members(
         raise ValueError("a sweep needs the optimizer as an OptimizerConfig (config.optimizer)")
     problem = dataclasses.replace(problem, optimizer=sweep_optimizer(problem.optimizer))
     algo = method_factory(name, config)(problem)
+    check_sweepable(algo)
     grid = list(itertools.product(seeds, lrs))
     sims = []
     for seed, lr in grid:
@@ -126,13 +137,7 @@ def run_members(
     record(0, jax.device_get(vevaluate(sims)), 0.0)
     for r in range(1, config.rounds + 1):
         start = time.perf_counter()
-        try:
-            sims, metrics = vround(sims)
-        except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError) as e:
-            raise ValueError(
-                f"method {name!r} runs host-side steps in its round and cannot be vectorized "
-                f"over simulations; run it with `fedjax-lora grid` or `run` per seed ({e})"
-            ) from None
+        sims, metrics = vround(sims)
         metrics = jax.device_get(metrics)
         params_ok = np.asarray(finite(sims.clients.params))
         record(r, metrics, time.perf_counter() - start, params_ok)
@@ -185,7 +190,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 def run_sweep(config: ExperimentConfig, out_dir: str | Path) -> dict[str, Any]:
     """Runs the config's sweep grid for every method; writes `sweep.json` and `sweep.md` under
     `out_dir` and returns the JSON document."""
-    from fedjax_lora.experiment import build_problem
+    from fedjax_lora.experiment import build_problem, method_factory
 
     spec = config.sweep
     seeds = list(spec.seeds or (config.seed,))
@@ -197,6 +202,9 @@ def run_sweep(config: ExperimentConfig, out_dir: str | Path) -> dict[str, Any]:
     for overlap in overlaps:
         level = merge_base(config, {"data": {"overlap": overlap}})
         problem, _ = build_problem(level)
+        if overlap == overlaps[0]:  # every method checked before any runs
+            for name in config.methods:
+                check_sweepable(method_factory(name, level)(problem))
         for name in config.methods:
             start = time.perf_counter()
             for m in run_members(name, problem, level, seeds, lrs):

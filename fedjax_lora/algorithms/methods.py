@@ -19,7 +19,15 @@ from fedjax_lora.algorithms import (
     prompt_baselines,
     trust_weighted,
 )
-from fedjax_lora.algorithms.base import Algorithm, federated
+from fedjax_lora.algorithms.base import (
+    Algorithm,
+    Capabilities,
+    Method,
+    aggregating,
+    build,
+    federated,
+    standard_client,
+)
 from fedjax_lora.algorithms.problem import Problem
 
 
@@ -41,26 +49,23 @@ def fedavg(problem: Problem, weighting: Literal["uniform", "tokens"] = "uniform"
     if weighting == "tokens":
         inputs = lambda data, clients, eval_sets, base: {"weights": data.token_counts()}
     return federated(
-        "fedavg",
-        problem,
-        fedavg_aggregator(),
-        shared_init=True,
-        aggregation_inputs=inputs,
-        server_model=True,
+        "fedavg", problem, fedavg_aggregator(), shared_init=True, inputs=inputs, server_model=True
     )
 
 
 def centralized(problem: Problem) -> Algorithm:
     """One model trained on all clients' pooled training data (the upper reference of
-    collaboration without personalization), evaluated on every client's sets."""
-    return federated(
+    collaboration without personalization), evaluated on every client's sets. It trains one
+    model on all the data every round, so it takes no client cohorts."""
+    pooled = problem.train.pooled()
+    method = Method(
         "centralized",
-        problem,
-        local_aggregator(),
-        shared_init=True,
-        train=problem.train.pooled(),
-        broadcast_to=problem.num_clients,
+        standard_client(problem, shared_init=True, train=pooled),
+        aggregating(local_aggregator()),
+        capabilities=Capabilities(cohorts=False),
+        train=pooled,
     )
+    return build(problem, method)
 
 
 def fedavg_tokens(problem: Problem) -> Algorithm:

@@ -128,8 +128,8 @@ def trust_weighted(
         problem,
         aggregator,
         shared_init=False,
-        aggregation_inputs=inputs,
-        aggregate_from=options.first_aggregation_round,
+        inputs=inputs,
+        first_round=options.first_aggregation_round,
         client_eval=cross.client_eval,
     )
 
