@@ -3,15 +3,21 @@ exactly, and fall back past a corrupt or partial checkpoint.
 
 What is saved is the complete `SimState` (stacked adapters and routers, optimizer states, RNG keys,
 counters, expert assignments, aggregator state, round) as a flat list of arrays — PRNG keys as
-their raw key data — plus the metric records so far as JSON. The tree structure is not stored:
-it comes from the algorithm's own `init`, so a restore is checked leaf by leaf (shape and dtype)
-against what the run expects. Orbax writes each step to a temporary directory and renames it when
-complete, so a run killed mid-write leaves no finalized partial step.
+their raw key data — plus the metric records so far and a SHA-256 checksum of both as JSON. The
+tree structure is not stored: it comes from the algorithm's own `init`, so a restore is checked
+leaf by leaf (shape and dtype) against what the run expects. Orbax writes each step to a temporary
+directory and renames it when complete, so a run killed mid-write leaves no finalized partial
+step.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import hashlib
+import json
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +26,13 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from fedjax_lora.errors import CheckpointError, one_line
+
 PyTree = Any
 log = logging.getLogger(__name__)
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(CheckpointError):
     """A checkpoint does not fit the run resuming from it."""
 
 
@@ -61,6 +69,36 @@ def _from_saved(arrays: list[np.ndarray], template: PyTree) -> PyTree:
     return jax.tree.unflatten(treedef, restored)
 
 
+@contextlib.contextmanager
+def _quiet_failed_reads():
+    """Drops the "Event loop is closed" noise orbax's aborted asynchronous reads leave behind
+    when a corrupt checkpoint fails (collected here, not printed later as a traceback)."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if not isinstance(unraisable.exc_value, RuntimeError):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        gc.collect()
+        sys.unraisablehook = previous
+
+
+def checksum(arrays: list[np.ndarray], records: list[dict[str, Any]]) -> str:
+    """SHA-256 of a checkpoint's arrays (dtype, shape, bytes) and records (canonical JSON), saved
+    with it and verified on restore: a flipped bit is an unreadable checkpoint."""
+    digest = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        digest.update(f"{a.dtype.str}{a.shape}".encode())
+        digest.update(a.tobytes())
+    digest.update(json.dumps(records, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
 class Checkpointer:
     """Checkpoints of one run (one method) under `directory`, keeping the last `keep`."""
 
@@ -75,11 +113,13 @@ class Checkpointer:
 
     def save(self, round_idx: int, state: PyTree, records: list[dict[str, Any]]) -> None:
         """Saves the state after round `round_idx` and the metric records up to it."""
-        items = {str(i): a for i, a in enumerate(_to_saveable(state))}
+        arrays = _to_saveable(state)
+        items = {str(i): a for i, a in enumerate(arrays)}
+        meta = {"records": records, "sha256": checksum(arrays, records)}
         self._manager.save(
             round_idx,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(items), records=ocp.args.JsonSave({"records": records})
+                state=ocp.args.StandardSave(items), records=ocp.args.JsonSave(meta)
             ),
         )
         self._manager.wait_until_finished()
@@ -90,28 +130,33 @@ class Checkpointer:
     def restore_latest(self, template: PyTree) -> tuple[int, PyTree, list[dict[str, Any]]] | None:
         """`(round, state, records)` of the newest readable checkpoint, or None when there is none.
 
-        A checkpoint that cannot be read (corrupt, truncated) is reported and skipped in favour of
-        the previous one; a checkpoint of another configuration raises `CheckpointMismatchError`.
+        A checkpoint that cannot be read (corrupt, truncated, records missing, contents not
+        matching the saved checksum) is reported and skipped in favour of the previous one; a
+        checkpoint of another configuration raises `CheckpointMismatchError`.
         """
         for step in reversed(self.steps()):
             try:
-                restored = self._manager.restore(
-                    step,
-                    args=ocp.args.Composite(
-                        state=ocp.args.StandardRestore(), records=ocp.args.JsonRestore()
-                    ),
-                )
+                with _quiet_failed_reads():
+                    restored = self._manager.restore(
+                        step,
+                        args=ocp.args.Composite(
+                            state=ocp.args.StandardRestore(), records=ocp.args.JsonRestore()
+                        ),
+                    )
+                items, meta = restored["state"], restored["records"]
+                arrays = [np.asarray(items[str(i)]) for i in range(len(items))]
+                records = meta["records"]
+                if meta.get("sha256", checksum(arrays, records)) != checksum(arrays, records):
+                    raise CheckpointError("its contents do not match the checksum saved with it")
             except Exception as e:  # noqa: BLE001 - any read failure means "unusable checkpoint"
                 log.warning(
                     "checkpoint %s/%d is unreadable (%s); trying the one before",
                     self.directory,
                     step,
-                    e,
+                    one_line(e),
                 )
                 continue
-            items = restored["state"]
-            arrays = [np.asarray(items[str(i)]) for i in range(len(items))]
-            return step, _from_saved(arrays, template), restored["records"]["records"]
+            return step, _from_saved(arrays, template), records
         return None
 
     def close(self) -> None:

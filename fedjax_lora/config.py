@@ -6,6 +6,11 @@ Every configuration error is raised before any compute starts, naming the field 
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import json
+import math
+import os
+import sys
 import types
 import typing
 from pathlib import Path
@@ -13,12 +18,19 @@ from typing import Any, Literal
 
 import yaml
 
-from fedjax_lora.algorithms.trust_weighted import TrustOptions
-from fedjax_lora.engine.cohort import Cohort
-from fedjax_lora.engine.optim import OptimizerConfig
-from fedjax_lora.engine.strategy import Strategy
-from fedjax_lora.engine.train import LocalTraining
-from fedjax_lora.lora import LoRAConfig
+from fedjax_lora.errors import ConfigError
+from fedjax_lora.memory import experiment_bytes, host_memory_bytes
+from fedjax_lora.presets import PRESETS
+from fedjax_lora.settings import (
+    LocalTraining,
+    LoRAConfig,
+    OptimizerConfig,
+    Strategy,
+    TrustOptions,
+)
+
+if typing.TYPE_CHECKING:
+    from fedjax_lora.engine.cohort import Cohort
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +59,8 @@ class ModelSpec:
 class DataSpec:
     """Client data. `synthetic`: the embedded heterogeneous corpus (groups of clients drawn from
     distinct token sources, `overlap` in [0, 1]); `fortunes`: Debian fortune files by topic or
-    language (`categories`), tokenized with the model's tokenizer (bytes for a base without
+    language (`categories`; each file decoded strictly in the first of `encodings` that reads
+    all of it, default UTF-8 only), tokenized with the model's tokenizer (bytes for a base without
     one whose vocabulary is the 256 bytes: `experiment.text_tokenizer`); the last fortunes of
     each category, enough for `reference_sequences / len(categories)` windows, are held out of
     every client as the shared reference set (prediction trust). `ag_news`,
@@ -79,7 +92,12 @@ class DataSpec:
     (`fedjax_lora.data.instruction`; `paths[0]` a local file/directory, else the hub dataset):
     `num_clients` clients, Dirichlet(`alpha`) over categories/classes (one task per client for
     Natural Instructions, of its `num_tasks` largest tasks), each client's examples split into
-    train / `val_fraction` / `test_fraction`; `max_rows` keeps the first rows only. A model without
+    train / `val_fraction` / `test_fraction` (and `aux_fraction` of the rest as the auxiliary
+    split, at most 200 examples: the reference's 0.05, i.e. 4 % of the examples), cut as the
+    reference cuts them; `max_rows` keeps the first rows only; `instruction_packing`: `examples`
+    (default, the reference: one example per training row, right-padded and masked, cut at
+    `training.seq_len` tokens with EOS forced, over-long prompts dropped) or `windows`
+    (`seq_len`-token windows of each client's stream of concatenated examples). A model without
     tokenizer files reads bytes (`ByteTokenizer`, vocabulary 256)."""
 
     source: Literal[
@@ -101,6 +119,7 @@ class DataSpec:
     overlap: float = 0.0
     categories: tuple[str, ...] = ()
     fortunes_dir: str | None = None
+    encodings: tuple[str, ...] = ("utf-8",)
     val_fraction: float = 0.1
     test_fraction: float = 0.1
     aux_fraction: float = 0.0
@@ -118,16 +137,19 @@ class DataSpec:
     alpha: float = 1.0
     num_tasks: int = 100
     max_rows: int | None = None
+    instruction_packing: Literal["examples", "windows"] = "examples"
     train_fractions: tuple[float, ...] = ()
 
     def cohort(self) -> Cohort | None:
         """The per-round client sample (None: every client takes part in every round)."""
         if self.cohort_size < 0:
-            raise ValueError(
+            raise ConfigError(
                 f"data.cohort_size must be >= 0 (0: all clients), got {self.cohort_size}"
             )
         if self.cohort_size == 0:
             return None
+        from fedjax_lora.engine.cohort import Cohort
+
         return Cohort(self.cohort_size, self.cohort_sampling, self.cohort_optimizer)
 
 
@@ -147,7 +169,7 @@ class GenerationSpec:
 
     def __post_init__(self):
         if self.max_new_tokens < 1 or self.max_examples < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"eval.generation.max_new_tokens and max_examples must be >= 1, got "
                 f"{self.max_new_tokens}, {self.max_examples}"
             )
@@ -157,11 +179,24 @@ class GenerationSpec:
 class EvalSpec:
     """Evaluation windows: at most `max_windows` fixed windows per client and split, processed
     `batch_size` at a time; `generation`: the instruction-task metric per client (instruction
-    data sources only; reported as `task_rouge_l` / `task_accuracy`)."""
+    data sources only; reported as `task_rouge_l` / `task_accuracy`); `rouge`: the ROUGE-L
+    implementation of `rouge_l` tasks, `rouge` (PyPI `rouge` 1.0.1, the FedAMoLE paper's) or
+    `rouge-score` (`fedjax_lora.engine.instruction.rouge_l`); `attention_dropout`: the
+    trust-weighted methods evaluate (reported perplexities and trust inputs) with attention
+    dropout of this rate kept on, as the paper (0.2; `TrustOptions.eval_attention_dropout`);
+    null: no dropout in evaluation."""
 
     max_windows: int = 16
     batch_size: int = 8
     generation: GenerationSpec | None = None
+    rouge: Literal["rouge", "rouge-score"] = "rouge"
+    attention_dropout: float | None = None
+
+    def __post_init__(self):
+        if self.attention_dropout is not None and not 0.0 <= self.attention_dropout < 1.0:
+            raise ValueError(
+                f"eval.attention_dropout must be in [0, 1) or null, got {self.attention_dropout}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,7 +209,7 @@ class CheckpointSpec:
 
     def __post_init__(self):
         if self.every < 0 or self.keep < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"checkpoint.every must be >= 0 and checkpoint.keep >= 1, got {self.every}, "
                 f"{self.keep}"
             )
@@ -197,7 +232,9 @@ class SweepSpec:
     """`fedjax-lora sweep`: the grid of simulations. `seeds` (initialisation and cohort keys) and
     `lrs` (peak learning rates) are one more mapped axis of one compiled round (`vmap` over the
     `S = |seeds| · |lrs|` simulations); `overlaps` (the synthetic corpus's heterogeneity, different
-    data) loop on the host, one compiled program per level. Empty: the experiment's own value."""
+    data) loop on the host, one compiled program per level. Empty: the experiment's own value;
+    `seeds` needs at least 2 entries (`check_seeds`). Examples:
+    `experiments/configs/sweep_*.yaml`."""
 
     seeds: tuple[int, ...] = ()
     lrs: tuple[float, ...] = ()
@@ -209,19 +246,32 @@ class SweepSpec:
             try:
                 converted = tuple(kind(v) for v in values)
             except (TypeError, ValueError):
-                raise ValueError(
+                raise ConfigError(
                     f"sweep.{name} must be a list of numbers, got {values!r}"
                 ) from None
             object.__setattr__(self, name, converted)
         if any(lr <= 0 for lr in self.lrs):
-            raise ValueError(f"sweep.lrs must be positive, got {self.lrs}")
+            raise ConfigError(f"sweep.lrs must be positive, got {self.lrs}")
+
+    def check_seeds(self) -> None:
+        """Raises unless `seeds` names at least 2 seeds: a sweep reports mean ± std over them."""
+        if len(self.seeds) < 2:
+            raise ConfigError(
+                f"sweep.seeds names {len(self.seeds)} seed(s); a sweep reports mean ± std over "
+                "seeds, give at least 2 (e.g. --set 'sweep.seeds=[0,1,2]'; examples: "
+                "experiments/configs/sweep_*.yaml)"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
     """`method_options`: per method name, keyword options of its factory, e.g.
     `{"comigs": {"expert_counts": [1, 2, 3, 4], "moe": {"num_experts": 4}}}` (mappings become the
-    annotated dataclasses; unknown names fail before any compute, listing the accepted ones)."""
+    annotated dataclasses; unknown names fail before any compute, listing the accepted ones).
+    `preset`: the paper preset (`fedjax_lora.presets.PRESETS`) applied under this config's own
+    values (recorded here; see `merge_base`).
+    `imports`: Python modules imported before methods are looked up (`import_modules`), e.g. one
+    that `register`s your own method (the CLI's `--import`)."""
 
     methods: tuple[str, ...] = ("local", "fedavg")
     rounds: int = 10
@@ -240,12 +290,168 @@ class ExperimentConfig:
     tracking: TrackingSpec = TrackingSpec()
     sweep: SweepSpec = SweepSpec()
     method_options: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    preset: str | None = None
+    imports: tuple[str, ...] = ()
 
     def __post_init__(self):
-        if self.rounds < 1:
-            raise ValueError(f"rounds must be >= 1, got {self.rounds}")
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ConfigError(f"unknown preset {self.preset!r}; available: {sorted(PRESETS)}")
         if not self.methods:
-            raise ValueError("methods is empty; name at least one (see `fedjax-lora methods`)")
+            raise ConfigError("methods is empty; name at least one (see `fedjax-lora methods`)")
+        check_ranges(self)
+
+
+# Range rules of every numeric config value: (field, test, requirement). Pure Python, so a config
+# is checked before JAX is imported or anything is built.
+_SEED = 2**32
+_INT_RULES: tuple[tuple[str, int | None, int | None], ...] = (
+    # (field, smallest, largest) for integers; None: unbounded on that side.
+    ("rounds", 1, None),
+    ("seed", 0, _SEED - 1),
+    ("model.vocab_size", 1, None),
+    ("model.d_model", 1, None),
+    ("model.n_layers", 1, None),
+    ("model.n_heads", 1, None),
+    ("model.d_ff", 1, None),
+    ("model.max_positions", 1, None),
+    ("model.seed", 0, _SEED - 1),
+    ("lora.rank", 1, None),
+    ("data.num_groups", 1, None),
+    ("data.clients_per_group", 1, None),
+    ("data.tokens_per_client", 1, None),
+    ("data.shared_eval_tokens", 0, None),
+    ("data.reference_sequences", 0, None),
+    ("data.seed", 0, _SEED - 1),
+    ("data.cohort_size", 0, None),
+    ("data.num_clients", 1, None),
+    ("data.num_tasks", 1, None),
+    ("data.max_rows", 1, None),
+    ("training.steps", 1, None),
+    ("training.batch_size", 1, None),
+    ("training.seq_len", 1, None),
+    ("training.grad_accum", 1, None),
+    ("training.ce_chunk", 1, None),
+    ("optimizer.total_steps", 1, None),
+    ("optimizer.warmup_steps", 0, None),
+    ("strategy.chunk_size", 1, None),
+    ("strategy.num_devices", 1, None),
+    ("strategy.model_devices", 1, None),
+    ("eval.max_windows", 1, None),
+    ("eval.batch_size", 1, None),
+    ("eval.generation.max_new_tokens", 1, None),
+    ("eval.generation.max_examples", 1, None),
+    ("eval.generation.max_prompt_tokens", 1, None),
+    ("trust.first_aggregation_round", 1, None),
+    ("trust.eval_seed", 0, _SEED - 1),
+    ("trust.top_k", 1, None),
+    ("trust.top_peers", 1, None),
+    ("trust.min_keep", 1, None),
+    ("checkpoint.every", 0, None),
+    ("checkpoint.keep", 1, None),
+)
+# (field, low, high, low_open, high_open) for real numbers; every one must also be finite.
+_FLOAT_RULES: tuple[tuple[str, float, float, bool, bool], ...] = (
+    ("model.dropout", 0.0, 1.0, False, True),
+    ("model.attn_dropout", 0.0, 1.0, False, True),
+    ("lora.alpha", 0.0, math.inf, True, True),
+    ("lora.dropout", 0.0, 1.0, False, True),
+    ("lora.init_std", 0.0, math.inf, True, True),
+    ("data.overlap", 0.0, 1.0, False, False),
+    ("data.val_fraction", 0.0, 1.0, False, True),
+    ("data.test_fraction", 0.0, 1.0, False, True),
+    ("data.aux_fraction", 0.0, 1.0, False, True),
+    ("data.alpha", 0.0, math.inf, True, True),
+    ("optimizer.lr", 0.0, math.inf, True, True),
+    ("optimizer.b1", 0.0, 1.0, False, True),
+    ("optimizer.b2", 0.0, 1.0, False, True),
+    ("optimizer.eps", 0.0, math.inf, True, True),
+    ("optimizer.weight_decay", 0.0, math.inf, False, True),
+    ("optimizer.grad_clip", 0.0, math.inf, False, True),
+    ("optimizer.final_lr_fraction", 0.0, 1.0, False, False),
+    ("optimizer.pct_start", 0.0, 1.0, True, True),
+    ("optimizer.div_factor", 0.0, math.inf, True, True),
+    ("optimizer.final_div_factor", 0.0, math.inf, True, True),
+    ("trust.temperature", 0.0, math.inf, True, True),
+    ("trust.scale", 0.0, math.inf, True, True),
+    ("trust.threshold", -math.inf, math.inf, True, True),
+)
+
+
+def _field(config: Any, path: str) -> Any:
+    """The value at dotted `path`, or None when a section on the way is unset."""
+    value = config
+    for part in path.split("."):
+        value = getattr(value, part, None) if value is not None else None
+    return value
+
+
+def _range_text(low: float, high: float, low_open: bool, high_open: bool) -> str:
+    if high == math.inf:
+        return f"a finite number {'>' if low_open else '>='} {low:g}"
+    return f"a number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+
+def check_ranges(config: ExperimentConfig) -> None:
+    """Raises `ConfigError` naming the first config value out of its range (and the fix): every
+    count, seed, probability, fraction and optimizer constant, plus the constraints between
+    fields (`model.d_model` divisible by `model.n_heads`, `data.val_fraction +
+    data.test_fraction < 1`, every `sweep` value). Pure Python: nothing is built or imported."""
+
+    def bad(path: str, requirement: str, value: Any) -> ConfigError:
+        return ConfigError(
+            f"config field {path!r} must be {requirement}, got {value!r}; set it in the config "
+            f"file or with --set {path}=..."
+        )
+
+    for path, low, high in _INT_RULES:
+        value = _field(config, path)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad(path, "an integer", value)
+        if (low is not None and value < low) or (high is not None and value > high):
+            span = f"in [{low}, {high}]" if high is not None else f">= {low}"
+            raise bad(path, f"an integer {span}", value)
+    for path, low, high, low_open, high_open in _FLOAT_RULES:
+        value = _field(config, path)
+        if value is None:
+            continue
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        ok = ok and math.isfinite(value) and (value > low if low_open else value >= low)
+        if not (ok and (value < high if high_open else value <= high)):
+            raise bad(path, _range_text(low, high, low_open, high_open), value)
+    targets = _field(config, "lora.targets")
+    if not isinstance(targets, tuple) or not all(isinstance(t, str) and t for t in targets):
+        raise bad("lora.targets", "a list of projection names such as [c_attn, mlp.c_fc]", targets)
+    model, data = config.model, config.data
+    if model.d_model % model.n_heads:
+        raise bad("model.n_heads", f"a divisor of model.d_model={model.d_model}", model.n_heads)
+    if data.val_fraction + data.test_fraction >= 1:
+        raise bad(
+            "data.test_fraction",
+            f"below 1 - data.val_fraction = {1 - data.val_fraction:g} (training keeps the rest)",
+            data.test_fraction,
+        )
+    for i, f in enumerate(data.train_fractions):
+        if isinstance(f, bool) or not isinstance(f, int | float) or not 0 < f <= 1:
+            raise bad(f"data.train_fractions[{i}]", "a number in (0, 1]", f)
+    estimate = experiment_bytes(config)
+    if sum(estimate.values()) > host_memory_bytes() > 0:
+        parts = ", ".join(f"{k} {v / 2**30:.1f} GiB" for k, v in estimate.items())
+        raise ConfigError(
+            f"the config needs about {sum(estimate.values()) / 2**30:.1f} GiB ({parts}), more "
+            f"than this host's {host_memory_bytes() / 2**30:.1f} GiB; lower the model sizes "
+            "(model.*), data.tokens_per_client or training.batch_size / seq_len"
+        )
+    for seed in config.sweep.seeds:
+        if not 0 <= seed < _SEED:
+            raise bad("sweep.seeds", f"integers in [0, {_SEED - 1}]", config.sweep.seeds)
+    for lr in config.sweep.lrs:
+        if not (math.isfinite(lr) and lr > 0):
+            raise bad("sweep.lrs", "finite numbers > 0", config.sweep.lrs)
+    for overlap in config.sweep.overlaps:
+        if not 0 <= overlap <= 1:
+            raise bad("sweep.overlaps", "numbers in [0, 1]", config.sweep.overlaps)
 
 
 def convert(tp: Any, value: Any, where: str) -> Any:
@@ -256,31 +462,42 @@ def convert(tp: Any, value: Any, where: str) -> Any:
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
-            raise ValueError(f"config field {where!r} must be a mapping, got {value!r}")
+            raise ConfigError(f"config field {where!r} must be a mapping, got {value!r}")
         return from_dict(tp, value, where)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return None if value is None else convert(args[0], value, where)
     if origin is dict:
         if not isinstance(value, dict):
-            raise ValueError(f"config field {where!r} must be a mapping, got {value!r}")
+            raise ConfigError(f"config field {where!r} must be a mapping, got {value!r}")
         inner = typing.get_args(tp)[1] if typing.get_args(tp) else Any
         return {k: convert(inner, v, f"{where}.{k}") for k, v in value.items()}
     if origin is tuple:
-        items = [value] if isinstance(value, str) else list(value)
-        return tuple(items)
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"config field {where!r} must be a list, got {value!r}")
+        args = typing.get_args(tp)
+        inner = args[0] if args and (len(args) == 1 or args[1] is Ellipsis) else Any
+        return tuple(convert(inner, v, f"{where}[{i}]") for i, v in enumerate(value))
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
-            raise ValueError(f"config field {where!r} must be one of {choices}, got {value!r}")
+            raise ConfigError(f"config field {where!r} must be one of {choices}, got {value!r}")
         return value
-    if tp is float and isinstance(value, int | float | str) and not isinstance(value, bool):
+    if tp is float:
         try:
+            if isinstance(value, bool) or not isinstance(value, int | float | str):
+                raise ValueError
             return float(value)  # YAML 1.1 reads `1e-3` as a string
         except ValueError:
-            raise ValueError(f"config field {where!r} must be a number, got {value!r}") from None
+            raise ConfigError(f"config field {where!r} must be a number, got {value!r}") from None
     if tp is int and isinstance(value, bool | float) or tp is int and not isinstance(value, int):
-        raise ValueError(f"config field {where!r} must be an integer, got {value!r}")
+        raise ConfigError(f"config field {where!r} must be an integer, got {value!r}")
+    if tp is str and not isinstance(value, str):
+        raise ConfigError(f"config field {where!r} must be a string, got {value!r}")
+    if tp is bool and not isinstance(value, bool):
+        raise ConfigError(f"config field {where!r} must be true or false, got {value!r}")
     return value
 
 
@@ -291,7 +508,7 @@ def from_dict(cls: type, values: dict[str, Any], where: str = "") -> Any:
     unknown = sorted(set(values) - names)
     if unknown:
         prefix = f"{where}." if where else ""
-        raise ValueError(
+        raise ConfigError(
             f"unknown config field(s) {[prefix + u for u in unknown]}; valid fields of "
             f"{where or 'the experiment'}: {sorted(names)}"
         )
@@ -301,8 +518,10 @@ def from_dict(cls: type, values: dict[str, Any], where: str = "") -> Any:
         kwargs[key] = convert(hints[key], value, path)
     try:
         return cls(**kwargs)
+    except ConfigError:
+        raise
     except (TypeError, ValueError) as e:
-        raise ValueError(f"invalid config section {where or 'experiment'!r}: {e}") from None
+        raise ConfigError(f"invalid config section {where or 'experiment'!r}: {e}") from None
 
 
 def to_dict(config: Any) -> dict[str, Any]:
@@ -319,7 +538,8 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 
 def merge_base(base: ExperimentConfig, values: dict[str, Any]) -> ExperimentConfig:
-    """`base` with the fields in the nested dict `values` replaced (sections merged key by key)."""
+    """`base` with the fields in the nested dict `values` replaced (sections merged key by key).
+    A `preset` in `values` is applied first: `base`, then `PRESETS[preset]`, then `values`."""
     merged = to_dict(base)
 
     def update(dst, src, where):
@@ -329,6 +549,11 @@ def merge_base(base: ExperimentConfig, values: dict[str, Any]) -> ExperimentConf
             else:
                 dst[k] = v
 
+    preset = values.get("preset")
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; available: {sorted(PRESETS)}")
+        update(merged, PRESETS[preset], "")
     update(merged, values, "")
     return from_dict(ExperimentConfig, merged)
 
@@ -338,31 +563,105 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     nested: dict[str, Any] = {}
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"override {item!r} must look like section.field=value")
+            raise ConfigError(f"override {item!r} must look like section.field=value")
         key, raw = item.split("=", 1)
         node = nested
         parts = key.strip().split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(raw)
+        node[parts[-1]] = _yaml(raw, f"--set {item}")
     return nested
+
+
+def _yaml(text: str, where: str) -> Any:
+    """`text` parsed as YAML (safe: tags never execute); a syntax error names `where` and the
+    line and column."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or type(e).__name__
+        raise ConfigError(f"{where} is not valid YAML{at}: {problem}") from None
+
+
+def import_modules(names: typing.Iterable[str]) -> None:
+    """Imports every module of `names` (`importlib.import_module`; the working directory comes
+    first on the search path, as for `python -m`), e.g. one whose import registers a method."""
+    names = list(names)
+    if names and "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name is None or not name.startswith(e.name):
+                raise  # the module exists but one of its own imports is missing
+            raise ConfigError(
+                f"imports: cannot import module {name!r} ({e}); give a module name importable "
+                "from the working directory or PYTHONPATH, e.g. my_methods for ./my_methods.py"
+            ) from None
 
 
 def load(
     path: str | Path | None = None,
     overrides: list[str] | None = None,
     base: ExperimentConfig | None = None,
+    preset: str | None = None,
 ) -> ExperimentConfig:
-    """Reads a YAML experiment config (if given) on top of `base`, then applies overrides."""
+    """Reads a YAML experiment config (if given) on top of `base` (and the paper `preset`, e.g.
+    the command line's `--preset`), then applies overrides."""
     config = base or ExperimentConfig()
+    if preset is not None:
+        config = merge_base(config, {"preset": preset})
     if path is not None:
         p = Path(path)
         if not p.is_file():
             raise FileNotFoundError(f"config file {str(p)!r} does not exist")
-        values = yaml.safe_load(p.read_text()) or {}
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(
+                f"config file {str(p)!r} is not UTF-8 text (byte {e.start})"
+            ) from None
+        values = _yaml(text, f"config file {str(p)!r}") or {}
         if not isinstance(values, dict):
-            raise ValueError(f"config file {str(p)!r} must hold a mapping at the top level")
+            raise ConfigError(f"config file {str(p)!r} must hold a mapping at the top level")
+        if preset is not None and values.get("preset", preset) != preset:
+            raise ConfigError(
+                f"config file {str(p)!r} names preset {values['preset']!r}, the command line "
+                f"{preset!r}; keep one"
+            )
+        if preset is not None:  # already applied under the file's values
+            values = {k: v for k, v in values.items() if k != "preset"}
         config = merge_base(config, values)
     if overrides:
         config = merge_base(config, parse_overrides(overrides))
     return config
+
+
+# What may differ when a run is resumed: its length and how it is presented or saved.
+RESUMABLE = ("rounds", "tracking", "checkpoint")
+
+
+def _flat(values: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(values, dict) and values:
+        out: dict[str, Any] = {}
+        for key, value in values.items():
+            out.update(_flat(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: values}
+
+
+def resume_differences(saved: dict[str, Any], config: ExperimentConfig) -> list[str]:
+    """`field: saved -> new` for every field where `config` differs from the `config.json` of
+    the run it resumes, except those in `RESUMABLE` (`rounds`, `tracking.*`, `checkpoint.*`);
+    a field missing from `saved` (written before the field existed) counts as its default."""
+    plain = lambda c: _flat(json.loads(json.dumps(to_dict(c))))
+    # A field the saved run predates held its default then.
+    old, new = {**plain(ExperimentConfig()), **_flat(saved)}, plain(config)
+    return [
+        f"{key}: {old.get(key, '(unset)')!r} -> {new.get(key, '(unset)')!r}"
+        for key in sorted(set(old) | set(new))
+        if old.get(key) != new.get(key) and key.split(".")[0] not in RESUMABLE
+    ]

@@ -19,7 +19,14 @@ from flax import nnx
 from fedjax_lora import amole, lora
 from fedjax_lora.algorithms import METHODS, Algorithm, Problem, SimState, get_method
 from fedjax_lora.checkpoint import Checkpointer
-from fedjax_lora.config import ExperimentConfig, convert, to_dict
+from fedjax_lora.config import (
+    RESUMABLE,
+    ExperimentConfig,
+    convert,
+    import_modules,
+    resume_differences,
+    to_dict,
+)
 from fedjax_lora.data import (
     FederatedData,
     eval_windows,
@@ -32,12 +39,15 @@ from fedjax_lora.data import (
 from fedjax_lora.data.streams import split_tail
 from fedjax_lora.distributed import host
 from fedjax_lora.engine.evaluate import EvalSet
+from fedjax_lora.errors import CheckpointError, ConfigError, DivergenceError
+from fedjax_lora.export import ADAPTERS_DIR, save_run_adapters
 from fedjax_lora.models.config import ModelConfig
 from fedjax_lora.models.factory import from_config
 from fedjax_lora.plots import plot_expert_assignment, plot_history, plot_trust
 from fedjax_lora.tracking import (
     evaluation_progress,
     interactive,
+    json_safe,
     open_trackers,
     progress_bar,
     require_wandb,
@@ -165,9 +175,10 @@ def _instruction_data(config: ExperimentConfig, vocab_size: int, tokenizer) -> F
     kw = {"source": spec.paths[0]} if spec.paths else {}
     if spec.source == "natural_instructions":
         pairs = datasets_hf.load_natural_instructions(num_tasks=spec.num_tasks, **kw)
-    else:
-        load = datasets_hf.load_dolly if spec.source == "dolly" else datasets_hf.load_snli
-        pairs = load(limit=spec.max_rows, **kw)
+    elif spec.source == "dolly":
+        pairs = datasets_hf.load_dolly(limit=spec.max_rows, **kw)
+    else:  # the unlabelled rows count in the reference's partition
+        pairs = datasets_hf.load_snli(limit=spec.max_rows, unlabelled=True, **kw)
     return instruction.instruction_data(
         pairs,
         tokenizer,
@@ -178,9 +189,12 @@ def _instruction_data(config: ExperimentConfig, vocab_size: int, tokenizer) -> F
         seed=spec.seed,
         val_fraction=spec.val_fraction,
         test_fraction=spec.test_fraction,
+        aux_fraction=spec.aux_fraction,
         max_test=gen.max_examples if gen else 50,
         choices=gen is not None and gen.metric == "choice_accuracy",
         bos_id=instruction.default_bos_id(tokenizer),
+        packing=spec.instruction_packing,
+        seq_len=config.training.seq_len,
     )
 
 
@@ -202,7 +216,12 @@ def _with_task(problem: Problem, config: ExperimentConfig, data: FederatedData) 
         budget = gen.max_prompt_tokens or context - gen.max_new_tokens
         make = lambda n: instruction.make_generation_set(task.prompts, config.eval.batch_size, n)
         text_task = instruction.TextTask(
-            "rouge_l", gen.max_new_tokens, task.eos_id, task.references, task.decode
+            "rouge_l",
+            gen.max_new_tokens,
+            task.eos_id,
+            task.references,
+            task.decode,
+            rouge=config.eval.rouge,
         )
     else:
         budget = gen.max_prompt_tokens or context - max(len(c) for c in task.choices)
@@ -231,9 +250,9 @@ def _fortunes_data(config: ExperimentConfig, vocab_size: int, tokenizer) -> Fede
     seq, per_category = config.training.seq_len, spec.reference_sequences // len(spec.categories)
     for g, category in enumerate(spec.categories):
         texts = (
-            fortunes.load_language(category, root)
+            fortunes.load_language(category, root, spec.encodings)
             if category in languages
-            else fortunes.load_topic(category, "en", root)
+            else fortunes.load_topic(category, "en", root, spec.encodings)
         )
         rng = np.random.default_rng(spec.seed + g)
         order = rng.permutation(len(texts))
@@ -279,7 +298,9 @@ def _hold_out(texts, order, tokens: int, tokenizer, vocab_size: int):
 
 
 def build_problem(config: ExperimentConfig) -> tuple[Problem, FederatedData]:
-    """Model, adapters, data and evaluation windows assembled into a `Problem`."""
+    """Model, adapters, data and evaluation windows assembled into a `Problem` (the config's
+    `imports` imported first, so their methods are known)."""
+    import_modules(config.imports)
     unknown = sorted(set(config.method_options) - set(METHODS))
     if unknown:
         raise ValueError(
@@ -290,14 +311,25 @@ def build_problem(config: ExperimentConfig) -> tuple[Problem, FederatedData]:
     model, tokenizer = build_model(config)
     data = build_data(config, model.config.vocab_size, tokenizer)
     seq, ev = config.training.seq_len, config.eval
-    train = data.train
+    train, training = data.train, config.training
+    stride = None
+    if data.example_rows:  # one padded example per slot of seq + 1 tokens
+        stride, training = seq + 1, dataclasses.replace(training, packing="examples")
+    # val/test count the target tokens only (an instruction example's response); aux every token
+    # (FedAMoLE's RSEA statistics: prompt and response, as the reference).
     windows = {
-        split: eval_windows(data.split(split), seq, ev.max_windows, data.client_names)
+        split: eval_windows(
+            data.split(split), seq, ev.max_windows, data.client_names, stride=stride, masked=True
+        )
         for split in SPLITS
     }
-    if config.data.aux_fraction > 0:  # held out of training, e.g. FedAMoLE's RSEA statistics
+    aux = data.aux
+    if aux is None and config.data.aux_fraction > 0:  # held out of the training stream
         train, aux = split_tail(train, config.data.aux_fraction)
-        windows["aux"] = eval_windows(aux, seq, ev.max_windows, data.client_names)
+    if aux is not None:
+        windows["aux"] = eval_windows(
+            aux, seq, ev.max_windows, data.client_names, stride=stride, masked=data.example_rows
+        )
     shared = {}
     for name, stream in (data.shared_eval or {}).items():
         w, v = eval_windows(stack_streams([stream]), seq, ev.max_windows)
@@ -306,7 +338,7 @@ def build_problem(config: ExperimentConfig) -> tuple[Problem, FederatedData]:
         model,
         train,
         windows,
-        training=config.training,
+        training=training,
         optimizer=config.optimizer,
         strategy=config.strategy,
         eval_batch_size=ev.batch_size,
@@ -326,20 +358,64 @@ def _finite_per_client(params) -> jax.Array:
     return jnp.stack(per_leaf).all(0)
 
 
-def _finite_or_raise(method: str, round_idx: int, metrics: dict, params, names) -> None:
-    """Stops the run (before anything of this round is checkpointed) on a non-finite training
-    loss or adapter value, naming the method, the clients and the round."""
+# Divergence to a finite collapse (issue 15): a model whose logits became constant predicts the
+# uniform distribution, loss exactly ln V on every window; one that is worse than uniform by a
+# factor of 2 in log-loss (perplexity above V²) has left any reasonable optimum.
+COLLAPSE_TOLERANCE = 1e-4  # nats from ln V, on both the last training step and validation
+DIVERGENCE_FACTOR = 2.0  # a training loss above DIVERGENCE_FACTOR · ln V
+
+
+def diverged_clients(
+    train_loss: np.ndarray, val_loss: np.ndarray | None, trained: np.ndarray, vocab_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """`(collapsed, exploded)`: client indices whose predictions collapsed to uniform (the last
+    training step's loss and the validation loss both within `COLLAPSE_TOLERANCE` of `ln V`) and
+    those with a training loss above `DIVERGENCE_FACTOR · ln V`. `train_loss [K, steps]` of the
+    clients `trained [K]`, `val_loss [N]` (None: no validation loss)."""
+    uniform = np.log(vocab_size)
+    exploded = trained[np.any(train_loss > DIVERGENCE_FACTOR * uniform, axis=-1)]
+    if val_loss is None:
+        return np.zeros(0, int), exploded
+    flat = np.abs(train_loss[:, -1] - uniform) < COLLAPSE_TOLERANCE
+    flat &= np.abs(np.asarray(val_loss)[trained] - uniform) < COLLAPSE_TOLERANCE
+    return trained[flat], exploded
+
+
+def _finite_or_raise(
+    method: str, round_idx: int, metrics: dict, params, names, vocab_size: int
+) -> None:
+    """Stops the run (before anything of this round is checkpointed) when training diverged:
+    a non-finite training loss or adapter value, predictions collapsed to uniform, or a loss far
+    above the uniform prediction's (`diverged_clients`), naming the method, the clients and the
+    round. The config's values and the base's weights were checked before training, so the
+    cause is the optimization."""
     loss = np.asarray(metrics["train"]["train_loss"])
     finite = np.array(host(_finite_per_client(params)))
-    trained = metrics["train"].get("cohort", np.arange(finite.size))  # rows of `loss`
-    finite[np.asarray(trained)] &= np.all(np.isfinite(loss), axis=-1)
+    trained = np.asarray(metrics["train"].get("cohort", np.arange(finite.size)))  # rows of `loss`
+    finite[trained] &= np.all(np.isfinite(loss), axis=-1)
+    who = lambda idx: [names[i] if names else int(i) for i in idx]
+    fix = (
+        "lower optimizer.lr (or set optimizer.grad_clip); the last good checkpoint, if any, is kept"
+    )
     bad = np.flatnonzero(~finite)
     if bad.size:
-        who = [names[i] if names else int(i) for i in bad]
-        raise FloatingPointError(
-            f"method {method!r}: non-finite training loss or parameters for client(s) {who} in "
-            f"round {round_idx}; lower the learning rate or check the data (the last good "
-            "checkpoint, if any, is kept)"
+        raise DivergenceError(
+            f"method {method!r}: non-finite training loss or parameters for client(s) {who(bad)} "
+            f"in round {round_idx}: training diverged; {fix}"
+        )
+    val = metrics.get("val", {}).get("loss")
+    collapsed, exploded = diverged_clients(loss, val, trained, vocab_size)
+    if collapsed.size:
+        raise DivergenceError(
+            f"method {method!r}: training diverged for client(s) {who(collapsed)} in round "
+            f"{round_idx}: predictions collapsed to uniform (loss = ln V = "
+            f"{np.log(vocab_size):.4f}, perplexity = the vocabulary size {vocab_size}); {fix}"
+        )
+    if exploded.size:
+        raise DivergenceError(
+            f"method {method!r}: training diverged for client(s) {who(exploded)} in round "
+            f"{round_idx}: training loss above {DIVERGENCE_FACTOR:g} · ln V = "
+            f"{DIVERGENCE_FACTOR * np.log(vocab_size):.4f} (worse than uniform predictions); {fix}"
         )
 
 
@@ -377,6 +453,19 @@ def scored(metrics: dict, problem: Problem) -> dict:
     return {k: score_task(v, problem.task) if k in tasks else v for k, v in metrics.items()}
 
 
+def _trust_options(config: ExperimentConfig):
+    """`config.trust` with `eval.attention_dropout` as its evaluation dropout rate."""
+    rate, own = config.eval.attention_dropout, config.trust.eval_attention_dropout
+    if rate is None:
+        return config.trust
+    if own is not None and own != rate:
+        raise ValueError(
+            f"eval.attention_dropout={rate} and trust.eval_attention_dropout={own} disagree; "
+            "set eval.attention_dropout only"
+        )
+    return dataclasses.replace(config.trust, eval_attention_dropout=rate)
+
+
 def method_factory(name: str, config: ExperimentConfig):
     """`problem -> Algorithm` for method `name` with its options: `config.method_options[name]`,
     keyword arguments of the factory converted to their annotated types (a mapping becomes e.g. a
@@ -392,7 +481,7 @@ def method_factory(name: str, config: ExperimentConfig):
             f"options: {sorted(accepted)}"
         )
     if "trust" in accepted:
-        options.setdefault("trust", config.trust)
+        options.setdefault("trust", _trust_options(config))
     kwargs = {
         key: convert(accepted[key].annotation, value, f"method_options.{name}.{key}")
         for key, value in options.items()
@@ -410,6 +499,7 @@ def run_method(
     checkpoint_dir: Path | None = None,
     resume: bool = False,
     algorithm: Algorithm | None = None,
+    adapters_path: Path | None = None,
 ) -> list[dict[str, Any]]:
     """Runs one method for `config.rounds` rounds; returns and logs one record per round (round 0
     is the evaluation before training). The last record of a method with an expert assignment
@@ -420,12 +510,21 @@ def run_method(
     `checkpoint_dir` every that many rounds and after the last; `resume` continues from the newest
     readable checkpoint there, so the final state and metrics equal an uninterrupted run's.
     `algorithm`: the method already built from `problem` (else it is built here).
+    `adapters_path`: where the final stacked adapters go (`export.save_run_adapters`; what
+    `fedjax-lora export` reads).
     """
     algo = algorithm or method_factory(name, config)(problem)
     sim = algo.init(jax.random.key(config.seed))
+    vocab = nnx.merge(problem.graphdef, problem.template, problem.base).config.vocab_size
     every = config.checkpoint.every
-    ckpt = Checkpointer(checkpoint_dir, keep=config.checkpoint.keep) if every else None
+    saving = every or resume
+    ckpt = Checkpointer(checkpoint_dir, keep=config.checkpoint.keep) if saving else None
     restored = ckpt.restore_latest(sim) if ckpt and resume else None
+    if resume and restored is None and ckpt.steps():
+        raise CheckpointError(
+            f"--resume: every checkpoint of method {name!r} in {checkpoint_dir} (rounds "
+            f"{ckpt.steps()}) is unreadable; nothing was resumed. Start afresh in another --out"
+        )
     evaluating = functools.partial(
         evaluation_progress,
         problem.num_clients * len(problem.eval_sets),
@@ -451,7 +550,7 @@ def run_method(
         with evaluating():
             sim, metrics = algo.round(sim)
             metrics = scored(metrics, problem)
-        _finite_or_raise(name, r, metrics, sim.clients.params, problem.client_names)
+        _finite_or_raise(name, r, metrics, sim.clients.params, problem.client_names, vocab)
         records.append(_round_record(name, r, metrics, time.perf_counter() - start))
         experts = expert_assignment(sim) if r == config.rounds else None
         if experts:
@@ -460,11 +559,14 @@ def run_method(
         if routing:
             records[-1]["routing"] = routing
         log(records[-1])
-        if ckpt and (r % every == 0 or r == config.rounds):
+        if every and (r % every == 0 or r == config.rounds):
             ckpt.save(r, sim, records)
         bar.set_postfix(val_ppl=f"{records[-1]['val_mean_ppl']:.3f}")
     if ckpt:
         ckpt.close()
+    if adapters_path is not None:
+        names = problem.client_names or [str(i) for i in range(problem.num_clients)]
+        save_run_adapters(adapters_path, sim.clients.params, names, records[-1]["round"])
     return records
 
 
@@ -508,14 +610,18 @@ def routing_record(
     }
 
 
-def summarize(history: dict[str, list[dict[str, Any]]], client_names) -> dict[str, Any]:
-    """Per method: final mean and per-client perplexity (test and validation splits)."""
+def summarize(
+    history: dict[str, list[dict[str, Any]]], client_names, groups: list[int] | None = None
+) -> dict[str, Any]:
+    """Per method: final mean and per-client perplexity (test and validation splits); with
+    `groups` (the data's client groups), `client_groups` too."""
     summary = {}
     for method, records in history.items():
         last = records[-1]
         summary[method] = {
             "rounds": last["round"],
             "client_names": list(client_names),
+            **({"client_groups": list(groups)} if groups is not None else {}),
             **{
                 f"{split}_{what}": last[f"{split}_{what}"]
                 for split in SPLITS
@@ -584,34 +690,75 @@ def results_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def resumable(out: Path, config: ExperimentConfig, *, if_any: bool = False) -> bool:
+    """Whether `--resume` has a run to continue in `out`: checkpoints (some method's step
+    directory) and the run's `config.json`, from which `config` differs only in
+    `config.RESUMABLE` fields. Raises `CheckpointError` when there is nothing to resume (unless
+    `if_any`: then False, a fresh start) and `ConfigError` naming every other changed field with
+    both values."""
+    steps = [p for p in (out / "checkpoints").glob("*/*") if p.name.isdigit() and p.is_dir()]
+    if not steps:
+        if if_any:
+            return False
+        raise CheckpointError(
+            f"--resume: nothing to resume in {out}: it holds no checkpoints (a run saves them "
+            "with --checkpoint-every K); check --out, or drop --resume (or pass "
+            "--resume=if-any) to start from scratch"
+        )
+    try:
+        saved = json.loads((out / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(
+            f"--resume: {out / 'config.json'} of the run to continue is unreadable ({e}); "
+            "without it the configs cannot be compared, so nothing is resumed"
+        ) from None
+    changed = resume_differences(saved, config)
+    if changed:
+        raise ConfigError(
+            f"--resume: the config differs from the run in {out} in {'; '.join(changed)}; only "
+            f"{', '.join(RESUMABLE)} may change on resume: restore those values, or start a new "
+            "run in another --out"
+        )
+    return True
+
+
 def train_and_evaluate(
-    config: ExperimentConfig, out_dir: str | Path, *, progress: bool = True, resume: bool = False
+    config: ExperimentConfig,
+    out_dir: str | Path,
+    *,
+    progress: bool = True,
+    resume: bool | str = False,
 ) -> dict[str, Any]:
     """Runs every method of `config` and writes under `out_dir`: `config.json`, `metrics.jsonl`
     (one record per method and round, with the mixing matrix), TensorBoard events in
     `tensorboard/` (and a W&B run if asked), `summary.json`, `results.md`, `ppl.png`,
-    `trust.png` (final mixing matrices), `experts.png` (final expert assignments, FedAMoLE) and
-    `routing_<method>.png` (generalist routing shares, CoMiGS family);
-    returns the summary. Checkpoints go to
-    `out_dir/checkpoints/<method>`; `resume` continues every method from its newest readable
-    checkpoint."""
+    `trust.png` (final mixing matrices), `experts.png` (final expert assignments, FedAMoLE),
+    `routing_<method>.png` (generalist routing shares, CoMiGS family) and every method's final
+    adapters in `adapters/<method>.safetensors` (`fedjax-lora export`); returns the summary.
+    Checkpoints go to `out_dir/checkpoints/<method>`; `resume` continues every method from its
+    newest readable checkpoint (`resume="if-any"`: or starts afresh when there is none); the
+    config may then differ from the saved run's only in `config.RESUMABLE` fields."""
     out = Path(out_dir)
     checkpoints = out / "checkpoints"
     if not resume and checkpoints.is_dir() and any(checkpoints.iterdir()):
-        raise ValueError(
+        raise CheckpointError(
             f"{checkpoints} already holds checkpoints; pass --resume to continue that run or "
             "choose another output directory (nothing was overwritten)"
         )
+    resume = bool(resume) and resumable(out, config, if_any=resume == "if-any")
     out.mkdir(parents=True, exist_ok=True)
     if config.tracking.wandb:
         require_wandb()
-    problem, _ = build_problem(config)
+    problem, data = build_problem(config)
+    groups = None if data.groups is None else np.asarray(data.groups).tolist()
     # Evaluation progress is compiled into the rounds only when a bar can show.
     shown = progress and config.tracking.progress and interactive()
     problem = dataclasses.replace(problem, eval_progress=shown)
     # Every method is built (its options checked) before any of them trains.
     algorithms = {name: method_factory(name, config)(problem) for name in config.methods}
     (out / "config.json").write_text(json.dumps(to_dict(config), indent=2))
+    for stale in ("summary.json", "results.md"):  # rewritten when every method has finished
+        (out / stale).unlink(missing_ok=True)
     trackers = open_trackers(
         out,
         tensorboard=config.tracking.tensorboard,
@@ -631,13 +778,14 @@ def train_and_evaluate(
                 checkpoint_dir=out / "checkpoints" / name,
                 resume=resume,
                 algorithm=algorithms[name],
+                adapters_path=out / ADAPTERS_DIR / f"{name}.safetensors",
             )
     finally:
         trackers.close()
-    summary = summarize(history, problem.client_names)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    summary = summarize(history, problem.client_names, groups)
+    (out / "summary.json").write_text(json.dumps(json_safe(summary), indent=2, allow_nan=False))
     (out / "results.md").write_text(results_table(summary) + "\n")
-    plot_history(history, out / "ppl.png")
+    plot_history(history, out / "ppl.png", groups=groups)
     trust = final_trust(history, problem.num_clients)
     if trust:
         plot_trust(trust, problem.client_names, out / "trust.png")

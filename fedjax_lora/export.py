@@ -9,6 +9,11 @@ that each slice's rows only write its own output columns — the same function e
 
 Merged weights: `W' = W + scale · A B` for every adapted projection, written with the HF names and
 layouts of the base (so `models.load` and transformers read them) with a `config.json`.
+
+From a run: `train_and_evaluate` saves every method's final stacked adapters
+(`save_run_adapters`, `RUN_DIR/adapters/<method>.safetensors`); `export_run` (the CLI's
+`fedjax-lora export RUN_DIR --method M [--client C] [--format peft|merged] --out DIR`) rebuilds
+the base from the run's `config.json` and writes one client's (or every client's) export.
 """
 
 from __future__ import annotations
@@ -23,14 +28,29 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
+from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from fedjax_lora.lora import LoRA
+from fedjax_lora import config as config_lib
+from fedjax_lora.distributed import host
+from fedjax_lora.lora import LoRA, split
 from fedjax_lora.models.config import ModelConfig
 from fedjax_lora.models.layers import Linear
 from fedjax_lora.models.weights import hf_param_names
 
 PyTree = Any
+
+__all__ = [
+    "client_adapters",
+    "export_run",
+    "hf_config",
+    "load_run_adapters",
+    "merged_state_dict",
+    "save_merged",
+    "save_run_adapters",
+    "to_peft",
+    "with_client",
+]
 
 
 def client_adapters(stacked: PyTree, client: int) -> PyTree:
@@ -182,3 +202,98 @@ def save_merged(model: nnx.Module, out_dir: str | os.PathLike) -> Path:
     (out / "config.json").write_text(json.dumps(hf_config(model.config), indent=2))
     save_file(merged_state_dict(model), str(out / "model.safetensors"))
     return out
+
+
+ADAPTERS_DIR = "adapters"
+"""Where `train_and_evaluate` saves each method's final adapters: `RUN_DIR/adapters/<method>`."""
+
+
+def save_run_adapters(
+    path: str | os.PathLike, stacked: nnx.State, client_names: list[str], round_idx: int
+) -> Path:
+    """Writes a method's final stacked adapters (`[N, ...]` per leaf, or `[1, ...]` for one model
+    shared by every client) to `path` (safetensors, leaves named by their dotted module path;
+    the client names and the round in its metadata)."""
+    tensors = {
+        ".".join(str(p) for p in key): np.ascontiguousarray(host(var.get_value()))
+        for key, var in nnx.to_flat_state(stacked)
+    }
+    meta = {"client_names": json.dumps(list(client_names)), "round": str(round_idx)}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata=meta)
+    return path
+
+
+def load_run_adapters(path: str | os.PathLike, template: nnx.State) -> tuple[nnx.State, list[str]]:
+    """The stacked adapters `save_run_adapters` wrote, as a tree like `template` (one client's
+    adapters), and the client names. Raises when the saved leaves are not the template's (a
+    method with other adapters than the config's LoRA, e.g. mixtures of experts)."""
+    with safe_open(str(path), "numpy") as f:
+        names = json.loads(f.metadata()["client_names"])
+        saved = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no iterator
+    flat = list(nnx.to_flat_state(template))
+    expected = {".".join(str(p) for p in key): var.get_value().shape for key, var in flat}
+    got = {k: v.shape[1:] for k, v in saved.items()}
+    if got != {k: tuple(s) for k, s in expected.items()}:
+        differ = sorted(set(got) ^ set(expected)) or sorted(
+            k for k in got if got[k] != tuple(expected[k])
+        )
+        raise ValueError(
+            f"{path} holds adapters other than the run config's LoRA (first differences: "
+            f"{differ[:3]}); only methods that train plain LoRA on the config's projections "
+            "export to PEFT or merged weights"
+        )
+    leaves = [(key, var.replace(saved[".".join(str(p) for p in key)])) for key, var in flat]
+    return nnx.from_flat_state(leaves), names
+
+
+def export_run(
+    run_dir: str | os.PathLike,
+    method: str,
+    out_dir: str | os.PathLike,
+    *,
+    client: str | None = None,
+    fmt: str = "peft",
+) -> list[Path]:
+    """Exports the final adapters of `method` in the run directory `run_dir` (its `config.json`
+    and `adapters/<method>.safetensors`): for `client` (a client name or index; None: every
+    client) to `out_dir/<client name>/`, as PEFT adapters (`to_peft`) or merged weights
+    (`save_merged`, `fmt="merged"`). The base is rebuilt from the config (`model.source`, or the
+    tiny random base from its seed). Returns the written directories."""
+    from fedjax_lora.experiment import build_model  # it saves through this module
+
+    run = Path(run_dir)
+    if fmt not in ("peft", "merged"):
+        raise ValueError(f"export format must be peft or merged, got {fmt!r}")
+    if not (run / "config.json").is_file():
+        raise FileNotFoundError(f"{run} holds no config.json; give the directory of a finished run")
+    saved = run / ADAPTERS_DIR / f"{method}.safetensors"
+    if not saved.is_file():
+        have = sorted(p.stem for p in (run / ADAPTERS_DIR).glob("*.safetensors"))
+        raise FileNotFoundError(
+            f"{run} holds no final adapters of method {method!r}; saved methods: {have or 'none'}"
+        )
+    config = config_lib.from_dict(
+        config_lib.ExperimentConfig, json.loads((run / "config.json").read_text())
+    )
+    graphdef, template, base = split(build_model(config)[0])
+    stacked, names = load_run_adapters(saved, template)
+    if client is None:
+        chosen = list(range(len(names)))
+    elif client in names:
+        chosen = [names.index(client)]
+    elif client.isdigit() and int(client) < len(names):
+        chosen = [int(client)]
+    else:
+        raise ValueError(f"unknown client {client!r}; the run's clients are {names}")
+    rows = jax.tree.leaves(stacked)[0].shape[0]  # 1: one model shared by every client
+    written = []
+    for c in chosen:
+        model = with_client(graphdef, stacked, base, c if rows > 1 else 0)
+        target = Path(out_dir) / names[c]
+        if fmt == "peft":
+            written.append(to_peft(model, target, base_model_name_or_path=config.model.source))
+        else:
+            written.append(save_merged(model, target))
+    return written

@@ -28,12 +28,8 @@ import numpy as np
 import yaml
 
 from fedjax_lora import config as config_lib
-from fedjax_lora.experiment import final_trust, train_and_evaluate
-from fedjax_lora.plots import plot_trust
-from fedjax_lora.report import load_history
-from fedjax_lora.tracking import progress_bar
 
-__all__ = ["cell_config", "load_grid", "main", "results_table", "run_grid"]
+__all__ = ["cell_config", "grid_configs", "load_grid", "main", "results_table", "run_grid"]
 
 Results = dict[str, dict[str, list[float]]]
 
@@ -86,6 +82,31 @@ def results_table(final: Results, methods: list[str], metric: str = "val_mean_pp
     return "\n".join(lines)
 
 
+def grid_configs(
+    grid: dict,
+    cells: list[str] | None = None,
+    seeds: list[int] | None = None,
+    methods: list[str] | None = None,
+    overrides: list[str] = (),
+) -> tuple[dict[str, list[str]], dict[tuple[str, int], config_lib.ExperimentConfig]]:
+    """The selected cells' methods `{cell: [method]}` and every run's checked config
+    `{(cell, seed): config}` (no JAX needed: the CLI calls it before JAX loads)."""
+    by_name = {c["name"]: c for c in grid["cells"]}
+    unknown = sorted(set(cells or []) - set(by_name))
+    if unknown:
+        raise ValueError(f"unknown cells {unknown}; the grid has {sorted(by_name)}")
+    chosen = cells or list(by_name)
+    cell_methods = {
+        name: list(methods or by_name[name].get("methods", grid["methods"])) for name in chosen
+    }
+    configs = {
+        (name, seed): cell_config(grid, by_name[name], seed, cell_methods[name], list(overrides))
+        for name in chosen
+        for seed in list(seeds or grid["seeds"])
+    }
+    return cell_methods, configs
+
+
 def run_grid(
     grid: dict,
     out: Path,
@@ -98,23 +119,17 @@ def run_grid(
 ) -> Results:
     """Runs the selected cells and seeds; returns `{cell: {method: [metric per seed]}}` and writes
     `results.md`, `results.json` and the trust heatmaps under `out`. `methods` replaces every
-    cell's methods. All cells' configs are checked before the first run."""
+    cell's methods. All cells' configs are checked before the first run (and before JAX loads)."""
     out = Path(out)
-    by_name = {c["name"]: c for c in grid["cells"]}
-    unknown = sorted(set(cells or []) - set(by_name))
-    if unknown:
-        raise ValueError(f"unknown cells {unknown}; the grid has {sorted(by_name)}")
     metric = grid.get("metric", "val_mean_ppl")
     seeds = list(seeds or grid["seeds"])
-    chosen = cells or list(by_name)
-    cell_methods = {
-        name: list(methods or by_name[name].get("methods", grid["methods"])) for name in chosen
-    }
-    configs = {
-        (name, seed): cell_config(grid, by_name[name], seed, cell_methods[name], list(overrides))
-        for name in chosen
-        for seed in seeds
-    }
+    cell_methods, configs = grid_configs(grid, cells, seeds, methods, overrides)
+    chosen = list(cell_methods)
+    from fedjax_lora.experiment import final_trust, train_and_evaluate
+    from fedjax_lora.plots import plot_trust
+    from fedjax_lora.report import load_history
+    from fedjax_lora.tracking import progress_bar
+
     final: Results = {}
     runs = [(name, k, seed) for name in chosen for k, seed in enumerate(seeds)]
     for name, k, seed in progress_bar(runs, enabled=progress, desc="grid", unit="run"):

@@ -9,7 +9,6 @@ held once, and adapters can be stacked on a leading client axis (`init_adapters`
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
@@ -20,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from fedjax_lora.models.layers import Adapter, Linear, dropout
+from fedjax_lora.settings import LoRAConfig
 
 __all__ = [
     "Adapter",
@@ -59,64 +59,6 @@ class Init:
         if self.kind == "zeros":
             return jnp.zeros_like(standard)
         return standard * (self.bound if self.kind == "uniform" else self.std)
-
-
-@dataclasses.dataclass(frozen=True)
-class LoRAConfig:
-    """Which projections get LoRA and how.
-
-    targets: patterns over projection paths. A plain pattern matches a path that equals it or ends
-        with `.pattern` (PEFT's `target_modules` rule): `"c_attn"` (GPT-2 fused qkv, whole),
-        `"c_attn.q"` (its q slice), `"attn.c_proj"`, `"mlp.c_fc"`, `"q_proj"`, `"down_proj"`.
-        A pattern starting with `re:` is a regular expression matched against the full path.
-    scaling: `"alpha/r"` (Hu et al.; trust-weighted, FedAMoLE) or `"alpha/sqrt(r)"` (rsLoRA;
-        CoMiGS).
-    init: `"kaiming_uniform"` is PyTorch's `kaiming_uniform_(a=sqrt(5))`, i.e. U(±1/sqrt(fan)), with
-        `init_fan="in"` for the reference layout `A: (r, in)` (PEFT, CoMiGS, FedAMoLE) or
-        `init_fan="rank"` for `A: (in, r)` (the trust-weighted reference: U(±1/sqrt(r))).
-        `"gaussian"` draws A ~ N(0, init_std²) (default std 1/r, PEFT's `gaussian`). B = 0 always.
-    """
-
-    targets: tuple[str, ...]
-    rank: int = 8
-    alpha: float = 16.0
-    scaling: Literal["alpha/r", "alpha/sqrt(r)"] = "alpha/r"
-    dropout: float = 0.0
-    init: Literal["kaiming_uniform", "gaussian"] = "kaiming_uniform"
-    init_fan: Literal["in", "rank"] = "in"
-    init_std: float | None = None
-    dtype: str = "float32"
-
-    def __post_init__(self):
-        if isinstance(self.targets, str):
-            object.__setattr__(self, "targets", (self.targets,))
-        else:
-            object.__setattr__(self, "targets", tuple(self.targets))
-        if not self.targets:
-            raise ValueError("LoRAConfig.targets is empty; name at least one projection")
-        if self.rank < 1:
-            raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
-        if self.scaling not in ("alpha/r", "alpha/sqrt(r)"):
-            raise ValueError(f"scaling must be 'alpha/r' or 'alpha/sqrt(r)', got {self.scaling!r}")
-        if self.init not in ("kaiming_uniform", "gaussian"):
-            raise ValueError(f"init must be 'kaiming_uniform' or 'gaussian', got {self.init!r}")
-        if self.init_fan not in ("in", "rank"):
-            raise ValueError(f"init_fan must be 'in' or 'rank', got {self.init_fan!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
-
-    @property
-    def scale(self) -> float:
-        """`s = alpha / r` or `alpha / sqrt(r)`."""
-        if self.scaling == "alpha/r":
-            return self.alpha / self.rank
-        return self.alpha / math.sqrt(self.rank)
-
-    def a_init(self, in_features: int) -> Init:
-        if self.init == "gaussian":
-            return Init("normal", std=self.init_std or 1.0 / self.rank)
-        fan = in_features if self.init_fan == "in" else self.rank
-        return Init("uniform", bound=1.0 / math.sqrt(fan))
 
 
 class LoRA(nnx.Module):

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import MaxNLocator, ScalarFormatter
 
 __all__ = ["plot_expert_assignment", "plot_history", "plot_trust"]
 
@@ -24,26 +24,69 @@ def _save(fig: Figure, path: str | Path | None) -> Figure:
     return fig
 
 
+def _grid(fig: Figure, n: int, max_cols: int = 3, **kw) -> list:
+    """`n` axes in rows of at most `max_cols` (unused cells hidden), row-major."""
+    cols = min(n, max_cols)
+    rows = -(-n // cols)
+    axes = fig.subplots(rows, cols, squeeze=False, **kw).ravel().tolist()
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    return axes[:n]
+
+
+def _group_colors(num_clients: int, groups: Sequence[int] | None) -> list:
+    """One colour per client: by group (tab10) when `groups` is given, else by client."""
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if groups is not None or num_clients <= 10 else "tab20"]
+    keys = list(groups) if groups is not None else list(range(num_clients))
+    return [cmap(int(k) % cmap.N) for k in keys]
+
+
 def plot_history(
-    history: dict[str, list[dict[str, Any]]], path: str | Path | None = None, split: str = "val"
+    history: dict[str, list[dict[str, Any]]],
+    path: str | Path | None = None,
+    split: str = "val",
+    *,
+    groups: Sequence[int] | None = None,
+    max_cols: int = 3,
 ) -> Figure:
-    """Per-client perplexity over rounds (thin lines) and their mean (black), one panel per
-    method; `history` maps a method to its round records (`metrics.jsonl`)."""
+    """Per-client perplexity over rounds (thin lines, coloured by client group when `groups`
+    gives each client's group) and their mean (black), one panel per method in rows of
+    `max_cols`, shared axes; `history` maps a method to its round records (`metrics.jsonl`)."""
     methods = list(history)
-    fig = Figure(figsize=(4 * len(methods), 3.2))
-    axes = fig.subplots(1, len(methods), squeeze=False, sharey=True)
-    for ax, method in zip(axes[0], methods, strict=True):
+    cols = min(len(methods), max_cols)
+    rows = -(-len(methods) // cols)
+    fig = Figure(figsize=(3.6 * cols + 1.2, 2.9 * rows + 0.6), layout="constrained")
+    axes = _grid(fig, len(methods), max_cols, sharex=True, sharey=True)
+    handles = {}
+    for ax, method in zip(axes, methods, strict=True):
         rounds = [r["round"] for r in history[method]]
         ppl = np.asarray([r[f"{split}_ppl"] for r in history[method]])
+        colors = _group_colors(ppl.shape[1], groups)
         for c in range(ppl.shape[1]):
-            ax.plot(rounds, ppl[:, c], lw=1, alpha=0.7)
-        ax.plot(rounds, ppl.mean(1), "k-", lw=2, label="mean")
-        ax.set_title(method)
-        ax.set_xlabel("round")
+            (line,) = ax.plot(rounds, ppl[:, c], lw=1, alpha=0.75, color=colors[c])
+            label = f"group {groups[c]}" if groups is not None else None
+            if label:
+                handles.setdefault(label, line)
+        (mean,) = ax.plot(rounds, ppl.mean(1), "k-", lw=2)
+        handles.setdefault("mean over clients", mean)
+        ax.set_title(f"{method}: mean {ppl[-1].mean():.2f}", fontsize=10)
         ax.set_yscale("log")
-    axes[0][0].set_ylabel(f"{split} perplexity per client")
-    axes[0][0].legend()
-    fig.tight_layout()
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(ScalarFormatter())
+        ax.tick_params(axis="y", which="both", labelsize=7)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(True, which="both", alpha=0.2)
+    for i, ax in enumerate(axes):
+        if i + cols >= len(axes):  # no panel below: this one carries the round axis
+            ax.set_xlabel("round")
+            ax.xaxis.set_tick_params(labelbottom=True)
+        if i % cols == 0:
+            ax.set_ylabel(f"{split} perplexity (log)")
+    note = "" if groups is not None else " (one line per client)"
+    fig.legend(list(handles.values()), list(handles), loc="outside right center", fontsize=8)
+    fig.suptitle(f"Per-client {split} perplexity over rounds{note}", fontsize=11)
     return _save(fig, path)
 
 
@@ -52,20 +95,28 @@ def plot_trust(
     client_names: Sequence[str],
     path: str | Path | None = None,
     title: str = "",
+    *,
+    max_cols: int = 3,
 ) -> Figure:
-    """Heatmaps of `N × N` mixing matrices side by side (row `i`: the weights client `i` uses)."""
+    """Heatmaps of `N × N` mixing matrices in rows of `max_cols` panels: row `i` holds the
+    weights client `i` gives each client `j` when it aggregates (rows sum to 1)."""
     n = len(matrices)
-    fig = Figure(figsize=(3.4 * n, 3.2))
-    axes = fig.subplots(1, n, squeeze=False)
-    for ax, (method, w) in zip(axes[0], matrices.items(), strict=True):
+    cols = min(n, max_cols)
+    rows = -(-n // cols)
+    size = 2.4 + 0.12 * len(client_names)
+    fig = Figure(figsize=(size * cols + 1.0, size * rows + 0.6), layout="constrained")
+    axes = _grid(fig, n, max_cols)
+    ticks = np.arange(len(client_names))
+    fontsize = 7 if len(client_names) <= 16 else 5
+    for ax, (method, w) in zip(axes, matrices.items(), strict=True):
         im = ax.imshow(w, vmin=0.0, vmax=1.0, cmap="viridis")
-        ax.set_title(method)
-        ticks = np.arange(w.shape[0])
-        ax.set_xticks(ticks, list(client_names), rotation=90, fontsize=6)
-        ax.set_yticks(ticks, list(client_names), fontsize=6)
-    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
-    if title:
-        fig.suptitle(title)
+        ax.set_title(method, fontsize=10)
+        ax.set_xticks(ticks, list(client_names), rotation=90, fontsize=fontsize)
+        ax.set_yticks(ticks, list(client_names), fontsize=fontsize)
+        ax.set_xlabel("client j (weight received)", fontsize=8)
+        ax.set_ylabel("client i (aggregating)", fontsize=8)
+    fig.colorbar(im, ax=axes, shrink=0.8, label="weight of client j in client i's model")
+    fig.suptitle(title or "Final mixing (trust) matrices: row i = the weights client i uses")
     return _save(fig, path)
 
 
@@ -76,6 +127,7 @@ def plot_expert_assignment(
     *,
     module_names: Sequence[str] | None = None,
     max_modules: int = 6,
+    max_cols: int = 3,
     title: str = "",
 ) -> Figure:
     """FedAMoLE's expert assignment (RSEA, `fedjax_lora.aggregation.rsea`): which client holds
@@ -84,9 +136,9 @@ def plot_expert_assignment(
     assign: `bool [M, E, C]` (per AMoLE module, `X[e, c] = 1` when client `c` holds expert `e`)
       or `bool [E, C]` (one module); a mapping `{label: assign}` (e.g. per method) gives one row
       per label.
-    One row per assignment: with several modules, the first panel counts the modules in which
-    client `c` holds expert `e` (`Σ_m X_m`), followed by the first `max_modules` modules
-    (titled by `module_names` when given).
+    Panels in rows of at most `max_cols`, one block of rows per assignment: with several modules,
+    the first panel counts the modules in which client `c` holds expert `e` (`Σ_m X_m`), followed
+    by the first `max_modules` modules (titled by `module_names` when given).
     """
     rows = dict(assign) if isinstance(assign, Mapping) else {"": assign}
     arrays = {}
@@ -109,30 +161,36 @@ def plot_expert_assignment(
     if module_names is not None and len(module_names) != num_modules:
         raise ValueError(f"{len(module_names)} module_names for {num_modules} modules")
     shown = min(num_modules, max_modules)
-    cols = shown + (num_modules > 1)
+    cols = min(shown + (num_modules > 1), max_cols)
+    per_label = -(-(shown + (num_modules > 1)) // cols)  # rows of panels per assignment
     fig = Figure(
-        figsize=(1.2 + 0.35 * len(client_names) * cols, 0.6 + 2.6 * len(arrays)),
+        figsize=(1.4 + (0.8 + 0.2 * len(client_names)) * cols, 0.8 + 2.4 * per_label * len(arrays)),
         layout="constrained",
     )
-    axes = fig.subplots(len(arrays), cols, squeeze=False)
+    grid = fig.subplots(per_label * len(arrays), cols, squeeze=False)
     ticks = np.arange(len(client_names))
-    for ax_row, (label, x) in zip(axes, arrays.items(), strict=True):
+    for k, (label, x) in enumerate(arrays.items()):
+        axes = grid[k * per_label : (k + 1) * per_label].ravel().tolist()
         panels = []
         if num_modules > 1:
             panels.append((f"all {x.shape[0]} modules: count", x.sum(0), "viridis"))
         for m in range(min(x.shape[0], shown)):
             name = module_names[m] if module_names is not None else f"module {m}"
             panels.append((name, x[m], "Greys"))
-        for ax, (panel_title, values, cmap) in zip(ax_row, panels, strict=False):
+        for i, (ax, (panel_title, values, cmap)) in enumerate(zip(axes, panels, strict=False)):
             im = ax.imshow(values, cmap=cmap, vmin=0, vmax=max(1, int(values.max())), aspect="auto")
-            ax.set_title(panel_title, fontsize=7)
+            ax.set_title(panel_title, fontsize=8)
             ax.set_xticks(ticks, list(client_names), rotation=90, fontsize=6)
             ax.set_yticks(np.arange(values.shape[0]))
             ax.tick_params(axis="y", labelsize=6)
+            ax.set_xlabel("client", fontsize=7)
+            if i % cols == 0:
+                ax.set_ylabel(f"{label}\nexpert" if label else "expert", fontsize=8)
             if cmap == "viridis":
-                fig.colorbar(im, ax=ax, shrink=0.8).locator = MaxNLocator(integer=True)
-        ax_row[0].set_ylabel(f"{label}\nexpert" if label else "expert", fontsize=8)
-        for ax in ax_row[len(panels) :]:
+                fig.colorbar(
+                    im, ax=ax, shrink=0.8, label="modules holding it"
+                ).locator = MaxNLocator(integer=True)
+        for ax in axes[len(panels) :]:
             ax.set_visible(False)
     hidden = num_modules - shown
     fig.suptitle(

@@ -35,6 +35,42 @@ def load_history(run_dir: Path) -> dict[str, list[dict[str, Any]]]:
     return {m: [rounds[r] for r in sorted(rounds)] for m, rounds in history.items()}
 
 
+CAPTIONS = {
+    "ppl.png": "One panel per method: thin lines are the clients (coloured by their data group "
+    "when the data has groups), the black line their mean; lower is better, the panel title "
+    "gives the final mean.",
+    "trust.png": "Row i holds the weights client i gives each client j when it aggregates (rows "
+    "sum to 1): local training is the identity, FedAvg is uniform; a personalised method that "
+    "finds the clients with similar data shows blocks.",
+    "experts.png": "Dark cell: client c holds domain expert e after the RSEA assignment "
+    "(FedAMoLE); the first panel counts the modules.",
+}
+"""Captions of the figures a run writes, by file name (`routing_<method>.png`: `_caption`)."""
+
+
+def _caption(path: Path) -> str:
+    if path.name.startswith("routing_"):
+        return (
+            "Share of the routing weight that goes to the generalist (shared) expert, per client "
+            "and layer (CoMiGS): high where clients' data is common, low where it is specific."
+        )
+    return CAPTIONS.get(path.name, "")
+
+
+def _model_description(config: dict[str, Any]) -> str:
+    """`model <source>`, or the sizes of the tiny random base the run built."""
+    model = config.get("model", {})
+    if model.get("source"):
+        return f"model {model['source']}"
+    if not model:
+        return "model ?"
+    return (
+        f"tiny random {model.get('family', '?')} base (d_model {model.get('d_model', '?')}, "
+        f"{model.get('n_layers', '?')} layers, vocabulary {model.get('vocab_size', '?')}, "
+        "not pretrained)"
+    )
+
+
 def _client_table(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     methods = list(summary)
     names = summary[methods[0]]["client_names"]
@@ -50,6 +86,13 @@ def write_report(run_dir: str | Path, fmt: str = "md") -> Path:
     if fmt not in ("md", "html"):
         raise ValueError(f"report format must be 'md' or 'html', got {fmt!r}")
     run = Path(run_dir)
+    if not (run / "metrics.jsonl").is_file() and (run / "results.json").is_file():
+        runs = sorted(str(p.parent) for p in run.glob("*/seed*/metrics.jsonl"))
+        raise FileNotFoundError(
+            f"{run} is a grid: its table is {run / 'results.md'}; report one of its runs, e.g. "
+            f"fedjax-lora report {runs[0] if runs else str(run / '<cell>/seed<s>')} "
+            f"({len(runs)} runs)"
+        )
     history = load_history(run)
     config = (
         json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
@@ -62,8 +105,9 @@ def write_report(run_dir: str | Path, fmt: str = "md") -> Path:
         last = next(iter(history.values()))[-1]
         names = [f"client {i}" for i in range(len(last["test_ppl"]))]
         summary = summarize(history, names)
+    groups = next(iter(summary.values())).get("client_groups")
     figures = {"Per-client validation perplexity over rounds": run / "ppl.png"}
-    plot_history(history, figures["Per-client validation perplexity over rounds"])
+    plot_history(history, figures["Per-client validation perplexity over rounds"], groups=groups)
     trust = final_trust(history, len(names))
     if trust:
         figures["Final mixing (trust) matrices"] = run / "trust.png"
@@ -80,7 +124,7 @@ def write_report(run_dir: str | Path, fmt: str = "md") -> Path:
     title = f"fedjax_lora run: {run.name}"
     setting = (
         f"methods {', '.join(history)}; {config.get('rounds', '?')} rounds; "
-        f"model {config.get('model', {}).get('source') or config.get('model', {}).get('family')}; "
+        f"{_model_description(config)}; "
         f"data {config.get('data', {}).get('source', '?')}"
     )
     if fmt == "md":
@@ -101,6 +145,7 @@ def write_report(run_dir: str | Path, fmt: str = "md") -> Path:
         lines += ["| " + " | ".join(r) + " |" for r in rows]
         for caption, path in figures.items():
             lines += ["", f"## {caption}", "", f"![{caption}]({path.name})"]
+            lines += ["", f"*{_caption(path)}*"] if _caption(path) else []
         out = run / "report.md"
         out.write_text("\n".join(lines) + "\n")
         return out
@@ -135,6 +180,7 @@ def write_report(run_dir: str | Path, fmt: str = "md") -> Path:
         parts += [
             f"<h2>{html.escape(caption)}</h2>",
             f'<img alt="{html.escape(caption)}" src="data:{mime};base64,{data}">',
+            f"<p><em>{html.escape(_caption(path))}</em></p>" if _caption(path) else "",
         ]
     style = "table{border-collapse:collapse}td,th{border:1px solid #999;padding:2px 8px}"
     out = run / "report.html"

@@ -193,7 +193,8 @@ def run_sweep(config: ExperimentConfig, out_dir: str | Path) -> dict[str, Any]:
     from fedjax_lora.experiment import build_problem, method_factory
 
     spec = config.sweep
-    seeds = list(spec.seeds or (config.seed,))
+    spec.check_seeds()
+    seeds = list(spec.seeds)
     lrs = list(spec.lrs or (config.optimizer.lr,))
     overlaps = list(spec.overlaps or (config.data.overlap,))
     if spec.overlaps and config.data.source != "synthetic":

@@ -5,7 +5,9 @@ host-side loops and for the per-client evaluations inside a compiled round."""
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
+import math
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -37,6 +39,18 @@ def scalars(record: Record) -> dict[str, float]:
     return out
 
 
+def json_safe(value: Any) -> Any:
+    """`value` with every non-finite float replaced by None (`null`): JSON has no NaN or
+    Infinity, and a file holding them is not JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
+
+
 class JsonlTracker:
     """One JSON object per line, flushed after every record."""
 
@@ -44,7 +58,7 @@ class JsonlTracker:
         self._file = open(path, "w")  # noqa: SIM115 - closed in close()
 
     def log(self, record: Record) -> None:
-        self._file.write(json.dumps(record) + "\n")
+        self._file.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
         self._file.flush()
 
     def close(self) -> None:
@@ -127,12 +141,14 @@ def open_trackers(
 
 def interactive() -> bool:
     """True when someone watches: stderr is a terminal, or the code runs in a Jupyter/Colab
-    kernel (where `tqdm.auto` draws notebook bars)."""
+    kernel with `ipywidgets` (where `tqdm.auto` draws widget bars; without it tqdm would print
+    text fragments and a warning, so bars stay off: `pip install 'fedjax_lora[notebook]'`)."""
     if sys.stderr is not None and sys.stderr.isatty():
         return True
     shell = sys.modules.get("IPython")
     ipython = shell.get_ipython() if shell is not None else None
-    return ipython is not None and hasattr(ipython, "kernel")
+    in_kernel = ipython is not None and hasattr(ipython, "kernel")
+    return in_kernel and importlib.util.find_spec("ipywidgets") is not None
 
 
 def progress_bar(iterable: Iterable, *, enabled: bool = True, **tqdm_options: Any) -> tqdm:

@@ -311,9 +311,30 @@ def test_oracle_matches_paper_on_specific_splits():
     np.testing.assert_allclose(call(trust.oracle_trust, m_ag), same_ag / 2, rtol=1e-6)
 
 
-def test_top_peers_ties_go_to_lower_index():
-    w = call(trust.softmax_trust, np.zeros((N, N)), top_peers=2)
-    np.testing.assert_array_equal(w, np.tile([0.5, 0.5, 0.0, 0.0, 0.0], (N, 1)))
+def reference_top_peers(scores: np.ndarray, k: int) -> np.ndarray:
+    """NumPy: per row, sort by (score descending, not self, index) and keep the first `k`."""
+    n = len(scores)
+    keep = np.zeros((n, n), bool)
+    for i in range(n):
+        order = sorted(range(n), key=lambda j: (-scores[i, j], j != i, j))
+        keep[i, order[:k]] = True
+    return keep
+
+
+def test_top_peers_ties_go_to_self_then_lower_index():
+    """An all-equal row with top_peers=3 keeps the client itself (issue: row 4 got {0, 1, 2})."""
+    w = call(trust.softmax_trust, np.zeros((N, N)), top_peers=3)
+    np.testing.assert_array_equal(w > 0, reference_top_peers(np.zeros((N, N)), 3))
+    assert np.all(np.diag(w) > 0)
+    np.testing.assert_allclose(w[4], [1 / 3, 1 / 3, 0, 0, 1 / 3], rtol=1e-6)
+    rng = np.random.default_rng(0)
+    for k in (1, 2, 3):
+        for _ in range(5):
+            scores = rng.integers(0, 3, (7, 7)).astype(np.float32)  # many ties
+            w = call(trust.softmax_trust, scores, top_peers=k)
+            np.testing.assert_array_equal(w > 0, reference_top_peers(scores, k))
+            w = call(trust.softmax_trust, scores, threshold=5.0, min_keep=k)
+            np.testing.assert_array_equal(w > 0, reference_top_peers(scores, k))
 
 
 @pytest.mark.parametrize("name", sorted(trust.TOPOLOGIES))

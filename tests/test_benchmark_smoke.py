@@ -61,7 +61,9 @@ def test_engine_benchmark_quick_writes_the_schema(tmp_path):
     pieces = {"local_steps", "aggregation_fedavg", "aggregation_trust", "evaluation"}
     assert set(breakdown["seconds"]) == pieces | {"cross_evaluation"}
     assert all(math.isfinite(v) and v > 0 for v in breakdown["seconds"].values())
-    assert breakdown["trust_round_s"] > breakdown["fedavg_round_s"] > 0
+    # Timings are compared in the benchmark's own report, never here (they flake on a busy host).
+    for key in ("trust_round_s", "fedavg_round_s"):
+        assert math.isfinite(breakdown[key]) and breakdown[key] > 0
     assert out.with_suffix(".png").stat().st_size > 0
 
 
@@ -74,3 +76,68 @@ def test_model_flops_per_token_of_gpt2_124m():
     engine = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(engine)
     assert engine.model_flops_per_token(engine.GPU) == 4 * 123_532_032 + 12 * 12 * 256 * 768
+
+
+GPU_SCRIPT = REPO / "experiments" / "benchmarks" / "gpu.py"
+
+
+def test_gpu_benchmark_smoke_runs_every_section(tmp_path):
+    """The accelerator script's dry run: every section on the tiny model, the JSON schema, the
+    goals with their targets, the Markdown table and the figure (no timing comparison)."""
+    out = tmp_path / "gpu.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(GPU_SCRIPT),
+            "--smoke",
+            "--json",
+            str(out),
+            "--trace-dir",
+            str(tmp_path),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    assert doc["device"]["device_kind"] and doc["config"]["preset"] == "smoke"
+    sections = doc["sections"]
+    assert set(sections) == {"contenders", "scaling", "methods", "reference"}
+    for name, section in sections.items():
+        assert section["status"] == "complete", (name, section["error"])
+        assert section["rows_finished"] == len(section["rows"]) > 0
+
+    rows = sections["contenders"]["rows"]
+    assert {r["strategy"] for r in rows} == {"chunked", "vmap", "big_batch", "python_loop"}
+    for row in rows + sections["scaling"]["rows"]:
+        assert "error" not in row, row
+        for key in ("client_steps_per_s", "tokens_per_s", "model_tflops_per_s", "compile_s"):
+            assert math.isfinite(row[key]) and row[key] > 0, (key, row)
+        assert math.isfinite(row["final_loss"])
+        assert {"argument", "temp", "output"} <= set(row["xla_memory_gb"])
+    assert (tmp_path / rows[0]["trace"]).stat().st_size > 0  # the first contender's profile
+    assert rows[0]["trace_top"] and all(t["ms"] >= 0 for t in rows[0]["trace_top"])
+    scaling_n = [r["num_clients"] for r in sections["scaling"]["rows"]]
+    assert scaling_n == doc["config"]["scaling_clients"]
+
+    methods = {r["method"]: r for r in sections["methods"]["rows"]}
+    assert set(methods) == {"fedavg", "pcl-val", "comigs", "fedamole", "hetlora", "flexlora"}
+    for row in methods.values():
+        assert "error" not in row, row
+        assert math.isfinite(row["round_s"]) and row["round_s"] > 0
+    (reference,) = sections["reference"]["rows"]
+    assert reference["skipped"].startswith("not carried")  # no reference code in the checkout
+
+    goals = {g["goal"]: g for g in doc["goals"]}
+    assert len(goals) == 12
+    for goal in goals.values():
+        assert goal["met"] in (True, False, None) and goal["target"] > 0
+        if goal["met"] is not None:
+            assert math.isfinite(goal["measured"])
+    assert goals["MFU (N=4)"]["met"] is None  # no peak for a CPU
+    assert goals["8 clients fit (1 = ran)"]["met"] is True
+    assert "more_work_by_definition" in goals["pcl-val round ÷ fedavg round"]
+    assert "| goal | target | measured | met |" in out.with_suffix(".md").read_text()
+    assert out.with_suffix(".png").stat().st_size > 0

@@ -65,7 +65,7 @@ def test_demo_runs_and_writes_metrics_summary_and_plot(demo_run):
     summary = json.loads((out / "summary.json").read_text())
     for method in ("local", "fedavg"):
         per_client = summary[method]["test_ppl"]
-        assert len(per_client) == 8  # 4 groups x 2 clients
+        assert len(per_client) == 12  # 4 groups x 3 clients
         np.testing.assert_allclose(summary[method]["test_mean_ppl"], np.mean(per_client))
         # the summary is the last logged round
         last = [r for r in records if r["method"] == method][-1]
@@ -82,13 +82,24 @@ def test_report_holds_the_table_and_the_figures(demo_run, fmt, capsys):
     summary = json.loads((demo_run / "summary.json").read_text())
     for method in ("local", "fedavg"):
         assert f"{summary[method]['test_mean_ppl']:.3f}" in text
-    assert "g3c7" in text  # per-client rows
+    assert "g3c11" in text  # per-client rows
+    assert "tiny random gpt2 base (d_model 32, 1 layers" in text  # not "model gpt2"
+    assert "Row i holds the weights client i gives each client j" in text  # trust.png's caption
     assert ("data:image/png;base64," if fmt == "html" else "](ppl.png)") in text
 
 
 def test_report_of_a_missing_run_is_a_clear_error(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "metrics.jsonl does not exist" in capsys.readouterr().err
+
+
+def test_report_of_a_grid_points_to_its_runs(tmp_path, capsys):
+    (tmp_path / "results.json").write_text("{}")
+    (tmp_path / "cell" / "seed0").mkdir(parents=True)
+    (tmp_path / "cell" / "seed0" / "metrics.jsonl").write_text("")
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "is a grid" in err and str(tmp_path / "cell" / "seed0") in err
 
 
 def test_run_reads_yaml_with_overrides(tmp_path):
@@ -174,7 +185,7 @@ def test_shared_evaluation_set_is_reported_for_every_client(tmp_path):
     assert main(argv) == 0
     record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     shared = record["shared_uniform_ppl"]
-    assert len(shared) == 8
+    assert len(shared) == 12
     # FedAvg gives every client the same adapters, so on shared data they score the same
     np.testing.assert_allclose(shared, shared[0], rtol=1e-5)
     assert np.ptp(record["val_ppl"]) > 0  # while their own validation data differ
@@ -196,7 +207,7 @@ def test_fedamole_runs_through_the_cli_with_an_aux_split(tmp_path, capsys):
     ]
     assert main(argv) == 0
     record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
-    assert record["method"] == "fedamole" and len(record["aux_ppl"]) == 8
+    assert record["method"] == "fedamole" and len(record["aux_ppl"]) == 12
     assert main([*argv[:-1]]) == 2  # without the aux split RSEA has no data
     assert "data.aux_fraction" in capsys.readouterr().err
 

@@ -33,7 +33,7 @@ def flat(params):
 
 @functools.cache
 def problem(optimizer=None):
-    return tiny_problem(num_clients=3, steps=2, lr=2e-2, optimizer=optimizer)
+    return tiny_problem(num_clients=3, steps=2, lr=2e-2, optimizer=optimizer, val_windows=64)
 
 
 @pytest.fixture(scope="module")

@@ -175,7 +175,8 @@ def routed():
         optimizer=OptimizerConfig(lr=1e-2),
         eval_batch_size=4,
     )
-    sim = comigs(problem, moe=MOE, expert_counts=COUNTS).init(jax.random.key(0))
+    algo = comigs(problem, moe=MOE, expert_counts=COUNTS, router_batches="windows")
+    sim = algo.init(jax.random.key(0))
     sharpen = lambda path, x: x * 100.0 if "router" in path_names(path) else x
     params = jax.tree_util.tree_map_with_path(sharpen, sim.clients.params)
     moe_problem, _ = with_moe(problem, MOE)

@@ -12,6 +12,7 @@ from fedjax_lora.data.fortunes import (
     load_topics,
     parse_fortunes,
 )
+from fedjax_lora.errors import DataError
 
 ROOT = Path(__file__).parent / "data" / "fortunes"
 
@@ -28,15 +29,24 @@ def test_languages_and_topics_skip_index_offensive_and_links():
     assert list_topics("es", ROOT) == ["arte"]  # ".fortunes" suffix dropped
 
 
-def test_load_topic_language_and_encoding():
+def test_load_topic_language_and_encoding(tmp_path):
     assert load_topic("love", root=ROOT) == ["Love is patient.", "All you need is love."]
     science = load_topic("science", root=ROOT)
     assert len(science) == 3 and science[1] == "An electron walks into a bar.\nIt stays positive."
-    # a Latin-1 file decodes
-    assert load_topic("essen", "de", ROOT)[0] == "Grüße aus Berlin."
+    with pytest.raises(DataError, match=r"essen is not valid utf-8 at byte 2"):
+        load_topic("essen", "de", ROOT)  # a Latin-1 file: strict by default
+    utf16 = tmp_path / "utf16"
+    utf16.write_bytes("naive\n%\ncafe\n".encode("utf-16-le"))
+    with pytest.raises(DataError, match=r"utf16 holds NUL characters as utf-8 \(at byte 1"):
+        load_topic("utf16", root=tmp_path)
+    mixed = tmp_path / "mixed"
+    mixed.write_bytes("naïve café\n%\n".encode() + b"\xff\n")
+    with pytest.raises(DataError, match=r"mixed is not valid utf-8 at byte 15"):
+        load_topic("mixed", root=tmp_path)
+    assert load_topic("essen", "de", ROOT, ("utf-8", "latin-1"))[0] == "Grüße aus Berlin."
     topics = load_topics(language="es", root=ROOT)
     assert topics == {"arte": ["El arte es largo.", "La vida es breve.", "Pintar es pensar."]}
-    assert load_language("de", ROOT) == [
+    assert load_language("de", ROOT, ("utf-8", "latin-1")) == [
         "Der Computer rechnet.",
         "Das Netz ist langsam.",
         "Grüße aus Berlin.",

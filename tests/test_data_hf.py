@@ -119,6 +119,10 @@ def test_snli_concatenates_splits_and_drops_unlabelled(cache):
     )
     only_train = hf.load_snli(DATA / "snli" / "train.csv", cache_dir=cache)
     assert len(only_train.prompts) == 3
+    # FedAMoLE's partition counts the unlabelled rows: kept with label -1 and no target.
+    kept = hf.load_snli(DATA / "snli", cache_dir=cache, unlabelled=True)
+    assert kept.labels.tolist().count(-1) == 1 and len(kept.labels) == 7
+    assert kept.targets[kept.labels.tolist().index(-1)] == ""
 
 
 @pytest.mark.parametrize("layout", ["github", "flat"])

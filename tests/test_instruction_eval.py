@@ -65,8 +65,49 @@ def lcs_rouge_l(hyp: str, ref: str) -> float:
         ("   ", "a reference"),
     ],
 )
-def test_rouge_l_matches_lcs_reference(hyp, ref):
-    assert rouge_l(hyp, ref) == pytest.approx(lcs_rouge_l(hyp, ref), abs=1e-12)
+def test_rouge_score_option_matches_lcs_reference(hyp, ref):
+    assert rouge_l(hyp, ref, "rouge-score") == pytest.approx(lcs_rouge_l(hyp, ref), abs=1e-12)
+
+
+ROUGE_PAIRS = [
+    ("The cat sat on the mat.", "the cat is on the mat"),
+    ("Paris. It is the capital of France.", "The capital of France is Paris."),
+    ("the the the cat", "the cat the dog"),
+    ("Yes, 42 items (approx.)", "yes 42 items approx"),
+    ("nothing in common", "entirely different words"),
+    ("   ", "a reference"),
+]
+
+
+@pytest.mark.parametrize("hyp, ref", ROUGE_PAIRS)
+def test_rouge_l_default_is_the_rouge_package(hyp, ref):
+    """The default equals the paper's metric, `rouge.Rouge().get_scores` (PyPI `rouge` 1.0.1),
+    called as the reference's `evaluation.rouge_score` does."""
+    from rouge import Rouge as RougePackage
+
+    want = RougePackage().get_scores([hyp], [ref])[0]["rouge-l"]["f"]
+    assert rouge_l(hyp, ref) == pytest.approx(want, abs=1e-12)
+
+
+def test_rouge_l_reference_zero_cases():
+    """The reference scores an empty hypothesis, and one the package refuses, as 0."""
+    from rouge import Rouge as RougePackage
+
+    with pytest.raises(ValueError):
+        RougePackage().get_scores(["..."], ["a b"])
+    assert rouge_l("", "a b") == 0.0
+    assert rouge_l("...", "a b") == 0.0
+
+
+def test_rouge_and_rouge_score_differ():
+    """Case and punctuation kept, whitespace tokens: the two metrics disagree on the same pair
+    (the paper's 0.5 vs rouge-score's 1.0 here: "Yes," and "CAT" match nothing in `rouge`)."""
+    hyp, ref = "Yes, the CAT sat.", "yes the cat sat"
+    paper, google = rouge_l(hyp, ref), rouge_l(hyp, ref, "rouge-score")
+    assert google == pytest.approx(lcs_rouge_l(hyp, ref), abs=1e-12) == 1.0
+    assert paper == pytest.approx(0.5, abs=1e-7)  # LCS "the sat": P = R = 2/4
+    with pytest.raises(ValueError, match="rouge"):
+        rouge_l(hyp, ref, "bleu")
 
 
 def test_relative_improvement_formula():
@@ -153,7 +194,7 @@ def test_per_client_generation_and_choice_accuracy(kind):
 def test_score_generations_cuts_at_eos_and_decodes():
     tok = ByteTokenizer()
     refs = (("a red cat", "blue sky"), ("green tree",))
-    task = TextTask("rouge_l", 12, 0, refs, tok.decode)
+    task = TextTask("rouge_l", 12, 0, refs, tok.decode, rouge="rouge-score")
     rows = np.zeros((2, 2, 12), np.int32)
     rows[0, 0, :9] = list(b"a red cat")
     rows[0, 1, :8] = list(b"blue sun")

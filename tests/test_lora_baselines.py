@@ -321,9 +321,9 @@ def test_unknown_method_option_fails_before_compute(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "method 'hetlora'" in err and "rankz" in err and "'ranks'" in err
     assert not (tmp_path / "metrics.jsonl").exists()
-    argv[-1] = "method_options.hetlora.ranks=[1,2]"  # 8 clients
+    argv[-1] = "method_options.hetlora.ranks=[1,2]"  # 12 clients
     assert main(argv) == 2
-    assert "each of the 8 clients" in capsys.readouterr().err
+    assert "each of the 12 clients" in capsys.readouterr().err
 
 
 def test_method_options_become_typed_factory_arguments():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -16,6 +17,7 @@ from fedjax_lora.distributed import initialize_from_env, launcher
 from fedjax_lora.experiment import build_problem, run_method
 from fedjax_lora.sweep import run_sweep
 
+ROOT = Path(__file__).resolve().parents[1]
 TINY = [
     "model.vocab_size=64",
     "model.d_model=32",
@@ -79,12 +81,13 @@ def test_every_sweep_member_equals_its_single_run(tmp_path):
 
 
 def test_sweep_command_writes_the_table_over_heterogeneity_levels(tmp_path, capsys):
-    path = tmp_path / "sweep.yaml"
-    path.write_text(
-        "methods: [local]\nrounds: 1\nsweep:\n  seeds: [0, 1]\n  overlaps: [0.0, 0.5]\n"
-    )
+    """The shipped example, shrunk: 2 seeds x 1 learning rate x 2 heterogeneity levels."""
+    path = ROOT / "experiments" / "configs" / "sweep_heterogeneity.yaml"
     out = tmp_path / "out"
-    assert cli.main(["sweep", str(path), "--out", str(out), "--set", *TINY, "rounds=1"]) == 0
+    small = ["methods=[local]", "sweep.seeds=[0,1]", "sweep.lrs=[0.01]", "sweep.overlaps=[0.0,0.5]"]
+    assert (
+        cli.main(["sweep", str(path), "--out", str(out), "--set", *TINY, "rounds=1", *small]) == 0
+    )
     table = (out / "sweep.md").read_text()
     assert table.count("±") >= 6 and "| local | 0 |" in table and "| local | 0.5 |" in table
     doc = json.loads((out / "sweep.json").read_text())
@@ -96,9 +99,11 @@ def test_sweep_command_writes_the_table_over_heterogeneity_levels(tmp_path, caps
 def test_sweep_settings_are_validated(tmp_path):
     with pytest.raises(ValueError, match="sweep.lrs must be positive"):
         config_lib.load(None, ["sweep.lrs=[0.1,-1]"])
-    with pytest.raises(ValueError, match="sweep.seeds must be a list of numbers"):
+    with pytest.raises(ValueError, match=r"'sweep.seeds\[0\]' must be an integer"):
         config_lib.load(None, ["sweep.seeds=[a]"])
-    config = config_lib.load(None, [*TINY, "strategy.kind=sharded", "sweep.seeds=[0]"])
+    with pytest.raises(ValueError, match="give at least 2"):
+        run_sweep(config_lib.load(None, [*TINY, "sweep.seeds=[0]"]), tmp_path / "never")
+    config = config_lib.load(None, [*TINY, "strategy.kind=sharded", "sweep.seeds=[0,1]"])
     with pytest.raises(ValueError, match="cannot nest the 'sharded' strategy"):
         run_sweep(config, tmp_path / "never")
     assert not (tmp_path / "never").exists()

@@ -45,6 +45,7 @@ def tiny_problem(
     lr: float = 1e-2,
     masks=None,
     optimizer=None,
+    val_windows: int = 6,
 ) -> Problem:
     streams = client_streams(num_clients)
     train = stack_streams(streams, masks)
@@ -52,7 +53,7 @@ def tiny_problem(
     return Problem.create(
         tiny_model(),
         train,
-        {"val": eval_windows(val, SEQ, 6)},
+        {"val": eval_windows(val, SEQ, val_windows)},
         training=LocalTraining(
             steps=steps, batch_size=3, seq_len=SEQ, grad_accum=grad_accum, sampling=sampling
         ),

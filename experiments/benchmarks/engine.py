@@ -146,6 +146,7 @@ def setup(c: dict, n: int) -> dict:
 
     from fedjax_lora import lora
     from fedjax_lora.engine import LocalTraining, OptimizerConfig, make_client_update
+    from fedjax_lora.engine.train import training_loss
     from fedjax_lora.models.config import ModelConfig
     from fedjax_lora.models.factory import from_config
 
@@ -163,7 +164,12 @@ def setup(c: dict, n: int) -> dict:
     graphdef, template, base = lora.split(model)
     tx = OptimizerConfig(name="adamw", lr=1e-3).build()
     training = LocalTraining(
-        steps=c["steps"], batch_size=c["batch_size"], seq_len=c["seq_len"], dropout=False
+        steps=c["steps"],
+        batch_size=c["batch_size"],
+        seq_len=c["seq_len"],
+        dropout=False,
+        remat=c.get("remat", False),
+        ce_chunk=c.get("ce_chunk"),
     )
     max_windows = c["stream_len"] // c["seq_len"]
     rng = np.random.default_rng(0)
@@ -180,6 +186,7 @@ def setup(c: dict, n: int) -> dict:
         ),
         "tokens": jnp.asarray(tokens, jnp.int32),
         "lengths": jnp.full((n,), c["stream_len"], jnp.int32),
+        "loss": training_loss(training),
     }
 
 
@@ -193,7 +200,6 @@ def prepare_contender(kind: str, n: int, c: dict, env: dict) -> dict:
     from fedjax_lora.engine import (
         Strategy,
         init_clients,
-        lm_loss,
         sample_starts,
         train_clients,
         windows_at,
@@ -249,8 +255,9 @@ def prepare_contender(kind: str, n: int, c: dict, env: dict) -> dict:
             return [o[0] for o in outs], jnp.stack([o[1] for o in outs])
 
     elif kind == "big_batch":
+        loss_fn = env["loss"]  # the clients' loss, memory settings (remat, ce_chunk) included
         value_and_grad = jax.value_and_grad(
-            lambda p, bs, batch: lm_loss(graphdef, p, bs, batch, None), has_aux=True
+            lambda p, bs, batch: loss_fn(graphdef, p, bs, batch, None), has_aux=True
         )
 
         def client_windows(key, row, row_len):
@@ -292,7 +299,25 @@ def prepare_contender(kind: str, n: int, c: dict, env: dict) -> dict:
 
     else:
         raise ValueError(f"unknown contender {kind!r}")
-    return {"call": call, "state": state, "compile_s": compile_s, "n_params": int(n_params)}
+    return {
+        "call": call,
+        "state": state,
+        "compile_s": compile_s,
+        "n_params": int(n_params),
+        "xla_memory_gb": xla_memory_gb(compiled),
+    }
+
+
+def xla_memory_gb(compiled) -> dict | None:
+    """XLA's memory plan of one compiled program (GB): `argument` (inputs: client states, tokens,
+    base), `output`, `temp` (activations and other scratch; what grows with the vmapped width)
+    and `alias` (donated inputs reused as outputs). The program's own numbers, unlike a process's
+    peak; None where the backend gives no analysis."""
+    stats = compiled.memory_analysis()
+    if stats is None:
+        return None
+    parts = ("argument", "output", "temp", "alias")
+    return {k: getattr(stats, f"{k}_size_in_bytes") / 1024**3 for k in parts}
 
 
 def timed_call(prepared: dict) -> float:
@@ -328,6 +353,7 @@ def result_row(
         "peak_rss_gb": _rss_gb(),
         "device_peak_gb": _device_peak_gb(),
         "compile_s": prepared["compile_s"],
+        "xla_memory_gb": prepared["xla_memory_gb"],
         "call_s_median": median,
         "call_s": times,
         "client_steps_per_call": steps_per_call,
@@ -339,14 +365,22 @@ def result_row(
     }
 
 
-def run_contender(kind: str, n: int, c: dict, env: dict) -> dict:
-    """Compiles one contender, warms it up and times `reps` calls; one result row."""
+def run_contender(kind: str, n: int, c: dict, env: dict, trace_dir: Path | None = None) -> dict:
+    """Compiles one contender, warms it up and times `reps` calls; one result row. With
+    `trace_dir`, one more call runs under `jax.profiler.trace` (untimed) and writes its trace
+    there (TensorBoard / XProf's `plugins/profile` layout)."""
     prepared = prepare_contender(kind, n, c, env)
     for _ in range(c["warmup"]):
         timed_call(prepared)
     cpu, load = time.process_time(), os.getloadavg()[0]
     times = [timed_call(prepared) for _ in range(c["reps"])]
-    return result_row(kind, n, c, prepared, times, time.process_time() - cpu, load)
+    row = result_row(kind, n, c, prepared, times, time.process_time() - cpu, load)
+    if trace_dir is not None:
+        import jax
+
+        with jax.profiler.trace(str(trace_dir)):
+            timed_call(prepared)
+    return row
 
 
 def run_interleaved(kinds: list[str], n: int, c: dict, env: dict) -> list[dict]:
@@ -622,43 +656,58 @@ def plot(doc: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import ScalarFormatter
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    ax = axes[0]
-    for kind in sorted({r["strategy"] for r in doc.get("results", [])}):
-        rows = sorted(
-            (r for r in doc["results"] if r["strategy"] == kind), key=lambda r: r["num_clients"]
-        )
-        ax.plot([r["num_clients"] for r in rows], [r["client_steps_per_s"] for r in rows], "o-")
-        ax.annotate(kind, (rows[-1]["num_clients"], rows[-1]["client_steps_per_s"]), fontsize=7)
-    ax.set(xscale="log", xlabel="clients N", ylabel="client-steps / s", title="contenders")
-    ax.xaxis.set_major_formatter(ScalarFormatter())
-    ax = axes[1]
-    for kind in sorted({r["strategy"] for r in doc.get("scaling", [])}):
-        rows = sorted(
-            (r for r in doc["scaling"] if r["strategy"] == kind), key=lambda r: r["num_clients"]
-        )
-        ns = [r["num_clients"] for r in rows]
-        ax.plot(ns, [r["client_steps_per_s"] for r in rows], "o-", label=f"{kind} steps/s")
-        twin = ax.twinx()
-        twin.plot(ns, [r["peak_rss_gb"] for r in rows], "s--", color="tab:red")
-        twin.set_ylabel("peak RSS (GB)", color="tab:red")
-        twin.set_ylim(bottom=0)
-    ax.set(xscale="log", xlabel="clients N", ylabel="client-steps / s", title="scaling with N")
-    ax.xaxis.set_major_formatter(ScalarFormatter())
-    ax.set_ylim(bottom=0)
-    ax.legend(fontsize=7)
-    ax = axes[2]
-    rows = doc.get("breakdown", [])
-    if rows:
-        names = list(rows[0]["seconds"])
+    panels = [k for k in ("results", "scaling", "breakdown") if doc.get(k)]  # measured ones
+    if not panels:
+        raise ValueError("the benchmark document holds no results, scaling or breakdown rows")
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    axes = dict(zip(panels, axes[0], strict=True))
+    if "results" in axes:
+        ax = axes["results"]
+        for kind in sorted({r["strategy"] for r in doc["results"]}):
+            rows = sorted(
+                (r for r in doc["results"] if r["strategy"] == kind),
+                key=lambda r: r["num_clients"],
+            )
+            ns = [r["num_clients"] for r in rows]
+            ax.plot(ns, [r["client_steps_per_s"] for r in rows], "o-", label=kind)
+        ax.set(xscale="log", xlabel="clients N", ylabel="client-steps / s")
+        ax.set_title("strategies compared (higher is better)", fontsize=10)
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=7)
+    if "scaling" in axes:
+        ax = axes["scaling"]
+        handles = []
+        for kind in sorted({r["strategy"] for r in doc["scaling"]}):
+            rows = sorted(
+                (r for r in doc["scaling"] if r["strategy"] == kind),
+                key=lambda r: r["num_clients"],
+            )
+            ns = [r["num_clients"] for r in rows]
+            handles += ax.plot(ns, [r["client_steps_per_s"] for r in rows], "o-",
+                               label=f"{kind}: client-steps / s")  # fmt: skip
+            twin = ax.twinx()
+            handles += twin.plot(ns, [r["peak_rss_gb"] for r in rows], "s--", color="tab:red",
+                                 label=f"{kind}: peak RSS (GB)")  # fmt: skip
+            twin.set_ylabel("peak RSS (GB)", color="tab:red")
+            twin.set_ylim(bottom=0)
+        ax.set(xscale="log", xlabel="clients N", ylabel="client-steps / s")
+        ax.set_title("throughput and memory against N", fontsize=10)
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.set_ylim(bottom=0)
+        ax.legend(handles=handles, fontsize=7, loc="lower right")
+    if "breakdown" in axes:
+        ax = axes["breakdown"]
+        rows = doc["breakdown"]
         bottom = [0.0] * len(rows)
         labels = [f"N={r['num_clients']}" for r in rows]
-        for name in names:
+        for name in rows[0]["seconds"]:
             heights = [r["seconds"][name] for r in rows]
             ax.bar(labels, heights, bottom=bottom, label=name)
             bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
         ax.legend(fontsize=7)
-    ax.set(ylabel="seconds per call", title="round breakdown")
+        ax.set(xlabel="population", ylabel="seconds per call")
+        ax.set_title("one round, piece by piece", fontsize=10)
     fig.suptitle(f"{doc['machine']['cpu']}, {doc['machine']['cores']} cores", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -192,7 +192,13 @@ def smoke_grid(out: Path) -> dict:
             "training": {"steps": 2, "batch_size": 2, "seq_len": 32},
             "optimizer": {"name": "adam", "lr": 1e-3},
             "eval": {"max_windows": 2, "batch_size": 4, "generation": {"metric": "rouge_l"}},
-            "data": {"num_clients": 3, "val_fraction": 0.1, "test_fraction": 0.1},
+            # Byte-level prompts are longer than the tiny model's context: stream windows.
+            "data": {
+                "num_clients": 3,
+                "val_fraction": 0.1,
+                "test_fraction": 0.1,
+                "instruction_packing": "windows",
+            },
             "method_options": {
                 "fedamole": {
                     "amole": {"targets": ["c_attn.q", "c_attn.v"], "num_experts": 4, "rank": 2},

@@ -18,6 +18,7 @@ import json
 import math
 import sys
 import tempfile
+from pathlib import Path
 
 OVERRIDES = [
     "data.num_groups=2",
@@ -94,15 +95,14 @@ def main() -> None:
     parser.add_argument("--compare", nargs=2, metavar=("OLD", "NEW"))
     args = parser.parse_args()
     if args.compare:
-        old, new = (json.load(open(p)) for p in args.compare)
+        old, new = (json.loads(Path(p).read_text()) for p in args.compare)
         diffs = compare(old, new)
         print("\n".join(diffs) or f"all {len(old)} methods unchanged")
         return
     result = record(args.methods)
     text = json.dumps(result, indent=1)
     if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+        Path(args.out).write_text(text)
     else:
         print(text)
 

@@ -15,6 +15,12 @@ attention LoRA) is the uniform mean, as in the reference.
 `merge_alpha`: the CoMiGS reference's merge rate instead of the clients' scales: `ΔW = Σ_i p_i
 (α/r_i) A_i B_i` and `B = Σ V^\top / (α / r_{max})` for every client (with `α = 16` there), then
 truncated to `r_i`; the clients' models keep their own scales.
+
+`reference_accumulator`: the CoMiGS reference's server (`Server.update_parameters`) re-zeroes its
+accumulator whenever an update is larger than the server tensor, which the full update `ΔW_i`
+always is, so only the last client's term survives: `ΔW = p_{N-1} (α/r_{N-1}) A_{N-1} B_{N-1}`
+(with `merge_alpha`), `p_{N-1} = n_{N-1}/Σ_j n_j`. The paper's FlexLoRA numbers come from this
+server; set both (`merge_alpha=16, reference_accumulator=True`) to reproduce them.
 """
 
 from __future__ import annotations
@@ -33,10 +39,13 @@ PyTree = Any
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
-def flexlora_aggregator(merge_alpha: float | None = None) -> Aggregator:
+def flexlora_aggregator(
+    merge_alpha: float | None = None, reference_accumulator: bool = False
+) -> Aggregator:
     """FlexLoRA's server (module docstring): data-size weighted full-update average per ranked
     module, SVD, each client's top-`r_i` factors; `inputs["weights"]` are the clients' token
-    counts. Stateless."""
+    counts (`reference_accumulator`: only the last client's weighted update, the reference's
+    accumulator reset). Stateless."""
     if merge_alpha is not None and merge_alpha <= 0:
         raise ValueError(f"merge_alpha must be positive or None, got {merge_alpha}")
 
@@ -45,6 +54,8 @@ def flexlora_aggregator(merge_alpha: float | None = None) -> Aggregator:
         n = jax.tree.leaves(stacked_tree)[0].shape[0]
         w = jnp.ones((n,), jnp.float32) if weights is None else jnp.asarray(weights, jnp.float32)
         p = w / jnp.sum(w)
+        if reference_accumulator:
+            p = jnp.where(jnp.arange(n) == n - 1, p, 0.0)
 
         def ranked(path, a, b, scale):
             del path

@@ -18,9 +18,9 @@ elsewhere. Peer selection, shared by all rules, follows the reference code's var
   plus the best peer; `*-thresh`, with `t` = 0.5 for weights, -30 for perplexity, -50 for
   prediction).
 
-Thresholds act on the rule's score before the temperature. Ties at the `k`-th largest score are
-resolved towards the lower client index (`lax.top_k`); the reference's `torch.topk` leaves tie
-order unspecified.
+Thresholds act on the rule's score before the temperature. Ties at the `k`-th largest score go to
+the client itself, then to the lower client index, so a client never loses its own model to an
+equally scored peer; the reference's `torch.topk` leaves tie order unspecified.
 
 Rules (the reference's names in brackets):
 
@@ -83,10 +83,16 @@ def topology(name: str, n: int) -> np.ndarray:
 
 
 def _top_mask(scores: jax.Array, k: int) -> jax.Array:
-    """Boolean mask of the `k` largest entries per row (ties to the lower index)."""
+    """Boolean mask of the `k` largest entries of each row `i` of `[N, N]` scores; ties go to
+    the diagonal entry `i` (the client itself), then to the lower index.
+
+    Row `i` is reordered `[i, 0, …, i-1, i+1, …]` for `lax.top_k` (ties to the lower position)."""
     n = scores.shape[-1]
-    _, idx = jax.lax.top_k(scores, min(k, n))
-    return jnp.any(jax.nn.one_hot(idx, n, dtype=jnp.bool_), axis=-2)
+    row, pos = jnp.arange(n)[:, None], jnp.arange(n)[None, :]
+    order = jnp.where(pos == 0, row, jnp.where(pos - 1 < row, pos - 1, pos))  # [N, N]
+    _, idx = jax.lax.top_k(jnp.take_along_axis(scores, order, -1), min(k, n))
+    chosen = jnp.take_along_axis(order, idx, -1)
+    return jnp.any(jax.nn.one_hot(chosen, n, dtype=jnp.bool_), axis=-2)
 
 
 def softmax_trust(
@@ -103,7 +109,8 @@ def softmax_trust(
     Args:
       scores: `[N, N]`, `scores[i, j]` = how much client `i` trusts client `j`.
       temperature: `T > 0`.
-      top_peers: keep only the `k` largest allowed scores per row (self is not forced in).
+      top_peers: keep only the `k` largest allowed scores per row (self is not forced in, but
+        wins ties).
       threshold: drop scores `≤ threshold`, keeping at least the `min_keep` largest allowed ones.
       min_keep: see `threshold` (`≥ 1`, so every row keeps an entry).
       adjacency: boolean `[N, N]`, `True` where client `i` may use client `j`; self always allowed.

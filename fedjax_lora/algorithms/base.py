@@ -45,6 +45,12 @@ from fedjax_lora.tracking import ticking
 PyTree = Any
 Metrics = dict[str, Any]
 
+Evaluate = Literal["local", "aggregated"]
+"""A method option naming which models a round evaluates: `"local"`, each client's locally
+trained model before the server average (the CoMiGS reference evaluates inside
+`GeneralClient.train`, for every method of that paper), or `"aggregated"`, the models after
+aggregation (`Method.evaluate`)."""
+
 
 class SimState(NamedTuple):
     """The whole simulation state: per-client state, the round counter, the server's state, and
@@ -98,7 +104,7 @@ class Capabilities(NamedTuple):
     sweeps: bool = True
 
 
-Evaluated = Literal["local", "aggregated"] | Callable[[ClientState, ClientState], PyTree]
+Evaluated = Evaluate | Callable[[ClientState, ClientState], PyTree]
 
 
 class Method(NamedTuple):

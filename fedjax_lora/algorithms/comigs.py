@@ -16,6 +16,15 @@ expert 0 and the attention LoRA, and keeps the specialists and routers local.
 so the router's first step of a block also applies the sum of all training gradients since its
 last step, and the first expert step after a block also applies the block's `r` validation
 gradients.
+
+Router batches (`router_batches`): `"random"` (default, the reference's `get_batch`): windows at
+uniformly random offsets, with replacement, over the client's whole validation stream (rebuilt
+from its validation windows, which must cover it: `eval.max_windows` at least the stream's
+windows); `"windows"`: whole windows drawn from the fixed validation windows.
+
+Evaluation (`evaluate`): `"local"` (default), each client's model after its local steps and before
+the server average, as the reference evaluates inside `GeneralClient.train` (spec §2.5);
+`"aggregated"`: after aggregation.
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ from fedjax_lora.algorithms.base import (
     Algorithm,
     Capabilities,
     ClientProgram,
+    Evaluate,
     Method,
     RoundInputs,
     aggregating,
@@ -53,7 +63,7 @@ from fedjax_lora.lora import init_adapters
 from fedjax_lora.models.layers import Adapter
 from fedjax_lora.moe import ExpertMask, MoEConfig, Router, install_moe, set_expert_counts
 
-__all__ = ["METHODS", "BiLevel", "comigs", "val_sampler", "with_moe"]
+__all__ = ["METHODS", "BiLevel", "comigs", "val_sampler", "val_stream", "with_moe"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +106,33 @@ def val_sampler(windows: jax.Array, weights: jax.Array, batch_size: int):
     return sample
 
 
+def val_stream(windows: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`(tokens [W·T + 1], length, mask)`: the stream that one client's fixed validation windows
+    `[W, T+1]` (stride `T`, valid windows first, `fedjax_lora.data.streams.eval_windows`) cover;
+    `mask[p]` is the weight of token `p` as a target."""
+    t = windows.shape[-1] - 1
+    n = jnp.sum(weights.sum(-1) > 0)
+    tokens = jnp.concatenate([windows[:, :-1].reshape(-1), jnp.zeros((1,), windows.dtype)])
+    tokens = tokens.at[n * t].set(windows[jnp.maximum(n - 1, 0), t])
+    mask = jnp.concatenate([jnp.zeros((1,), weights.dtype), weights.reshape(-1)])
+    return tokens, n * t + 1, mask
+
+
+def _check_val_covers_stream(val) -> None:
+    """Raises unless every client's valid validation windows are consecutive pieces of one stream
+    (each window starts with the previous window's last token), as `router_batches="random"`
+    needs."""
+    windows, weights = np.asarray(val.windows), np.asarray(val.weights)
+    for i in range(windows.shape[0]):
+        n = int(np.sum(weights[i].sum(-1) > 0))
+        if np.any(windows[i, : n - 1, -1] != windows[i, 1:n, 0]):
+            raise ValueError(
+                f"comigs router_batches='random' samples client {i}'s whole validation stream, "
+                "but its validation windows do not cover it; raise eval.max_windows to the "
+                "stream's window count or set method_options.<method>.router_batches=windows"
+            )
+
+
 def with_moe(problem: Problem, moe: MoEConfig | None = None) -> tuple[Problem, nnx.State]:
     """The problem with its model's MLPs replaced by `moe` mixtures (default `MoEConfig()`;
     `install_moe`: MLP LoRA is replaced by the experts, attention LoRA stays), and its expert-mask
@@ -114,17 +151,25 @@ def comigs(
     expert_counts: Sequence[int] | None = None,
     policy: Policy = "expert_0",
     schedule: BiLevel = BiLevel(),
+    router_batches: Literal["random", "windows"] = "random",
+    reference_lb_on_block_output: bool = False,
+    evaluate: Evaluate = "local",
     name: str = "comigs",
 ) -> Algorithm:
     """CoMiGS on `problem`: its model's MLPs become `moe` mixtures (default `MoEConfig()`; any MLP
     LoRA of the problem is replaced by the experts, the attention LoRA stays), clients use
     `expert_counts[i] ≤ moe.num_experts` experts (default all; 1GXS), and `policy` decides what the
-    server averages.
+    server averages. `router_batches` and `evaluate`: module docstring;
+    `reference_lb_on_block_output`: `MoEConfig.reference_lb_on_block_output` (either turns it on).
 
     Every client starts from the same global tensors (the server's init) and its own draw of the
     local ones. Metrics add nothing to the generic round's.
     """
     moe = moe or MoEConfig()
+    if reference_lb_on_block_output:
+        moe = dataclasses.replace(moe, reference_lb_on_block_output=True)
+    if router_batches not in ("random", "windows"):
+        raise ValueError(f"router_batches must be 'random' or 'windows', got {router_batches!r}")
     moe_problem, masks = with_moe(problem, moe)
     graphdef, template = moe_problem.graphdef, moe_problem.template
     n = problem.num_clients
@@ -134,8 +179,11 @@ def comigs(
             f"expert_counts must give 1..{moe.num_experts} experts for each of {n} clients, "
             f"got {expert_counts}"
         )
-    if schedule.alternating and schedule.router_split == "val" and "val" not in problem.eval_sets:
+    router_on_val = schedule.alternating and schedule.router_split == "val"
+    if router_on_val and "val" not in problem.eval_sets:
         raise ValueError("the router trains on the validation split, but the problem has no 'val'")
+    if router_on_val and router_batches == "random":
+        _check_val_covers_stream(problem.eval_sets["val"])
     cfg = problem.training
     tx = problem.tx()
     rtx = schedule.router_optimizer.build()
@@ -176,8 +224,14 @@ def comigs(
     def client_update(client, tokens, length, mask, windows, weights, base, t0):
         train = stream_sampler(cfg, tokens, length, mask, client.data_key, max_windows)
         router_data = train
-        if schedule.router_split == "val":
+        if schedule.router_split == "val" and router_batches == "windows":
             router_data = val_sampler(windows, weights, cfg.batch_size)
+        elif schedule.router_split == "val":
+            v_tokens, v_length, v_mask = val_stream(windows, weights)
+            random_cfg = dataclasses.replace(cfg, sampling="random")
+            router_data = stream_sampler(
+                random_cfg, v_tokens, v_length, v_mask, client.data_key, max_windows
+            )
         leak = schedule.reference_grad_leak
 
         def gradients(params, own, sample, counter, rng):
@@ -264,6 +318,7 @@ def comigs(
         name,
         ClientProgram(init_state, local_update),
         aggregating(masked_aggregator(policy)),
+        evaluate=evaluate,
         capabilities=Capabilities(cohorts=False),
     )
     return build(moe_problem, method)

@@ -58,7 +58,7 @@ from fedjax_lora.engine.strategy import map_clients
 from fedjax_lora.engine.train import make_client_update
 from fedjax_lora.lora import detach_adapters, split
 
-__all__ = ["METHODS", "FedAMoLEOptions", "fedamole", "with_amole"]
+__all__ = ["METHODS", "FedAMoLEOptions", "fedamole", "input_weights", "with_amole"]
 
 Dispatch = Literal["rsea", "static", "random"]
 
@@ -92,6 +92,15 @@ class FedAMoLEOptions:
             )
         if self.noise_eta is not None and self.noise_eta <= 0:
             raise ValueError(f"noise_eta must be positive, got {self.noise_eta}")
+
+
+def input_weights(weights: jax.Array) -> jax.Array:
+    """`[..., T]` weights of the *input* tokens of windows from their target weights: input `0`
+    counts when the window has any counted target, input `j > 0` when target `j - 1` (token `j`)
+    does. With the aux set's all-token weights this is every token of an example (prompt and
+    response, the reference's RSEA statistics), padding excluded; a full window counts whole."""
+    first = jnp.any(weights > 0, axis=-1, keepdims=True)
+    return jnp.concatenate([first, weights[..., :-1] > 0], axis=-1).astype(jnp.float32)
 
 
 # The reference adapts q and v (PEFT's Llama default); GPT-2 holds them as slices of `c_attn`.
@@ -177,9 +186,7 @@ def fedamole(
         stats = None
         if options.dispatch == "rsea":
             aux = inputs.eval_sets[options.aux_set]
-            weights = jnp.broadcast_to(
-                jnp.sum(aux.weights, -1, keepdims=True) > 0, aux.weights.shape
-            ).astype(jnp.float32)
+            weights = input_weights(aux.weights)
             per_client = ((clients.params, masks), aux.windows[..., :-1], weights)
             stats = map_clients(
                 with_frozen(client_stats), problem.strategy, per_client, (inputs.base,)

@@ -26,6 +26,10 @@ trained) holds `s_i` on the active ranks and 0 on padded and pruned ones, and
 
 so inactive columns of `A` and rows of `B` get no gradient and stay at zero (the aggregators zero
 them again at every truncation). All clients start from the server's init truncated to their rank.
+
+**Evaluation** (`evaluate`, every method here): `"local"` (default), each client's model after its
+local steps and before the server average, as the CoMiGS reference evaluates every method;
+`"aggregated"`: after aggregation.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from fedjax_lora.algorithms.base import (
     Algorithm,
     Capabilities,
     ClientProgram,
+    Evaluate,
     Method,
     aggregating,
     build,
@@ -144,10 +149,12 @@ def _ranked_method(
     scales: nnx.State,
     aggregator: Aggregator,
     inputs: Callable[..., dict] | None = None,
+    evaluate: Evaluate = "local",
 ) -> Algorithm:
     """The aggregator's method on a `with_ranks` problem: clients start from one shared draw
     truncated to their ranks, and train only their `Adapter` variables (the rank scales ride
-    along in `params`, where the servers read them)."""
+    along in `params`, where the servers read them); `evaluate`: the local models before the
+    server average, or the aggregated ones."""
     tx = problem.tx()
     cfg = problem.training
     update = make_client_update(
@@ -172,6 +179,7 @@ def _ranked_method(
         name,
         client,
         aggregating(aggregator, inputs=inputs),
+        evaluate=evaluate,
         capabilities=Capabilities(cohorts=False),
     )
     return build(problem, method)
@@ -186,6 +194,7 @@ def hetlora(
     keep: float = 0.99,
     self_prune: bool = True,
     reference_weights: bool = False,
+    evaluate: Evaluate = "local",
 ) -> Algorithm:
     """HetLoRA with client ranks `ranks` on `ranked.targets` (module docstring): regulariser
     weight `prune_coef` (`λ_p`; the reference sweeps 0.05, 0.005, 0.0005), tail ratio `keep`
@@ -193,7 +202,7 @@ def hetlora(
     reference's per-matrix norms)."""
     ranked_problem, scales = with_ranks(problem, ranks, ranked, prune_coef=prune_coef, keep=keep)
     aggregator = hetlora_aggregator(keep, self_prune, reference_weights)
-    return _ranked_method("hetlora", ranked_problem, scales, aggregator)
+    return _ranked_method("hetlora", ranked_problem, scales, aggregator, evaluate=evaluate)
 
 
 def flexlora(
@@ -202,15 +211,17 @@ def flexlora(
     ranks: Sequence[int] | None = None,
     ranked: LoRAConfig = MLP_LORA,
     merge_alpha: float | None = None,
+    reference_accumulator: bool = False,
+    evaluate: Evaluate = "local",
 ) -> Algorithm:
     """FlexLoRA with client ranks `ranks` on `ranked.targets` (module docstring): the token-count
     weighted average of the full updates, SVD back to each client's rank (`merge_alpha = 16`:
-    the reference's `16/r` merge rate)."""
+    the reference's `16/r` merge rate; `reference_accumulator`: the reference server's accumulator
+    reset, only the last client's update, `fedjax_lora.aggregation.flexlora`)."""
     ranked_problem, scales = with_ranks(problem, ranks, ranked)
     inputs = lambda data, clients, eval_sets, base: {"weights": data.token_counts()}
-    return _ranked_method(
-        "flexlora", ranked_problem, scales, flexlora_aggregator(merge_alpha), inputs
-    )
+    aggregator = flexlora_aggregator(merge_alpha, reference_accumulator)
+    return _ranked_method("flexlora", ranked_problem, scales, aggregator, inputs, evaluate)
 
 
 def ffa_frozen(names: Sequence[str], train_attention_a: bool = False) -> bool:
@@ -220,7 +231,9 @@ def ffa_frozen(names: Sequence[str], train_attention_a: bool = False) -> bool:
     return names[-1] == "a" and not (train_attention_a and attention)
 
 
-def ffa_lora(problem: Problem, *, train_attention_a: bool = False) -> Algorithm:
+def ffa_lora(
+    problem: Problem, *, train_attention_a: bool = False, evaluate: Evaluate = "local"
+) -> Algorithm:
     """FFA-LoRA: every LoRA `A` frozen at the shared init (`ffa_frozen`; `train_attention_a`:
     those of the attention trained and averaged, the icml reference), `B` averaged uniformly after
     every round; a frozen `A` is never touched (not even averaged)."""
@@ -231,13 +244,19 @@ def ffa_lora(problem: Problem, *, train_attention_a: bool = False) -> Algorithm:
     tx = optax.multi_transform({"trained": problem.tx(), "frozen": optax.set_to_zero()}, labels)
     problem = dataclasses.replace(problem, optimizer=tx)
     aggregator = masked_aggregator(lambda names: not frozen(names))
-    return federated("ffa-lora", problem, aggregator, shared_init=True)
+    return federated("ffa-lora", problem, aggregator, shared_init=True, evaluate=evaluate)
 
 
-def fedsa_lora(problem: Problem) -> Algorithm:
+def fedsa_lora(problem: Problem, *, evaluate: Evaluate = "local") -> Algorithm:
     """FedSA-LoRA: every LoRA `A` averaged uniformly after every round, every `B` kept local; all
     clients start from the same adapters."""
-    return federated("fedsa-lora", problem, masked_aggregator("fedsa"), shared_init=True)
+    return federated(
+        "fedsa-lora",
+        problem,
+        masked_aggregator("fedsa"),
+        shared_init=True,
+        evaluate=evaluate,
+    )
 
 
 METHODS = {

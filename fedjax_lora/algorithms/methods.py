@@ -22,6 +22,7 @@ from fedjax_lora.algorithms import (
 from fedjax_lora.algorithms.base import (
     Algorithm,
     Capabilities,
+    Evaluate,
     Method,
     aggregating,
     build,
@@ -37,19 +38,30 @@ def local(problem: Problem) -> Algorithm:
     return federated("local", problem, local_aggregator(), shared_init=False)
 
 
-def fedavg(problem: Problem, weighting: Literal["uniform", "tokens"] = "uniform") -> Algorithm:
+def fedavg(
+    problem: Problem,
+    weighting: Literal["uniform", "tokens"] = "uniform",
+    evaluate: Evaluate = "aggregated",
+) -> Algorithm:
     """FedAvg (McMahan et al., 2017) over the adapters: after every round each client receives
     `Σ_j w_j θ_j`, `w` uniform or proportional to the clients' training-token counts. Optimizer
     states stay local. All clients start from the same adapters. With a cohort
     (`data.cohort_size`) the average is over the cohort and every client of the population
-    receives it (the server model)."""
+    receives it (the server model). `evaluate="local"`: each client's model before the average
+    (the CoMiGS reference's timing; the CoMiGS grids set it)."""
     if weighting not in ("uniform", "tokens"):
         raise ValueError(f"fedavg weighting must be 'uniform' or 'tokens', got {weighting!r}")
     inputs = None
     if weighting == "tokens":
         inputs = lambda data, clients, eval_sets, base: {"weights": data.token_counts()}
     return federated(
-        "fedavg", problem, fedavg_aggregator(), shared_init=True, inputs=inputs, server_model=True
+        "fedavg",
+        problem,
+        fedavg_aggregator(),
+        shared_init=True,
+        inputs=inputs,
+        server_model=True,
+        evaluate=evaluate,
     )
 
 

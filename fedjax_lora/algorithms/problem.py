@@ -21,6 +21,7 @@ from fedjax_lora.engine.instruction import ChoiceSet, GenerationSet, TextTask
 from fedjax_lora.engine.optim import OptimizerConfig
 from fedjax_lora.engine.strategy import Strategy
 from fedjax_lora.engine.train import LocalTraining
+from fedjax_lora.errors import DataError
 
 PyTree = Any
 
@@ -119,7 +120,7 @@ class Problem:
         cls,
         model: nnx.Module,
         train: ClientTokens,
-        eval_windows: dict[str, tuple[np.ndarray, np.ndarray]],
+        eval_windows: dict[str, tuple[np.ndarray, ...]],
         *,
         training: LocalTraining,
         optimizer: OptimizerConfig | optax.GradientTransformation,
@@ -133,7 +134,8 @@ class Problem:
     ) -> Problem:
         """Builds a problem from a model that already holds its adapters.
 
-        eval_windows: per-client sets `{name: (windows [N, W, T+1], valid [N, W])}`;
+        eval_windows: per-client sets `{name: (windows [N, W, T+1], valid [N, W])}`, or with a
+        third member, the target weights `[N, W, T]` (only those tokens count, e.g. responses);
         shared_windows: sets every client is evaluated on `{name: (windows [W, T+1], valid [W])}`;
         mixtures: the clients' known data proportions `[N, K]` (oracle trust);
         reference: shared reference sequences `int32 [S, T]` (prediction trust).
@@ -148,12 +150,16 @@ class Problem:
                 f"{cfg.max_positions} positions; lower seq_len"
             )
         check_streams(train, training.seq_len, cfg.vocab_size, "train", client_names or None)
+        for name, (w, *_) in {**eval_windows, **(shared_windows or {})}.items():
+            check_eval_vocab(np.asarray(w), cfg.vocab_size, name)
         data = TrainData.from_client_tokens(train)
         strategy.check_clients(data.num_clients)
         if cohort is not None:
             cohort.check(data.num_clients)
             strategy.check_clients(cohort.size)
-        sets = {k: make_eval_set(w, v, eval_batch_size) for k, (w, v) in eval_windows.items()}
+        sets = {
+            k: make_eval_set(w[0], w[1], eval_batch_size, *w[2:]) for k, w in eval_windows.items()
+        }
         for k, (w, v) in (shared_windows or {}).items():
             sets[k] = shared_eval_set(w, v, data.num_clients, eval_batch_size)
         return cls(
@@ -172,4 +178,15 @@ class Problem:
             if reference is None
             else strategy.replicate(jnp.asarray(reference, jnp.int32)),
             cohort=cohort,
+        )
+
+
+def check_eval_vocab(windows: np.ndarray, vocab_size: int, name: str) -> None:
+    """Raises `DataError` when evaluation set `name`'s windows hold token ids outside
+    `[0, vocab_size)` (they would evaluate to NaN or wrong perplexities silently)."""
+    if windows.size and (windows.min() < 0 or windows.max() >= vocab_size):
+        bad = int(windows.max() if windows.max() >= vocab_size else windows.min())
+        raise DataError(
+            f"evaluation set {name!r} holds token id {bad}, outside the model's vocabulary "
+            f"[0, {vocab_size}); tokenize it with the base's tokenizer or use a larger model"
         )

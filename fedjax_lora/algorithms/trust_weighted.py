@@ -27,17 +27,15 @@ optimizer states and schedules stay local. Rules:
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any
-
 import jax
 import numpy as np
 from flax import nnx
 
-from fedjax_lora.aggregation import fedavg_aggregator, topology, trust_aggregator
+from fedjax_lora.aggregation import fedavg_aggregator, trust_aggregator
 from fedjax_lora.algorithms.base import Algorithm, federated
 from fedjax_lora.algorithms.problem import Problem
 from fedjax_lora.engine.crosseval import CrossEval, attention_dropout_only, make_cross_eval
+from fedjax_lora.settings import TrustOptions
 
 __all__ = ["METHODS", "RULES", "TrustOptions", "trust_weighted"]
 
@@ -45,63 +43,12 @@ RULES = ("weights", "validation", "prediction", "oracle", "fedavg")
 """Trust rules of `trust_weighted` (`fedavg`: uniform mixing, the reference's `naive`)."""
 
 
-@dataclasses.dataclass(frozen=True)
-class TrustOptions:
-    """Schedule, evaluation and trust-rule options of the trust-weighted methods.
-
-    first_aggregation_round: first round (1-based) that ends with an aggregation; earlier rounds
-      are local warm-up (reference: 100 steps / 25 per round = 4).
-    eval_attention_dropout: the reference's quirk (spec §3.1): attention-probability dropout
-      (the model's `attn_dropout`) stays on in every evaluation, reported perplexities and trust
-      inputs alike; all other dropouts are off.
-    eval_seed: seed of those evaluation dropout masks.
-    temperature: softmax temperature of `weights` and `validation` (reference: 1).
-    use_loss: `validation` on `log P` (mean CE) instead of perplexity (reference: False).
-    top_k, scale: `prediction`'s logit sparsity and score scale (reference: 100, 10).
-    top_peers, threshold, min_keep: peer selection (`softmax_trust`; reference variants
-      `*-top-k`, `*-thresh`).
-    topology: communication graph (`full`, `ring`, `star`, `isolated`).
-    """
-
-    first_aggregation_round: int = 1
-    eval_attention_dropout: bool = False
-    eval_seed: int = 0
-    temperature: float = 1.0
-    use_loss: bool = False
-    top_k: int = 100
-    scale: float = 10.0
-    top_peers: int | None = None
-    threshold: float | None = None
-    min_keep: int = 2
-    topology: str = "full"
-
-    def __post_init__(self):
-        if self.first_aggregation_round < 1:
-            raise ValueError(
-                f"first_aggregation_round must be >= 1, got {self.first_aggregation_round}"
-            )
-
-    def rule_options(self, rule: str, num_clients: int) -> dict[str, Any]:
-        """The keyword options of `trust_aggregator(rule, ...)`."""
-        shared = {
-            "top_peers": self.top_peers,
-            "threshold": self.threshold,
-            "min_keep": self.min_keep,
-            "adjacency": None if self.topology == "full" else topology(self.topology, num_clients),
-        }
-        own = {
-            "weights": {"temperature": self.temperature},
-            "validation": {"temperature": self.temperature, "use_loss": self.use_loss},
-            "prediction": {"top_k": self.top_k, "scale": self.scale},
-            "oracle": {},
-        }[rule]
-        return {**own, **shared}
-
-
 def _cross_eval(problem: Problem, options: TrustOptions) -> CrossEval:
     graphdef, key = problem.graphdef, None
-    if options.eval_attention_dropout:
-        graphdef = attention_dropout_only(problem.graphdef, problem.template, problem.base)
+    if options.eval_attention_dropout is not None:
+        graphdef = attention_dropout_only(
+            problem.graphdef, problem.template, problem.base, options.eval_attention_dropout
+        )
         key = jax.random.key(options.eval_seed)
     return make_cross_eval(graphdef, problem.eval_batch_size, problem.strategy, dropout_key=key)
 

@@ -28,7 +28,12 @@ from fedjax_lora.data.streams import (
     write_stream,
 )
 from fedjax_lora.data.synthetic import MarkovSources, make_markov_sources, synthetic_corpus
-from fedjax_lora.data.tokenize import check_vocab, tokenize_prompt_target, tokenize_texts
+from fedjax_lora.data.tokenize import (
+    check_vocab,
+    tokenize_example_rows,
+    tokenize_prompt_target,
+    tokenize_texts,
+)
 
 __all__ = [
     "ClientTokens",
@@ -52,6 +57,7 @@ __all__ = [
     "specific",
     "stack_streams",
     "synthetic_corpus",
+    "tokenize_example_rows",
     "tokenize_prompt_target",
     "tokenize_texts",
     "uniform_evaluation",

@@ -18,6 +18,7 @@ import datasets
 import numpy as np
 
 from fedjax_lora.data.prompts import SNLI_CHOICES, alpaca_prompt, snli_prompt
+from fedjax_lora.errors import DataError
 
 AG_NEWS = "fancyzhx/ag_news"
 AG_NEWS_LABELS = ("World", "Sports", "Business", "Sci/Tech")
@@ -102,6 +103,17 @@ def load_rows(
     return datasets.load_dataset(
         str(source), name, split=split, streaming=streaming, cache_dir=cache
     )
+
+
+def _require_fields(rows: list[dict], fields: Sequence[str], what: str) -> None:
+    """Raises `DataError` naming `what`, the first row lacking one of `fields` (absent or null)
+    and the field; also when there are no rows at all."""
+    if not rows:
+        raise DataError(f"{what} holds no rows")
+    for i, row in enumerate(rows):
+        missing = [f for f in fields if row.get(f) is None]
+        if missing:
+            raise DataError(f"{what}: row {i} lacks the field(s) {missing}; rows need {fields}")
 
 
 def _take(
@@ -213,7 +225,11 @@ def load_dolly(
     cache_dir: str | Path | None = None,
 ) -> LabeledPairs:
     """Dolly-15k as (Alpaca prompt, response) pairs labelled by `category` (sorted names)."""
-    rows = list(_take(load_rows(source, cache_dir=cache_dir), limit))
+    try:
+        rows = list(_take(load_rows(source, cache_dir=cache_dir), limit))
+    except (StopIteration, ValueError, KeyError) as e:  # an empty or malformed local file
+        raise DataError(f"Dolly source {source}: no readable rows ({type(e).__name__})") from None
+    _require_fields(rows, ("instruction", "response", "category"), f"Dolly {source}")
     labels, names = _encode_labels([r["category"] for r in rows])
     prompts = [alpaca_prompt(r["instruction"], r["context"] or "") for r in rows]
     return LabeledPairs(prompts, [r["response"] for r in rows], labels, names)
@@ -225,18 +241,23 @@ def load_snli(
     splits: Sequence[str] = _SPLIT_NAMES,
     limit: int | None = None,
     cache_dir: str | Path | None = None,
+    unlabelled: bool = False,
 ) -> LabeledPairs:
     """SNLI as (prompt, "Yes"/"Maybe"/"No") pairs, the given splits concatenated (FedAMoLE uses
-    all three); rows with label -1 (no gold label) are dropped."""
+    all three); rows with label -1 (no gold label) are dropped, or, with `unlabelled`, kept with
+    label -1 and target "" (FedAMoLE's partition counts them before dropping them,
+    `fedjax_lora.data.instruction`). `limit` counts the rows kept."""
     if Path(source).is_file():
         splits = ("train",)
     rows: list[dict] = []
     for split in splits:
         rows += list(_take(load_rows(source, split=split, cache_dir=cache_dir), None))
-    rows = list(_take(rows, limit, lambda r: 0 <= int(r["label"]) < len(SNLI_CHOICES)))
+    low = -1 if unlabelled else 0
+    rows = list(_take(rows, limit, lambda r: low <= int(r["label"]) < len(SNLI_CHOICES)))
     labels = np.array([int(r["label"]) for r in rows], dtype=np.int64)
     prompts = [snli_prompt(r["premise"], r["hypothesis"]) for r in rows]
-    return LabeledPairs(prompts, [SNLI_CHOICES[k] for k in labels], labels, SNLI_CHOICES)
+    targets = [SNLI_CHOICES[k] if k >= 0 else "" for k in labels]
+    return LabeledPairs(prompts, targets, labels, SNLI_CHOICES)
 
 
 def _ni_github_rows(root: Path, task_list: str) -> list[dict]:

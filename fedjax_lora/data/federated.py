@@ -31,7 +31,10 @@ class FederatedData:
     `shared_eval` named shared evaluation streams (out-of-distribution settings); `reference`
     the shared reference sequences `int32 [S, T]` for prediction-similarity trust; `task` the
     clients' test examples for the instruction-task evaluation
-    (`fedjax_lora.data.instruction.TaskExamples`), if any.
+    (`fedjax_lora.data.instruction.TaskExamples`), if any; `aux` every client's auxiliary split
+    held out of training (FedAMoLE's RSEA data), if any; `example_rows`: every stream is a run of
+    slots of `seq_len + 1` tokens, one right-padded example each
+    (`data.instruction_packing=examples`), so windows must start at slot boundaries.
     """
 
     train: ClientTokens
@@ -44,6 +47,8 @@ class FederatedData:
     shared_eval: Mapping[str, np.ndarray] | None = None
     reference: np.ndarray | None = None
     task: Any = None
+    aux: ClientTokens | None = None
+    example_rows: bool = False
 
     @property
     def num_clients(self) -> int:
@@ -159,7 +164,8 @@ def _encode(
     return tokenize_texts(source, tokenizer, vocab_size=vocab_size, separator=separator)
 
 
-def _stack(streams: list[MaskedStream | np.ndarray]) -> ClientTokens:
+def stack_sources(streams: list[MaskedStream | np.ndarray]) -> ClientTokens:
+    """One split's per-client streams (masked or not) as a right-padded `ClientTokens`."""
     if not any(isinstance(s, MaskedStream) for s in streams):
         return stack_streams(streams)
     tokens = [s.tokens if isinstance(s, MaskedStream) else s for s in streams]
@@ -237,9 +243,9 @@ def build_federated(
             for key, value in shared_eval.items()
         }
     return FederatedData(
-        train=_stack(per_split["train"]),
-        val=_stack(per_split["val"]),
-        test=_stack(per_split["test"]),
+        train=stack_sources(per_split["train"]),
+        val=stack_sources(per_split["val"]),
+        test=stack_sources(per_split["test"]),
         client_names=names,
         groups=group_arr,
         vocab_size=int(vocab_size),

@@ -9,7 +9,10 @@ an `off/` folder) and symlinks are skipped. Install with `apt-get install fortun
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+
+from fedjax_lora.errors import DataError
 
 FORTUNES_ROOT = Path("/usr/share/games/fortunes")
 ENGLISH = "en"
@@ -78,30 +81,53 @@ def parse_fortunes(text: str) -> list[str]:
     return [e for e in entries if e]
 
 
-def _read_text(path: Path) -> str:
+def read_text(path: Path, encodings: Sequence[str] = ("utf-8",)) -> str:
+    """The text of `path` in the first of `encodings` that decodes all of it, strictly (no
+    replacement characters, no NUL characters: a UTF-16 file is not read as UTF-8). Raises
+    `DataError` naming the file, the byte offset and the fix."""
     data = path.read_bytes()
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        return data.decode("latin-1")
+    for encoding in encodings:
+        try:
+            text = data.decode(encoding)
+        except UnicodeDecodeError as e:
+            error = f"is not valid {encoding} at byte {e.start} ({e.reason})"
+            continue
+        if "\x00" in text:
+            error = f"holds NUL characters as {encoding} (at byte {data.index(0)}; UTF-16?)"
+            continue
+        return text
+    raise DataError(
+        f"{path} {error}; convert it to UTF-8 or name its encoding with data.encodings "
+        "(e.g. [utf-8, latin-1])"
+    )
 
 
-def load_topic(topic: str, language: str = ENGLISH, root: str | Path = FORTUNES_ROOT) -> list[str]:
-    """The entries of one topic file."""
+def load_topic(
+    topic: str,
+    language: str = ENGLISH,
+    root: str | Path = FORTUNES_ROOT,
+    encodings: Sequence[str] = ("utf-8",),
+) -> list[str]:
+    """The entries of one topic file (`read_text` with `encodings`)."""
     files = _topic_files(language, Path(root))
     if topic not in files:
         raise KeyError(f"no fortune topic {topic!r} for language {language!r}; have {list(files)}")
-    return parse_fortunes(_read_text(files[topic]))
+    return parse_fortunes(read_text(files[topic], encodings))
 
 
 def load_topics(
-    topics: list[str] | None = None, language: str = ENGLISH, root: str | Path = FORTUNES_ROOT
+    topics: list[str] | None = None,
+    language: str = ENGLISH,
+    root: str | Path = FORTUNES_ROOT,
+    encodings: Sequence[str] = ("utf-8",),
 ) -> dict[str, list[str]]:
     """Entries per topic (all topics of the language by default)."""
     names = list_topics(language, root) if topics is None else topics
-    return {t: load_topic(t, language, root) for t in names}
+    return {t: load_topic(t, language, root, encodings) for t in names}
 
 
-def load_language(language: str = ENGLISH, root: str | Path = FORTUNES_ROOT) -> list[str]:
+def load_language(
+    language: str = ENGLISH, root: str | Path = FORTUNES_ROOT, encodings: Sequence[str] = ("utf-8",)
+) -> list[str]:
     """All entries of one language, topics in sorted order."""
-    return [e for entries in load_topics(None, language, root).values() for e in entries]
+    return [e for entries in load_topics(None, language, root, encodings).values() for e in entries]

@@ -148,7 +148,7 @@ def dirichlet(
     labels: np.ndarray,
     num_clients: int,
     alpha: float,
-    seed: int,
+    seed: int | np.random.RandomState,
     *,
     num_classes: int | None = None,
     min_size: int = 10,
@@ -163,7 +163,8 @@ def dirichlet(
     >= len(labels) / N, renormalise, and split the class at `cumsum(q) * n_k` (truncated).
     The whole draw repeats until every client has >= `min_size` examples. Finally each client's
     indices are shuffled. Labels outside 0..K-1 (e.g. -1) are never assigned but count in
-    len(labels), as in the reference.
+    len(labels), as in the reference. `seed` may be a `np.random.RandomState`, drawn from and
+    advanced (the reference's global stream continues into its per-client splits).
     """
     labels = np.asarray(labels)
     k = int(labels.max()) + 1 if num_classes is None else num_classes
@@ -175,7 +176,7 @@ def dirichlet(
             f"{assignable} labelled examples cannot give {num_clients} clients >= {min_size} "
             "each; use fewer clients or a smaller min_size"
         )
-    rs = np.random.RandomState(seed)
+    rs = seed if isinstance(seed, np.random.RandomState) else np.random.RandomState(seed)
     cap = labels.shape[0] / num_clients
     for _ in range(max_tries):
         parts: list[list[int]] = [[] for _ in range(num_clients)]

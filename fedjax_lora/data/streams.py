@@ -17,6 +17,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from fedjax_lora.errors import DataError, one_line
+
 UINT16_MAX_VOCAB = 1 << 16
 
 
@@ -102,12 +104,16 @@ def eval_window_starts(
     seq_len: int,
     max_windows: int,
     names: Sequence[str] | None = None,
+    *,
+    stride: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Start positions of a fixed set of evaluation windows per client.
 
     Client i's stream holds `n_i = (length_i - 1) // seq_len` windows of `seq_len + 1` tokens at
     stride `seq_len` (consecutive windows share only their boundary token, so every target is
-    counted at most once). If `n_i > max_windows`, `W = max_windows` of those slots are taken
+    counted at most once), or, with `stride = seq_len + 1` (streams of one-example slots,
+    `data.instruction_packing=examples`), its `n_i = length_i // (seq_len + 1)` slots. If
+    `n_i > max_windows`, `W = max_windows` of those slots are taken
     evenly spread over the stream (slot `floor(k * n_i / W)`, k = 0..W-1). Returns
     `starts int32 [N, W]` and `valid bool [N, W]`; clients with fewer windows are padded with
     start 0 and marked invalid. Deterministic: no randomness.
@@ -115,7 +121,8 @@ def eval_window_starts(
     if seq_len < 1 or max_windows < 1:
         raise ValueError(f"seq_len and max_windows must be >= 1, got {seq_len}, {max_windows}")
     lengths = np.asarray(lengths, dtype=np.int64)
-    slots = (lengths - 1) // seq_len
+    stride = seq_len if stride is None else stride
+    slots = (lengths - seq_len - 1) // stride + 1
     for i, length in enumerate(lengths):
         if slots[i] < 1:
             raise ValueError(
@@ -129,7 +136,7 @@ def eval_window_starts(
     for i, n in enumerate(slots):
         w = int(min(n, width))
         slot = (np.arange(w, dtype=np.int64) * n) // w
-        starts[i, :w] = slot * seq_len
+        starts[i, :w] = slot * stride
         valid[i, :w] = True
     return starts, valid
 
@@ -147,18 +154,27 @@ def eval_windows(
     seq_len: int,
     max_windows: int,
     names: Sequence[str] | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
+    *,
+    stride: int | None = None,
+    masked: bool = False,
+) -> tuple[np.ndarray, ...]:
     """A fixed, reproducible set of evaluation windows per client.
 
-    Returns `windows int32 [N, W, seq_len + 1]` (see `eval_window_starts` for which) and
-    `valid bool [N, W]`; invalid (padding) windows are all zeros. For a masked stream, the target
-    weights of the same windows are `gather_windows(ct.loss_mask, starts, seq_len + 1)[..., 1:]`.
-    `names` only improves error messages.
+    Returns `windows int32 [N, W, seq_len + 1]` (see `eval_window_starts` for which, and
+    `stride`) and `valid bool [N, W]`; invalid (padding) windows are all zeros. With `masked`,
+    also the target weights `f32 [N, W, seq_len]` of the same windows (the stream's loss mask
+    at the targets; all ones without one), so the loss counts only the masked tokens (an
+    instruction example's response). `names` only improves error messages.
     """
-    starts, valid = eval_window_starts(ct.lengths, seq_len, max_windows, names)
+    starts, valid = eval_window_starts(ct.lengths, seq_len, max_windows, names, stride=stride)
     windows = gather_windows(ct.tokens, starts, seq_len + 1).astype(np.int32)
     windows[~valid] = 0
-    return windows, valid
+    if not masked:
+        return windows, valid
+    if ct.loss_mask is None:
+        return windows, valid, np.ones(windows[..., 1:].shape, np.float32)
+    mask = gather_windows(ct.loss_mask, starts, seq_len + 1)[..., 1:].astype(np.float32)
+    return windows, valid, mask
 
 
 def stream_dtype(vocab_size: int) -> np.dtype:
@@ -205,11 +221,22 @@ def open_stream(path: str | Path) -> np.memmap | np.ndarray:
         raise FileNotFoundError(
             f"no sidecar {meta_path} for token stream {path}; write streams with write_stream()"
         )
-    meta = json.loads(meta_path.read_text())
-    dtype = np.dtype(meta["dtype"])
-    expected = meta["length"] * dtype.itemsize
+    try:
+        meta = json.loads(meta_path.read_text())
+        dtype, length = np.dtype(meta["dtype"]), meta["length"]
+        if dtype not in (np.dtype(np.uint16), np.dtype(np.uint32), np.dtype(np.int32)):
+            raise ValueError(f"dtype {dtype.name} is not an integer token type (uint16/uint32)")
+        if isinstance(length, bool) or not isinstance(length, int) or length < 0:
+            raise ValueError(f"length {length!r} is not a count")
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise DataError(
+            f"sidecar {meta_path} of token stream {path} is not usable ({type(e).__name__}: "
+            f'{one_line(e)}); it needs {{"dtype": "uint16"|"uint32", "length": N}} '
+            "as write_stream() writes it"
+        ) from None
+    expected = length * dtype.itemsize
     if path.stat().st_size != expected:
-        raise ValueError(
+        raise DataError(
             f"{path} has {path.stat().st_size} bytes but its sidecar says {meta['length']} "
             f"{dtype.name} tokens ({expected} bytes); the file is truncated or stale"
         )

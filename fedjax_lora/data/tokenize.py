@@ -94,6 +94,23 @@ def tokenize_texts(
     return stream
 
 
+def _prompt_target_ids(
+    prompts: Sequence[str],
+    targets: Sequence[str],
+    tokenizer: Any,
+    eos_id: int | None,
+    bos_id: int | None,
+) -> tuple[list[tuple[list[int], int]], int]:
+    """`([(ids, prompt_length), ...], eos)`: every example as `[bos] prompt target eos`, the
+    prompt and target tokenized separately (as the FedAMoLE reference does)."""
+    if len(prompts) != len(targets):
+        raise ValueError(f"got {len(prompts)} prompts but {len(targets)} targets")
+    eos = eos_token_id(tokenizer) if eos_id is None else eos_id
+    head = [] if bos_id is None else [bos_id]
+    pairs = zip(encode_batch(tokenizer, prompts), encode_batch(tokenizer, targets), strict=True)
+    return [(head + p + t + [eos], len(head) + len(p)) for p, t in pairs], eos
+
+
 def tokenize_prompt_target(
     prompts: Sequence[str],
     targets: Sequence[str],
@@ -109,17 +126,50 @@ def tokenize_prompt_target(
     (as the FedAMoLE reference does), and the mask is 1 on the target tokens and the EOS only, so
     the loss counts the response, not the prompt.
     """
-    if len(prompts) != len(targets):
-        raise ValueError(f"got {len(prompts)} prompts but {len(targets)} targets")
-    eos = eos_token_id(tokenizer) if eos_id is None else eos_id
-    head = [] if bos_id is None else [bos_id]
-    ids: list[int] = []
-    mask: list[int] = []
-    for p, t in zip(
-        encode_batch(tokenizer, prompts), encode_batch(tokenizer, targets), strict=True
-    ):
-        ids += head + p + t + [eos]
-        mask += [0] * (len(head) + len(p)) + [1] * (len(t) + 1)
-    stream = np.asarray(ids, dtype=np.int32)
+    examples, _ = _prompt_target_ids(prompts, targets, tokenizer, eos_id, bos_id)
+    stream = np.asarray([t for ids, _ in examples for t in ids], dtype=np.int32)
+    mask = [m for ids, n in examples for m in [0] * n + [1] * (len(ids) - n)]
     check_vocab(stream, vocab_size)
     return MaskedStream(stream, np.asarray(mask, dtype=np.uint8))
+
+
+def tokenize_example_rows(
+    prompts: Sequence[str],
+    targets: Sequence[str],
+    tokenizer: Any,
+    *,
+    vocab_size: int,
+    max_length: int,
+    eos_id: int | None = None,
+    bos_id: int | None = None,
+    targets_only: bool = True,
+) -> tuple[MaskedStream, np.ndarray]:
+    """(prompt, target) examples as one right-padded example per slot of `max_length + 1` tokens,
+    as FedAMoLE's reference preprocesses them (`data/preprocess.py::CausalLMPreprocessor`, then
+    `ClientDataLoader`'s filter):
+
+    - an example is `[bos] prompt target eos` (prompt and target tokenized separately);
+    - an example whose `[bos] prompt` has `>= max_length` tokens is dropped;
+    - the rest are cut to `max_length` tokens and their last token is set to EOS (a no-op unless
+      cut);
+    - each fills a slot of `max_length + 1` tokens, the rest of the slot EOS-padded with mask 0,
+      so a window of `max_length + 1` tokens at a slot start is exactly that example.
+
+    The mask is 1 on the target tokens and the final EOS (`targets_only`), or on every token of
+    the example (FedAMoLE's RSEA statistics count prompt and response). Returns the slotted
+    stream and the indices of the kept examples."""
+    if max_length < 2:
+        raise ValueError(f"max_length must be >= 2 tokens, got {max_length}")
+    examples, eos = _prompt_target_ids(prompts, targets, tokenizer, eos_id, bos_id)
+    kept = np.asarray([i for i, (_, n) in enumerate(examples) if n < max_length], np.int64)
+    slot = max_length + 1
+    tokens = np.full((len(kept), slot), eos, np.int32)
+    mask = np.zeros((len(kept), slot), np.uint8)
+    for row, i in enumerate(kept):
+        ids, n = examples[i]
+        ids = ids[:max_length]
+        ids[-1] = eos
+        tokens[row, : len(ids)] = ids
+        mask[row, (n if targets_only else 0) : len(ids)] = 1
+    check_vocab(tokens, vocab_size)
+    return MaskedStream(tokens.reshape(-1), mask.reshape(-1)), kept

@@ -47,17 +47,21 @@ __all__ = [
 ]
 
 
-def attention_dropout_only(graphdef: nnx.GraphDef, template: nnx.State, base: nnx.State):
+def attention_dropout_only(
+    graphdef: nnx.GraphDef, template: nnx.State, base: nnx.State, rate: float | None = None
+):
     """A graphdef of the same model whose only active dropout is attention-probability dropout
-    (embedding, residual and LoRA dropout rates set to 0). Call it with `rngs` to get the
-    reference's evaluation mode; the state layout (adapters, base) is unchanged."""
+    at `rate` (default: the model's `attn_dropout`; embedding, residual and LoRA dropout rates
+    set to 0). Call it with `rngs` to get the reference's evaluation mode; the state layout
+    (adapters, base) is unchanged."""
     model = nnx.merge(graphdef, template, base)
     for _, module in nnx.iter_graph(model):
         if not isinstance(module, nnx.Module):
             continue
         for name, value in list(vars(module).items()):
             if isinstance(value, ModelConfig):
-                setattr(module, name, dataclasses.replace(value, dropout=0.0))
+                attn = value.attn_dropout if rate is None else rate
+                setattr(module, name, dataclasses.replace(value, dropout=0.0, attn_dropout=attn))
         if isinstance(module, lora.LoRA):
             module.dropout = 0.0
     return lora.split(model)[0]

@@ -7,8 +7,9 @@ the problem's `Strategy` (one compiled program, no Python loop over clients):
 - **generation** (Dolly, Natural Instructions): greedy decoding of every prompt
   (`models.generate.greedy_decode`, key/value cache, up to `max_new_tokens`, stopping at EOS);
   the new tokens come back to the host, are cut at the first EOS, decoded to text and scored
-  against the reference response with ROUGE-L F1 (`rouge_l`); a client's score is the mean over
-  its examples.
+  against the reference response with ROUGE-L F1 (`rouge_l`: by default the paper's, from the PyPI
+  `rouge` 1.0.1 package the reference calls; Google's `rouge-score` as an option); a client's
+  score is the mean over its examples.
 - **multiple choice** (SNLI): for every example and choice `c` (the template's label words,
   tokenized + EOS), the mean token cross-entropy of the choice's tokens given the prompt,
   :math:`\ell_c = \frac{1}{|c|}\sum_{t \in c} -\log p(c_t \mid \text{prompt}, c_{<t})`; the
@@ -55,6 +56,8 @@ __all__ = [
 
 Metric = Literal["rouge_l", "choice_accuracy"]
 METRICS = ("rouge_l", "choice_accuracy")
+Rouge = Literal["rouge", "rouge-score"]
+ROUGES = ("rouge", "rouge-score")
 
 
 class GenerationSet(NamedTuple):
@@ -87,7 +90,8 @@ class TextTask:
     per-choice loss, a `ChoiceSet`). max_new_tokens, eos_id: the decoding budget and stop token.
     references: per client, the reference response of each valid example (generation).
     decode: token ids (without EOS) -> text, e.g. `lambda ids: tok.decode(ids,
-    skip_special_tokens=True)`.
+    skip_special_tokens=True)`. rouge: the ROUGE-L implementation (`rouge_l`): `rouge` (PyPI
+    `rouge` 1.0.1, the paper's) or `rouge-score`.
     """
 
     metric: Metric
@@ -95,10 +99,13 @@ class TextTask:
     eos_id: int | None = None
     references: tuple[tuple[str, ...], ...] = ()
     decode: Callable[[Sequence[int]], str] | None = None
+    rouge: Rouge = "rouge"
 
     def __post_init__(self):
         if self.metric not in METRICS:
             raise ValueError(f"task metric must be one of {METRICS}, got {self.metric!r}")
+        if self.rouge not in ROUGES:
+            raise ValueError(f"eval.rouge must be one of {ROUGES}, got {self.rouge!r}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.metric == "rouge_l" and (self.decode is None or self.eos_id is None):
@@ -274,13 +281,37 @@ def make_client_task(
     return client_choice
 
 
-def rouge_l(prediction: str, reference: str) -> float:
-    """ROUGE-L F1 of one prediction against one reference, from Google's `rouge-score`
-    (`RougeScorer(["rougeL"])`: lowercased alphanumeric tokens, no stemming; the reference code
-    uses the pip `rouge` package on whitespace tokens). An empty prediction scores 0."""
+def rouge_l(prediction: str, reference: str, implementation: Rouge = "rouge") -> float:
+    """ROUGE-L F1 of one prediction against one reference.
+
+    `rouge` (default, the paper's; reference `evaluation.py::rouge_score`): the PyPI `rouge` 1.0.1
+    package, `Rouge().get_scores(prediction, reference)[0]["rouge-l"]["f"]`: both texts split
+    into sentences at ".", whitespace tokens, case kept, the summary-level union LCS of Lin (2004),
+    `F = 2PR / (P + R + 1e-8)` with `P`, `R` the union-LCS count over the numbers of *distinct*
+    words of prediction and reference (the package's exclusive n-gram sets); an empty prediction,
+    or one the package refuses (`ValueError`: no sentence left, e.g. "..."), scores 0, as in the
+    reference.
+    `rouge-score`: Google's `RougeScorer(["rougeL"])` (lowercased alphanumeric tokens, one LCS over
+    the whole text, no stemming); a blank prediction scores 0."""
+    if implementation == "rouge":
+        if not prediction:
+            return 0.0
+        try:
+            return float(_rouge().get_scores(prediction, reference)[0]["rouge-l"]["f"])
+        except ValueError:
+            return 0.0
+    if implementation != "rouge-score":
+        raise ValueError(f"ROUGE implementation must be one of {ROUGES}, got {implementation!r}")
     if not prediction.strip():
         return 0.0
     return float(_scorer().score(reference, prediction)["rougeL"].fmeasure)
+
+
+@functools.cache
+def _rouge() -> Any:
+    from rouge import Rouge as RougeMetric
+
+    return RougeMetric()
 
 
 @functools.cache
@@ -308,7 +339,7 @@ def score_generations(generated: np.ndarray, task: TextTask) -> np.ndarray:
     texts = decoded_texts(generated, task)
     return np.asarray(
         [
-            np.mean([rouge_l(h, r) for h, r in zip(hyps, refs, strict=True)])
+            np.mean([rouge_l(h, r, task.rouge) for h, r in zip(hyps, refs, strict=True)])
             for hyps, refs in zip(texts, task.references, strict=True)
         ]
     )

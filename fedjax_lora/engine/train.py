@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -12,48 +11,14 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from fedjax_lora.engine.batches import Batch, Sampling, sample_starts, windows_at
+from fedjax_lora.engine.batches import Batch, sample_starts, windows_at
 from fedjax_lora.engine.loss import lm_loss
 from fedjax_lora.engine.state import ClientState
 from fedjax_lora.engine.strategy import Strategy, map_clients
+from fedjax_lora.settings import LocalTraining
 
 PyTree = Any
 LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
-
-
-@dataclasses.dataclass(frozen=True)
-class LocalTraining:
-    """One round of local work per client.
-
-    steps: optimizer steps per round; batch_size: windows per micro-batch; grad_accum: micro-batches
-    averaged into one step; seq_len: tokens per window; sampling: `random` windows with
-    replacement (the reference codes) or `epoch` iteration; dropout: whether model/LoRA dropout is
-    active during training. Memory settings (same numbers, less memory, more compute): `remat`
-    recomputes every transformer block's activations in the backward pass (`jax.checkpoint` per
-    block); `ce_chunk` evaluates the output head and cross-entropy `ce_chunk` tokens at a time, so
-    the `[batch_size, seq_len, vocab]` logits are never materialised (None: all at once).
-    """
-
-    steps: int
-    batch_size: int
-    seq_len: int
-    grad_accum: int = 1
-    sampling: Sampling = "random"
-    dropout: bool = True
-    remat: bool = False
-    ce_chunk: int | None = None
-
-    def __post_init__(self):
-        for name in ("steps", "batch_size", "seq_len", "grad_accum"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"LocalTraining.{name} must be >= 1, got {getattr(self, name)}")
-        if self.sampling not in ("random", "epoch"):
-            raise ValueError(f"sampling must be 'random' or 'epoch', got {self.sampling!r}")
-        if self.ce_chunk is not None and self.ce_chunk < 1:
-            raise ValueError(
-                "LocalTraining.ce_chunk must be >= 1 tokens or None (unchunked), got "
-                f"{self.ce_chunk}"
-            )
 
 
 def training_loss(cfg: LocalTraining) -> LossFn:
@@ -85,6 +50,7 @@ def stream_sampler(
             seq_len=cfg.seq_len,
             max_windows=max_windows,
             sampling=cfg.sampling,
+            examples=cfg.packing == "examples",
         )
         return windows_at(tokens, starts, cfg.seq_len, mask)
 

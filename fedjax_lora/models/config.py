@@ -83,6 +83,10 @@ class ModelConfig:
             raise ValueError(
                 f"unknown architecture family {self.family!r}; supported: 'gpt2', 'llama'"
             )
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_positions"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         if self.num_kv_heads and self.n_heads % self.num_kv_heads:

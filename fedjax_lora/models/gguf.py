@@ -21,9 +21,15 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from fedjax_lora.errors import one_line
 from fedjax_lora.models.config import ModelConfig
 from fedjax_lora.models.factory import LanguageModel, build
-from fedjax_lora.models.weights import CheckpointError, load_state_dict
+from fedjax_lora.models.weights import (
+    CheckpointError,
+    check_sizes,
+    load_state_dict,
+    refuse_overlaps,
+)
 
 __all__ = [
     "SUPPORTED_ARCHITECTURES",
@@ -111,8 +117,11 @@ def read_gguf(path: str | os.PathLike):
     stat = path.stat()
     try:
         return _reader(str(path.resolve()), stat.st_mtime, stat.st_size)
-    except (ValueError, OSError) as e:
-        raise CheckpointError(f"{path} is not a readable GGUF file: {e}") from e
+    except Exception as e:  # noqa: BLE001 - the reader raises IndexError, struct errors, ...
+        raise CheckpointError(
+            f"{path} is not a readable GGUF file (truncated or with inconsistent counts: "
+            f"{type(e).__name__}: {one_line(e)})"
+        ) from None
 
 
 def is_gguf(path: str | os.PathLike) -> bool:
@@ -295,14 +304,46 @@ def gguf_state_dict(path_or_reader) -> tuple[ModelConfig, dict[str, np.ndarray]]
     return cfg, state
 
 
+def _check_layout(reader, path: Any) -> None:
+    """Raises unless every tensor's bytes lie inside the file, match its type and shape, and
+    overlap no other tensor's (a retyped, shifted or aliased tensor)."""
+    from gguf import GGML_QUANT_SIZES
+
+    spans, size = [], len(reader.data)
+    for t in reader.tensors:
+        block, type_size = GGML_QUANT_SIZES[t.tensor_type]
+        n = int(np.prod([int(d) for d in t.shape.tolist()]))
+        start, nbytes = int(t.data_offset), int(t.n_bytes)
+        if n % block or nbytes != n // block * type_size or start + nbytes > size:
+            raise CheckpointError(
+                f"{path}: tensor {t.name} ({t.tensor_type.name}, {n} values) does not fit its "
+                f"{nbytes} bytes at offset {start} of {size}"
+            )
+        spans.append((start, start + nbytes, t.name))
+    refuse_overlaps(spans, path)
+
+
 def load_gguf(
     path: str | os.PathLike,
     *,
     dtype: Any = jnp.float32,
     config_overrides: dict[str, Any] | None = None,
 ) -> LanguageModel:
-    """An NNX model with the dequantized weights of a GGUF file, cast to `dtype`."""
-    cfg, state = gguf_state_dict(path)
+    """An NNX model with the dequantized weights of a GGUF file, cast to `dtype`; a malformed
+    file raises `CheckpointError` naming it."""
+    try:
+        reader = read_gguf(path)
+        _check_layout(reader, path)
+        cfg, state = gguf_state_dict(reader)
+        check_sizes(cfg)
+    except CheckpointError as e:
+        if str(path) in str(e):
+            raise
+        raise CheckpointError(f"{path}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - lying counts, types or metadata in the file
+        raise CheckpointError(
+            f"{path} is not a usable GGUF file ({type(e).__name__}: {one_line(e)})"
+        ) from None
     cfg = cfg.replace(**(config_overrides or {}))
     return load_state_dict(build(cfg, dtype=dtype), state, source=str(path))
 

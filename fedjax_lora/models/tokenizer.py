@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from fedjax_lora.errors import one_line
 from fedjax_lora.models.config import ModelConfig
 from fedjax_lora.models.gguf import gguf_tokenizer, is_gguf
 from fedjax_lora.models.weights import CheckpointError, _offline, looks_like_hub_id
@@ -13,7 +14,7 @@ from fedjax_lora.models.weights import CheckpointError, _offline, looks_like_hub
 __all__ = ["TokenizerMismatchError", "check_vocab", "load_tokenizer"]
 
 
-class TokenizerMismatchError(ValueError):
+class TokenizerMismatchError(CheckpointError):
     """The tokenizer can produce ids the model has no embedding for."""
 
 
@@ -30,8 +31,10 @@ def load_tokenizer(name_or_path: str | os.PathLike) -> Any:
     if path.is_dir():
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        except (OSError, ValueError, TypeError) as e:
-            raise CheckpointError(f"no usable tokenizer files in {path}: {e}") from e
+        except Exception as e:  # noqa: BLE001 - tokenizers raises plain Exceptions on bad JSON
+            raise CheckpointError(
+                f"no usable tokenizer files in {path}: {type(e).__name__}: {one_line(e)}"
+            ) from None
         # Without vocabulary files transformers still builds a tokenizer from config.json's
         # model type, one that maps every text to no tokens at all.
         if not tokenizer("a", add_special_tokens=False)["input_ids"]:

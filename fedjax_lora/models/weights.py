@@ -10,6 +10,7 @@ tensors raise a `CheckpointError` naming them.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -21,6 +22,8 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from fedjax_lora.errors import ModelFileError, one_line
+from fedjax_lora.memory import check_fits, parameter_count
 from fedjax_lora.models.config import ModelConfig
 from fedjax_lora.models.factory import LanguageModel, build
 
@@ -53,8 +56,8 @@ _IGNORED = re.compile(r"(^|\.)attn\.(bias|masked_bias)$|rotary_emb\.inv_freq$|\.
 _PREFIX = {"gpt2": "transformer.", "llama": "model."}
 
 
-class CheckpointError(ValueError):
-    """A checkpoint cannot be read or does not fit the model."""
+# A model checkpoint cannot be read or does not fit the model (the project's `ModelFileError`).
+CheckpointError = ModelFileError
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,19 +97,23 @@ def load_state_dict(
 ) -> LanguageModel:
     """Copies an HF-named, HF-layout state dict into `model` (in place; also returned).
 
-    Tensors are cast to each parameter's dtype. A tied head's `lm_head.weight` and known buffers
-    are skipped. Raises `CheckpointError` listing missing, unexpected and mis-shaped tensors.
+    Floating-point tensors are cast to each parameter's dtype; integer, boolean and non-finite
+    tensors are refused. A tied head's `lm_head.weight` (equal to the embeddings) and known
+    buffers are skipped. Raises `CheckpointError` listing missing, unexpected, mis-shaped,
+    non-float and non-finite tensors.
     """
     cfg: ModelConfig = model.config
     names = hf_param_names(model)
     flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     filled: dict[str, np.ndarray] = {}
-    unexpected, mismatched, duplicated = [], [], []
+    unexpected, mismatched, duplicated, not_float, not_finite = [], [], [], [], []
+    tied_head = None
     for raw_name, array in state.items():
         if _IGNORED.search(raw_name):
             continue
         name = _canonical(raw_name, cfg.family, names)
         if name == "lm_head.weight" and cfg.tie_embeddings:
+            tied_head = array
             continue
         if name not in names:
             unexpected.append(f"{raw_name} {tuple(array.shape)}")
@@ -117,6 +124,12 @@ def load_state_dict(
         path, transpose = names[name]
         expected = tuple(flat[path].get_value().shape)
         value = np.asarray(array)
+        if not np.issubdtype(value.dtype, np.floating) and value.dtype != ml_dtypes.bfloat16:
+            not_float.append(f"{raw_name} ({value.dtype})")
+            continue
+        if not np.all(np.isfinite(value.astype(np.float32))):
+            not_finite.append(raw_name)
+            continue
         if transpose and value.ndim == 2:
             value = value.T
         if tuple(value.shape) != expected:
@@ -136,6 +149,16 @@ def load_state_dict(
         problems.append(f"shape mismatches ({len(mismatched)}): {_listing(mismatched)}")
     if duplicated:
         problems.append(f"tensors given twice ({len(duplicated)}): {_listing(duplicated)}")
+    if not_float:
+        problems.append(f"not floating point ({len(not_float)}): {_listing(not_float)}")
+    if not_finite:
+        problems.append(f"NaN or infinite values ({len(not_finite)}): {_listing(not_finite)}")
+    embed = _PREFIX[cfg.family] + ("wte.weight" if cfg.family == "gpt2" else "embed_tokens.weight")
+    if tied_head is not None and embed in filled and not np.array_equal(tied_head, filled[embed]):
+        problems.append(
+            "a distinct lm_head.weight although the config ties the head to the embeddings "
+            "(tie_word_embeddings: true); set it to false or drop lm_head.weight"
+        )
     if problems:
         raise CheckpointError(
             f"{source} does not fit the {cfg.family!r} model "
@@ -185,20 +208,41 @@ _SAFETENSORS_DTYPES = {
 def _read_raw_safetensors(path: Path) -> dict[str, np.ndarray]:
     """Parses the safetensors layout directly (8-byte header length, JSON header, raw buffer);
     used for dtypes `safetensors.numpy` cannot express (bf16 → `ml_dtypes.bfloat16`)."""
+    size = path.stat().st_size
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
+        if not 0 < n <= size - 8:
+            raise ModelFileError(f"{path}: header length {n} does not fit the file ({size} bytes)")
         header = json.loads(f.read(n))
     buffer = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n)
-    out = {}
+    out, spans = {}, []
     for name, info in header.items():
         if name == "__metadata__":
             continue
         if info["dtype"] not in _SAFETENSORS_DTYPES:
             raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
         start, stop = info["data_offsets"]
-        dtype = _SAFETENSORS_DTYPES[info["dtype"]]
-        out[name] = np.asarray(buffer[start:stop]).view(dtype).reshape(info["shape"])
+        dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
+        shape = tuple(int(d) for d in info["shape"])
+        if not 0 <= start <= stop <= buffer.size or stop - start != dtype.itemsize * math.prod(
+            shape
+        ):
+            raise ModelFileError(
+                f"{path}: tensor {name} has data offsets {[start, stop]} that do not match its "
+                f"shape {shape} and dtype {info['dtype']} within {buffer.size} data bytes"
+            )
+        spans.append((start, stop, name))
+        out[name] = np.asarray(buffer[start:stop]).view(dtype).reshape(shape)
+    refuse_overlaps(spans, path)
     return out
+
+
+def refuse_overlaps(spans: list[tuple[int, int, str]], path: Path | str) -> None:
+    """Raises when two tensors' byte ranges `(start, stop, name)` overlap (aliased data)."""
+    spans = sorted(s for s in spans if s[1] > s[0])
+    for (_, stop, a), (start, _, b) in zip(spans, spans[1:], strict=False):
+        if start < stop:
+            raise ModelFileError(f"{path}: tensors {a} and {b} share bytes (aliased offsets)")
 
 
 def load_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -206,9 +250,17 @@ def load_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
     from safetensors.numpy import load_file as st_load_file
 
     try:
-        return dict(st_load_file(path))
-    except TypeError:  # e.g. "data type 'bfloat16' not understood"
-        return _read_raw_safetensors(Path(path))
+        try:
+            return dict(st_load_file(path))
+        except TypeError:  # e.g. "data type 'bfloat16' not understood"
+            return _read_raw_safetensors(Path(path))
+    except ModelFileError:
+        raise
+    except Exception as e:  # noqa: BLE001 - SafetensorError, OSError, JSON and layout errors
+        raise ModelFileError(
+            f"{path} is not a readable safetensors file ({type(e).__name__}: {one_line(e)}); "
+            "re-download or re-export it"
+        ) from None
 
 
 def read_safetensors(directory: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -221,14 +273,7 @@ def read_safetensors(directory: str | os.PathLike) -> dict[str, np.ndarray]:
     if single.is_file():
         return dict(load_file(single))
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        state: dict[str, np.ndarray] = {}
-        for shard in sorted(set(weight_map.values())):
-            shard_path = directory / shard
-            if not shard_path.is_file():
-                raise CheckpointError(f"shard {shard_path} listed in {index} does not exist")
-            state.update(load_file(shard_path))
-        return state
+        return _read_sharded(index)
     others = sorted(directory.glob("*.safetensors"))
     if len(others) == 1:
         return dict(load_file(others[0]))
@@ -241,13 +286,78 @@ def read_safetensors(directory: str | os.PathLike) -> dict[str, np.ndarray]:
     )
 
 
+def _read_sharded(index: Path) -> dict[str, np.ndarray]:
+    """The tensors of a sharded checkpoint as its index's `weight_map` lists them: every shard
+    path inside the checkpoint directory, every listed tensor found in its shard, none in two
+    shards; tensors a shard holds but the map does not list are refused too."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+        ):
+            raise TypeError("weight_map must map tensor names to shard file names")
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise ModelFileError(
+            f"{index} is not a valid safetensors index ({type(e).__name__}: {one_line(e)}); it "
+            'needs {"weight_map": {tensor name: shard file}}'
+        ) from None
+    root = index.parent.resolve()
+    state: dict[str, np.ndarray] = {}
+    where: dict[str, str] = {}
+    for shard in sorted(set(weight_map.values())):
+        shard_path = (index.parent / shard).resolve()
+        if Path(shard).is_absolute() or not shard_path.is_relative_to(root):
+            raise ModelFileError(
+                f"{index} lists shard {shard!r} outside the checkpoint directory {root}; shards "
+                "must be files inside it (refused, nothing was read)"
+            )
+        if not shard_path.is_file():
+            raise ModelFileError(f"shard {shard_path} listed in {index} does not exist")
+        tensors = load_file(shard_path)
+        listed = {name for name, s in weight_map.items() if s == shard}
+        missing = sorted(listed - set(tensors))
+        if missing:
+            raise ModelFileError(
+                f"{index} maps {_listing(missing)} to {shard}, which does not hold them"
+            )
+        for name in tensors:
+            if name in where:
+                raise ModelFileError(
+                    f"tensor {name} is in two shards ({where[name]} and {shard}) of {index}"
+                )
+            if weight_map.get(name) != shard:
+                raise ModelFileError(
+                    f"shard {shard} holds tensor {name}, which {index} maps to "
+                    f"{weight_map.get(name)!r}"
+                )
+            where[name] = shard
+        state.update(tensors)
+    return state
+
+
 def load_hf_config(directory: str | os.PathLike) -> tuple[ModelConfig, dict[str, Any]]:
-    """`(ModelConfig, raw config.json dict)` of a local HF model directory."""
+    """`(ModelConfig, raw config.json dict)` of a local HF model directory; a malformed file,
+    a missing or mistyped field, or an impossible size raises `ModelFileError` naming it."""
     path = Path(directory) / "config.json"
     if not path.is_file():
         raise CheckpointError(f"missing {path}: a Hugging Face model directory needs config.json")
-    raw = json.loads(path.read_text())
-    return ModelConfig.from_hf(raw), raw
+    try:
+        raw = json.loads(path.read_text())
+        if not isinstance(raw, dict):
+            raise TypeError(f"the top level must be an object, got {type(raw).__name__}")
+        config = ModelConfig.from_hf(raw)
+        check_sizes(config)
+    except KeyError as e:
+        raise ModelFileError(f"{path} lacks the field {e}") from None
+    except (ValueError, TypeError, AttributeError, ZeroDivisionError, UnicodeDecodeError) as e:
+        raise ModelFileError(f"{path} is not a usable model config: {one_line(e)}") from None
+    return config, raw
+
+
+def check_sizes(config: ModelConfig) -> None:
+    """Raises `ValueError` unless the parameters (float32) of `config` (whose sizes are positive
+    integers, `ModelConfig`) fit the host's memory, before anything is allocated."""
+    check_fits("the base's parameters", 4 * parameter_count(config), "model sizes")
 
 
 def _offline() -> bool:

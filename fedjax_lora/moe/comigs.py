@@ -36,7 +36,10 @@ given to `e` (each selected expert counts `1/k_i`, no gradient) and `P̄_e` the 
     c_0 = \frac{1}{E_i π}, \quad c_{j≥1} = \frac{E_i - 1}{E_i (1 - π)},
 
 `π` the generalist's target share (`c ≡ 1` without one). For `E = k = 2`, `π = 1/2` it is the
-constant 1.
+constant 1. `reference_lb_on_block_output=True` replicates the GPT-2 reference's `GPT.forward`,
+which passes the *block's output* (after the MLP residual, no LayerNorm) to
+`get_load_balancing_loss`: the same `L_LB` of the router's logits on that tensor, so its
+gradient also reaches the LoRA (spec §1.5; it changes trajectories only for `E > 2` or `π ≠ 1/2`).
 
 **CV² balancing** (`balance_loss="cv2"`, `cv2_balancing_loss`; the Llama reference's llama-moe
 `TopKBalancedNoisyGate`, spec §1.6), *summed* over layers, weighted by `λ_LB`:
@@ -69,12 +72,13 @@ from flax import nnx
 
 from fedjax_lora.lora import Init, init_adapters
 from fedjax_lora.models.config import ModelConfig
-from fedjax_lora.models.gpt2 import GPT2MLP
+from fedjax_lora.models.gpt2 import GPT2MLP, GPT2Block
 from fedjax_lora.models.layers import Adapter, Linear, activation, dropout
 from fedjax_lora.models.llama import LlamaMLP
 
 __all__ = [
     "ExpertMask",
+    "GPT2BlockLBOnOutput",
     "GPT2MoEMLP",
     "LlamaMoEMLP",
     "LoRAExperts",
@@ -117,6 +121,8 @@ class MoEConfig:
         Llama reference's `CV²(importance) + CV²(load)`, summed over layers; module docstring).
     cv2_noise_quirk: llama-moe's smooth load compares the noise alone, not the noisy logit, with
         the top-k threshold (reference replication; `"cv2"` with gate noise and `k < E` only).
+    reference_lb_on_block_output: the GPT-2 reference's quirk, `L_LB` on the router's logits of
+        the block output instead of the routed input (module docstring; `"switch"`, GPT-2 only).
     gate: `"linear"` (GPT-2 reference) or `"tanh_mlp"` (the Llama reference's llama-moe gate).
     gate_noise: std of Gaussian noise added to the logits during training (llama-moe's noisy
         top-k with its untrained zero noise weight: `softplus(0) + 0.01 ≈ 0.703`).
@@ -135,6 +141,7 @@ class MoEConfig:
     router_std: float = 0.02
     balance_loss: Literal["switch", "cv2"] = "switch"
     cv2_noise_quirk: bool = False
+    reference_lb_on_block_output: bool = False
 
     def __post_init__(self):
         if self.num_experts < 1 or self.top_k < 1 or self.rank < 1:
@@ -148,6 +155,11 @@ class MoEConfig:
             raise ValueError(f"balance_loss must be 'switch' or 'cv2', got {self.balance_loss!r}")
         if self.generalist_share is not None and not 0.0 < self.generalist_share < 1.0:
             raise ValueError(f"generalist_share must be in (0, 1), got {self.generalist_share}")
+        if self.reference_lb_on_block_output and self.balance_loss != "switch":
+            raise ValueError(
+                "reference_lb_on_block_output replicates the GPT-2 reference's 'switch' loss; "
+                f"it does not apply to balance_loss={self.balance_loss!r}"
+            )
 
     @property
     def scale(self) -> float:
@@ -334,6 +346,7 @@ class MoEMLP(nnx.Module):
         self.k = config.k
         self.balance_loss = config.balance_loss
         self.cv2_noise_quirk = config.cv2_noise_quirk
+        self.lb_on_block_output = config.reference_lb_on_block_output
         # `switch` is averaged over the layers, `cv2` summed (the two references).
         self.lb_coef = config.lb_coef / (cfg.n_layers if config.balance_loss == "switch" else 1)
         self.generalist_share = config.generalist_share
@@ -351,7 +364,7 @@ class MoEMLP(nnx.Module):
         clean = jnp.where(mask, self.router(h), -jnp.inf)
         logits = self.router.perturb(clean, rngs)
         weights, _ = top_k_gating(logits, self.k)
-        if self.lb_coef > 0:
+        if self.lb_coef > 0 and not self.lb_on_block_output:
             flat = lambda x: x.reshape(-1, x.shape[-1])
             if self.balance_loss == "cv2":
                 lb = cv2_balancing_loss(
@@ -369,6 +382,17 @@ class MoEMLP(nnx.Module):
             self.sow(nnx.Intermediate, "aux_loss", self.lb_coef * lb)
         self.sow(nnx.Intermediate, ROUTING_WEIGHTS, weights)
         return weights
+
+    def balance_block_output(self, out: jax.Array) -> None:
+        """Sows the weighted `L_LB` of the router's logits on the block output `out [B, T, d]`
+        (`MoEConfig.reference_lb_on_block_output`; called by `GPT2BlockLBOnOutput`)."""
+        if self.router is None or self.lb_coef == 0:
+            return
+        mask = self.expert_mask[...]
+        logits = jnp.where(mask, self.router(out), -jnp.inf)
+        logits = logits.reshape(-1, logits.shape[-1])
+        lb = load_balancing_loss(logits, mask, self.k, self.generalist_share)
+        self.sow(nnx.Intermediate, "aux_loss", self.lb_coef * lb)
 
     def __call__(self, h: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
         x = dropout(h, self.lora_dropout, rngs)
@@ -410,6 +434,16 @@ class LlamaMoEMLP(MoEMLP):
         return activation("silu", pre["gate_proj"]) * pre["up_proj"]
 
 
+class GPT2BlockLBOnOutput(GPT2Block):
+    """A GPT-2 block whose mixture's load-balancing loss is taken on the block's output, as the
+    reference's `GPT.forward` does (`MoEConfig.reference_lb_on_block_output`); same parameters."""
+
+    def __call__(self, x, attention_mask, rngs, cache=None):
+        out, cache = super().__call__(x, attention_mask, rngs, cache)
+        self.mlp.balance_block_output(out)
+        return out, cache
+
+
 _BLOCKS: dict[type, type[MoEMLP]] = {GPT2MLP: GPT2MoEMLP, LlamaMLP: LlamaMoEMLP}
 
 
@@ -424,6 +458,13 @@ def install_moe(model: nnx.Module, config: MoEConfig, *, key: jax.Array | None =
         if type(mlp) in _BLOCKS:
             module.mlp = _BLOCKS[type(mlp)](mlp, model.config, config)
             replaced.append(".".join(map(str, (*path, "mlp"))))
+            if config.reference_lb_on_block_output:
+                if type(module) is not GPT2Block:
+                    raise ValueError(
+                        "reference_lb_on_block_output replicates the GPT-2 reference; the model's "
+                        f"blocks are {type(module).__name__}"
+                    )
+                module.__class__ = GPT2BlockLBOnOutput  # same state, the reference's LB call
     if not replaced:
         raise ValueError("install_moe found no GPT-2 or Llama MLP in the model")
     nnx.update(model, jax.jit(init_adapters)(nnx.state(model, Adapter), key))

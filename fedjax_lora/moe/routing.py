@@ -177,7 +177,7 @@ def plot_routing_shares(
             f"{shares.shape}"
         )
     n, num_layers = shares.shape
-    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * num_layers, 0.9 + 0.4 * n))
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.6 + 0.55 * num_layers), 0.9 + 0.4 * n))
     im = ax.imshow(shares, vmin=0.0, vmax=1.0, cmap="coolwarm", aspect="auto")
     for i in range(n):
         for j in range(num_layers):
@@ -186,8 +186,9 @@ def plot_routing_shares(
     labels = [str(j) for j in range(num_layers)] if layers is None else list(layers)
     ax.set_xticks(np.arange(num_layers), labels, rotation=90 if layers else 0, fontsize=7)
     ax.set_xlabel("layer")
-    fig.colorbar(im, ax=ax, label="generalist share")
+    ax.set_ylabel("client")
+    fig.colorbar(im, ax=ax, label="generalist share (1: all to the shared expert)")
     if title:
-        ax.set_title(title)
+        ax.set_title(title, fontsize=9)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
