@@ -663,9 +663,9 @@ def final_trust(
 
 def expert_assignment(sim: SimState) -> dict[str, np.ndarray] | None:
     """FedAMoLE's expert assignment in a state: `{AMoLE module: bool [E, C]}`, `X[e, c]` = client
-    `c` holds expert `e` (the per-client `ExpertMask`s in `sim.clients.aux["masks"]`); None for
+    `c` holds expert `e` (the per-client `ExpertMask`s in `sim.clients.frozen`); None for
     methods without one."""
-    masks = sim.clients.aux.get("masks")
+    masks = sim.clients.frozen
     if not isinstance(masks, nnx.State) or not jax.tree.leaves(masks):
         return None
     held = amole.by_module(jax.device_get(masks))

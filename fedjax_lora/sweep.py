@@ -15,9 +15,10 @@ r"""Vectorized sweeps: `S` independent simulations as one more mapped axis of on
   equal shapes (the synthetic corpus at any overlap) are one more mapped axis of the same
   program: `jit(vmap over levels (vmap over seeds × lrs (round)))`, the levels' data stacked
   and passed to the round as arguments (the method's factory traced with them). A method that
-  needs its data on the host (e.g. `pcl-oracle`'s mixtures, `centralized`'s pooled stream), or
-  levels of different shapes, run one program per level (`NotVectorizable`); `sweep.json`'s
-  `programs` says how many each method compiled.
+  reads its data on the host (`Capabilities.data_axis` false, e.g. `centralized`'s pooled
+  stream), or levels of different shapes, run one program per level; `sweep.json`'s `programs`
+  says how many each method compiled. A method whose round has a host step
+  (`Capabilities.sweeps` false: FedAMoLE with RSEA) is refused (`NotVectorizable`).
 
 Results: `sweep.json` (every member's per-round validation and test perplexities and final
 metrics) and `sweep.md` (per method, heterogeneity and learning rate: mean ± sample standard
@@ -84,6 +85,22 @@ def with_learning_rate(opt_state: PyTree, lr: float) -> PyTree:
     )
 
 
+class NotVectorizable(ValueError):
+    """A method whose factory or round needs concrete values (host-side steps) and so cannot
+    take its data, or its simulation, as one more mapped axis."""
+
+
+def check_sweepable(algo) -> None:
+    """Refuses (`NotVectorizable`) a method that does not declare vectorized sweeps
+    (`Capabilities.sweeps`: its round has a host step, e.g. FedAMoLE's assignment LP), naming the
+    alternative."""
+    if not algo.method.capabilities.sweeps:
+        raise NotVectorizable(
+            f"method {algo.name!r} runs a host-side step in its round and cannot be vectorized "
+            "over simulations; run it with `fedjax-lora grid` or `run` per seed"
+        )
+
+
 def _stack(trees: list[PyTree]) -> PyTree:
     return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
@@ -106,11 +123,6 @@ def _level_data(problem) -> dict[str, Any]:
 def _shapes(tree: PyTree) -> tuple:
     leaves, treedef = jax.tree.flatten(tree)
     return treedef, tuple((np.shape(x), str(x.dtype)) for x in leaves)
-
-
-class NotVectorizable(ValueError):
-    """A method whose factory or round needs concrete values (host-side steps) and so cannot
-    take its data, or its simulation, as one more mapped axis."""
 
 
 Check = Callable[[int, int, dict, PyTree], None]
@@ -177,6 +189,9 @@ def _run_members(
     levels = [dataclasses.replace(p, optimizer=optimizer) for p in problems]
     factory = method_factory(name, config)
     algos = [factory(p) for p in levels]
+    check_sweepable(algos[0])
+    if data_axis and not algos[0].method.capabilities.data_axis:
+        raise NotVectorizable(f"method {name!r} reads its data on the host")
     grid = list(itertools.product(seeds, lrs))
     sims = []
     for algo in algos:
@@ -220,23 +235,10 @@ def _run_members(
                 loss_ok = np.all(np.isfinite(np.asarray(one["train"]["train_loss"])))
                 m["diverged"] |= not (loss_ok and bool(np.all(params_ok[level, s])))
 
-    def call(f, *args):
-        try:
-            return f(*args)
-        except Exception as e:
-            if data_axis:  # any failure: the per-level programs run it (and show a real error)
-                raise NotVectorizable(str(e)) from None
-            if not isinstance(e, jax.errors.JAXTypeError):
-                raise
-            raise NotVectorizable(
-                f"method {name!r} runs host-side steps in its round and cannot be vectorized "
-                f"over simulations; run it with `fedjax-lora grid` or `run` per seed ({e})"
-            ) from None
-
-    record(0, jax.device_get(call(vevaluate, sims, data, base)), 0.0)
+    record(0, jax.device_get(vevaluate(sims, data, base)), 0.0)
     for r in range(1, config.rounds + 1):
         start = time.perf_counter()
-        sims, metrics = call(vround, sims, data, base)
+        sims, metrics = vround(sims, data, base)
         metrics = jax.device_get(metrics)
         params_ok = np.asarray(finite(sims.clients.params))
         record(r, metrics, time.perf_counter() - start, params_ok)
@@ -291,7 +293,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 def run_sweep(config: ExperimentConfig, out_dir: str | Path) -> dict[str, Any]:
     """Runs the config's sweep grid for every method; writes `sweep.json` and `sweep.md` under
     `out_dir` and returns the JSON document."""
-    from fedjax_lora.experiment import build_problem
+    from fedjax_lora.experiment import build_problem, method_factory
 
     spec = config.sweep
     spec.check_seeds()
@@ -304,6 +306,8 @@ def run_sweep(config: ExperimentConfig, out_dir: str | Path) -> dict[str, Any]:
     for overlap in overlaps:
         problem, _ = build_problem(merge_base(config, {"data": {"overlap": overlap}}))
         problems.append(problem)
+    for name in config.methods:  # every method checked before any runs
+        check_sweepable(method_factory(name, config)(problems[0]))
     members, compiled = [], []
     for name in config.methods:
         start = time.perf_counter()

@@ -300,9 +300,9 @@ def check_masks(masks) -> dict[str, np.ndarray]:
 def test_fedamole_rounds(problem):
     algo = METHODS["fedamole"](problem, OPTIONS)
     sim = algo.init(jax.random.key(0))
-    check_masks(sim.clients.aux["masks"])
+    check_masks(sim.clients.frozen)
     for _ in range(2):
-        masks = check_masks(sim.clients.aux["masks"])
+        masks = check_masks(sim.clients.frozen)
         sim, metrics = algo.round(sim)
         assert np.all(np.isfinite(metrics["train"]["train_loss"]))
         held = np.mean([m.sum(1) for m in masks.values()], axis=0)
@@ -310,8 +310,8 @@ def test_fedamole_rounds(problem):
         # After aggregation every client holds the same global pool.
         for leaf in jax.tree.leaves(sim.clients.params):
             np.testing.assert_array_equal(leaf, np.broadcast_to(leaf[:1], leaf.shape))
-    check_masks(sim.clients.aux["masks"])
-    holders = amole.holders(sim.clients.params, sim.clients.aux["masks"])
+    check_masks(sim.clients.frozen)
+    holders = amole.holders(sim.clients.params, sim.clients.frozen)
     for path, h in nnx.to_flat_state(holders):
         want = (N, POOL) if path[-1] in ("experts_a", "experts_b") else (N,)
         chex.assert_shape(h.get_value(), want)
@@ -325,10 +325,10 @@ def test_fedamole_rounds(problem):
 def test_fedamole_r_keeps_the_round_0_architecture(problem):
     algo = METHODS["fedamole-r"](problem, OPTIONS)
     sim = algo.init(jax.random.key(0))
-    first = check_masks(sim.clients.aux["masks"])
+    first = check_masks(sim.clients.frozen)
     sim, _ = algo.round(sim)
     sim, _ = algo.round(sim)
-    for path, held in check_masks(sim.clients.aux["masks"]).items():
+    for path, held in check_masks(sim.clients.frozen).items():
         np.testing.assert_array_equal(held, first[path])
 
 

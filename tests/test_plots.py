@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -14,8 +13,8 @@ from flax import nnx
 from fedjax_lora import amole
 from fedjax_lora import config as config_lib
 from fedjax_lora.aggregation import local_aggregator
-from fedjax_lora.algorithms import METHODS, federated, register
-from fedjax_lora.engine.state import init_clients
+from fedjax_lora.algorithms import METHODS, Method, aggregating, build, register, standard_client
+from fedjax_lora.algorithms.fedamole import with_amole
 from fedjax_lora.experiment import train_and_evaluate
 from fedjax_lora.plots import plot_expert_assignment, plot_history, plot_trust
 from fedjax_lora.report import write_report
@@ -75,23 +74,28 @@ def test_history_and_trust_figures(tmp_path):
         assert (tmp_path / name).read_bytes()[:4] == PNG
 
 
-# A cheap method whose state carries expert masks the way FedAMoLE's does (`aux["masks"]`, an
-# `ExpertMask` state `bool [N, E]` per module): local training with fixed masks.
-HELD = {
-    "layer0": np.array([[1, 0, 1], [0, 1, 1], [1, 1, 0], [0, 0, 1]], bool),
-    "layer1": np.array([[1, 1, 0], [0, 1, 0], [1, 0, 1], [1, 0, 0]], bool),
-}
+# A cheap method whose state carries expert masks as FedAMoLE's does (`ClientState.frozen`, an
+# `ExpertMask` state `bool [N, E]` per AMoLE module, here on c_attn.q and c_attn.v): local
+# training with fixed masks (every client holds top_k = 1 or more experts).
+HELD = [
+    np.array([[1, 0, 1], [0, 1, 1], [1, 1, 0], [0, 0, 1]], bool),
+    np.array([[1, 1, 0], [0, 1, 0], [1, 0, 1], [1, 0, 0]], bool),
+]
+AMOLE = amole.AMoLEConfig(targets=("c_attn.q", "c_attn.v"), num_experts=3, rank=2, top_k=1)
 
 
 def masked_local(problem):
-    masks = nnx.State({m: {"mask": amole.ExpertMask(jnp.asarray(x))} for m, x in HELD.items()})
-
-    def init_state(key: jax.Array):
-        return init_clients(problem.template, problem.tx(), 4, key, aux={"masks": masks})
-
-    return federated(
-        "masked-local", problem, local_aggregator(), shared_init=False, init_state=init_state
-    )
+    problem = with_amole(problem, AMOLE)
+    masks = amole.expert_masks(problem.base)
+    held = dict(zip(sorted(amole.by_module(masks)), HELD, strict=True))  # in path order
+    flat = [
+        (p, v.replace(jnp.asarray(held[amole.module_path(p[:-1])])))
+        for p, v in nnx.to_flat_state(masks)
+    ]
+    client = standard_client(problem, shared_init=False)
+    init = lambda key: client.init(key)._replace(frozen=nnx.from_flat_state(flat))
+    method = Method("masked-local", client._replace(init=init), aggregating(local_aggregator()))
+    return build(problem, method)
 
 
 @pytest.fixture(scope="module")
@@ -119,8 +123,11 @@ def test_run_with_an_expert_assignment_logs_and_plots_it(masked_run):
     records = [json.loads(line) for line in (masked_run / "metrics.jsonl").read_text().splitlines()]
     assert "experts" not in records[0]  # only the final record holds the assignment
     experts = records[-1]["experts"]
-    assert sorted(experts) == ["layer0", "layer1"]
-    for module, held in HELD.items():  # [E, C]: client c holds expert e
+    assert sorted(experts) == [
+        "transformer.h.0.attn.c_attn.lora_q",
+        "transformer.h.0.attn.c_attn.lora_v",
+    ]
+    for module, held in zip(sorted(experts), HELD, strict=True):  # [E, C]: c holds expert e
         np.testing.assert_array_equal(np.asarray(experts[module], bool), held.T)
     assert (masked_run / "experts.png").read_bytes()[:4] == PNG
 

@@ -19,7 +19,16 @@ from flax import nnx
 from fedjax_lora import config as config_lib
 from fedjax_lora import lora
 from fedjax_lora.aggregation import local_aggregator
-from fedjax_lora.algorithms import fedavg, federated, local
+from fedjax_lora.algorithms import (
+    Capabilities,
+    Method,
+    aggregating,
+    build,
+    fedavg,
+    federated,
+    local,
+    standard_client,
+)
 from fedjax_lora.checkpoint import _from_saved, _to_saveable
 from fedjax_lora.engine import LocalTraining, lm_loss
 from fedjax_lora.engine.batches import Batch
@@ -340,12 +349,12 @@ def test_cohort_configuration_is_validated():
     with pytest.raises(ValueError, match="larger than the population"):
         Cohort(5).check(4)
     problem = _with_cohort(tiny_problem(num_clients=4), 2)
+    no_cohorts = Method(
+        "custom",
+        standard_client(problem, shared_init=True),
+        aggregating(local_aggregator()),
+        capabilities=Capabilities(cohorts=False),
+    )
     with pytest.raises(ValueError, match="does not support client cohorts"):
-        federated(
-            "custom",
-            problem,
-            local_aggregator(),
-            shared_init=True,
-            local_update=lambda *a: None,
-        )
+        build(problem, no_cohorts)
     assert isinstance(problem.training, LocalTraining)

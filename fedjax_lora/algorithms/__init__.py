@@ -1,15 +1,37 @@
-"""Federated algorithms as pure `(init, round)` pairs, and the registry of named methods."""
+"""Federated algorithms as pure `(init, round)` pairs, the method contract (`Method`: a client
+program, a server program, what is evaluated, capabilities; `build`: the one round) and the
+registry of named methods."""
 
-from fedjax_lora.algorithms.base import Algorithm, SimState, evaluation, federated
+from fedjax_lora.algorithms.base import (
+    Algorithm,
+    Capabilities,
+    ClientProgram,
+    Method,
+    RoundInputs,
+    ServerProgram,
+    SimState,
+    aggregating,
+    build,
+    evaluation,
+    federated,
+    standard_client,
+)
 from fedjax_lora.algorithms.methods import METHODS, centralized, fedavg, get_method, local, register
 from fedjax_lora.algorithms.problem import Problem, TrainData
 
 __all__ = [
     "METHODS",
     "Algorithm",
+    "Capabilities",
+    "ClientProgram",
+    "Method",
     "Problem",
+    "RoundInputs",
+    "ServerProgram",
     "SimState",
     "TrainData",
+    "aggregating",
+    "build",
     "centralized",
     "evaluation",
     "federated",
@@ -17,4 +39,5 @@ __all__ = [
     "get_method",
     "local",
     "register",
+    "standard_client",
 ]

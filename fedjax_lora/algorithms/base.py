@@ -1,8 +1,25 @@
-"""Algorithms as pure `(init, round)` pairs over a `SimState`.
+"""The one federated round, and a method as a value plugged into it.
 
-A round is: local training of every client (`lax.scan` over steps, clients mapped by the
-problem's strategy), aggregation (a pure function of the stacked client trees), evaluation. The
-round is compiled once; the round counter is data, so later rounds never recompile.
+A method (`Method`) is data: a client program (`ClientProgram`: initial per-client state, local
+update), a server program (`ServerProgram`: initial server state, a pure `apply` inside the round
+that returns the clients after aggregation, the server state, metrics and host inputs, and an
+optional `host` step outside `jit`, e.g. FedAMoLE's assignment LP), which adapters are
+evaluated (`evaluate`: the locally trained ones before aggregation, the aggregated ones, or a
+function of both), and declared capabilities (`Capabilities`: client cohorts, vectorized
+sweeps). `build(problem, method)` turns it into an `Algorithm`: `init`, the compiled `round`,
+`evaluate`. Every method of the library is built by it; none writes its own round.
+
+The round (compiled once; the round counter is data, so later rounds never recompile):
+
+    [cohort] draw K clients, gather their state, data and evaluation windows
+    clients, train = client.update(clients, RoundInputs(data, eval_sets, base, round))
+    clients', server, agg, host_in = server.apply(clients, server, inputs)   # aggregation
+    [cohort] scatter the rows back (the server model to everyone when server.server_model)
+    metrics = {"train": train, "aggregation": agg, <set>: evaluate(clients, clients')}
+    (host) sim = server.host(sim, host_in)                                   # outside jit
+
+Per-client frozen state (`ClientState.frozen`: e.g. FedAMoLE's expert masks) is merged over the
+shared base for that client in training and evaluation.
 """
 
 from __future__ import annotations
@@ -12,6 +29,8 @@ from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
+from flax import nnx
 
 from fedjax_lora.aggregation import Aggregator, MixState
 from fedjax_lora.algorithms.problem import Problem, TrainData
@@ -27,22 +46,16 @@ from fedjax_lora.typing import PyTree
 Metrics = dict[str, Any]
 
 Evaluate = Literal["local", "aggregated"]
-"""Which models a round evaluates: `"local"`, each client's locally trained model before the
-server average (the CoMiGS reference evaluates inside `GeneralClient.train`, for every method of
-that paper), or `"aggregated"`, the models after aggregation."""
-
-
-def evaluates_local(evaluate: Evaluate) -> bool:
-    """`federated`'s `evaluate_local` for a method's `evaluate` option (checked)."""
-    if evaluate not in ("local", "aggregated"):
-        raise ValueError(f"evaluate must be 'local' or 'aggregated', got {evaluate!r}")
-    return evaluate == "local"
+"""A method option naming which models a round evaluates: `"local"`, each client's locally
+trained model before the server average (the CoMiGS reference evaluates inside
+`GeneralClient.train`, for every method of that paper), or `"aggregated"`, the models after
+aggregation (`Method.evaluate`)."""
 
 
 class SimState(NamedTuple):
-    """The whole simulation state: per-client state, the round counter, the aggregator's state,
-    and the simulation's own PRNG key (cohort sampling draws from `fold_in(key, round)`; None
-    when no cohort is sampled)."""
+    """The whole simulation state: per-client state, the round counter, the server's state, and
+    the simulation's own PRNG key (cohort sampling draws from `fold_in(key, round)`; None when no
+    cohort is sampled)."""
 
     clients: ClientState
     round: jax.Array
@@ -50,14 +63,87 @@ class SimState(NamedTuple):
     key: jax.Array | None = None
 
 
+class RoundInputs(NamedTuple):
+    """What a round hands the client and server programs: the (cohort's) training data, its
+    evaluation sets, the shared base, and the 0-based index of this round."""
+
+    data: TrainData
+    eval_sets: dict
+    base: PyTree
+    round: jax.Array
+
+
+class ClientProgram(NamedTuple):
+    """`init(key) -> ClientState [N]`; `update(clients, inputs) -> (clients, metrics)`, the local
+    work of every client in one round (inside `jit`; `metrics["train_loss"]` is `[N, steps]`)."""
+
+    init: Callable[[jax.Array], ClientState]
+    update: Callable[[ClientState, RoundInputs], tuple[ClientState, Metrics]]
+
+
+class ServerProgram(NamedTuple):
+    """`init(key, clients) -> state` from the simulation's key (the one the client program's
+    `init` got) and the initial (cohort's) clients; `apply(clients, state,
+    inputs) -> (clients, state, metrics, host_inputs)` (pure, inside `jit`): the clients after
+    aggregation; `host(sim, host_inputs) -> sim` (optional, on the host after the compiled round,
+    e.g. an LP); `server_model`: the aggregate is one model for everyone, so under a cohort the
+    idle clients receive it too."""
+
+    init: Callable[[jax.Array, ClientState], PyTree]
+    apply: Callable[[ClientState, PyTree, RoundInputs], tuple[ClientState, PyTree, Metrics, PyTree]]
+    host: Callable[[SimState, PyTree], SimState] | None = None
+    server_model: bool = False
+
+
+class Capabilities(NamedTuple):
+    """What a method supports: `cohorts` (`data.cohort_size`: a sample of clients per round),
+    `sweeps` (`fedjax-lora sweep`: simulations stacked on a vmapped axis; needs a pure round,
+    without a host step) and `data_axis` (heterogeneity levels as one more vmapped axis: the
+    factory uses the problem's data only as arrays, so they can be traced arguments)."""
+
+    cohorts: bool = True
+    sweeps: bool = True
+    data_axis: bool = True
+
+
+Evaluated = Evaluate | Callable[[ClientState, ClientState], PyTree]
+
+
+class Method(NamedTuple):
+    """A federated method as a value (module docstring).
+
+    evaluate: which adapters every round's evaluation sees: `"aggregated"` (after the server),
+    `"local"` (each client's locally trained adapters, before aggregation: the protocol of the
+    CoMiGS and FedAMoLE references), or `fn(trained, aggregated) -> params [N]`.
+    client_eval: the per-client window evaluation (`make_client_eval`'s contract; default: the
+    problem's model, dropout off). train: the training data if not the problem's (centralized:
+    the pooled streams of all clients as one client)."""
+
+    name: str
+    client: ClientProgram
+    server: ServerProgram
+    evaluate: Evaluated = "aggregated"
+    capabilities: Capabilities = Capabilities()
+    client_eval: Callable | None = None
+    train: TrainData | None = None
+
+
 class Algorithm(NamedTuple):
-    """`init(key) -> SimState`; `round(state) -> (state, metrics)` (compiled once);
-    `evaluate(state) -> metrics` (the clients' current models, no training)."""
+    """A method built on a problem: `init(key) -> SimState`; `round(state) -> (state, metrics)`
+    (compiled once); `evaluate(state) -> metrics` (the clients' current models, no training);
+    `method`: the value it was built from (its capabilities)."""
 
     name: str
     init: Callable[[jax.Array], SimState]
     round: Callable[[SimState], tuple[SimState, Metrics]]
     evaluate: Callable[[SimState], Metrics]
+    method: Method | None = None
+
+
+def with_frozen(fn: Callable) -> Callable:
+    """`fn(params, ..., base)` as `fn((params, frozen), ..., base)`, the client's frozen state
+    merged over the shared base."""
+    return lambda pf, *args: fn(pf[0], *args[:-1], nnx.merge_state(args[-1], pf[1]))
 
 
 def evaluation(
@@ -66,19 +152,20 @@ def evaluation(
     eval_sets: dict,
     base: PyTree,
     client_eval: Callable | None = None,
-    wrap: Callable[[Callable], Callable] | None = None,
+    frozen: PyTree = None,
 ) -> Metrics:
     """Per-client `loss`/`ppl`/`accuracy` on every window set, and the text task of
     `problem.task` on a `GenerationSet`/`ChoiceSet` (`fedjax_lora.engine.instruction`: generated
     tokens, scored on the host, or choice `accuracy`) (call inside `jit`).
 
     client_eval: the per-client window evaluation (`make_client_eval`'s contract); default: the
-    problem's model with dropout off. wrap: applied to every per-client function
-    `fn(params, ..., base)` (e.g. FedAMoLE's merge of the client's expert masks into the base).
-    With `problem.eval_progress` every client's evaluation on every set ticks the host's
-    `evaluation_progress` bar."""
+    problem's model with dropout off. frozen: the clients' frozen state `[N, ...]`
+    (`ClientState.frozen`), merged over the base per client. With `problem.eval_progress` every
+    client's evaluation on every set ticks the host's `evaluation_progress` bar."""
     client_eval = client_eval or make_client_eval(problem.graphdef, problem.eval_batch_size)
-    wrap = wrap or (lambda fn: fn)
+    wrap = lambda fn: fn
+    if frozen is not None and jax.tree.leaves(frozen):
+        params, wrap = (params, frozen), with_frozen
     if problem.eval_progress:
         wrap = lambda fn, inner=wrap: ticking(inner(fn))
     out = {}
@@ -93,135 +180,231 @@ def evaluation(
     return out
 
 
+# ---------------------------------------------------------------------------------------------
+# Client programs
+
+
+def standard_client(
+    problem: Problem,
+    *,
+    shared_init: bool,
+    tx: optax.GradientTransformation | None = None,
+    train: TrainData | None = None,
+) -> ClientProgram:
+    """The default client: adapters drawn from the problem's template (one shared draw, or one
+    per client), `tx` (default the problem's optimizer) and the problem's local training
+    (`make_client_update`: `lax.scan` over steps) on `train` (default the problem's data)."""
+    tx = tx or problem.tx()
+    train = train or problem.train
+    update = make_client_update(
+        problem.graphdef,
+        tx,
+        problem.training,
+        max_windows=train.max_windows(problem.training.seq_len),
+    )
+
+    def init(key: jax.Array) -> ClientState:
+        return init_clients(problem.template, tx, train.num_clients, key, shared_init=shared_init)
+
+    return ClientProgram(init, local_training(problem, update))
+
+
+def local_training(problem: Problem, client_update: Callable) -> Callable:
+    """`update(clients, inputs)` running `client_update(client, tokens, length, mask, base)` over
+    the clients with the problem's strategy, each client's frozen state merged over the base."""
+
+    def per_client(client: ClientState, tokens, length, mask, base):
+        if jax.tree.leaves(client.frozen):
+            base = nnx.merge_state(base, client.frozen)
+        return client_update(client, tokens, length, mask, base)
+
+    def update(clients: ClientState, inputs: RoundInputs):
+        data = inputs.data
+        return train_clients(
+            per_client, problem.strategy, clients, data.tokens, data.lengths, data.mask, inputs.base
+        )
+
+    return update
+
+
+def scaled_tx(problem: Problem) -> optax.GradientTransformation:
+    """The problem's optimizer followed by a step-size factor that `round_decayed` sets (the
+    FedAMoLE reference's per-round learning rate `lr · decay^{r-1}`)."""
+    return optax.chain(problem.tx(), optax.inject_hyperparams(optax.scale)(step_size=1.0))
+
+
+def reset_optimizer(tx: optax.GradientTransformation, params, scale: jax.Array):
+    """A fresh per-client state of `scaled_tx`'s `chain(inner, inject_hyperparams(scale))` with
+    step size `scale` (the round's learning-rate factor; the reference re-creates Adam every
+    round)."""
+    inner, schedule = jax.vmap(tx.init)(params)
+    step = jnp.full_like(schedule.hyperparams["step_size"], scale)
+    return inner, schedule._replace(hyperparams={**schedule.hyperparams, "step_size": step})
+
+
+def round_decayed(client: ClientProgram, tx: optax.GradientTransformation, decay: float):
+    """`client` whose optimizer (`tx = scaled_tx(problem)`) is re-created at the start of every
+    round `r = 0, 1, …` with its step scaled by `decay^r` (the FedAMoLE reference's AdamW
+    schedule)."""
+
+    def update(clients: ClientState, inputs: RoundInputs):
+        scale = decay ** inputs.round.astype(jnp.float32)
+        clients = clients._replace(opt_state=reset_optimizer(tx, clients.params, scale))
+        return client.update(clients, inputs)
+
+    return client._replace(update=update)
+
+
+# ---------------------------------------------------------------------------------------------
+# Server programs
+
+
+def aggregating(
+    aggregator: Aggregator,
+    *,
+    inputs: Callable[[TrainData, ClientState, dict, PyTree], dict] | None = None,
+    first_round: int = 1,
+    server_model: bool = False,
+) -> ServerProgram:
+    """The server of an `Aggregator` (a pure function of the stacked client adapters).
+
+    inputs: `(data, clients, eval_sets, base) -> inputs`, side information computed inside the
+    round from the freshly trained clients (token counts, cross-evaluation perplexities).
+    first_round: the first round (1-based) that ends with an aggregation; earlier rounds are local
+    warm-up (`lax.cond`: neither the inputs nor the aggregation are computed there).
+    Metrics: `applied` and, for matrix aggregators, the `matrix` in use (trust heatmaps)."""
+    if first_round < 1:
+        raise ValueError(f"the first aggregation round must be >= 1, got {first_round}")
+
+    def apply(clients: ClientState, state, ri: RoundInputs):
+        def aggregate(_):
+            side = {} if inputs is None else inputs(ri.data, clients, ri.eval_sets, ri.base)
+            return aggregator.apply(clients.params, state, side)
+
+        applied = ri.round + 1 >= first_round
+        if first_round == 1:
+            params, state = aggregate(None)
+        else:
+            keep = lambda _: (clients.params, state)
+            params, state = jax.lax.cond(applied, aggregate, keep, None)
+        metrics = {"applied": applied}
+        if isinstance(state, MixState):
+            metrics["matrix"] = state.matrix
+        return clients._replace(params=params), state, metrics, None
+
+    init = lambda key, clients: aggregator.init(clients.params)
+    return ServerProgram(init, apply, None, server_model)
+
+
+# ---------------------------------------------------------------------------------------------
+# The round
+
+
+def _evaluated(method: Method, trained: ClientState, aggregated: ClientState) -> PyTree:
+    if method.evaluate == "local":
+        return trained.params
+    if method.evaluate == "aggregated":
+        return aggregated.params
+    return method.evaluate(trained, aggregated)
+
+
+def build(problem: Problem, method: Method) -> Algorithm:
+    """`method` on `problem` as an `Algorithm` (module docstring). A cohort (`problem.cohort`)
+    is refused before any compute when the method does not declare it."""
+    if method.evaluate not in ("local", "aggregated") and not callable(method.evaluate):
+        raise ValueError(
+            f"method {method.name!r}: evaluate must be 'local', 'aggregated' or a function, got "
+            f"{method.evaluate!r}"
+        )
+    cohort = problem.cohort
+    if cohort is not None and not method.capabilities.cohorts:
+        raise ValueError(
+            f"method {method.name!r} does not support client cohorts (every client takes part "
+            "in every round); unset data.cohort_size"
+        )
+    train = method.train or problem.train
+    client, server = method.client, method.server
+
+    def eval_of(trained: ClientState, aggregated: ClientState, eval_sets, base):
+        params = _evaluated(method, trained, aggregated)
+        n = problem.num_clients
+        if jax.tree.leaves(params)[0].shape[0] != n:  # one pooled model (centralized)
+            params = jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *x.shape[1:])), params)
+        frozen = aggregated.frozen if jax.tree.leaves(aggregated.frozen) else None
+        return evaluation(problem, params, eval_sets, base, method.client_eval, frozen)
+
+    def init(key: jax.Array) -> SimState:
+        clients = problem.strategy.place(client.init(key))
+        if cohort is None:
+            return SimState(clients, jnp.zeros((), jnp.int32), server.init(key, clients))
+        first = cohorts.take(clients, jnp.arange(cohort.size))
+        sim_key = jax.random.fold_in(key, cohorts.KEY_STREAM)
+        return SimState(clients, jnp.zeros((), jnp.int32), server.init(key, first), sim_key)
+
+    tx = problem.tx()
+
+    @jax.jit
+    def _round(sim: SimState, data: TrainData, eval_sets, base):
+        population, population_eval = sim.clients, eval_sets
+        clients = sim.clients
+        if cohort is not None:
+            idx = cohort.sample(jax.random.fold_in(sim.key, sim.round), data.token_counts())
+            drawn, data, eval_sets = cohorts.take((sim.clients, data, eval_sets), idx)
+            clients = cohort.prepare(drawn, tx)
+        inputs = RoundInputs(data, eval_sets, base, sim.round)
+        trained, train_metrics = client.update(clients, inputs)
+        aggregated, server_state, agg_metrics, host_inputs = server.apply(
+            trained, sim.agg_state, inputs
+        )
+        if cohort is not None:
+            train_metrics = {**train_metrics, "cohort": idx}
+            trained = cohorts.merge(population, idx, trained, False)
+            aggregated = cohorts.merge(
+                population, idx, aggregated, server.server_model and agg_metrics["applied"]
+            )
+        metrics = {
+            "train": train_metrics,
+            "aggregation": agg_metrics,
+            **eval_of(trained, aggregated, population_eval, base),
+        }
+        new = sim._replace(clients=aggregated, round=sim.round + 1, agg_state=server_state)
+        return new, metrics, host_inputs
+
+    _evaluate = jax.jit(
+        lambda sim, eval_sets, base: eval_of(sim.clients, sim.clients, eval_sets, base)
+    )
+
+    def round_fn(sim: SimState) -> tuple[SimState, Metrics]:
+        new, metrics, host_inputs = _round(sim, train, problem.eval_sets, problem.base)
+        if server.host is not None:
+            new = server.host(new, jax.device_get(host_inputs))
+        return new, metrics
+
+    def evaluate(sim: SimState) -> Metrics:
+        return _evaluate(sim, problem.eval_sets, problem.base)
+
+    return Algorithm(method.name, init, round_fn, evaluate, method)
+
+
 def federated(
     name: str,
     problem: Problem,
     aggregator: Aggregator,
     *,
     shared_init: bool,
-    aggregation_inputs: Callable[[TrainData, ClientState, dict, PyTree], dict] | None = None,
-    aggregate_from: int = 1,
-    client_eval: Callable | None = None,
-    train: TrainData | None = None,
-    broadcast_to: int | None = None,
-    init_state: Callable[[jax.Array], ClientState] | None = None,
-    local_update: Callable[..., tuple[ClientState, Metrics]] | None = None,
-    evaluate_local: bool = False,
+    inputs: Callable[[TrainData, ClientState, dict, PyTree], dict] | None = None,
+    first_round: int = 1,
     server_model: bool = False,
+    evaluate: Evaluated = "aggregated",
+    client_eval: Callable | None = None,
 ) -> Algorithm:
-    """The generic round: train locally, aggregate with `aggregator`, evaluate.
-
-    aggregation_inputs: `(data, clients, eval_sets, base) -> inputs`, side information for the
-    aggregator computed inside the round from the freshly trained clients (e.g. token counts,
-    cross-evaluation perplexities). aggregate_from: the first round (1-based) that ends with an
-    aggregation; earlier rounds are local warm-up (`lax.cond`: neither the inputs nor the
-    aggregation are computed there). client_eval: the per-client evaluation (see `evaluation`).
-    `train` overrides the problem's training data and `broadcast_to` evaluates a single trained
-    model for every client (centralized training). `init_state(key) -> ClientState` and
-    `local_update(data, clients, eval_sets, base, round) -> (clients, metrics)` replace the default
-    client initialisation and local training (methods with their own local schedule, e.g. the
-    bi-level expert/router alternation of CoMiGS). evaluate_local: evaluate every client's locally
-    trained adapters, before aggregation (the "-FT" baselines of FedAMoLE: the global model after
-    local fine-tuning), instead of the aggregated ones. server_model: the aggregate is one model
-    for everyone (FedAvg); with a cohort (`problem.cohort`, `fedjax_lora.engine.cohort`) the idle
-    clients receive it too, otherwise only the cohort's rows change. With a cohort, training and
-    aggregation see the `K` drawn clients (their data and evaluation windows gathered), the
-    aggregator's state is shaped for `K`, evaluation covers the whole population, and
-    `metrics["train"]["cohort"]` holds the drawn indices.
-
-    Metrics: `train`, one entry per evaluation set, and `aggregation`: `applied` (bool) and, for
-    matrix aggregators, the `matrix` in use after this round (trust heatmaps).
-    """
-    if aggregate_from < 1:
-        raise ValueError(f"aggregate_from must be >= 1, got {aggregate_from}")
-    cohort = problem.cohort if train is None else None  # centralized: one pooled client
-    if cohort is not None and local_update is not None:
-        raise ValueError(
-            f"method {name!r} has its own local update and does not support client cohorts; "
-            "unset data.cohort_size"
-        )
-    train = train or problem.train
-    tx = problem.tx()
-    if local_update is None:
-        update = make_client_update(
-            problem.graphdef,
-            tx,
-            problem.training,
-            max_windows=train.max_windows(problem.training.seq_len),
-        )
-
-    def eval_params(params, eval_sets, base):
-        if broadcast_to is not None:
-            params = jax.tree.map(
-                lambda x: jnp.broadcast_to(x, (broadcast_to, *x.shape[1:])), params
-            )
-        return evaluation(problem, params, eval_sets, base, client_eval)
-
-    def init(key: jax.Array) -> SimState:
-        if init_state is not None:
-            clients = init_state(key)
-        else:
-            clients = init_clients(
-                problem.template, tx, train.num_clients, key, shared_init=shared_init
-            )
-        clients = problem.strategy.place(clients)
-        if cohort is None:
-            return SimState(clients, jnp.zeros((), jnp.int32), aggregator.init(clients.params))
-        first = cohorts.take(clients.params, jnp.arange(cohort.size))
-        sim_key = jax.random.fold_in(key, cohorts.KEY_STREAM)
-        return SimState(clients, jnp.zeros((), jnp.int32), aggregator.init(first), sim_key)
-
-    @jax.jit
-    def _round(sim: SimState, data: TrainData, eval_sets, base):
-        population, population_eval = sim.clients, eval_sets
-        if cohort is not None:
-            idx = cohort.sample(jax.random.fold_in(sim.key, sim.round), data.token_counts())
-            drawn, data, eval_sets = cohorts.take((sim.clients, data, eval_sets), idx)
-            sim = sim._replace(clients=cohort.prepare(drawn, tx))
-        if local_update is not None:
-            clients, train_metrics = local_update(data, sim.clients, eval_sets, base, sim.round)
-        else:
-            clients, train_metrics = train_clients(
-                update, problem.strategy, sim.clients, data.tokens, data.lengths, data.mask, base
-            )
-
-        def aggregate(_):
-            inputs = {}
-            if aggregation_inputs is not None:
-                inputs = aggregation_inputs(data, clients, eval_sets, base)
-            return aggregator.apply(clients.params, sim.agg_state, inputs)
-
-        applied = sim.round + 1 >= aggregate_from
-        if aggregate_from == 1:
-            params, agg_state = aggregate(None)
-        else:
-            keep = lambda _: (clients.params, sim.agg_state)
-            params, agg_state = jax.lax.cond(applied, aggregate, keep, None)
-        agg_metrics = {"applied": applied}
-        if isinstance(agg_state, MixState):
-            agg_metrics["matrix"] = agg_state.matrix
-        local_params, clients = clients.params, clients._replace(params=params)
-        if cohort is not None:
-            train_metrics = {**train_metrics, "cohort": idx}
-            local_params = cohorts.put(population.params, idx, local_params)
-            clients = cohorts.merge(population, idx, clients, server_model and applied)
-        metrics = {
-            "train": train_metrics,
-            "aggregation": agg_metrics,
-            **eval_params(
-                local_params if evaluate_local else clients.params, population_eval, base
-            ),
-        }
-        return sim._replace(clients=clients, round=sim.round + 1, agg_state=agg_state), metrics
-
-    _evaluate = jax.jit(
-        lambda sim, eval_sets, base: eval_params(sim.clients.params, eval_sets, base)
+    """The method of an aggregation rule, built: the standard client (`standard_client`) and the
+    aggregator's server (`aggregating`: `inputs`, `first_round`, `server_model`)."""
+    method = Method(
+        name,
+        standard_client(problem, shared_init=shared_init),
+        aggregating(aggregator, inputs=inputs, first_round=first_round, server_model=server_model),
+        evaluate=evaluate,
+        client_eval=client_eval,
     )
-
-    def round_fn(sim: SimState) -> tuple[SimState, Metrics]:
-        return _round(sim, train, problem.eval_sets, problem.base)
-
-    def evaluate(sim: SimState) -> Metrics:
-        return _evaluate(sim, problem.eval_sets, problem.base)
-
-    return Algorithm(name, init, round_fn, evaluate)
+    return build(problem, method)

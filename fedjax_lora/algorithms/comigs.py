@@ -42,7 +42,16 @@ from flax import nnx
 
 from fedjax_lora.aggregation.masks import Policy, global_mask, masked_aggregator, path_names
 from fedjax_lora.aggregation.masks import trainable as policy_trains
-from fedjax_lora.algorithms.base import Algorithm, Evaluate, evaluates_local, federated
+from fedjax_lora.algorithms.base import (
+    Algorithm,
+    Capabilities,
+    ClientProgram,
+    Evaluate,
+    Method,
+    RoundInputs,
+    aggregating,
+    build,
+)
 from fedjax_lora.algorithms.problem import Problem
 from fedjax_lora.engine.batches import Batch
 from fedjax_lora.engine.loss import lm_loss
@@ -292,7 +301,8 @@ def comigs(
         )
         return client, {"train_loss": loss, "train_ce": ce}
 
-    def local_update(data, clients, eval_sets, base, round_):
+    def local_update(clients: ClientState, inputs: RoundInputs):
+        data, eval_sets, base = inputs.data, inputs.eval_sets, inputs.base
         val = eval_sets.get("val") or next(iter(eval_sets.values()))
         masked = data.mask is not None
 
@@ -302,17 +312,16 @@ def comigs(
 
         per_client = (clients, data.tokens, data.lengths, *((data.mask,) if masked else ()))
         per_client = (*per_client, val.windows, val.weights)
-        return map_clients(fn, problem.strategy, per_client, (base, round_ * cfg.steps))
+        return map_clients(fn, problem.strategy, per_client, (base, inputs.round * cfg.steps))
 
-    return federated(
+    method = Method(
         name,
-        moe_problem,
-        masked_aggregator(policy),
-        shared_init=True,
-        init_state=init_state,
-        local_update=local_update,
-        evaluate_local=evaluates_local(evaluate),
+        ClientProgram(init_state, local_update),
+        aggregating(masked_aggregator(policy)),
+        evaluate=evaluate,
+        capabilities=Capabilities(cohorts=False),
     )
+    return build(moe_problem, method)
 
 
 def _variant(name: str, description: str, **fixed):

@@ -49,13 +49,22 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_lora.aggregation import fedavg
-from fedjax_lora.algorithms.base import Algorithm, SimState, evaluation
-from fedjax_lora.algorithms.fedamole import reset_optimizer, scaled_tx
+from fedjax_lora.algorithms.base import (
+    Algorithm,
+    Capabilities,
+    ClientProgram,
+    Method,
+    RoundInputs,
+    ServerProgram,
+    build,
+    round_decayed,
+    scaled_tx,
+    standard_client,
+)
 from fedjax_lora.algorithms.problem import Problem
 from fedjax_lora.engine.evaluate import EvalSet, make_client_eval
-from fedjax_lora.engine.state import init_clients
+from fedjax_lora.engine.state import ClientState
 from fedjax_lora.engine.strategy import map_clients
-from fedjax_lora.engine.train import make_client_update, train_clients
 from fedjax_lora.typing import PyTree
 
 __all__ = [
@@ -207,20 +216,12 @@ def fdlora(
     outer = optax.sgd(
         options.outer_lr, momentum=options.outer_momentum or None, nesterov=options.nesterov
     )
-    update = make_client_update(
-        problem.graphdef,
-        tx,
-        problem.training,
-        max_windows=problem.train.max_windows(problem.training.seq_len),
-    )
     client_eval = make_client_eval(problem.graphdef, problem.eval_batch_size)
 
     # The first `fusion_windows` windows, cut at a multiple of the evaluation batch size.
-    windows, weights = problem.eval_sets[options.fusion_set]
-    eb = problem.eval_batch_size
-    m = min(-(-options.fusion_windows // eb) * eb, windows.shape[1])
+    eb, available = problem.eval_batch_size, problem.eval_sets[options.fusion_set].windows.shape[1]
+    m = min(-(-options.fusion_windows // eb) * eb, available)
     keep = (jnp.arange(m) < options.fusion_windows).astype(jnp.float32)
-    fusion_data = (windows[:, :m], weights[:, :m] * keep[None, :, None])
 
     def search_one(private, candidates, win, wt, shared, base):
         def loss(params):
@@ -230,24 +231,18 @@ def fdlora(
         w, scores = fusion_search(loss, shared, private, candidates, options.l1)
         return fuse(shared, private, w), w, scores
 
-    def init(key: jax.Array) -> SimState:
-        k_clients, k_server = jax.random.split(key)
-        clients = init_clients(problem.template, tx, n, k_clients, shared_init=True)
-        clients = clients._replace(aux={"private": clients.params, "personal": clients.params})
-        shared = jax.tree.map(lambda x: x[0], clients.params)
-        server = FDLoRAServer(shared, outer.init(shared), k_server)
-        return SimState(problem.strategy.place(clients), jnp.zeros((), jnp.int32), server)
+    standard = standard_client(problem, shared_init=True, tx=tx)
 
-    @jax.jit
-    def _round(sim: SimState, data, eval_sets, base, fusion_data):
-        r = sim.round
-        clients = sim.clients
-        if decay is not None:
-            scale = decay ** r.astype(jnp.float32)
-            clients = clients._replace(opt_state=reset_optimizer(tx, clients.params, scale))
-        clients, train_metrics = train_clients(
-            update, problem.strategy, clients, data.tokens, data.lengths, data.mask, base
-        )
+    def init(key: jax.Array) -> ClientState:
+        clients = standard.init(jax.random.split(key)[0])
+        return clients._replace(aux={"private": clients.params, "personal": clients.params})
+
+    def server_init(key: jax.Array, clients: ClientState) -> FDLoRAServer:
+        shared = jax.tree.map(lambda x: x[0], clients.params)
+        return FDLoRAServer(shared, outer.init(shared), jax.random.split(key)[1])
+
+    def server_apply(clients: ClientState, server: FDLoRAServer, inputs: RoundInputs):
+        r, base = inputs.round, inputs.base
         trained = clients.params
         mean = jax.tree.map(lambda x: x[0], fedavg(trained))
         phase = jnp.where(r < big_l - 1, 0, jnp.where(r == big_l - 1, 1, 2))
@@ -262,7 +257,7 @@ def fdlora(
                 params=optax.apply_updates(server.params, updates), opt_state=opt_state
             )
 
-        server = jax.lax.switch(phase, [lambda s: s, first_average, outer_step], sim.agg_state)
+        server = jax.lax.switch(phase, [lambda s: s, first_average, outer_step], server)
         params = jax.tree.map(
             lambda t, s: jnp.where(phase == 0, t, jnp.broadcast_to(s, t.shape)),
             trained,
@@ -270,6 +265,8 @@ def fdlora(
         )
         sync = (phase == 2) & ((r - big_l) % options.sync_every == 0)
         private = jax.tree.map(lambda p, t: jnp.where(sync, t, p), clients.aux["private"], trained)
+        windows, weights = inputs.eval_sets[options.fusion_set]
+        fusion_data = (windows[:, :m], weights[:, :m] * keep[None, :, None])
 
         def fused(_):
             cands = fusion_candidates(jax.random.fold_in(server.key, r), n, options)
@@ -283,30 +280,26 @@ def fdlora(
             return trained, zeros[:, 0], zeros[..., 0], zeros
 
         personal, w, scores, cands = jax.lax.cond(phase == 2, fused, local, None)
-        metrics = evaluation(problem, personal, eval_sets, base)
-        metrics["train"] = train_metrics
-        metrics["aggregation"] = {
+        metrics = {
             "applied": phase >= 1,
             "fusion_weights": w,
             "fusion_scores": scores,
             "fusion_candidates": cands,
         }
         clients = clients._replace(params=params, aux={"private": private, "personal": personal})
-        return SimState(clients, r + 1, server), metrics
+        return clients, server, metrics, None
 
-    _evaluate = jax.jit(
-        lambda sim, eval_sets, base: evaluation(
-            problem, sim.clients.aux["personal"], eval_sets, base
-        )
+    client = ClientProgram(init, standard.update)
+    if decay is not None:
+        client = round_decayed(client, tx, decay)
+    method = Method(
+        name,
+        client,
+        ServerProgram(server_init, server_apply),
+        evaluate=lambda trained, aggregated: aggregated.aux["personal"],
+        capabilities=Capabilities(cohorts=False),
     )
-
-    def round_fn(sim: SimState):
-        return _round(sim, problem.train, problem.eval_sets, problem.base, fusion_data)
-
-    def evaluate(sim: SimState):
-        return _evaluate(sim, problem.eval_sets, problem.base)
-
-    return Algorithm(name, init, round_fn, evaluate)
+    return build(problem, method)
 
 
 def fdlora_comigs(problem: Problem, options: FDLoRAOptions = COMIGS) -> Algorithm:

@@ -4,7 +4,7 @@ experts (Zhang, Qin, Wu, Hou & Deng, arXiv:2411.19128 v2; reference `zyc140345/F
 
 The model carries an AMoLE module (`fedjax_lora.amole`) on each adapted projection: a pool of `E`
 domain experts, a shared expert and a token projection `W_tok`. Every client keeps a full copy of
-the pool and, per module, a mask of the experts it holds (`ClientState.aux["masks"]`, an
+the pool and, per module, a mask of the experts it holds (`ClientState.frozen`, an
 `ExpertMask` state `bool [N, E]` merged over the shared base for each client), so shapes stay
 static. Round `r = 1, 2, …` (all clients take part):
 
@@ -34,27 +34,32 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from fedjax_lora import amole
 from fedjax_lora.aggregation import expert_aggregator, rsea
-from fedjax_lora.algorithms.base import Algorithm, SimState, evaluation
+from fedjax_lora.algorithms.base import (
+    Algorithm,
+    Capabilities,
+    ClientProgram,
+    Method,
+    RoundInputs,
+    ServerProgram,
+    SimState,
+    build,
+    local_training,
+    round_decayed,
+    scaled_tx,
+    with_frozen,
+)
 from fedjax_lora.algorithms.problem import Problem
 from fedjax_lora.engine.state import ClientState, init_clients
 from fedjax_lora.engine.strategy import map_clients
-from fedjax_lora.engine.train import make_client_update, train_clients
+from fedjax_lora.engine.train import make_client_update
 from fedjax_lora.families import family
 from fedjax_lora.lora import detach_adapters, split
 
-__all__ = [
-    "METHODS",
-    "FedAMoLEOptions",
-    "fedamole",
-    "input_weights",
-    "reset_optimizer",
-    "scaled_tx",
-]
+__all__ = ["METHODS", "FedAMoLEOptions", "fedamole", "input_weights", "with_amole"]
 
 Dispatch = Literal["rsea", "static", "random"]
 
@@ -99,21 +104,6 @@ def input_weights(weights: jax.Array) -> jax.Array:
     return jnp.concatenate([first, weights[..., :-1] > 0], axis=-1).astype(jnp.float32)
 
 
-def scaled_tx(problem: Problem) -> optax.GradientTransformation:
-    """The problem's optimizer followed by a step-size factor that `reset_optimizer` sets (the
-    reference's per-round learning rate `lr · decay^{r-1}`)."""
-    return optax.chain(problem.tx(), optax.inject_hyperparams(optax.scale)(step_size=1.0))
-
-
-def reset_optimizer(tx: optax.GradientTransformation, params, scale: jax.Array):
-    """A fresh per-client state of `scaled_tx`'s `chain(inner, inject_hyperparams(scale))` with
-    step size `scale` (the round's learning-rate factor; the reference re-creates Adam every
-    round)."""
-    inner, schedule = jax.vmap(tx.init)(params)
-    step = jnp.full_like(schedule.hyperparams["step_size"], scale)
-    return inner, schedule._replace(hyperparams={**schedule.hyperparams, "step_size": step})
-
-
 def with_amole(problem: Problem, config: amole.AMoLEConfig | None = None) -> Problem:
     """The problem with its model's adapters replaced by AMoLE modules (default `AMoLEConfig` on
     the family's q and v projections)."""
@@ -153,22 +143,14 @@ def fedamole(
         )
 
     tx = scaled_tx(problem)
-    train = problem.train
     update = make_client_update(
         problem.graphdef,
         tx,
         problem.training,
-        max_windows=train.max_windows(problem.training.seq_len),
+        max_windows=problem.train.max_windows(problem.training.seq_len),
     )
     client_stats = amole.make_client_stats(problem.graphdef, problem.eval_batch_size)
     aggregator = expert_aggregator()
-
-    def masked_update(client: ClientState, tokens, length, mask, base):
-        return update(client, tokens, length, mask, nnx.merge_state(base, client.aux["masks"]))
-
-    def with_masks(fn):
-        """`fn(params, ..., base)` on `((params, masks), ..., base)`."""
-        return lambda pm, *args: fn(pm[0], *args[:-1], nnx.merge_state(args[-1], pm[1]))
 
     def masks_from(assignments: dict[str, np.ndarray]) -> nnx.State:
         flat = [
@@ -191,70 +173,51 @@ def fedamole(
             assignments[path] = rsea.assign(np.asarray(scores), k, lo, hi).T
         return masks_from(assignments)
 
-    def init(key: jax.Array) -> SimState:
+    def init(key: jax.Array) -> ClientState:
         k_clients, k_server = jax.random.split(key)
-        clients = init_clients(
-            problem.template,
-            tx,
-            n,
-            k_clients,
-            shared_init=True,
-            aux={"masks": random_masks(jax.random.fold_in(k_server, 0))},
-        )
-        return SimState(problem.strategy.place(clients), jnp.zeros((), jnp.int32), k_server)
+        masks = random_masks(jax.random.fold_in(k_server, 0))
+        return init_clients(problem.template, tx, n, k_clients, shared_init=True, frozen=masks)
 
-    @jax.jit
-    def _round(sim: SimState, data, eval_sets, base):
-        masks = sim.clients.aux["masks"]
-        scale = options.round_decay ** sim.round.astype(jnp.float32)
-        clients = sim.clients._replace(opt_state=reset_optimizer(tx, sim.clients.params, scale))
-        clients, train_metrics = train_clients(
-            masked_update, problem.strategy, clients, data.tokens, data.lengths, data.mask, base
-        )
-        local = (clients.params, masks)
-        metrics = evaluation(problem, local, eval_sets, base, wrap=with_masks)
-        stats = {}
+    def server_apply(clients: ClientState, key: jax.Array, inputs: RoundInputs):
+        masks = clients.frozen
+        stats = None
         if options.dispatch == "rsea":
-            aux = eval_sets[options.aux_set]
+            aux = inputs.eval_sets[options.aux_set]
             weights = input_weights(aux.weights)
-            per_client = (local, aux.windows[..., :-1], weights)
-            stats = map_clients(with_masks(client_stats), problem.strategy, per_client, (base,))
+            per_client = ((clients.params, masks), aux.windows[..., :-1], weights)
+            stats = map_clients(
+                with_frozen(client_stats), problem.strategy, per_client, (inputs.base,)
+            )
             if options.noise_eta is not None:
-                keys = jax.random.split(jax.random.fold_in(sim.agg_state, sim.round + 1), n)
+                keys = jax.random.split(jax.random.fold_in(key, inputs.round + 1), n)
                 stats = jax.vmap(amole.add_noise, (0, 0, None))(keys, stats, options.noise_eta)
-        inputs = {"holders": amole.holders(clients.params, masks)}
-        params, _ = aggregator.apply(clients.params, aggregator.init(clients.params), inputs)
+        holders = {"holders": amole.holders(clients.params, masks)}
+        params, _ = aggregator.apply(clients.params, aggregator.init(clients.params), holders)
         held = jnp.stack([m.sum(-1) for m in jax.tree.leaves(masks)]).astype(jnp.float32)
-        metrics["train"] = train_metrics
-        metrics["aggregation"] = {"applied": jnp.asarray(True), "experts_held": held.mean(0)}
-        return clients._replace(params=params), metrics, stats
+        metrics = {"applied": jnp.asarray(True), "experts_held": held.mean(0)}
+        return clients._replace(params=params), key, metrics, stats
 
-    _evaluate = jax.jit(
-        lambda sim, eval_sets, base: evaluation(
-            problem,
-            (sim.clients.params, sim.clients.aux["masks"]),
-            eval_sets,
-            base,
-            wrap=with_masks,
-        )
-    )
-
-    def round_fn(sim: SimState):
-        clients, metrics, stats = _round(sim, train, problem.eval_sets, problem.base)
+    def next_masks(sim: SimState, stats) -> SimState:
+        """The next round's architecture, on the host: RSEA's assignment from the uploaded
+        statistics, or a fresh random one."""
         if options.dispatch == "rsea":
-            masks = rsea_masks(jax.device_get(stats), clients.aux["masks"])
-        elif options.dispatch == "random":
-            masks = random_masks(jax.random.fold_in(sim.agg_state, int(sim.round) + 1))
+            masks = rsea_masks(stats, sim.clients.frozen)
         else:
-            masks = clients.aux["masks"]
-        clients = clients._replace(aux={"masks": masks})
-        return SimState(clients, sim.round + 1, sim.agg_state), metrics
+            masks = random_masks(jax.random.fold_in(sim.agg_state, int(sim.round)))
+        return sim._replace(clients=sim.clients._replace(frozen=masks))
 
-    def evaluate(sim: SimState):
-        return _evaluate(sim, problem.eval_sets, problem.base)
-
+    host = None if options.dispatch == "static" else next_masks
+    server = ServerProgram(lambda key, clients: jax.random.split(key)[1], server_apply, host)
+    client = ClientProgram(init, local_training(problem, update))
     default = {"rsea": "fedamole", "static": "fedamole-r", "random": "fedamole-random"}
-    return Algorithm(name or default[options.dispatch], init, round_fn, evaluate)
+    method = Method(
+        name or default[options.dispatch],
+        round_decayed(client, tx, options.round_decay),
+        server,
+        evaluate="local",
+        capabilities=Capabilities(cohorts=False, sweeps=host is None),
+    )
+    return build(problem, method)
 
 
 def _method(dispatch: Dispatch, doc: str):

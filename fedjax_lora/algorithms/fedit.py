@@ -25,14 +25,18 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-import jax.numpy as jnp
-
 from fedjax_lora.aggregation import fedavg_aggregator
-from fedjax_lora.algorithms.base import Algorithm, federated
-from fedjax_lora.algorithms.fedamole import reset_optimizer, scaled_tx
+from fedjax_lora.algorithms.base import (
+    Algorithm,
+    Method,
+    aggregating,
+    build,
+    federated,
+    round_decayed,
+    scaled_tx,
+    standard_client,
+)
 from fedjax_lora.algorithms.problem import Problem
-from fedjax_lora.engine.state import init_clients
-from fedjax_lora.engine.train import make_client_update, train_clients
 
 __all__ = ["METHODS", "FedITOptions", "fedit", "fedit_ft"]
 
@@ -55,35 +59,22 @@ def fedit(
     """FedIT: FedAvg of one LoRA adapter, tested on the global adapter; `fine_tuned` tests every
     client's locally fine-tuned adapter before aggregation (FedIT-FT)."""
     name = "fedit-ft" if fine_tuned else "fedit"
-    common = {"shared_init": True, "evaluate_local": fine_tuned, "server_model": True}
+    evaluate = "local" if fine_tuned else "aggregated"
     if options.round_decay is None:
-        return federated(name, problem, fedavg_aggregator(), **common)
-    tx = scaled_tx(problem)
-    update = make_client_update(
-        problem.graphdef,
-        tx,
-        problem.training,
-        max_windows=problem.train.max_windows(problem.training.seq_len),
-    )
-
-    def init_state(key):
-        return init_clients(problem.template, tx, problem.num_clients, key, shared_init=True)
-
-    def local_update(data, clients, eval_sets, base, round_):
-        scale = options.round_decay ** round_.astype(jnp.float32)
-        clients = clients._replace(opt_state=reset_optimizer(tx, clients.params, scale))
-        return train_clients(
-            update, problem.strategy, clients, data.tokens, data.lengths, data.mask, base
+        return federated(
+            name,
+            problem,
+            fedavg_aggregator(),
+            shared_init=True,
+            evaluate=evaluate,
+            server_model=True,
         )
-
-    return federated(
-        name,
-        problem,
-        fedavg_aggregator(),
-        init_state=init_state,
-        local_update=local_update,
-        **common,
+    tx = scaled_tx(problem)
+    client = round_decayed(
+        standard_client(problem, shared_init=True, tx=tx), tx, options.round_decay
     )
+    server = aggregating(fedavg_aggregator(), server_model=True)
+    return build(problem, Method(name, client, server, evaluate=evaluate))
 
 
 def fedit_ft(problem: Problem, options: FedITOptions = FedITOptions()) -> Algorithm:

@@ -47,11 +47,21 @@ from fedjax_lora.aggregation import Aggregator, flexlora_aggregator, hetlora_agg
 from fedjax_lora.aggregation.hetlora import tail_mask, tail_norm_product
 from fedjax_lora.aggregation.masks import masked_aggregator, path_names
 from fedjax_lora.aggregation.ranks import map_ranked, truncate
-from fedjax_lora.algorithms.base import Algorithm, Evaluate, evaluates_local, federated
+from fedjax_lora.algorithms.base import (
+    Algorithm,
+    Capabilities,
+    ClientProgram,
+    Evaluate,
+    Method,
+    aggregating,
+    build,
+    federated,
+    local_training,
+)
 from fedjax_lora.algorithms.problem import Problem
 from fedjax_lora.engine.loss import AUX_LOSS
 from fedjax_lora.engine.state import init_clients
-from fedjax_lora.engine.train import make_client_update, train_clients
+from fedjax_lora.engine.train import make_client_update
 from fedjax_lora.lora import LoRA, LoRAConfig, attach_adapters
 from fedjax_lora.models.layers import Adapter, dropout
 
@@ -138,12 +148,13 @@ def _ranked_method(
     problem: Problem,
     scales: nnx.State,
     aggregator: Aggregator,
-    aggregation_inputs: Callable[..., dict] | None = None,
+    inputs: Callable[..., dict] | None = None,
     evaluate: Evaluate = "local",
 ) -> Algorithm:
-    """The generic round on a `with_ranks` problem: clients start from one shared draw truncated
-    to their ranks, and train only their `Adapter` variables (the rank scales ride along);
-    `evaluate`: the local models before the server average, or the aggregated ones."""
+    """The aggregator's method on a `with_ranks` problem: clients start from one shared draw
+    truncated to their ranks, and train only their `Adapter` variables (the rank scales ride
+    along in `params`, where the servers read them); `evaluate`: the local models before the
+    server average, or the aggregated ones."""
     tx = problem.tx()
     cfg = problem.training
     update = make_client_update(
@@ -157,28 +168,21 @@ def _ranked_method(
         )
         return client._replace(params=nnx.merge_state(client.params, fixed)), metrics
 
-    def local_update(data, clients, eval_sets, base, round_):
-        del eval_sets, round_
-        return train_clients(
-            client_update, problem.strategy, clients, data.tokens, data.lengths, data.mask, base
-        )
-
-    def init_state(key):
+    def init(key):
         clients = init_clients(problem.template, tx, problem.num_clients, key, shared_init=True)
         params = nnx.merge_state(clients.params, scales)
         params = map_ranked(params, lambda _, a, b, m: (*truncate(a, b, m > 0), m))
         return clients._replace(params=params)
 
-    return federated(
+    client = ClientProgram(init, local_training(problem, client_update))
+    method = Method(
         name,
-        problem,
-        aggregator,
-        shared_init=True,
-        init_state=init_state,
-        local_update=local_update,
-        aggregation_inputs=aggregation_inputs,
-        evaluate_local=evaluates_local(evaluate),
+        client,
+        aggregating(aggregator, inputs=inputs),
+        evaluate=evaluate,
+        capabilities=Capabilities(cohorts=False),
     )
+    return build(problem, method)
 
 
 def hetlora(
@@ -240,9 +244,7 @@ def ffa_lora(
     tx = optax.multi_transform({"trained": problem.tx(), "frozen": optax.set_to_zero()}, labels)
     problem = dataclasses.replace(problem, optimizer=tx)
     aggregator = masked_aggregator(lambda names: not frozen(names))
-    return federated(
-        "ffa-lora", problem, aggregator, shared_init=True, evaluate_local=evaluates_local(evaluate)
-    )
+    return federated("ffa-lora", problem, aggregator, shared_init=True, evaluate=evaluate)
 
 
 def fedsa_lora(problem: Problem, *, evaluate: Evaluate = "local") -> Algorithm:
@@ -253,7 +255,7 @@ def fedsa_lora(problem: Problem, *, evaluate: Evaluate = "local") -> Algorithm:
         problem,
         masked_aggregator("fedsa"),
         shared_init=True,
-        evaluate_local=evaluates_local(evaluate),
+        evaluate=evaluate,
     )
 
 

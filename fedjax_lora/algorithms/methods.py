@@ -19,7 +19,16 @@ from fedjax_lora.algorithms import (
     prompt_baselines,
     trust_weighted,
 )
-from fedjax_lora.algorithms.base import Algorithm, Evaluate, evaluates_local, federated
+from fedjax_lora.algorithms.base import (
+    Algorithm,
+    Capabilities,
+    Evaluate,
+    Method,
+    aggregating,
+    build,
+    federated,
+    standard_client,
+)
 from fedjax_lora.algorithms.problem import Problem
 
 
@@ -50,23 +59,25 @@ def fedavg(
         problem,
         fedavg_aggregator(),
         shared_init=True,
-        aggregation_inputs=inputs,
+        inputs=inputs,
         server_model=True,
-        evaluate_local=evaluates_local(evaluate),
+        evaluate=evaluate,
     )
 
 
 def centralized(problem: Problem) -> Algorithm:
     """One model trained on all clients' pooled training data (the upper reference of
-    collaboration without personalization), evaluated on every client's sets."""
-    return federated(
+    collaboration without personalization), evaluated on every client's sets. It trains one
+    model on all the data every round, so it takes no client cohorts."""
+    pooled = problem.train.pooled()
+    method = Method(
         "centralized",
-        problem,
-        local_aggregator(),
-        shared_init=True,
-        train=problem.train.pooled(),
-        broadcast_to=problem.num_clients,
+        standard_client(problem, shared_init=True, train=pooled),
+        aggregating(local_aggregator()),
+        capabilities=Capabilities(cohorts=False, data_axis=False),
+        train=pooled,
     )
+    return build(problem, method)
 
 
 def fedavg_tokens(problem: Problem) -> Algorithm:

@@ -10,7 +10,7 @@ each with its "-FT" variant.
   `f` are averaged.
 - `-ft`: the same training; the reported model is each client's prompt after its local training,
   before aggregation (the global prompt fine-tuned on the client's data; FedAMoLE's FedIT-FT
-  protocol, `federated(evaluate_local=True)`). The plain variants report the aggregated prompt.
+  protocol, `Method.evaluate="local"`). The plain variants report the aggregated prompt.
 
 The problem's LoRA adapters are replaced by the prompt (`with_prompt`). Defaults: `P = 20`;
 prompt tuning starts from the embeddings of `P` random vocabulary tokens (PEFT `SAMPLE_VOCAB`;
@@ -91,7 +91,7 @@ def fedprompt(
         with_prompt(problem, config),
         fedavg_aggregator(),
         shared_init=True,
-        evaluate_local=fine_tuned,
+        evaluate="local" if fine_tuned else "aggregated",
         server_model=True,
     )
 
@@ -134,8 +134,9 @@ def fedptuning(
         model = nnx.merge(problem.graphdef, problem.template, problem.base)
         aggregator = reference_state_dict_aggregator(nnx.graphdef(model.prompt))
     name = "fedptuning-ft" if fine_tuned else "fedptuning"
+    evaluate = "local" if fine_tuned else "aggregated"
     return federated(
-        name, problem, aggregator, shared_init=True, evaluate_local=fine_tuned, server_model=True
+        name, problem, aggregator, shared_init=True, evaluate=evaluate, server_model=True
     )
 
 

@@ -28,7 +28,7 @@ optimizer states and schedules stay local. Rules:
 from __future__ import annotations
 
 import jax
-import numpy as np
+import jax.numpy as jnp
 from flax import nnx
 
 from fedjax_lora.aggregation import fedavg_aggregator, trust_aggregator
@@ -75,8 +75,8 @@ def trust_weighted(
         problem,
         aggregator,
         shared_init=False,
-        aggregation_inputs=inputs,
-        aggregate_from=options.first_aggregation_round,
+        inputs=inputs,
+        first_round=options.first_aggregation_round,
         client_eval=cross.client_eval,
     )
 
@@ -109,7 +109,7 @@ def _inputs(problem: Problem, rule: str, options: TrustOptions, cross: CrossEval
         }
     if problem.mixtures is None:
         raise ValueError("pcl-oracle needs the clients' known data mixtures (Problem.mixtures)")
-    mixtures = np.asarray(problem.mixtures, np.float32)
+    mixtures = jnp.asarray(problem.mixtures, jnp.float32)
     return lambda data, clients, eval_sets, base: {"mixtures": mixtures}
 
 

@@ -23,7 +23,11 @@ class ClientState(NamedTuple):
     data_key: fixed PRNG key of the client's epoch permutations.
     step: local optimizer steps taken.
     windows_seen: training windows drawn so far (the epoch sampler's position).
-    aux: method-specific per-client arrays (expert masks, ranks, ...); `{}` when unused.
+    aux: method-specific per-client trained-side arrays (FDLoRA's private and fused adapters,
+      CoMiGS's pending gradients); `{}` when unused.
+    frozen: per-client state that is not trained but parameterises the client's model (an
+      `nnx.State` of e.g. FedAMoLE's `ExpertMask`s), merged over the shared base for that client
+      in training and evaluation; None when unused.
     """
 
     params: PyTree
@@ -33,6 +37,7 @@ class ClientState(NamedTuple):
     step: jax.Array
     windows_seen: jax.Array
     aux: dict[str, Any]
+    frozen: Any = None
 
 
 @functools.partial(jax.jit, static_argnames=("tx", "num_clients", "shared_init"))
@@ -44,6 +49,7 @@ def init_clients(
     *,
     shared_init: bool = False,
     aux: dict[str, Any] | None = None,
+    frozen: Any = None,
 ) -> ClientState:
     """N clients whose adapters are drawn from `template`'s init rules.
 
@@ -64,4 +70,5 @@ def init_clients(
         step=zeros,
         windows_seen=zeros,
         aux=dict(aux or {}),
+        frozen=frozen,
     )

@@ -151,7 +151,7 @@ def inject(sim, problem, ref):
     _, params, _ = lora.split(model)
     n = T["num_clients"]
     stacked = jax.tree.map(lambda a: jnp.broadcast_to(a, (n, *a.shape)), params)
-    masks = sim.clients.aux["masks"]
+    masks = sim.clients.frozen
     flat = []
     for p, v in nnx.to_flat_state(masks):
         name = amole.module_path(p[:-1]).removesuffix(".lora")
@@ -181,7 +181,7 @@ def pool_of(problem, params) -> dict:
 def assignment(sim) -> dict:
     """`{module: bool [E + 1, C]}` (the reference's `expert_dispatch` layout, shared row last)."""
     out = {}
-    for path, held in amole.by_module(sim.clients.aux["masks"]).items():
+    for path, held in amole.by_module(sim.clients.frozen).items():
         x = np.ones((T["num_experts"] + 1, T["num_clients"]), bool)
         x[: T["num_experts"]] = np.asarray(held).T
         out[path.removesuffix(".lora")] = x
@@ -240,7 +240,7 @@ def main(mode: str, run: str = "static", strategy: str = "map"):
             )
             if dispatch == "rsea" and r + 1 < T["rounds"]:
                 res.update({f"dispatch{r + 1}|{n}|X": x for n, x in assignment(sim).items()})
-                names = sorted(amole.by_module(sim.clients.aux["masks"]))
+                names = sorted(amole.by_module(sim.clients.frozen))
                 res.update(
                     {
                         f"dispatch{r + 1}|{n.removesuffix('.lora')}|P": p

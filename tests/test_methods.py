@@ -1,0 +1,160 @@
+"""One battery over every registered method (`METHODS`), on one tiny problem: every method gets
+the guarantees of the one round (`fedjax_lora.algorithms.base.build`).
+
+Per method: two rounds run and stay finite; round 2 compiles nothing; a checkpoint of the state
+after round 1 round-trips and the resumed round 2 equals the uninterrupted one bit for bit; a
+cohort of K = N equals full participation, or the method refuses cohorts before any compute; a
+method that declares vectorized sweeps runs under the sweep's vmapped round, the others are
+refused. The client strategies `map`, `vmap` and `sharded` (4 forced CPU devices) agree to 1e-5.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+import jax
+import numpy as np
+import pytest
+
+from fedjax_lora import config as config_lib
+from fedjax_lora.algorithms import METHODS
+from fedjax_lora.checkpoint import Checkpointer
+from fedjax_lora.engine.cohort import Cohort
+from fedjax_lora.experiment import build_problem, method_factory
+from fedjax_lora.settings import Strategy
+from fedjax_lora.sweep import run_members
+
+OVERRIDES = [
+    "data.num_groups=2",
+    "data.clients_per_group=2",
+    "data.tokens_per_client=1200",
+    "data.aux_fraction=0.1",
+    "model.d_model=16",
+    "model.n_layers=1",
+    "model.n_heads=2",
+    "model.d_ff=32",
+    "model.max_positions=64",
+    "training.steps=1",
+    "training.batch_size=2",
+    "training.seq_len=16",
+    "eval.max_windows=4",
+    "eval.batch_size=4",
+    "rounds=2",
+    "tracking.progress=false",
+    "tracking.tensorboard=false",
+]
+# FedAMoLE's default pool (30 experts, 2 holders each) needs more than 4 clients.
+AMOLE = [
+    "amole={targets: [c_attn.q, c_attn.v], num_experts: 4, rank: 2}",
+    "options={clients_per_expert: 2, min_experts: 2, max_experts: 4}",
+]
+OPTIONS = [f"method_options.{m}.{o}" for m in ("fedamole", "fedamole-r") for o in AMOLE]
+# The CoMiGS family's random router batches need the whole validation stream as windows.
+OPTIONS += [
+    f"method_options.{m}.router_batches=windows"
+    for m in METHODS
+    if "router_batches" in inspect.signature(METHODS[m]).parameters
+]
+
+# The strategy comparison compiles every round twice more; these cover every kind of round
+# (generic, trust matrix, own client program, own server program, host step). Not centralized:
+# its one pooled client does not split over 4 devices.
+STRATEGY_METHODS = ["fedavg", "pcl-val", "comigs", "hetlora", "fdlora", "fedamole"]
+# Cohort and sweep runs compile the round again: run on these (every other method's refusal is
+# still checked); the capabilities decide, so a new round kind belongs here.
+RUN_METHODS = ["fedavg", "pcl-val", "fedit", "fedamole-r"]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    config = config_lib.load(None, [*OVERRIDES, *OPTIONS])
+    problem, _ = build_problem(config)
+    return config, problem
+
+
+def _leaves(tree) -> list[np.ndarray]:
+    """Every leaf as NumPy (PRNG keys as their key data)."""
+    key = lambda x: jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+    data = lambda x: jax.random.key_data(x) if key(x) else x
+    return [np.asarray(data(x)) for x in jax.tree.leaves(jax.device_get(tree))]
+
+
+def _close(a, b, tol: float = 1e-5) -> None:
+    for x, y in zip(_leaves(a), _leaves(b), strict=True):
+        np.testing.assert_allclose(x.astype(np.float64), y.astype(np.float64), rtol=tol, atol=tol)
+
+
+def _lowerings() -> list[str]:
+    """The names of the programs lowered from here on (a recompilation lowers again, also when
+    the persistent compilation cache then supplies the executable)."""
+    events: list[str] = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, _, **kw: (
+            events.append(kw.get("fun_name", event))
+            if event == "/jax/core/compile/jaxpr_to_mlir_module_duration"
+            else None
+        )
+    )
+    return events
+
+
+LOWERED = _lowerings()
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_method_contract(name, setup, tmp_path):
+    config, problem = setup
+    algo = method_factory(name, config)(problem)
+    sim0 = algo.init(jax.random.key(0))
+    sim1, metrics1 = algo.round(sim0)
+    for split in ("train", "val"):
+        for x in _leaves(metrics1[split]):
+            assert np.all(np.isfinite(x)), f"{name}: non-finite {split} metric"
+
+    checkpoints = Checkpointer(tmp_path)
+    checkpoints.save(1, sim1, [])
+    step, restored, _ = checkpoints.restore_latest(sim1)
+    checkpoints.close()
+    assert step == 1
+    for a, b in zip(_leaves(sim1), _leaves(restored), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+    before = len(LOWERED)
+    sim2, metrics2 = algo.round(sim1)
+    jax.block_until_ready(sim2)
+    assert LOWERED[before:] == [], f"{name}: round 2 compiled {LOWERED[before:]}"
+    assert int(sim2.round) == 2
+    resumed, resumed_metrics = algo.round(restored)
+    for a, b in zip(_leaves((sim2, metrics2)), _leaves((resumed, resumed_metrics)), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+    everyone = dataclasses.replace(problem, cohort=Cohort(problem.num_clients))
+    if algo.method.capabilities.cohorts and name in RUN_METHODS:
+        cohort_algo = method_factory(name, config)(everyone)
+        sampled1, sampled_metrics = cohort_algo.round(cohort_algo.init(jax.random.key(0)))
+        _close(sampled1.clients, sim1.clients)
+        _close(sampled_metrics["val"], metrics1["val"])
+    elif not algo.method.capabilities.cohorts:
+        with pytest.raises(ValueError, match="unset data.cohort_size"):
+            method_factory(name, config)(everyone)
+
+    one_round = dataclasses.replace(config, rounds=1)
+    if algo.method.capabilities.sweeps and name in RUN_METHODS:
+        (member,) = run_members(name, problem, one_round, [0], [config.optimizer.lr])
+        assert not member["diverged"] and len(member["records"]) == 2
+    elif not algo.method.capabilities.sweeps:
+        with pytest.raises(ValueError, match="cannot be vectorized"):
+            run_members(name, problem, one_round, [0], [config.optimizer.lr])
+
+
+@pytest.mark.parametrize("name", STRATEGY_METHODS)
+def test_strategies_agree(name, setup):
+    config, problem = setup
+    results = []
+    for strategy in (Strategy(kind="map"), Strategy(kind="vmap"), Strategy(kind="sharded")):
+        algo = method_factory(name, config)(dataclasses.replace(problem, strategy=strategy))
+        sim, metrics = algo.round(algo.init(jax.random.key(0)))
+        results.append((metrics["val"], metrics["train"]["train_loss"]))
+    for other in results[1:]:
+        _close(results[0], other)
