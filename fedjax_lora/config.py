@@ -72,10 +72,13 @@ class DataSpec:
     `comigs_slimpajama`, `comigs_ag_news` (out-of-distribution): CoMiGS's four users, one category
     each (`fedjax_lora.data.comigs_datasets`; `categories` = languages or SlimPajama subsets,
     `clients_per_group` users per category, train / validation / test). `aux_fraction > 0` holds
-    that share of every client's training tokens out as the `aux` evaluation set (FedAMoLE's
-    auxiliary split for RSEA; the reference uses 0.05). `shared_eval_tokens > 0` (synthetic)
-    adds the `shared_uniform` evaluation set, the same stream from the uniform mixture of all
-    sources for every client (out-of-distribution evaluation); `eval_mixture: uniform`
+    that share of every client's training tokens out as the auxiliary side data (`SideData.aux`:
+    FedAMoLE's RSEA statistics, FDLoRA's fusion; never evaluated), for every method of the run so
+    that all train on the same data; unset (None): the largest share the selected methods
+    declare (`fedamole`, `fdlora`: the reference's 0.05), 0 when none reads it.
+    `shared_eval_tokens > 0` (synthetic) adds the `shared_uniform` evaluation set, the same
+    stream from the uniform mixture of all sources for every client (out-of-distribution
+    evaluation); `eval_mixture: uniform`
     draws every client's validation and test streams from that uniform mixture (synthetic), or
     gives every client an equal share of every category's validation and test text (fortunes,
     `fedjax_lora.data.uniform_evaluation`): CoMiGS's out-of-distribution setting, the router
@@ -123,7 +126,7 @@ class DataSpec:
     encodings: tuple[str, ...] = ("utf-8",)
     val_fraction: float = 0.1
     test_fraction: float = 0.1
-    aux_fraction: float = 0.0
+    aux_fraction: float | None = None
     shared_eval_tokens: int = 0
     eval_mixture: Literal["own", "uniform"] = "own"
     variant: Literal["mixed", "specific"] = "specific"

@@ -16,8 +16,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fedjax_lora import amole, lora
-from fedjax_lora.algorithms import METHODS, Algorithm, Problem, SimState, get_method
+from fedjax_lora import lora
+from fedjax_lora.algorithms import (
+    METHODS,
+    Algorithm,
+    Problem,
+    SideData,
+    SimState,
+    get_method,
+    side_data,
+)
 from fedjax_lora.checkpoint import Checkpointer
 from fedjax_lora.config import (
     RESUMABLE,
@@ -298,8 +306,9 @@ def _hold_out(texts, order, tokens: int, tokenizer, vocab_size: int):
 
 
 def build_problem(config: ExperimentConfig) -> tuple[Problem, FederatedData]:
-    """Model, adapters, data and evaluation windows assembled into a `Problem` (the config's
-    `imports` imported first, so their methods are known)."""
+    """Model, adapters, data, evaluation windows and the side data the selected methods declare
+    (`side_needs`) assembled into a `Problem` (the config's `imports` imported first, so their
+    methods are known)."""
     import_modules(config.imports)
     unknown = sorted(set(config.method_options) - set(METHODS))
     if unknown:
@@ -308,6 +317,13 @@ def build_problem(config: ExperimentConfig) -> tuple[Problem, FederatedData]:
         )
     for name in dict.fromkeys((*config.methods, *config.method_options)):
         method_factory(name, config)  # unknown methods and options fail before any compute
+    needs = side_needs(config)
+    aux_fraction = config.data.aux_fraction
+    if aux_fraction is None:
+        aux_fraction = max((need.aux for need in needs.values()), default=0.0)
+    config = dataclasses.replace(
+        config, data=dataclasses.replace(config.data, aux_fraction=aux_fraction)
+    )
     model, tokenizer = build_model(config)
     data = build_data(config, model.config.vocab_size, tokenizer)
     seq, ev = config.training.seq_len, config.eval
@@ -323,13 +339,23 @@ def build_problem(config: ExperimentConfig) -> tuple[Problem, FederatedData]:
         )
         for split in SPLITS
     }
+    side: dict[str, Any] = {}
     aux = data.aux
-    if aux is None and config.data.aux_fraction > 0:  # held out of the training stream
-        train, aux = split_tail(train, config.data.aux_fraction)
+    if aux is None and aux_fraction > 0:  # held out of the training stream
+        train, aux = split_tail(train, aux_fraction)
     if aux is not None:
-        windows["aux"] = eval_windows(
+        side["aux"] = eval_windows(
             aux, seq, ev.max_windows, data.client_names, stride=stride, masked=data.example_rows
         )
+    for what in ("reference", "mixtures"):
+        wanting = [name for name, need in needs.items() if getattr(need, what)]
+        if wanting and getattr(data, what) is None:
+            raise ValueError(
+                f"method(s) {wanting} need the data's {what}, which data.source="
+                f"{config.data.source!r} does not provide; {SIDE_DATA_FIX[what]}"
+            )
+        if wanting:
+            side[what] = getattr(data, what)
     shared = {}
     for name, stream in (data.shared_eval or {}).items():
         w, v = eval_windows(stack_streams([stream]), seq, ev.max_windows)
@@ -344,11 +370,25 @@ def build_problem(config: ExperimentConfig) -> tuple[Problem, FederatedData]:
         eval_batch_size=ev.batch_size,
         client_names=data.client_names,
         shared_windows=shared,
-        mixtures=data.mixtures,
-        reference=data.reference,
+        side=side,
         cohort=config.data.cohort(),
     )
     return _with_task(problem, config, data), data
+
+
+SIDE_DATA_FIX = {
+    "reference": "set data.reference_sequences > 0 with a source that holds out a reference set "
+    "(synthetic, fortunes, the trust-weighted datasets), or drop the method",
+    "mixtures": "choose a source with known client mixtures (synthetic, the trust-weighted or "
+    "CoMiGS datasets), or drop the method",
+}
+
+
+def side_needs(config: ExperimentConfig) -> dict[str, SideData]:
+    """The side data every selected method of `config` declares (`algorithms.uses`), by method;
+    methods that read none are left out."""
+    needs = {name: side_data(get_method(name)) for name in config.methods}
+    return {name: need for name, need in needs.items() if need != SideData()}
 
 
 @jax.jit
@@ -420,16 +460,28 @@ def _finite_or_raise(
 
 
 def _round_record(method: str, round_idx: int, metrics: dict, seconds: float) -> dict[str, Any]:
+    """One round's record for `metrics.jsonl`: the clients' last training loss (`train_loss`),
+    the `cohort`, whether the server aggregated (`aggregated`) and its mixing matrix (`trust`),
+    per-client and mean `loss`/`ppl`/`accuracy`/`rouge_l` of every evaluation set
+    (`val_ppl`, `val_mean_ppl`, ...), and every other metric the method's programs return,
+    namespaced by the method (`fdlora/fusion_weights`, `comigs/train_ce`; `method_metric`)."""
     record: dict[str, Any] = {"method": method, "round": round_idx, "seconds": seconds}
     if "train" in metrics:
-        record["train_loss"] = np.asarray(metrics["train"]["train_loss"])[:, -1].tolist()
-        if "cohort" in metrics["train"]:
-            record["cohort"] = np.asarray(metrics["train"]["cohort"]).tolist()
+        train = metrics["train"]
+        record["train_loss"] = np.asarray(train["train_loss"])[:, -1].tolist()
+        if "cohort" in train:
+            record["cohort"] = np.asarray(train["cohort"]).tolist()
+        for key, value in train.items():
+            if key not in ("train_loss", "cohort"):
+                record[f"{method}/{key}"] = method_metric(value)
     if "aggregation" in metrics:
         agg = metrics["aggregation"]
         record["aggregated"] = bool(agg["applied"])
         if "matrix" in agg:
             record["trust"] = np.asarray(agg["matrix"], np.float64).tolist()
+        for key, value in agg.items():
+            if key not in ("applied", "matrix"):
+                record[f"{method}/{key}"] = method_metric(value)
     for split, values in metrics.items():
         if split in ("train", "aggregation"):
             continue
@@ -440,6 +492,17 @@ def _round_record(method: str, round_idx: int, metrics: dict, seconds: float) ->
             record[f"{split}_{key}"] = per_client.tolist()
             record[f"{split}_mean_{key}"] = float(per_client.mean())
     return record
+
+
+def method_metric(value: Any) -> Any:
+    """A method's metric as JSON: an array as (nested) lists, its leading axis the clients
+    (`[N, steps]` training series, `[N, 2]` fusion weights); a nested mapping key by key."""
+    if isinstance(value, dict):
+        return {k: method_metric(v) for k, v in value.items()}
+    array = np.asarray(value)
+    if array.dtype == bool:
+        return array.tolist()
+    return array.astype(np.float64).tolist()
 
 
 def scored(metrics: dict, problem: Problem) -> dict:
@@ -502,9 +565,8 @@ def run_method(
     adapters_path: Path | None = None,
 ) -> list[dict[str, Any]]:
     """Runs one method for `config.rounds` rounds; returns and logs one record per round (round 0
-    is the evaluation before training). The last record of a method with an expert assignment
-    (FedAMoLE) holds it as `experts` (`expert_assignment`, 0/1 lists), that of a method with
-    token routers (CoMiGS family) its routing analysis as `routing` (`routing_record`).
+    is the evaluation before training, `_round_record`). The last record holds the method's final
+    analyses (`final_analyses`: FedAMoLE's `experts`, the CoMiGS family's `routing`).
 
     With `config.checkpoint.every > 0` the whole state and the records are saved to
     `checkpoint_dir` every that many rounds and after the last; `resume` continues from the newest
@@ -553,7 +615,7 @@ def run_method(
         _finite_or_raise(name, r, metrics, sim.clients.params, problem.client_names, vocab)
         records.append(_round_record(name, r, metrics, time.perf_counter() - start))
         if r == config.rounds:
-            records[-1].update(final_analyses(name, config, problem, sim))
+            records[-1].update(final_analyses(algo, config, problem, sim))
         log(records[-1])
         if every and (r % every == 0 or r == config.rounds):
             ckpt.save(r, sim, records)
@@ -571,58 +633,19 @@ def _save_adapters(path: Path, problem: Problem, sim: SimState, round_idx: int) 
 
 
 def final_analyses(
-    name: str, config: ExperimentConfig, problem: Problem, sim: SimState
+    algo: Algorithm, config: ExperimentConfig, problem: Problem, sim: SimState
 ) -> dict[str, Any]:
-    """What the last record of a run adds: `experts` (`expert_assignment`, 0/1 lists) and
-    `routing` (`routing_record`), for the methods that have them."""
-    extra = {}
-    experts = expert_assignment(sim)
-    if experts:
-        extra["experts"] = {m: x.astype(int).tolist() for m, x in experts.items()}
-    routing = routing_record(name, config, problem, sim)
-    if routing:
-        extra["routing"] = routing
-    return extra
-
-
-def routing_record(
-    name: str, config: ExperimentConfig, problem: Problem, sim: SimState, top_k: int = 10
-) -> dict[str, Any] | None:
-    """For a method with a `moe` option (the CoMiGS family): the routing analysis of its clients
-    on their test windows (`fedjax_lora.moe.routing_analysis`): blocks, generalist shares
-    `[N, L]`, and per client and block the `top_k` most generalist- and specialist-routed tokens
-    as `[token, share, count]` (decoded with the base's tokenizer for text data); None for other
-    methods and for mixtures without routers."""
-    factory = method_factory(name, config)
-    if "moe" not in inspect.signature(factory.func).parameters:
-        return None
-    from fedjax_lora.algorithms.comigs import with_moe
-    from fedjax_lora.moe import routing_analysis
-
-    moe_problem, _ = with_moe(problem, factory.keywords.get("moe"))
+    """What the last record of a run adds: the method's own analyses (`Method.analyses`, e.g.
+    FedAMoLE's `experts`, the CoMiGS family's `routing`), token ids decoded with the base's
+    tokenizer for text data (UTF-8 bytes for a base without one; ids for the synthetic corpus)."""
+    method = algo.method
+    if method is None or method.analyses is None:
+        return {}
     tokenizer = base_tokenizer(config)
     if tokenizer is None and config.data.source != "synthetic":
         vocab = nnx.merge(problem.graphdef, problem.template, problem.base).config.vocab_size
         tokenizer = text_tokenizer(config, None, vocab)
-    try:
-        result = routing_analysis(
-            moe_problem.graphdef,
-            sim.clients.params,
-            moe_problem.base,
-            moe_problem.eval_sets["test"],
-            top_k=top_k,
-            tokenizer=tokenizer,
-            strategy=problem.strategy,
-        )
-    except ValueError:  # one expert per client: nothing is routed
-        return None
-    tokens = lambda per: [[[list(t) for t in block] for block in client] for client in per]
-    return {
-        "layers": list(result.layers),
-        "shares": np.asarray(result.shares, np.float64).tolist(),
-        "generalist_tokens": tokens(result.generalist),
-        "specialist_tokens": tokens(result.specialist),
-    }
+    return method.analyses(sim, tokenizer)
 
 
 def summarize(
@@ -659,17 +682,6 @@ def final_trust(
         if mixed and np.shape(mixed[-1]) == (num_clients, num_clients):
             out[method] = np.asarray(mixed[-1])
     return out
-
-
-def expert_assignment(sim: SimState) -> dict[str, np.ndarray] | None:
-    """FedAMoLE's expert assignment in a state: `{AMoLE module: bool [E, C]}`, `X[e, c]` = client
-    `c` holds expert `e` (the per-client `ExpertMask`s in `sim.clients.frozen`); None for
-    methods without one."""
-    masks = sim.clients.frozen
-    if not isinstance(masks, nnx.State) or not jax.tree.leaves(masks):
-        return None
-    held = amole.by_module(jax.device_get(masks))
-    return {module: np.asarray(x, bool).T for module, x in held.items()}
 
 
 def final_experts(
@@ -837,8 +849,8 @@ def train_and_evaluate_seeds(
         require_wandb()
     problem, data = build_problem(first)
     groups = None if data.groups is None else np.asarray(data.groups).tolist()
-    for name in first.methods:
-        method_factory(name, first)(problem)  # every method's options checked before training
+    # Every method is built (its options checked) before any of them trains.
+    algorithms = {name: method_factory(name, first)(problem) for name in first.methods}
     vocab = nnx.merge(problem.graphdef, problem.template, problem.base).config.vocab_size
     names = problem.client_names
     seeds = [c.seed for c in configs]
@@ -859,7 +871,7 @@ def train_and_evaluate_seeds(
                 )
                 continue
             records, sim = members[i]["records"], members[i]["state"]
-            records[-1].update(final_analyses(name, config, problem, sim))
+            records[-1].update(final_analyses(algorithms[name], config, problem, sim))
             _save_adapters(path, problem, sim, records[-1]["round"])
             histories[i][name] = records
     summaries = []

@@ -111,13 +111,7 @@ def _member(tree: PyTree, level: int, s: int) -> PyTree:
 
 def _level_data(problem) -> dict[str, Any]:
     """What a heterogeneity level changes in a `Problem`: its data, as arrays."""
-    mixtures = None if problem.mixtures is None else jnp.asarray(problem.mixtures)
-    return {
-        "train": problem.train,
-        "eval_sets": problem.eval_sets,
-        "reference": problem.reference,
-        "mixtures": mixtures,
-    }
+    return {"train": problem.train, "eval_sets": problem.eval_sets, "side": problem.side}
 
 
 def _shapes(tree: PyTree) -> tuple:

@@ -191,7 +191,7 @@ def test_shared_evaluation_set_is_reported_for_every_client(tmp_path):
     assert np.ptp(record["val_ppl"]) > 0  # while their own validation data differ
 
 
-def test_fedamole_runs_through_the_cli_with_an_aux_split(tmp_path, capsys):
+def test_fedamole_runs_through_the_cli_with_its_declared_aux_split(tmp_path, capsys):
     argv = [
         "demo",
         "--rounds",
@@ -203,12 +203,12 @@ def test_fedamole_runs_through_the_cli_with_an_aux_split(tmp_path, capsys):
         "--no-progress",
         "--set",
         *TINY,
-        "data.aux_fraction=0.1",
     ]
-    assert main(argv) == 0
+    assert main(argv) == 0  # RSEA's auxiliary split is the method's declared default
     record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
-    assert record["method"] == "fedamole" and len(record["aux_ppl"]) == 12
-    assert main([*argv[:-1]]) == 2  # without the aux split RSEA has no data
+    assert record["method"] == "fedamole" and len(record["fedamole/experts_held"]) == 12
+    assert not any(key.startswith("aux_") for key in record)  # side data are not evaluated
+    assert main([*argv, "data.aux_fraction=0", "--out", str(tmp_path / "none")]) == 2
     assert "data.aux_fraction" in capsys.readouterr().err
 
 

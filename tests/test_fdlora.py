@@ -81,10 +81,11 @@ def problem() -> Problem:
     return Problem.create(
         tiny_model(),
         stack_streams(streams),
-        {"val": eval_windows(val, SEQ, 4), "aux": eval_windows(aux, SEQ, 4)},
+        {"val": eval_windows(val, SEQ, 4)},
         training=LocalTraining(steps=2, batch_size=2, seq_len=SEQ),
         optimizer=OptimizerConfig(lr=2e-2),
         eval_batch_size=2,
+        side={"aux": eval_windows(aux, SEQ, 4)},
     )
 
 
@@ -100,7 +101,7 @@ def _forward(graphdef, params, base, tokens):
 def _numpy_scores(problem, shared, private, client, cands, num_windows, l1, fusion_set):
     """Brute force: every candidate's fused adapters in NumPy, the model's logits, and the
     token-weighted cross-entropy over the client's first `num_windows` windows in NumPy."""
-    es = problem.eval_sets[fusion_set]
+    es = problem.windows(fusion_set)
     win = np.asarray(es.windows[client, :num_windows])
     wt = np.asarray(es.weights[client, :num_windows])
     treedef = jax.tree.structure(problem.template)
@@ -192,7 +193,7 @@ def test_fdlora_comigs_is_fedavg_then_fusion(problem):
 
 
 def test_fdlora_needs_its_fusion_set(problem):
-    bare = dataclasses.replace(problem, eval_sets={"val": problem.eval_sets["val"]})
+    bare = dataclasses.replace(problem, side={})
     with pytest.raises(ValueError, match="data.aux_fraction"):
         fdlora(bare)
 
@@ -209,7 +210,6 @@ def test_fdlora_methods_run_through_the_demo(tmp_path):
         "model.vocab_size=64",
         "model.max_positions=32",
         "data.tokens_per_client=600",
-        "data.aux_fraction=0.2",
         "training.steps=2",
         "training.batch_size=4",
         "training.seq_len=16",

@@ -279,10 +279,11 @@ def problem() -> Problem:
     return Problem.create(
         model,
         train,
-        {"val": eval_windows(val, SEQ, 4), "aux": eval_windows(train, SEQ, 4)},
+        {"val": eval_windows(val, SEQ, 4)},
         training=LocalTraining(steps=2, batch_size=2, seq_len=SEQ),
         optimizer=OptimizerConfig(name="adam", lr=1e-2, eps=1e-6),
         eval_batch_size=2,
+        side={"aux": eval_windows(train, SEQ, 4)},
     )
 
 

@@ -31,7 +31,7 @@ def problem():
     p = tiny_problem(N, steps=2)
     ref = np.stack([s[:SEQ] for s in client_streams(5, seed=7)]).astype(np.int32)  # [5, T]
     mixtures = np.array([[1, 0], [1, 0], [0.25, 0.75], [0, 1]], np.float32)
-    return p.__class__(**{**vars(p), "reference": jnp.asarray(ref), "mixtures": mixtures})
+    return p.__class__(**{**vars(p), "side": {"reference": jnp.asarray(ref), "mixtures": mixtures}})
 
 
 @pytest.fixture(scope="module")
@@ -127,8 +127,10 @@ def test_cross_perplexity_diagonal_matches_a_numpy_forward(problem, trained):
 
 def test_reference_logits_are_each_models_last_position(problem, trained):
     cross = make_cross_eval(problem.graphdef, 2, Strategy("chunked", chunk_size=3))
-    logits = np.asarray(jax.jit(cross.reference_logits)(trained, problem.reference, problem.base))
-    ref = np.asarray(problem.reference)
+    logits = np.asarray(
+        jax.jit(cross.reference_logits)(trained, problem.side["reference"], problem.base)
+    )
+    ref = np.asarray(problem.side["reference"])
     assert logits.shape == (N, ref.shape[0], 64)
     for j in (0, 2):
         for s in (0, 4):
@@ -245,7 +247,7 @@ def test_masked_peers_get_zero_weight_and_oracle_matches_numpy(problem):
     assert np.all(w[~ring] == 0.0) and np.all(w[ring] > 0)
     np.testing.assert_allclose(w.sum(1), 1.0, rtol=1e-5)
     _, history = _run(problem, "oracle", 1, TrustOptions())
-    m = np.asarray(problem.mixtures, np.float64)
+    m = np.asarray(problem.side["mixtures"], np.float64)
     overlap = m @ m.T
     np.testing.assert_allclose(
         history[0]["aggregation"]["matrix"], overlap / overlap.sum(1, keepdims=True), atol=1e-6

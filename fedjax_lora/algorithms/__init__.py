@@ -1,6 +1,6 @@
 """Federated algorithms as pure `(init, round)` pairs, the method contract (`Method`: a client
-program, a server program, what is evaluated, capabilities; `build`: the one round) and the
-registry of named methods."""
+program, a server program, what is evaluated, capabilities, final analyses; `build`: the one
+round; `uses`: the side data a method reads) and the registry of named methods."""
 
 from fedjax_lora.algorithms.base import (
     Algorithm,
@@ -14,10 +14,12 @@ from fedjax_lora.algorithms.base import (
     build,
     evaluation,
     federated,
+    side_data,
     standard_client,
+    uses,
 )
 from fedjax_lora.algorithms.methods import METHODS, centralized, fedavg, get_method, local, register
-from fedjax_lora.algorithms.problem import Problem, TrainData
+from fedjax_lora.algorithms.problem import Problem, SideData, TrainData
 
 __all__ = [
     "METHODS",
@@ -28,6 +30,7 @@ __all__ = [
     "Problem",
     "RoundInputs",
     "ServerProgram",
+    "SideData",
     "SimState",
     "TrainData",
     "aggregating",
@@ -39,5 +42,7 @@ __all__ = [
     "get_method",
     "local",
     "register",
+    "side_data",
     "standard_client",
+    "uses",
 ]

@@ -5,18 +5,25 @@ update), a server program (`ServerProgram`: initial server state, a pure `apply`
 that returns the clients after aggregation, the server state, metrics and host inputs, and an
 optional `host` step outside `jit`, e.g. FedAMoLE's assignment LP), which adapters are
 evaluated (`evaluate`: the locally trained ones before aggregation, the aggregated ones, or a
-function of both), and declared capabilities (`Capabilities`: client cohorts, vectorized
-sweeps). `build(problem, method)` turns it into an `Algorithm`: `init`, the compiled `round`,
-`evaluate`. Every method of the library is built by it; none writes its own round.
+function of both), declared capabilities (`Capabilities`: client cohorts, vectorized
+sweeps) and its final analyses (`analyses`: e.g. FedAMoLE's expert assignment).
+`build(problem, method)` turns it into an `Algorithm`: `init`, the compiled `round`,
+`evaluate`. Every method of the library is built by it; none writes its own round. The data a
+method reads besides the clients' training and evaluation data (`SideData`: an auxiliary split,
+reference sequences, known mixtures) is declared with its registered factory (`uses`), so the
+problem builder provides it only for the methods run.
 
 The round (compiled once; the round counter is data, so later rounds never recompile):
 
-    [cohort] draw K clients, gather their state, data and evaluation windows
-    clients, train = client.update(clients, RoundInputs(data, eval_sets, base, round))
+    [cohort] draw K clients, gather their state, data, evaluation windows and side data
+    clients, train = client.update(clients, RoundInputs(data, eval_sets, side, base, round))
     clients', server, agg, host_in = server.apply(clients, server, inputs)   # aggregation
     [cohort] scatter the rows back (the server model to everyone when server.server_model)
     metrics = {"train": train, "aggregation": agg, <set>: evaluate(clients, clients')}
     (host) sim = server.host(sim, host_in)                                   # outside jit
+
+Every metric of `train` and `aggregation` reaches the run's `metrics.jsonl`, namespaced by the
+method (`experiment._round_record`).
 
 Per-client frozen state (`ClientState.frozen`: e.g. FedAMoLE's expert masks) is merged over the
 shared base for that client in training and evaluation.
@@ -24,8 +31,9 @@ shared base for that client in training and evaluation.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +41,7 @@ import optax
 from flax import nnx
 
 from fedjax_lora.aggregation import Aggregator, MixState
-from fedjax_lora.algorithms.problem import Problem, TrainData
+from fedjax_lora.algorithms.problem import PER_CLIENT_SIDE, Problem, SideData, TrainData
 from fedjax_lora.engine import cohort as cohorts
 from fedjax_lora.engine.evaluate import EvalSet, evaluate_clients, make_client_eval
 from fedjax_lora.engine.instruction import make_client_task
@@ -65,12 +73,19 @@ class SimState(NamedTuple):
 
 class RoundInputs(NamedTuple):
     """What a round hands the client and server programs: the (cohort's) training data, its
-    evaluation sets, the shared base, and the 0-based index of this round."""
+    evaluation sets, its side data (`Problem.side`), the shared base, and the 0-based index of
+    this round."""
 
     data: TrainData
     eval_sets: dict
+    side: dict
     base: PyTree
     round: jax.Array
+
+    def windows(self, name: str) -> EvalSet:
+        """The window set `name`: the auxiliary side data (`aux`) or an evaluation set
+        (`Problem.windows`)."""
+        return self.side[name] if name == "aux" else self.eval_sets[name]
 
 
 class ClientProgram(NamedTuple):
@@ -117,7 +132,9 @@ class Method(NamedTuple):
     CoMiGS and FedAMoLE references), or `fn(trained, aggregated) -> params [N]`.
     client_eval: the per-client window evaluation (`make_client_eval`'s contract; default: the
     problem's model, dropout off). train: the training data if not the problem's (centralized:
-    the pooled streams of all clients as one client)."""
+    the pooled streams of all clients as one client). analyses: `fn(sim, tokenizer) -> entries`
+    added to the record of a run's last round (FedAMoLE's expert assignment `experts`, the
+    CoMiGS family's routing analysis `routing`); `tokenizer` decodes token ids (None: ids)."""
 
     name: str
     client: ClientProgram
@@ -126,6 +143,33 @@ class Method(NamedTuple):
     capabilities: Capabilities = Capabilities()
     client_eval: Callable | None = None
     train: TrainData | None = None
+    analyses: Callable[[SimState, Any], dict[str, Any]] | None = None
+
+
+Factory = TypeVar("Factory", bound=Callable)
+
+
+def uses(side: SideData) -> Callable[[Factory], Factory]:
+    """Declares the side data a registered method factory reads (`SideData`): the problem
+    builder provides it (and holds the auxiliary split out of training) when the method is run.
+
+        @uses(SideData(aux=0.05))
+        def my_method(problem, options=...) -> Algorithm: ...
+    """
+
+    def declare(factory: Factory) -> Factory:
+        factory.side_data = side
+        return factory
+
+    return declare
+
+
+def side_data(factory: Callable) -> SideData:
+    """The side data `factory` (or a `functools.partial` of it) declares with `uses`; none by
+    default."""
+    while isinstance(factory, functools.partial):
+        factory = factory.func
+    return getattr(factory, "side_data", SideData())
 
 
 class Algorithm(NamedTuple):
@@ -344,14 +388,18 @@ def build(problem: Problem, method: Method) -> Algorithm:
     tx = problem.tx()
 
     @jax.jit
-    def _round(sim: SimState, data: TrainData, eval_sets, base):
+    def _round(sim: SimState, data: TrainData, eval_sets, side, base):
         population, population_eval = sim.clients, eval_sets
         clients = sim.clients
         if cohort is not None:
             idx = cohort.sample(jax.random.fold_in(sim.key, sim.round), data.token_counts())
-            drawn, data, eval_sets = cohorts.take((sim.clients, data, eval_sets), idx)
+            per_client = {k: v for k, v in side.items() if k in PER_CLIENT_SIDE}
+            drawn, data, eval_sets, per_client = cohorts.take(
+                (sim.clients, data, eval_sets, per_client), idx
+            )
             clients = cohort.prepare(drawn, tx)
-        inputs = RoundInputs(data, eval_sets, base, sim.round)
+            side = {**side, **per_client}
+        inputs = RoundInputs(data, eval_sets, side, base, sim.round)
         trained, train_metrics = client.update(clients, inputs)
         aggregated, server_state, agg_metrics, host_inputs = server.apply(
             trained, sim.agg_state, inputs
@@ -375,7 +423,9 @@ def build(problem: Problem, method: Method) -> Algorithm:
     )
 
     def round_fn(sim: SimState) -> tuple[SimState, Metrics]:
-        new, metrics, host_inputs = _round(sim, train, problem.eval_sets, problem.base)
+        new, metrics, host_inputs = _round(
+            sim, train, problem.eval_sets, problem.side, problem.base
+        )
         if server.host is not None:
             new = server.host(new, jax.device_get(host_inputs))
         return new, metrics

@@ -49,6 +49,7 @@ from fedjax_lora.algorithms.base import (
     Evaluate,
     Method,
     RoundInputs,
+    SimState,
     aggregating,
     build,
 )
@@ -61,9 +62,24 @@ from fedjax_lora.engine.strategy import map_clients
 from fedjax_lora.engine.train import accumulate_gradients, stream_sampler
 from fedjax_lora.lora import init_adapters
 from fedjax_lora.models.layers import Adapter
-from fedjax_lora.moe import ExpertMask, MoEConfig, Router, install_moe, set_expert_counts
+from fedjax_lora.moe import (
+    ExpertMask,
+    MoEConfig,
+    Router,
+    install_moe,
+    routing_analysis,
+    set_expert_counts,
+)
 
-__all__ = ["METHODS", "BiLevel", "comigs", "val_sampler", "val_stream", "with_moe"]
+__all__ = [
+    "METHODS",
+    "BiLevel",
+    "comigs",
+    "routing_record",
+    "val_sampler",
+    "val_stream",
+    "with_moe",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,7 +179,9 @@ def comigs(
     `reference_lb_on_block_output`: `MoEConfig.reference_lb_on_block_output` (either turns it on).
 
     Every client starts from the same global tensors (the server's init) and its own draw of the
-    local ones. Metrics add nothing to the generic round's.
+    local ones. Metrics: the generic round's and the training cross-entropy `train_ce [N, steps]`
+    (without the load-balancing term). The last round's record holds the routing analysis of the
+    final clients as `routing` (`routing_record`).
     """
     moe = moe or MoEConfig()
     if reference_lb_on_block_output:
@@ -320,8 +338,38 @@ def comigs(
         aggregating(masked_aggregator(policy)),
         evaluate=evaluate,
         capabilities=Capabilities(cohorts=False),
+        analyses=lambda sim, tokenizer: routing_record(moe_problem, sim, tokenizer),
     )
     return build(moe_problem, method)
+
+
+def routing_record(problem: Problem, sim: SimState, tokenizer, top_k: int = 10) -> dict:
+    """`{"routing": ...}`: the routing analysis of a CoMiGS state's clients on their test windows
+    (`fedjax_lora.moe.routing_analysis`; `problem` the MoE problem, `with_moe`): blocks,
+    generalist shares `[N, L]`, and per client and block the `top_k` most generalist- and
+    specialist-routed tokens as `[token, share, count]` (decoded with `tokenizer`, else ids);
+    empty for mixtures without routers (one expert per client)."""
+    try:
+        result = routing_analysis(
+            problem.graphdef,
+            sim.clients.params,
+            problem.base,
+            problem.eval_sets["test"],
+            top_k=top_k,
+            tokenizer=tokenizer,
+            strategy=problem.strategy,
+        )
+    except ValueError:  # one expert per client: nothing is routed
+        return {}
+    tokens = lambda per: [[[list(t) for t in block] for block in client] for client in per]
+    return {
+        "routing": {
+            "layers": list(result.layers),
+            "shares": np.asarray(result.shares, np.float64).tolist(),
+            "generalist_tokens": tokens(result.generalist),
+            "specialist_tokens": tokens(result.specialist),
+        }
+    }
 
 
 def _variant(name: str, description: str, **fixed):

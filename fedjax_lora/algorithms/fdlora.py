@@ -60,9 +60,10 @@ from fedjax_lora.algorithms.base import (
     round_decayed,
     scaled_tx,
     standard_client,
+    uses,
 )
-from fedjax_lora.algorithms.problem import Problem
-from fedjax_lora.engine.evaluate import EvalSet, make_client_eval
+from fedjax_lora.algorithms.problem import Problem, SideData
+from fedjax_lora.engine.evaluate import make_client_eval
 from fedjax_lora.engine.state import ClientState
 from fedjax_lora.engine.strategy import map_clients
 from fedjax_lora.typing import PyTree
@@ -87,11 +88,13 @@ class FDLoRAOptions:
     local_rounds: `L`, rounds of local training before the first average (0: FedAvg from the
       shared initial adapters). sync_every: the private adapter takes the trained shared one every
       that many rounds. outer_lr, outer_momentum, nesterov: the server's SGD on the
-      pseudo-gradient. fusion_set: the evaluation set holding the fusion windows (`aux`: the
-      reference's auxiliary split, `data.aux_fraction`); fusion_windows: how many of its windows;
-      fusion_budget: candidate weight pairs per client; fusion_bound: `b`; fusion_search:
-      `random` or `grid`; l1: `λ`. round_decay: re-create the optimizer every round with the
-      step scaled by `round_decay^r` (None: the optimizer state persists across rounds).
+      pseudo-gradient. fusion_set: the window set holding the fusion windows (`aux`: the
+      reference's auxiliary split, the side data `fdlora` declares, by default 5 % of every
+      client's training tokens; or an evaluation set, e.g. `val`); fusion_windows: how many of
+      its windows; fusion_budget: candidate weight pairs per client; fusion_bound: `b`;
+      fusion_search: `random` or `grid`; l1: `λ`. round_decay: re-create the optimizer every
+      round with the step scaled by `round_decay^r` (None: the optimizer state persists across
+      rounds).
     """
 
     local_rounds: int = 1
@@ -190,24 +193,27 @@ def fusion_search(
     return candidates[jnp.argmin(scores)], scores
 
 
+@uses(SideData(aux=0.05))
 def fdlora(
     problem: Problem, options: FDLoRAOptions = FDLoRAOptions(), *, name: str = "fdlora"
 ) -> Algorithm:
     """FDLoRA: a private and a global LoRA per client, fused by a gradient-free search on the
-    client's auxiliary data. The defaults (the FedAMoLE reference) need data.aux_fraction > 0.
+    client's auxiliary data (declared side data: the reference's 5 % auxiliary split).
 
     `ClientState.params` is the shared LoRA; `aux["private"]` the private one and
     `aux["personal"]` the fused one each client is evaluated with. Metrics per round: `train`,
     every evaluation set (the fused adapters; the local ones in the first `local_rounds` rounds)
     and `aggregation`: `applied` (a server average or step happened), `fusion_weights [N, 2]`,
-    `fusion_scores [N, K]`, `fusion_candidates [N, K, 2]` (zeros before the first fusion).
+    `fusion_scores [N, K]`, `fusion_candidates [N, K, 2]` (zeros before the first fusion); the
+    run's `metrics.jsonl` holds them as `<name>/fusion_weights` etc.
     """
     if problem.cohort is not None:
         raise ValueError("FDLoRA trains every client every round; unset data.cohort_size")
-    if not isinstance(problem.eval_sets.get(options.fusion_set), EvalSet):
+    fusion_set = problem.windows(options.fusion_set)
+    if fusion_set is None:
         raise ValueError(
             f"FDLoRA's fusion needs the window set {options.fusion_set!r}; hold the auxiliary "
-            "data out of training with data.aux_fraction (the reference: 0.05), or set "
+            "data out of training with data.aux_fraction > 0 (the reference: 0.05), or set "
             "FDLoRAOptions.fusion_set to 'val'"
         )
     n, big_l, k = problem.num_clients, options.local_rounds, options.fusion_budget
@@ -219,7 +225,7 @@ def fdlora(
     client_eval = make_client_eval(problem.graphdef, problem.eval_batch_size)
 
     # The first `fusion_windows` windows, cut at a multiple of the evaluation batch size.
-    eb, available = problem.eval_batch_size, problem.eval_sets[options.fusion_set].windows.shape[1]
+    eb, available = problem.eval_batch_size, fusion_set.windows.shape[1]
     m = min(-(-options.fusion_windows // eb) * eb, available)
     keep = (jnp.arange(m) < options.fusion_windows).astype(jnp.float32)
 
@@ -265,7 +271,7 @@ def fdlora(
         )
         sync = (phase == 2) & ((r - big_l) % options.sync_every == 0)
         private = jax.tree.map(lambda p, t: jnp.where(sync, t, p), clients.aux["private"], trained)
-        windows, weights = inputs.eval_sets[options.fusion_set]
+        windows, weights = inputs.windows(options.fusion_set)
         fusion_data = (windows[:, :m], weights[:, :m] * keep[None, :, None])
 
         def fused(_):

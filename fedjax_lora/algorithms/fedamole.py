@@ -50,16 +50,24 @@ from fedjax_lora.algorithms.base import (
     local_training,
     round_decayed,
     scaled_tx,
+    uses,
     with_frozen,
 )
-from fedjax_lora.algorithms.problem import Problem
+from fedjax_lora.algorithms.problem import Problem, SideData
 from fedjax_lora.engine.state import ClientState, init_clients
 from fedjax_lora.engine.strategy import map_clients
 from fedjax_lora.engine.train import make_client_update
 from fedjax_lora.families import family
 from fedjax_lora.lora import detach_adapters, split
 
-__all__ = ["METHODS", "FedAMoLEOptions", "fedamole", "input_weights", "with_amole"]
+__all__ = [
+    "METHODS",
+    "FedAMoLEOptions",
+    "expert_assignment",
+    "fedamole",
+    "input_weights",
+    "with_amole",
+]
 
 Dispatch = Literal["rsea", "static", "random"]
 
@@ -73,7 +81,9 @@ class FedAMoLEOptions:
       runs), every client holds `min_experts … max_experts` of them (2 … 8).
     dispatch: `rsea` (FedAMoLE), `static` (FedAMoLE-R: the random round-0 architecture for all
       rounds), `random` (a fresh random architecture every round).
-    aux_set: the evaluation set whose windows are the clients' auxiliary data for RSEA.
+    aux_set: the window set of the clients' auxiliary data for RSEA (`aux`: the side data
+      `fedamole` declares, by default 5 % of every client's training tokens; or an evaluation
+      set).
     round_decay: learning-rate factor per round (the optimizer is re-created every round).
     noise_eta: `η` of the optional noise on the uploaded embeddings (`amole.add_noise`); None: off.
     """
@@ -115,6 +125,18 @@ def with_amole(problem: Problem, config: amole.AMoLEConfig | None = None) -> Pro
     return dataclasses.replace(problem, graphdef=graphdef, template=template, base=base)
 
 
+def expert_assignment(sim: SimState) -> dict[str, np.ndarray]:
+    """The expert assignment in a FedAMoLE state: `{AMoLE module: bool [E, C]}`, `X[e, c]` =
+    client `c` holds expert `e` (the per-client `ExpertMask`s in `sim.clients.frozen`)."""
+    held = amole.by_module(jax.device_get(sim.clients.frozen))
+    return {module: np.asarray(x, bool).T for module, x in held.items()}
+
+
+def _analyses(sim: SimState, tokenizer) -> dict:
+    """The final record's `experts`: `expert_assignment` as 0/1 lists."""
+    return {"experts": {m: x.astype(int).tolist() for m, x in expert_assignment(sim).items()}}
+
+
 def fedamole(
     problem: Problem, options: FedAMoLEOptions = FedAMoLEOptions(), *, name: str | None = None
 ) -> Algorithm:
@@ -122,7 +144,9 @@ def fedamole(
 
     `SimState.agg_state` is the server's PRNG key of the random architectures. Metrics per round:
     `train`, every evaluation set (local models after local training) and `aggregation`
-    (`applied`, `experts_held`: per client, the mean number of held experts over modules).
+    (`applied`, `experts_held`: per client, the mean number of held experts over modules; in
+    `metrics.jsonl` as `<name>/experts_held`). The last round's record holds the final
+    `expert_assignment` as `experts`.
     """
     if not jax.tree.leaves(nnx.split_state(problem.base, amole.ExpertMask, ...)[0]):
         problem = with_amole(problem)
@@ -136,10 +160,10 @@ def fedamole(
     top_k = max(m.top_k for _, m in nnx.iter_graph(model) if isinstance(m, amole.AMoLE))
     if lo < top_k:
         raise ValueError(f"min_experts={lo} is below the router's top_k={top_k}")
-    if options.dispatch == "rsea" and options.aux_set not in problem.eval_sets:
+    if options.dispatch == "rsea" and problem.windows(options.aux_set) is None:
         raise ValueError(
-            f"RSEA needs the clients' auxiliary data as the evaluation set {options.aux_set!r}; "
-            "hold it out of the training data with data.aux_fraction (the reference: 0.05)"
+            f"RSEA needs the clients' auxiliary data as the window set {options.aux_set!r}; "
+            "hold it out of the training data with data.aux_fraction > 0 (the reference: 0.05)"
         )
 
     tx = scaled_tx(problem)
@@ -182,7 +206,7 @@ def fedamole(
         masks = clients.frozen
         stats = None
         if options.dispatch == "rsea":
-            aux = inputs.eval_sets[options.aux_set]
+            aux = inputs.windows(options.aux_set)
             weights = input_weights(aux.weights)
             per_client = ((clients.params, masks), aux.windows[..., :-1], weights)
             stats = map_clients(
@@ -216,6 +240,7 @@ def fedamole(
         server,
         evaluate="local",
         capabilities=Capabilities(cohorts=False, sweeps=host is None),
+        analyses=_analyses,
     )
     return build(problem, method)
 
@@ -232,7 +257,7 @@ def _method(dispatch: Dispatch, doc: str):
 
     factory.__doc__ = doc
     factory.__name__ = f"fedamole_{dispatch}"
-    return factory
+    return uses(SideData(aux=0.05 if dispatch == "rsea" else 0.0))(factory)
 
 
 METHODS = {
@@ -240,4 +265,5 @@ METHODS = {
     "fedamole-r": _method("static", "FedAMoLE-R: the random round-0 architecture, no RSEA."),
 }
 """The registered FedAMoLE methods; each takes `(problem, options=FedAMoLEOptions(),
-amole=None)`, `amole` an `AMoLEConfig` replacing the default mixture (`with_amole`)."""
+amole=None)`, `amole` an `AMoLEConfig` replacing the default mixture (`with_amole`). `fedamole`
+declares the reference's 5 % auxiliary split (`SideData`) for RSEA."""

@@ -1,10 +1,11 @@
 """`Problem`: everything a federated simulation holds fixed — base model, adapter template,
-client data on device, evaluation sets, local-training and optimizer settings, strategy."""
+client data on device, evaluation sets, the side data its methods declared (`SideData`),
+local-training and optimizer settings, strategy."""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -60,6 +61,30 @@ class TrainData(NamedTuple):
         return TrainData(jnp.asarray(pooled[None]), jnp.asarray([pooled.size], jnp.int32), mask)
 
 
+class SideData(NamedTuple):
+    """The data a method reads besides the clients' training and evaluation data, declared with
+    its registration (`algorithms.uses`); the problem builder (`experiment.build_problem`)
+    provides it, in `Problem.side`, only when a selected method declares it. Side data are never
+    evaluated.
+
+    aux: the share of every client's training tokens held out as its auxiliary windows
+      (`side["aux"]`, an `EvalSet`, every token counted: FedAMoLE's RSEA statistics, FDLoRA's
+      fusion), the method's default when `data.aux_fraction` is unset (the FedAMoLE reference:
+      0.05); 0: none.
+    reference: shared reference sequences `int32 [S, T]` (`side["reference"]`, prediction trust).
+    mixtures: the clients' known data proportions `f32 [N, K]` (`side["mixtures"]`, oracle
+      trust).
+    """
+
+    aux: float = 0.0
+    reference: bool = False
+    mixtures: bool = False
+
+
+PER_CLIENT_SIDE = ("aux", "mixtures")
+"""The side data with a leading client axis (gathered for a cohort like the evaluation sets)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Problem:
     """A simulation's fixed parts. `graphdef`/`template`/`base` come from `lora.split` of a model
@@ -79,8 +104,7 @@ class Problem:
     strategy: Strategy = Strategy()
     eval_batch_size: int = 8
     client_names: tuple[str, ...] = ()
-    mixtures: np.ndarray | None = None
-    reference: jax.Array | None = None
+    side: dict[str, Any] = dataclasses.field(default_factory=dict)
     cohort: Cohort | None = None
     task: TextTask | None = None
     eval_progress: bool = False
@@ -107,6 +131,12 @@ class Problem:
         eval_sets = {**self.eval_sets, name: task_set}
         return dataclasses.replace(self, eval_sets=eval_sets, task=task)
 
+    def windows(self, name: str) -> EvalSet | None:
+        """The window set `name`: the auxiliary side data (`aux`) or an evaluation set; None
+        when the problem has neither (or `name` is a text task)."""
+        found = self.side.get(name) if name == "aux" else self.eval_sets.get(name)
+        return found if isinstance(found, EvalSet) else None
+
     def tx(self) -> optax.GradientTransformation:
         """The clients' optimizer: any optax transformation, or one built from `OptimizerConfig`."""
         if isinstance(self.optimizer, OptimizerConfig):
@@ -126,8 +156,7 @@ class Problem:
         eval_batch_size: int = 8,
         client_names: tuple[str, ...] = (),
         shared_windows: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
-        mixtures: np.ndarray | None = None,
-        reference: np.ndarray | None = None,
+        side: dict[str, Any] | None = None,
         cohort: Cohort | None = None,
     ) -> Problem:
         """Builds a problem from a model that already holds its adapters.
@@ -135,8 +164,10 @@ class Problem:
         eval_windows: per-client sets `{name: (windows [N, W, T+1], valid [N, W])}`, or with a
         third member, the target weights `[N, W, T]` (only those tokens count, e.g. responses);
         shared_windows: sets every client is evaluated on `{name: (windows [W, T+1], valid [W])}`;
-        mixtures: the clients' known data proportions `[N, K]` (oracle trust);
-        reference: shared reference sequences `int32 [S, T]` (prediction trust).
+        side: side data (`SideData`): `aux` per-client windows as in `eval_windows` (every
+        token counts unless weights are given), `reference` shared sequences `int32 [S, T]`
+        (prediction trust), `mixtures` the clients' known data proportions `[N, K]` (oracle
+        trust).
         """
         graphdef, template, base = lora.split(model)
         if not jax.tree.leaves(template):
@@ -148,7 +179,12 @@ class Problem:
                 f"{cfg.max_positions} positions; lower seq_len"
             )
         check_streams(train, training.seq_len, cfg.vocab_size, "train", client_names or None)
-        for name, (w, *_) in {**eval_windows, **(shared_windows or {})}.items():
+        side = dict(side or {})
+        unknown = sorted(set(side) - set(SideData._fields))
+        if unknown:
+            raise ValueError(f"unknown side data {unknown}; expected some of {SideData._fields}")
+        aux = {"aux": side["aux"]} if "aux" in side else {}
+        for name, (w, *_) in {**eval_windows, **(shared_windows or {}), **aux}.items():
             check_eval_vocab(np.asarray(w), cfg.vocab_size, name)
         data = TrainData.from_client_tokens(train)
         strategy.check_clients(data.num_clients)
@@ -160,6 +196,13 @@ class Problem:
         }
         for k, (w, v) in (shared_windows or {}).items():
             sets[k] = shared_eval_set(w, v, data.num_clients, eval_batch_size)
+        if "aux" in side:
+            w = side["aux"]
+            side["aux"] = strategy.place(make_eval_set(w[0], w[1], eval_batch_size, *w[2:]))
+        if "reference" in side:
+            side["reference"] = strategy.replicate(jnp.asarray(side["reference"], jnp.int32))
+        if "mixtures" in side:
+            side["mixtures"] = np.asarray(side["mixtures"], np.float32)
         return cls(
             graphdef=graphdef,
             template=template,
@@ -171,10 +214,7 @@ class Problem:
             strategy=strategy,
             eval_batch_size=eval_batch_size,
             client_names=tuple(client_names),
-            mixtures=None if mixtures is None else np.asarray(mixtures, np.float32),
-            reference=None
-            if reference is None
-            else strategy.replicate(jnp.asarray(reference, jnp.int32)),
+            side=side,
             cohort=cohort,
         )
 

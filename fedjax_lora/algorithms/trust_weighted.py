@@ -32,8 +32,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fedjax_lora.aggregation import fedavg_aggregator, trust_aggregator
-from fedjax_lora.algorithms.base import Algorithm, federated
-from fedjax_lora.algorithms.problem import Problem
+from fedjax_lora.algorithms.base import Algorithm, federated, uses
+from fedjax_lora.algorithms.problem import Problem, SideData
 from fedjax_lora.engine.crosseval import CrossEval, attention_dropout_only, make_cross_eval
 from fedjax_lora.settings import TrustOptions
 
@@ -58,8 +58,10 @@ def trust_weighted(
 ) -> Algorithm:
     """The trust-weighted algorithm with trust rule `rule` (one of `RULES`).
 
-    `validation` reads the problem's `val` evaluation set, `prediction` its `reference` sequences
-    `[S, T]`, `oracle` its `mixtures [N, K]`. Every client draws its own initial adapters.
+    `validation` reads the problem's `val` evaluation set, `prediction` its side data's
+    `reference` sequences `[S, T]`, `oracle` its side data's `mixtures [N, K]` (`SideData`,
+    declared by the registered `pcl-pred` and `pcl-oracle`). Every client draws its own initial
+    adapters.
     """
     if rule not in RULES:
         raise ValueError(f"unknown trust rule {rule!r}; expected one of {RULES}")
@@ -92,10 +94,10 @@ def _inputs(problem: Problem, rule: str, options: TrustOptions, cross: CrossEval
             "ppl": cross.perplexity(clients.params, eval_sets["val"], base)
         }
     if rule == "prediction":
-        if problem.reference is None:
+        if "reference" not in problem.side:
             raise ValueError(
-                "pcl-pred needs shared reference sequences (Problem.reference); the data source "
-                "must provide a reference set"
+                "pcl-pred needs shared reference sequences (Problem.side['reference']); the data "
+                "source must provide a reference set"
             )
         vocab = nnx.merge(problem.graphdef, problem.template, problem.base).config.vocab_size
         if options.top_k > vocab:
@@ -103,13 +105,15 @@ def _inputs(problem: Problem, rule: str, options: TrustOptions, cross: CrossEval
                 f"trust.top_k={options.top_k} exceeds the model's vocabulary of {vocab} tokens; "
                 "set trust.top_k to at most the vocabulary size"
             )
-        reference = problem.reference
+        reference = problem.side["reference"]
         return lambda data, clients, eval_sets, base: {
             "logits": cross.reference_logits(clients.params, reference, base)
         }
-    if problem.mixtures is None:
-        raise ValueError("pcl-oracle needs the clients' known data mixtures (Problem.mixtures)")
-    mixtures = jnp.asarray(problem.mixtures, jnp.float32)
+    if "mixtures" not in problem.side:
+        raise ValueError(
+            "pcl-oracle needs the clients' known data mixtures (Problem.side['mixtures'])"
+        )
+    mixtures = jnp.asarray(problem.side["mixtures"], jnp.float32)
     return lambda data, clients, eval_sets, base: {"mixtures": mixtures}
 
 
@@ -119,7 +123,7 @@ def _method(rule: str, doc: str):
 
     factory.__doc__ = doc
     factory.__name__ = f"pcl_{rule}"
-    return factory
+    return uses(SideData(reference=rule == "prediction", mixtures=rule == "oracle"))(factory)
 
 
 METHODS = {
