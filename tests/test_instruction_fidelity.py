@@ -275,7 +275,7 @@ def test_example_eval_weights_count_responses_and_aux_all_tokens(tmp_path):
     problem, data = build_problem(config)
     assert problem.training.packing == "examples"
     for name in ("val", "test", "aux"):
-        s = problem.eval_sets[name]
+        s = problem.windows(name)
         windows, weights = np.asarray(s.windows), np.asarray(s.weights)
         for row, wt in zip(windows.reshape(-1, 97), weights.reshape(-1, 96), strict=True):
             if not row.any():

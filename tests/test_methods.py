@@ -68,7 +68,9 @@ RUN_METHODS = ["fedavg", "pcl-val", "fedit", "fedamole-r"]
 
 @pytest.fixture(scope="module")
 def setup():
-    config = config_lib.load(None, [*OVERRIDES, *OPTIONS])
+    # Built for every method, so each one's declared side data is there.
+    methods = f"methods=[{','.join(sorted(METHODS))}]"
+    config = config_lib.load(None, [*OVERRIDES, *OPTIONS, methods])
     problem, _ = build_problem(config)
     return config, problem
 
