@@ -14,7 +14,7 @@ from fedjax_lora import amole
 from fedjax_lora import config as config_lib
 from fedjax_lora.aggregation import local_aggregator
 from fedjax_lora.algorithms import METHODS, Method, aggregating, build, register, standard_client
-from fedjax_lora.algorithms.fedamole import with_amole
+from fedjax_lora.algorithms.fedamole import expert_record, with_amole
 from fedjax_lora.experiment import train_and_evaluate
 from fedjax_lora.plots import plot_expert_assignment, plot_history, plot_trust
 from fedjax_lora.report import write_report
@@ -76,7 +76,8 @@ def test_history_and_trust_figures(tmp_path):
 
 # A cheap method whose state carries expert masks as FedAMoLE's does (`ClientState.frozen`, an
 # `ExpertMask` state `bool [N, E]` per AMoLE module, here on c_attn.q and c_attn.v): local
-# training with fixed masks (every client holds top_k = 1 or more experts).
+# training with fixed masks (every client holds top_k = 1 or more experts), reporting its
+# assignment with FedAMoLE's analysis (`expert_record`).
 HELD = [
     np.array([[1, 0, 1], [0, 1, 1], [1, 1, 0], [0, 0, 1]], bool),
     np.array([[1, 1, 0], [0, 1, 0], [1, 0, 1], [1, 0, 0]], bool),
@@ -94,7 +95,12 @@ def masked_local(problem):
     ]
     client = standard_client(problem, shared_init=False)
     init = lambda key: client.init(key)._replace(frozen=nnx.from_flat_state(flat))
-    method = Method("masked-local", client._replace(init=init), aggregating(local_aggregator()))
+    method = Method(
+        "masked-local",
+        client._replace(init=init),
+        aggregating(local_aggregator()),
+        analyses=expert_record,
+    )
     return build(problem, method)
 
 

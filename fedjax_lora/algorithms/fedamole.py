@@ -64,6 +64,7 @@ __all__ = [
     "METHODS",
     "FedAMoLEOptions",
     "expert_assignment",
+    "expert_record",
     "fedamole",
     "input_weights",
     "with_amole",
@@ -132,8 +133,9 @@ def expert_assignment(sim: SimState) -> dict[str, np.ndarray]:
     return {module: np.asarray(x, bool).T for module, x in held.items()}
 
 
-def _analyses(sim: SimState, tokenizer) -> dict:
-    """The final record's `experts`: `expert_assignment` as 0/1 lists."""
+def expert_record(sim: SimState, tokenizer=None) -> dict:
+    """`{"experts": ...}`: `expert_assignment` as 0/1 lists, the final record's analysis of a
+    method with expert masks (`Method.analyses`; `tokenizer` unused)."""
     return {"experts": {m: x.astype(int).tolist() for m, x in expert_assignment(sim).items()}}
 
 
@@ -240,7 +242,7 @@ def fedamole(
         server,
         evaluate="local",
         capabilities=Capabilities(cohorts=False, sweeps=host is None),
-        analyses=_analyses,
+        analyses=expert_record,
     )
     return build(problem, method)
 
