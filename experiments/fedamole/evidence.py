@@ -168,9 +168,7 @@ def evidence_grid(data_path: Path, base_path: Path, quick: bool = False) -> dict
             # The byte-level Alpaca prompts are longer than the quick check's windows.
             "instruction_packing": "windows",
         },
-        "method_options": {
-            m: {"amole": amole, "options": experts} for m in ("fedamole", "fedamole-r")
-        },
+        "method_options": {m: {"amole": amole, **experts} for m in ("fedamole", "fedamole-r")},
         "tracking": {"tensorboard": False, "progress": False},
     }
     if quick:
@@ -287,9 +285,7 @@ def evidence(
     for seed in seeds:
         run_dir = out / cell["name"] / f"seed{seed}"
         histories[seed] = {**load_history(run_dir / "aux"), **load_history(run_dir / "plain")}
-    options = {
-        m: config.method_options[m]["options"] for m in SHARING_METHODS if m in config.methods
-    }
+    options = {m: config.method_options[m] for m in SHARING_METHODS if m in config.methods}
     final = {m: {s: h[m][-1]["experts"] for s, h in histories.items()} for m in options}
     runs = {
         seed: {
