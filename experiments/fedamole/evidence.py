@@ -39,6 +39,7 @@ from fedjax_lora.aggregation.rsea import random_assignment  # noqa: E402
 from fedjax_lora.data.datasets_hf import alpaca_prompt  # noqa: E402
 from fedjax_lora.data.instruction import ByteTokenizer  # noqa: E402
 from fedjax_lora.engine.loss import token_cross_entropy  # noqa: E402
+from fedjax_lora.engine.optim import standard_promotion  # noqa: E402
 from fedjax_lora.experiment import base_tokenizer, build_data  # noqa: E402
 from fedjax_lora.export import save_merged  # noqa: E402
 from fedjax_lora.models import ModelConfig, from_config  # noqa: E402
@@ -115,7 +116,8 @@ def pretrain_base(
     stream = jnp.asarray(np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32))
     net = from_config(ModelConfig(family="llama", vocab_size=256, **model), seed=seed)
     graphdef, params = nnx.split(net, nnx.Param)
-    tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, 3e-3, steps // 20 + 1, steps))
+    schedule = optax.warmup_cosine_decay_schedule(0.0, 3e-3, steps // 20 + 1, steps)
+    tx = standard_promotion(optax.adamw(schedule))
 
     def loss_fn(p, batch):
         logits = nnx.merge(graphdef, p)(batch[:, :-1])
