@@ -114,9 +114,9 @@ def _inputs(problem: Problem, rule: str, options: TrustOptions, cross: CrossEval
     return lambda data, clients, eval_sets, base: {"mixtures": mixtures}
 
 
-def _registered(rule: str):
+def _registered(rule: str, name: str):
     def factory(problem: Problem, options: TrustOptions) -> Algorithm:
-        return trust_weighted(problem, rule, options)
+        return trust_weighted(problem, rule, options, name=name)
 
     return factory
 
@@ -128,4 +128,4 @@ for _name, _rule, _doc in (
     ("pcl-oracle", "oracle", "Trust from the known data mixtures ('theoretical' weights)"),
     ("pcl-fedavg", "fedavg", "Uniform mixing on the trust-weighted schedule (`naive`)"),
 ):
-    register(_name, _registered(_rule), TrustOptions(), doc=_doc)
+    register(_name, _registered(_rule, _name), TrustOptions(), doc=_doc)
