@@ -11,7 +11,6 @@ refused. The client strategies `map`, `vmap` and `sharded` (4 forced CPU devices
 from __future__ import annotations
 
 import dataclasses
-import inspect
 
 import jax
 import numpy as np
@@ -47,14 +46,16 @@ OVERRIDES = [
 # FedAMoLE's default pool (30 experts, 2 holders each) needs more than 4 clients.
 AMOLE = [
     "amole={targets: [c_attn.q, c_attn.v], num_experts: 4, rank: 2}",
-    "options={clients_per_expert: 2, min_experts: 2, max_experts: 4}",
+    "clients_per_expert=2",
+    "min_experts=2",
+    "max_experts=4",
 ]
 OPTIONS = [f"method_options.{m}.{o}" for m in ("fedamole", "fedamole-r") for o in AMOLE]
 # The CoMiGS family's random router batches need the whole validation stream as windows.
 OPTIONS += [
     f"method_options.{m}.router_batches=windows"
-    for m in METHODS
-    if "router_batches" in inspect.signature(METHODS[m]).parameters
+    for m, spec in METHODS.items()
+    if hasattr(spec.options, "router_batches")
 ]
 
 # The strategy comparison compiles every round twice more; these cover every kind of round
@@ -106,6 +107,7 @@ LOWERED = _lowerings()
 def test_method_contract(name, setup, tmp_path):
     config, problem = setup
     algo = method_factory(name, config)(problem)
+    assert algo.name == name  # logged under the name it was run as
     sim0 = algo.init(jax.random.key(0))
     sim1, metrics1 = algo.round(sim0)
     for split in ("train", "val"):
@@ -141,11 +143,11 @@ def test_method_contract(name, setup, tmp_path):
 
     one_round = dataclasses.replace(config, rounds=1)
     if algo.method.capabilities.sweeps and name in RUN_METHODS:
-        (member,) = run_members(name, problem, one_round, [0], [config.optimizer.lr])
+        (member,) = run_members(name, [problem], one_round, [0], [config.optimizer.lr])
         assert not member["diverged"] and len(member["records"]) == 2
     elif not algo.method.capabilities.sweeps:
         with pytest.raises(ValueError, match="cannot be vectorized"):
-            run_members(name, problem, one_round, [0], [config.optimizer.lr])
+            run_members(name, [problem], one_round, [0], [config.optimizer.lr])
 
 
 @pytest.mark.parametrize("name", STRATEGY_METHODS)

@@ -49,6 +49,7 @@ import optax
 
 from fedjax_lora.aggregation.core import Aggregator, Inputs
 from fedjax_lora.aggregation.masks import PolicyArg, global_mask, masked_aggregator, merge_global
+from fedjax_lora.engine.optim import standard_promotion
 
 __all__ = [
     "ServerOptState",
@@ -91,6 +92,7 @@ def server_optimizer(
 ) -> Aggregator:
     """`inner`'s consensus taken as a step of `tx` from the global tree (module docstring)."""
     global_mask(None, policy)  # fail early on an unknown policy
+    tx = standard_promotion(tx)  # optax mixes Python floats with its int32 step counter
 
     def init(stacked_tree: PyTree) -> ServerOptState:
         global_tree = client_mean(stacked_tree)

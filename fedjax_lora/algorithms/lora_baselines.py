@@ -59,6 +59,7 @@ from fedjax_lora.algorithms.base import (
     local_training,
 )
 from fedjax_lora.algorithms.problem import Problem
+from fedjax_lora.algorithms.registry import register
 from fedjax_lora.engine.loss import AUX_LOSS
 from fedjax_lora.engine.state import init_clients
 from fedjax_lora.engine.train import make_client_update
@@ -67,7 +68,10 @@ from fedjax_lora.models.layers import Adapter, dropout
 
 __all__ = [
     "MLP_LORA",
-    "METHODS",
+    "FFALoRAOptions",
+    "FedSALoRAOptions",
+    "FlexLoRAOptions",
+    "HetLoRAOptions",
     "RankScale",
     "RankedLoRA",
     "fedsa_lora",
@@ -185,43 +189,71 @@ def _ranked_method(
     return build(problem, method)
 
 
-def hetlora(
-    problem: Problem,
-    *,
-    ranks: Sequence[int] | None = None,
-    ranked: LoRAConfig = MLP_LORA,
-    prune_coef: float = 0.005,
-    keep: float = 0.99,
-    self_prune: bool = True,
-    reference_weights: bool = False,
-    evaluate: Evaluate = "local",
-) -> Algorithm:
-    """HetLoRA with client ranks `ranks` on `ranked.targets` (module docstring): regulariser
-    weight `prune_coef` (`λ_p`; the reference sweeps 0.05, 0.005, 0.0005), tail ratio `keep`
-    (`γ`), self-pruning at upload, sparsity weights from `‖ΔW_i‖_F` (`reference_weights`: the
-    reference's per-matrix norms)."""
-    ranked_problem, scales = with_ranks(problem, ranks, ranked, prune_coef=prune_coef, keep=keep)
-    aggregator = hetlora_aggregator(keep, self_prune, reference_weights)
-    return _ranked_method("hetlora", ranked_problem, scales, aggregator, evaluate=evaluate)
+@dataclasses.dataclass(frozen=True)
+class HetLoRAOptions:
+    """ranks: the clients' ranks `r_i` (default `ranked.rank` for every client), on
+    `ranked.targets`. prune_coef: the regulariser weight `λ_p` (the reference sweeps 0.05, 0.005,
+    0.0005). keep: the tail ratio `γ`. self_prune: self-pruning at upload. reference_weights:
+    sparsity weights from the reference's per-matrix norms instead of `‖ΔW_i‖_F`. evaluate:
+    module docstring."""
+
+    ranks: tuple[int, ...] | None = None
+    ranked: LoRAConfig = MLP_LORA
+    prune_coef: float = 0.005
+    keep: float = 0.99
+    self_prune: bool = True
+    reference_weights: bool = False
+    evaluate: Evaluate = "local"
 
 
-def flexlora(
-    problem: Problem,
-    *,
-    ranks: Sequence[int] | None = None,
-    ranked: LoRAConfig = MLP_LORA,
-    merge_alpha: float | None = None,
-    reference_accumulator: bool = False,
-    evaluate: Evaluate = "local",
-) -> Algorithm:
-    """FlexLoRA with client ranks `ranks` on `ranked.targets` (module docstring): the token-count
-    weighted average of the full updates, SVD back to each client's rank (`merge_alpha = 16`:
-    the reference's `16/r` merge rate; `reference_accumulator`: the reference server's accumulator
-    reset, only the last client's update, `fedjax_lora.aggregation.flexlora`)."""
-    ranked_problem, scales = with_ranks(problem, ranks, ranked)
+@dataclasses.dataclass(frozen=True)
+class FlexLoRAOptions:
+    """ranks, ranked: as `HetLoRAOptions`. merge_alpha: `16` is the reference's `16/r` merge rate
+    (None: the average as is). reference_accumulator: the reference server's accumulator reset,
+    only the last client's update (`fedjax_lora.aggregation.flexlora`). evaluate: module
+    docstring."""
+
+    ranks: tuple[int, ...] | None = None
+    ranked: LoRAConfig = MLP_LORA
+    merge_alpha: float | None = None
+    reference_accumulator: bool = False
+    evaluate: Evaluate = "local"
+
+
+@dataclasses.dataclass(frozen=True)
+class FFALoRAOptions:
+    """train_attention_a: the attention's `A` trained and averaged (the icml reference); only the
+    MLP `A` frozen. evaluate: module docstring."""
+
+    train_attention_a: bool = False
+    evaluate: Evaluate = "local"
+
+
+@dataclasses.dataclass(frozen=True)
+class FedSALoRAOptions:
+    """evaluate: module docstring."""
+
+    evaluate: Evaluate = "local"
+
+
+def hetlora(problem: Problem, options: HetLoRAOptions = HetLoRAOptions()) -> Algorithm:
+    """HetLoRA with per-client ranks (module docstring, `HetLoRAOptions`): the rank self-pruning
+    regulariser, self-pruning at upload, sparsity-weighted aggregation."""
+    o = options
+    ranked_problem, scales = with_ranks(
+        problem, o.ranks, o.ranked, prune_coef=o.prune_coef, keep=o.keep
+    )
+    aggregator = hetlora_aggregator(o.keep, o.self_prune, o.reference_weights)
+    return _ranked_method("hetlora", ranked_problem, scales, aggregator, evaluate=o.evaluate)
+
+
+def flexlora(problem: Problem, options: FlexLoRAOptions = FlexLoRAOptions()) -> Algorithm:
+    """FlexLoRA with per-client ranks (module docstring, `FlexLoRAOptions`): the token-count
+    weighted average of the full updates, SVD back to each client's rank."""
+    ranked_problem, scales = with_ranks(problem, options.ranks, options.ranked)
     inputs = lambda data, clients, eval_sets, base: {"weights": data.token_counts()}
-    aggregator = flexlora_aggregator(merge_alpha, reference_accumulator)
-    return _ranked_method("flexlora", ranked_problem, scales, aggregator, inputs, evaluate)
+    aggregator = flexlora_aggregator(options.merge_alpha, options.reference_accumulator)
+    return _ranked_method("flexlora", ranked_problem, scales, aggregator, inputs, options.evaluate)
 
 
 def ffa_frozen(names: Sequence[str], train_attention_a: bool = False) -> bool:
@@ -231,23 +263,20 @@ def ffa_frozen(names: Sequence[str], train_attention_a: bool = False) -> bool:
     return names[-1] == "a" and not (train_attention_a and attention)
 
 
-def ffa_lora(
-    problem: Problem, *, train_attention_a: bool = False, evaluate: Evaluate = "local"
-) -> Algorithm:
-    """FFA-LoRA: every LoRA `A` frozen at the shared init (`ffa_frozen`; `train_attention_a`:
-    those of the attention trained and averaged, the icml reference), `B` averaged uniformly after
-    every round; a frozen `A` is never touched (not even averaged)."""
-    frozen = lambda names: ffa_frozen(names, train_attention_a)
+def ffa_lora(problem: Problem, options: FFALoRAOptions = FFALoRAOptions()) -> Algorithm:
+    """FFA-LoRA: every LoRA `A` frozen at the shared init (`ffa_frozen`), `B` averaged uniformly
+    after every round; a frozen `A` is never touched (not even averaged)."""
+    frozen = lambda names: ffa_frozen(names, options.train_attention_a)
     labels = lambda params: jax.tree_util.tree_map_with_path(
         lambda path, _: "frozen" if frozen(path_names(path)) else "trained", params
     )
     tx = optax.multi_transform({"trained": problem.tx(), "frozen": optax.set_to_zero()}, labels)
     problem = dataclasses.replace(problem, optimizer=tx)
     aggregator = masked_aggregator(lambda names: not frozen(names))
-    return federated("ffa-lora", problem, aggregator, shared_init=True, evaluate=evaluate)
+    return federated("ffa-lora", problem, aggregator, shared_init=True, evaluate=options.evaluate)
 
 
-def fedsa_lora(problem: Problem, *, evaluate: Evaluate = "local") -> Algorithm:
+def fedsa_lora(problem: Problem, options: FedSALoRAOptions = FedSALoRAOptions()) -> Algorithm:
     """FedSA-LoRA: every LoRA `A` averaged uniformly after every round, every `B` kept local; all
     clients start from the same adapters."""
     return federated(
@@ -255,14 +284,11 @@ def fedsa_lora(problem: Problem, *, evaluate: Evaluate = "local") -> Algorithm:
         problem,
         masked_aggregator("fedsa"),
         shared_init=True,
-        evaluate=evaluate,
+        evaluate=options.evaluate,
     )
 
 
-METHODS = {
-    "ffa-lora": ffa_lora,
-    "fedsa-lora": fedsa_lora,
-    "hetlora": hetlora,
-    "flexlora": flexlora,
-}
-"""The federated LoRA baselines of the CoMiGS paper (Tables 2 and 4)."""
+register("ffa-lora", ffa_lora, FFALoRAOptions())
+register("fedsa-lora", fedsa_lora, FedSALoRAOptions())
+register("hetlora", hetlora, HetLoRAOptions())
+register("flexlora", flexlora, FlexLoRAOptions())
