@@ -9,7 +9,8 @@ per-client step counter `t` (running across rounds), after expert step `t` with 
 router steps follow (own AdamW, constant rate). The two optimizer states are separate and persist
 across rounds; each step differentiates only its own parameters. Aggregation is the uniform mean
 of the policy's global tensors (`fedjax_lora.aggregation.masks`); CoMiGS's `expert_0` shares
-expert 0 and the attention LoRA, and keeps the specialists and routers local.
+expert 0 and the attention LoRA, and keeps the specialists and routers local; `server_opt` steps
+the global tensors with a server optimizer instead (`aggregation.server_opt`).
 
 `reference_grad_leak=True` reproduces the reference's gradient accumulation (spec §2.4): each
 `backward` fills the gradients of experts *and* router, and each optimizer clears only its own,
@@ -40,6 +41,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from fedjax_lora.aggregation import with_server_optimizer
 from fedjax_lora.aggregation.masks import Policy, global_mask, masked_aggregator, path_names
 from fedjax_lora.aggregation.masks import trainable as policy_trains
 from fedjax_lora.algorithms.base import (
@@ -62,6 +64,7 @@ from fedjax_lora.engine.train import accumulate_gradients, stream_sampler
 from fedjax_lora.lora import init_adapters
 from fedjax_lora.models.layers import Adapter
 from fedjax_lora.moe import ExpertMask, MoEConfig, Router, install_moe, set_expert_counts
+from fedjax_lora.settings import ServerOptimizer
 
 __all__ = ["METHODS", "BiLevel", "comigs", "val_sampler", "val_stream", "with_moe"]
 
@@ -154,12 +157,14 @@ def comigs(
     router_batches: Literal["random", "windows"] = "random",
     reference_lb_on_block_output: bool = False,
     evaluate: Evaluate = "local",
+    server_opt: ServerOptimizer = ServerOptimizer(),
     name: str = "comigs",
 ) -> Algorithm:
     """CoMiGS on `problem`: its model's MLPs become `moe` mixtures (default `MoEConfig()`; any MLP
     LoRA of the problem is replaced by the experts, the attention LoRA stays), clients use
     `expert_counts[i] ≤ moe.num_experts` experts (default all; 1GXS), and `policy` decides what the
-    server averages. `router_batches` and `evaluate`: module docstring;
+    server averages (`server_opt`: with a server optimizer on it, `aggregation.server_opt`).
+    `router_batches` and `evaluate`: module docstring;
     `reference_lb_on_block_output`: `MoEConfig.reference_lb_on_block_output` (either turns it on).
 
     Every client starts from the same global tensors (the server's init) and its own draw of the
@@ -317,7 +322,7 @@ def comigs(
     method = Method(
         name,
         ClientProgram(init_state, local_update),
-        aggregating(masked_aggregator(policy)),
+        aggregating(with_server_optimizer(masked_aggregator(policy), server_opt, policy)),
         evaluate=evaluate,
         capabilities=Capabilities(cohorts=False),
     )

@@ -27,6 +27,11 @@ trained) holds `s_i` on the active ranks and 0 on padded and pruned ones, and
 so inactive columns of `A` and rows of `B` get no gradient and stay at zero (the aggregators zero
 them again at every truncation). All clients start from the server's init truncated to their rank.
 
+**Server optimizer and FedProx.** `ffa-lora` and `fedsa-lora` take `server_opt`
+(`aggregation.server_opt`: an optax step on the pseudo-gradient of the averaged part, `B` and
+`A` respectively); `ffa-lora` also FedProx's `proximal_mu` (its trained tensors are all global;
+FedSA-LoRA's local `B` has no global model to stay close to).
+
 **Evaluation** (`evaluate`, every method here): `"local"` (default), each client's model after its
 local steps and before the server average, as the CoMiGS reference evaluates every method;
 `"aggregated"`: after aggregation.
@@ -43,7 +48,12 @@ import numpy as np
 import optax
 from flax import nnx
 
-from fedjax_lora.aggregation import Aggregator, flexlora_aggregator, hetlora_aggregator
+from fedjax_lora.aggregation import (
+    Aggregator,
+    flexlora_aggregator,
+    hetlora_aggregator,
+    with_server_optimizer,
+)
 from fedjax_lora.aggregation.hetlora import tail_mask, tail_norm_product
 from fedjax_lora.aggregation.masks import masked_aggregator, path_names
 from fedjax_lora.aggregation.ranks import map_ranked, truncate
@@ -64,6 +74,7 @@ from fedjax_lora.engine.state import init_clients
 from fedjax_lora.engine.train import make_client_update
 from fedjax_lora.lora import LoRA, LoRAConfig, attach_adapters
 from fedjax_lora.models.layers import Adapter, dropout
+from fedjax_lora.settings import ServerOptimizer
 
 __all__ = [
     "MLP_LORA",
@@ -232,28 +243,48 @@ def ffa_frozen(names: Sequence[str], train_attention_a: bool = False) -> bool:
 
 
 def ffa_lora(
-    problem: Problem, *, train_attention_a: bool = False, evaluate: Evaluate = "local"
+    problem: Problem,
+    *,
+    train_attention_a: bool = False,
+    evaluate: Evaluate = "local",
+    server_opt: ServerOptimizer = ServerOptimizer(),
+    proximal_mu: float = 0.0,
 ) -> Algorithm:
     """FFA-LoRA: every LoRA `A` frozen at the shared init (`ffa_frozen`; `train_attention_a`:
     those of the attention trained and averaged, the icml reference), `B` averaged uniformly after
-    every round; a frozen `A` is never touched (not even averaged)."""
+    every round; a frozen `A` is never touched (not even averaged). `server_opt`: a server
+    optimizer on the averaged part; `proximal_mu > 0`: FedProx's proximal term on the local loss
+    (every trained tensor is global)."""
     frozen = lambda names: ffa_frozen(names, train_attention_a)
     labels = lambda params: jax.tree_util.tree_map_with_path(
         lambda path, _: "frozen" if frozen(path_names(path)) else "trained", params
     )
     tx = optax.multi_transform({"trained": problem.tx(), "frozen": optax.set_to_zero()}, labels)
     problem = dataclasses.replace(problem, optimizer=tx)
-    aggregator = masked_aggregator(lambda names: not frozen(names))
-    return federated("ffa-lora", problem, aggregator, shared_init=True, evaluate=evaluate)
+    trained = lambda names: not frozen(names)
+    aggregator = with_server_optimizer(masked_aggregator(trained), server_opt, trained)
+    return federated(
+        "ffa-lora",
+        problem,
+        aggregator,
+        shared_init=True,
+        evaluate=evaluate,
+        proximal_mu=proximal_mu or None,
+    )
 
 
-def fedsa_lora(problem: Problem, *, evaluate: Evaluate = "local") -> Algorithm:
+def fedsa_lora(
+    problem: Problem,
+    *,
+    evaluate: Evaluate = "local",
+    server_opt: ServerOptimizer = ServerOptimizer(),
+) -> Algorithm:
     """FedSA-LoRA: every LoRA `A` averaged uniformly after every round, every `B` kept local; all
-    clients start from the same adapters."""
+    clients start from the same adapters. `server_opt`: a server optimizer on the `A`s."""
     return federated(
         "fedsa-lora",
         problem,
-        masked_aggregator("fedsa"),
+        with_server_optimizer(masked_aggregator("fedsa"), server_opt, "fedsa"),
         shared_init=True,
         evaluate=evaluate,
     )
