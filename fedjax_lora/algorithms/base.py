@@ -19,7 +19,10 @@ The round (compiled once; the round counter is data, so later rounds never recom
     (host) sim = server.host(sim, host_in)                                   # outside jit
 
 Per-client frozen state (`ClientState.frozen`: e.g. FedAMoLE's expert masks) is merged over the
-shared base for that client in training and evaluation.
+shared base for that client in training and evaluation. `server` in the clients' inputs is the
+server state at the round start (what they download besides their adapters: SCAFFOLD's `c`).
+Client-drift corrections (FedProx, SCAFFOLD) are combinators over the standard client:
+`drift_corrected`, `proximal`, `anchored`.
 """
 
 from __future__ import annotations
