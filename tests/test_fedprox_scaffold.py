@@ -12,6 +12,7 @@ import optax
 import pytest
 
 from fedjax_lora.aggregation import fedavg_aggregator, fedavgm
+from fedjax_lora.aggregation.masks import path_names
 from fedjax_lora.algorithms import METHODS
 from fedjax_lora.algorithms.base import (
     ClientProgram,
@@ -60,24 +61,37 @@ def quadratic_client(tx: optax.GradientTransformation) -> ClientProgram:
     return ClientProgram(init, update)
 
 
-def test_drift_corrected_step_matches_numpy():
-    """K SGD steps on `g(θ) + μ(θ − anchor) + correction` from a point away from the anchor."""
+def _np_sgd(g, state, t):
+    return -ETA * g, state
+
+
+def _np_adam(g, state, t, b1=0.9, b2=0.999, eps=1e-8):
+    m, v = state or (0.0, 0.0)
+    m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g**2
+    return -ETA * (m / (1 - b1**t)) / (np.sqrt(v / (1 - b2**t)) + eps), (m, v)
+
+
+@pytest.mark.parametrize(
+    ("tx", "np_step"), [(optax.sgd(ETA), _np_sgd), (optax.adam(ETA), _np_adam)], ids=["sgd", "adam"]
+)
+def test_drift_corrected_step_matches_numpy(tx, np_step):
+    """K steps `θ ← θ + tx(g(θ) + μ(θ − anchor)) + δ` from a point away from the anchor: the
+    proximal gradient goes through the optimizer, the correction `δ` is added to its update."""
     rng = np.random.default_rng(0)
     a, b = rng.uniform(0.5, 2.0, D), rng.normal(size=D)
-    theta, anchor, corr = rng.normal(size=D), rng.normal(size=D), rng.normal(size=D)
+    theta, anchor, corr = rng.normal(size=D), rng.normal(size=D), 0.01 * rng.normal(size=D)
     mu = 0.3
-    tx = drift_corrected(optax.sgd(ETA), mu)
+    tx = drift_corrected(tx, mu)
     params = {"w": jnp.asarray(theta, jnp.float32)}
-    state = tx.init(params)
-    drift = DriftState(
-        {"w": jnp.asarray(anchor, jnp.float32)}, {"w": jnp.asarray(corr, jnp.float32)}
-    )
-    state = (drift, *state[1:])
-    for _ in range(K):
+    f32 = lambda x: {"w": jnp.asarray(x, jnp.float32)}
+    state = (DriftState(f32(anchor), f32(corr)), tx.init(params)[1])
+    np_state = None
+    for t in range(1, K + 1):
         updates, state = tx.update({"w": a * (params["w"] - b)}, state, params)
         params = optax.apply_updates(params, updates)
-        theta = theta - ETA * (a * (theta - b) + mu * (theta - anchor) + corr)
-    np.testing.assert_allclose(params["w"], theta, rtol=1e-5, atol=1e-6)
+        step, np_state = np_step(a * (theta - b) + mu * (theta - anchor), np_state, t)
+        theta = theta + step + corr
+    np.testing.assert_allclose(params["w"], theta, rtol=1e-4, atol=1e-5)  # f32 against f64
 
 
 def test_fedprox_rounds_match_numpy():
@@ -115,7 +129,7 @@ def test_scaffold_matches_numpy_option_two(server_lr):
     (`c ← c + |S|/N · mean Δc_i`); server step `η_g` (`server_opt` sgd without momentum)."""
     rng = np.random.default_rng(2)
     a, b = _quadratic(rng)
-    client = scaffold_client(quadratic_client(drift_corrected(optax.sgd(ETA), 0.0)), 1 / (K * ETA))
+    client = scaffold_client(quadratic_client(drift_corrected(optax.sgd(ETA), 0.0)), K, ETA)
     inner = fedavg_aggregator() if server_lr == 1.0 else fedavgm(server_lr, 0.0)
     server = scaffold_server(inner, N)
     clients = client.init(jax.random.key(0))
@@ -220,3 +234,18 @@ def test_scaffold_without_a_known_learning_rate_asks_for_it(problem):
     custom = dataclasses.replace(problem, optimizer=optax.sgd(0.1))
     with pytest.raises(ValueError, match="set method_options.scaffold.local_lr"):
         METHODS["scaffold"](custom)
+
+
+def test_ffa_lora_proximal_keeps_a_frozen(problem):
+    """FFA-LoRA's `proximal_mu`: the proximal term reaches only the trained `B`; every `A` stays
+    at the shared init."""
+    algo = METHODS["ffa-lora"](problem, proximal_mu=1.0)
+    sim0 = algo.init(jax.random.key(0))
+    sim, _ = algo.round(algo.round(sim0)[0])
+    assert isinstance(sim.clients.opt_state[0], DriftState)
+    paths = jax.tree_util.tree_leaves_with_path(sim.clients.params)
+    for (path, x), x0 in zip(paths, jax.tree.leaves(sim0.clients.params), strict=True):
+        if path_names(path)[-1] == "a":
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(x0))
+        else:
+            assert np.isfinite(np.asarray(x)).all() and np.abs(np.asarray(x - x0)).max() > 0

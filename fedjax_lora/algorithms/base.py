@@ -265,34 +265,37 @@ def round_decayed(client: ClientProgram, tx: optax.GradientTransformation, decay
 class DriftState(NamedTuple):
     """The round's state of `drift_corrected` (first in each client's optimizer state), set by
     `anchored` at every round start: `anchor`, the adapters the client received (`θ_global`),
-    and `correction`, a constant added to every gradient of the round (SCAFFOLD's `c − c_i`;
-    zeros otherwise)."""
+    and `correction`, a constant added to every update of the round (SCAFFOLD's
+    `η_l (c_i − c)`; zeros otherwise)."""
 
     anchor: PyTree
     correction: PyTree
 
 
 def drift_corrected(tx: optax.GradientTransformation, mu: float) -> optax.GradientTransformation:
-    r"""`tx` on the corrected gradient
+    r"""`tx` on FedProx's gradient, plus a constant correction of its update:
 
-    .. math:: g(θ) + μ\,(θ − θ_{global}) + (c − c_i),
+    .. math:: u = \mathrm{tx}\big(g(θ) + μ\,(θ − θ_{global})\big) + δ,
 
-    the gradient of FedProx's local objective :math:`f(θ) + \tfrac{μ}{2}\lVert θ − θ_{global}
-    \rVert^2` (Li et al., "Federated Optimization in Heterogeneous Networks", MLSys 2020) plus
-    SCAFFOLD's control-variate correction (Karimireddy et al., ICML 2020), with `θ_global` and
-    `c − c_i` the `DriftState` (`anchored` sets it every round). The reported training loss is
-    `f` alone."""
+    :math:`g + μ(θ − θ_{global})` the gradient of FedProx's local objective
+    :math:`f(θ) + \tfrac{μ}{2}\lVert θ − θ_{global}\rVert^2` (Li et al., "Federated Optimization in
+    Heterogeneous Networks", MLSys 2020) and :math:`δ = η_l (c_i − c)` SCAFFOLD's control-variate
+    correction (Karimireddy et al., ICML 2020): with `tx = sgd(η_l)` the step is the paper's
+    :math:`−η_l (g − c_i + c)`; with an adaptive `tx` the correction stays in update units, the
+    units of :math:`c_i = (x − y_i)/(K η_l)`. `θ_global` and `δ` are the `DriftState` (`anchored`
+    sets it every round); the state is `(DriftState, tx's state)`. The reported training loss
+    is `f` alone."""
 
-    def init(params: PyTree) -> DriftState:
-        return DriftState(params, jax.tree.map(jnp.zeros_like, params))
+    def init(params: PyTree) -> tuple[DriftState, optax.OptState]:
+        return DriftState(params, jax.tree.map(jnp.zeros_like, params)), tx.init(params)
 
-    def update(grads: PyTree, state: DriftState, params: PyTree):
-        corrected = jax.tree.map(
-            lambda g, p, a, c: g + mu * (p - a) + c, grads, params, state.anchor, state.correction
-        )
-        return corrected, state
+    def update(grads: PyTree, state: tuple[DriftState, optax.OptState], params: PyTree):
+        drift, inner = state
+        grads = jax.tree.map(lambda g, p, a: g + mu * (p - a), grads, params, drift.anchor)
+        updates, inner = tx.update(grads, inner, params)
+        return jax.tree.map(jnp.add, updates, drift.correction), (drift, inner)
 
-    return optax.chain(optax.GradientTransformation(init, update), tx)
+    return optax.GradientTransformation(init, update)
 
 
 def proximal(problem: Problem, mu: float) -> Problem:
@@ -317,8 +320,8 @@ def anchored(
             c = jax.tree.map(jnp.zeros_like, params)
         else:
             c = correction(clients, inputs)
-        _, *inner = clients.opt_state
-        clients = clients._replace(opt_state=(DriftState(params, c), *inner))
+        _, inner = clients.opt_state
+        clients = clients._replace(opt_state=(DriftState(params, c), inner))
         return client.update(clients, inputs)
 
     return client._replace(update=update)

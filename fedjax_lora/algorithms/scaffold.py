@@ -8,8 +8,10 @@ on the corrected gradient
 
 .. math:: y_i ← y_i − η_l\,\big(g_i(y_i) − c_i + c\big)
 
-(`base.drift_corrected` with the correction :math:`c − c_i`; with another optimizer than SGD the
-corrected gradient goes through it), then updates its control variate (option II)
+(`base.drift_corrected` with the update correction :math:`η_l (c_i − c)`: the paper's step
+with `optimizer.name=sgd`; with Adam or AdamW the correction is added to the optimizer's update,
+in the units of :math:`c_i`, update per unit of :math:`η_l`), then updates its control variate
+(option II)
 
 .. math:: c_i^+ = c_i − c + \frac{x − y_i}{K η_l}, \qquad Δc_i = c_i^+ − c_i
 
@@ -78,17 +80,17 @@ class ScaffoldState(NamedTuple):
     control: PyTree
 
 
-def control_delta(x: PyTree, y: PyTree, c: PyTree, scale: float) -> PyTree:
-    """Option II's `Δc_i = c_i⁺ − c_i = (x − y_i) · scale − c` per client (`scale = 1/(K η_l)`;
-    `x`, `y` stacked `[N, ...]`, `c` unstacked), in the dtype of `y`."""
-    return jax.tree.map(lambda a, b, s: ((a - b) * scale - s).astype(b.dtype), x, y, c)
+def control_delta(x: PyTree, y: PyTree, c: PyTree, steps: int, lr: float) -> PyTree:
+    """Option II's `Δc_i = c_i⁺ − c_i = (x − y_i) / (K η_l) − c` per client (`K = steps`,
+    `η_l = lr`; `x`, `y` stacked `[N, ...]`, `c` unstacked), in the dtype of `y`."""
+    return jax.tree.map(lambda a, b, s: ((a - b) / (steps * lr) - s).astype(b.dtype), x, y, c)
 
 
-def scaffold_client(client: ClientProgram, scale: float) -> ClientProgram:
-    """`client` (optimizer `drift_corrected`) with SCAFFOLD's client side: `c_i = 0` at init
-    (`aux`), every round's gradients corrected by `c − c_i` (`c` from `RoundInputs.server`, a
-    `ScaffoldState`) and then `c_i ← c_i + Δc_i` (`control_delta`, `scale = 1/(K η_l)`), `Δc_i`
-    kept as the upload."""
+def scaffold_client(client: ClientProgram, steps: int, lr: float) -> ClientProgram:
+    """`client` (optimizer `drift_corrected`, `steps` local steps of learning rate `lr`) with
+    SCAFFOLD's client side: `c_i = 0` at init (`aux`), every round's updates corrected by
+    `η_l (c_i − c)` (`c` from `RoundInputs.server`, a `ScaffoldState`) and then
+    `c_i ← c_i + Δc_i` (`control_delta`), `Δc_i` kept as the upload."""
 
     def init(key: jax.Array) -> ClientState:
         clients = client.init(key)
@@ -97,14 +99,17 @@ def scaffold_client(client: ClientProgram, scale: float) -> ClientProgram:
 
     def correction(clients: ClientState, inputs: RoundInputs) -> PyTree:
         return jax.tree.map(
-            lambda c, ci: (c - ci).astype(ci.dtype), inputs.server.control, clients.aux[CONTROL]
+            lambda c, ci: (lr * (ci - c)).astype(ci.dtype),
+            inputs.server.control,
+            clients.aux[CONTROL],
         )
 
     corrected = anchored(client, correction)
 
     def update(clients: ClientState, inputs: RoundInputs):
         trained, metrics = corrected.update(clients, inputs)
-        delta = control_delta(clients.params, trained.params, inputs.server.control, scale)
+        c = inputs.server.control
+        delta = control_delta(clients.params, trained.params, c, steps, lr)
         control = jax.tree.map(jnp.add, clients.aux[CONTROL], delta)
         aux = {**trained.aux, CONTROL: control, CONTROL_DELTA: delta}
         return trained._replace(aux=aux), metrics
@@ -153,10 +158,9 @@ def scaffold(
         local_lr = problem.optimizer.lr
     if not local_lr > 0:
         raise ValueError(f"method_options.scaffold.local_lr must be positive, got {local_lr}")
-    scale = 1.0 / (problem.training.steps * local_lr)
-    population = problem.num_clients
+    population, steps = problem.num_clients, problem.training.steps
     problem = proximal(problem, 0.0)  # the drift-corrected optimizer, no proximal term
-    client = scaffold_client(standard_client(problem, shared_init=True), scale)
+    client = scaffold_client(standard_client(problem, shared_init=True), steps, local_lr)
     aggregator = with_server_optimizer(fedavg_aggregator(), server_opt)
     method = Method(
         "scaffold",
