@@ -13,7 +13,7 @@ import optax
 import pytest
 
 from fedjax_lora import aggregation as agg
-from fedjax_lora.aggregation.masks import masked_aggregator, path_names
+from fedjax_lora.aggregation.masks import global_mask, masked_aggregator, path_names
 from fedjax_lora.aggregation.server_opt import (
     fedadagrad,
     fedadam,
@@ -284,3 +284,22 @@ def test_fedadam_checkpoint_resume_equals_uninterrupted(problem, tmp_path):
     want, got = (want.clients.params, want.agg_state), (got.clients.params, got.agg_state)
     for x, y in zip(_np_leaves((want, want_metrics)), _np_leaves((got, got_metrics)), strict=True):
         np.testing.assert_array_equal(x, y)
+
+
+def test_comigs_server_opt_steps_the_generalist_only(problem):
+    """CoMiGS with `server_opt.kind=adam`: the generalist (`expert_0` policy's global part) of
+    every client is the server's tree, the specialists stay each client's own."""
+    algo = METHODS["comigs"](
+        problem, router_batches="windows", server_opt=ServerOptimizer("adam", 0.05)
+    )
+    sim, metrics = algo.round(algo.init(jax.random.key(0)))
+    assert all(np.isfinite(x).all() for x in _np_leaves(metrics["val"]))
+    masks = global_mask(sim.clients.params, "expert_0")
+    theta = _np_leaves(sim.agg_state.global_tree)
+    shared, local = 0, 0.0
+    for x, m, t in zip(_np_leaves(sim.clients.params), jax.tree.leaves(masks), theta, strict=True):
+        m = np.broadcast_to(np.asarray(m), x.shape)
+        np.testing.assert_allclose(x[m], np.broadcast_to(t, x.shape)[m], rtol=1e-6, atol=1e-6)
+        shared += m.sum()
+        local = max(local, np.abs(x - x[:1])[~m].max(initial=0.0))
+    assert shared > 0 and local > 0  # the specialists differ between clients
