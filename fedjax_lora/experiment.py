@@ -469,8 +469,9 @@ def _trust_options(config: ExperimentConfig):
 def method_factory(name: str, config: ExperimentConfig):
     """`problem -> Algorithm` for method `name` with its options: `config.method_options[name]`,
     keyword arguments of the factory converted to their annotated types (a mapping becomes e.g. a
-    `MoEConfig`), and `config.trust` for a factory with a `trust` option not given there. An
-    unknown option raises, naming the method, the option and the accepted ones."""
+    `MoEConfig`, merged over the option's default: `over_default`), and `config.trust` for a
+    factory with a `trust` option not given there. An unknown option raises, naming the method,
+    the option and the accepted ones."""
     factory = get_method(name)
     accepted = dict(list(inspect.signature(factory, eval_str=True).parameters.items())[1:])
     options = dict(config.method_options.get(name, {}))
@@ -483,10 +484,26 @@ def method_factory(name: str, config: ExperimentConfig):
     if "trust" in accepted:
         options.setdefault("trust", _trust_options(config))
     kwargs = {
-        key: convert(accepted[key].annotation, value, f"method_options.{name}.{key}")
+        key: convert(
+            accepted[key].annotation,
+            over_default(accepted[key].default, value),
+            f"method_options.{name}.{key}",
+        )
         for key, value in options.items()
     }
     return functools.partial(factory, **kwargs)
+
+
+def over_default(default: Any, value: Any) -> Any:
+    """`value` (YAML data) merged over the option's dataclass `default`, field by field and
+    recursively, so that `method_options.fedadam.server_opt.lr=0.05` keeps the method's other
+    defaults (`server_opt.kind = 'adam'`), as `fedjax-lora methods` lists them."""
+    if not isinstance(value, dict) or not dataclasses.is_dataclass(default):
+        return value
+    if isinstance(default, type):
+        return value
+    fields = {f.name: getattr(default, f.name) for f in dataclasses.fields(default) if f.init}
+    return {**fields, **{k: over_default(fields.get(k), v) for k, v in value.items()}}
 
 
 def run_method(

@@ -13,6 +13,7 @@ import optax
 import pytest
 
 from fedjax_lora import aggregation as agg
+from fedjax_lora import config as config_lib
 from fedjax_lora.aggregation.masks import global_mask, masked_aggregator, path_names
 from fedjax_lora.aggregation.server_opt import (
     fedadagrad,
@@ -24,6 +25,7 @@ from fedjax_lora.aggregation.server_opt import (
 from fedjax_lora.algorithms import METHODS
 from fedjax_lora.algorithms.base import RoundInputs
 from fedjax_lora.checkpoint import Checkpointer
+from fedjax_lora.experiment import method_factory
 from fedjax_lora.settings import ServerOptimizer
 from tests.tiny import tiny_problem
 
@@ -303,3 +305,15 @@ def test_comigs_server_opt_steps_the_generalist_only(problem):
         shared += m.sum()
         local = max(local, np.abs(x - x[:1])[~m].max(initial=0.0))
     assert shared > 0 and local > 0  # the specialists differ between clients
+
+
+def test_method_options_merge_over_the_named_method_defaults():
+    """`method_options.fedadam.server_opt.lr=0.05` keeps fedadam's `kind = 'adam'` (the default
+    `fedjax-lora methods` lists); a value out of range fails naming the option."""
+    config = config_lib.load(None, ["method_options.fedadam.server_opt.lr=0.05"])
+    assert method_factory("fedadam", config).keywords["server_opt"] == ServerOptimizer("adam", 0.05)
+    config = config_lib.load(None, ["method_options.fedsa-lora.server_opt.kind=yogi"])
+    assert method_factory("fedsa-lora", config).keywords["server_opt"] == ServerOptimizer("yogi")
+    config = config_lib.load(None, ["method_options.fedavgm.server_opt.momentum=1.5"])
+    with pytest.raises(ValueError, match=r"server_opt.momentum must be in \[0, 1\), got 1.5"):
+        method_factory("fedavgm", config)
