@@ -145,7 +145,7 @@ def scaffold(
     evaluate: Evaluate = "aggregated",
 ) -> Algorithm:
     """SCAFFOLD (Karimireddy et al., ICML 2020, option II): FedAvg with server and per-client
-    control variates correcting the local gradients (module docstring). `local_lr`: `η_l` of
+    control variates correcting the local steps (module docstring). `local_lr`: `η_l` of
     the control update (default the problem's `optimizer.lr`); `server_opt`: the server step
     (default plain averaging, `η_g = 1`)."""
     if local_lr is None:
