@@ -64,7 +64,7 @@ OPTIONS += [
 STRATEGY_METHODS = ["fedavg", "pcl-val", "comigs", "hetlora", "fdlora", "fedamole"]
 # Cohort and sweep runs compile the round again: run on these (every other method's refusal is
 # still checked); the capabilities decide, so a new round kind belongs here.
-RUN_METHODS = ["fedavg", "pcl-val", "fedit", "fedamole-r"]
+RUN_METHODS = ["fedavg", "pcl-val", "fedit", "fedamole-r", "fedadam", "fedprox", "scaffold"]
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,8 @@ per-client step counter `t` (running across rounds), after expert step `t` with 
 router steps follow (own AdamW, constant rate). The two optimizer states are separate and persist
 across rounds; each step differentiates only its own parameters. Aggregation is the uniform mean
 of the policy's global tensors (`fedjax_lora.aggregation.masks`); CoMiGS's `expert_0` shares
-expert 0 and the attention LoRA, and keeps the specialists and routers local.
+expert 0 and the attention LoRA, and keeps the specialists and routers local; `server_opt` steps
+the global tensors with a server optimizer instead (`aggregation.server_opt`).
 
 `reference_grad_leak=True` reproduces the reference's gradient accumulation (spec §2.4): each
 `backward` fills the gradients of experts *and* router, and each optimizer clears only its own,
@@ -39,6 +40,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from fedjax_lora.aggregation import with_server_optimizer
 from fedjax_lora.aggregation.masks import Policy, global_mask, masked_aggregator, path_names
 from fedjax_lora.aggregation.masks import trainable as policy_trains
 from fedjax_lora.algorithms.base import (
@@ -62,6 +64,7 @@ from fedjax_lora.engine.train import accumulate_gradients, stream_sampler
 from fedjax_lora.lora import init_adapters
 from fedjax_lora.models.layers import Adapter
 from fedjax_lora.moe import ExpertMask, MoEConfig, Router, install_moe, set_expert_counts
+from fedjax_lora.settings import ServerOptimizer
 
 __all__ = ["BiLevel", "CoMiGSOptions", "comigs", "val_sampler", "val_stream", "with_moe"]
 
@@ -156,6 +159,7 @@ class CoMiGSOptions:
     schedule: the bi-level alternation (`BiLevel`).
     router_batches, evaluate: module docstring.
     reference_lb_on_block_output: `MoEConfig.reference_lb_on_block_output` (either turns it on).
+    server_opt: a server optimizer on the averaged (global) part (`aggregation.server_opt`).
     """
 
     moe: MoEConfig | None = None
@@ -165,6 +169,7 @@ class CoMiGSOptions:
     router_batches: Literal["random", "windows"] = "random"
     reference_lb_on_block_output: bool = False
     evaluate: Evaluate = "local"
+    server_opt: ServerOptimizer = ServerOptimizer()
 
     def __post_init__(self):
         if self.router_batches not in ("random", "windows"):
@@ -177,7 +182,8 @@ def comigs(
     problem: Problem, options: CoMiGSOptions = CoMiGSOptions(), *, name: str = "comigs"
 ) -> Algorithm:
     """CoMiGS on `problem` (`CoMiGSOptions`): its model's MLPs become mixtures of LoRA experts,
-    clients use their number of experts, and the policy decides what the server averages.
+    clients use their number of experts, and the policy decides what the server averages (with
+    `server_opt`, a server optimizer steps it: `aggregation.server_opt`).
 
     Every client starts from the same global tensors (the server's init) and its own draw of the
     local ones. Metrics add nothing to the generic round's.
@@ -334,7 +340,7 @@ def comigs(
     method = Method(
         name,
         ClientProgram(init_state, local_update),
-        aggregating(masked_aggregator(policy)),
+        aggregating(with_server_optimizer(masked_aggregator(policy), options.server_opt, policy)),
         evaluate=evaluate,
         capabilities=Capabilities(cohorts=False),
     )

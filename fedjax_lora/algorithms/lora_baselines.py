@@ -27,6 +27,11 @@ trained) holds `s_i` on the active ranks and 0 on padded and pruned ones, and
 so inactive columns of `A` and rows of `B` get no gradient and stay at zero (the aggregators zero
 them again at every truncation). All clients start from the server's init truncated to their rank.
 
+**Server optimizer and FedProx.** `ffa-lora` and `fedsa-lora` take `server_opt`
+(`aggregation.server_opt`: an optax step on the pseudo-gradient of the averaged part, `B` and
+`A` respectively); `ffa-lora` also FedProx's `proximal_mu` (its trained tensors are all global;
+FedSA-LoRA's local `B` has no global model to stay close to).
+
 **Evaluation** (`evaluate`, every method here): `"local"` (default), each client's model after its
 local steps and before the server average, as the CoMiGS reference evaluates every method;
 `"aggregated"`: after aggregation.
@@ -43,7 +48,12 @@ import numpy as np
 import optax
 from flax import nnx
 
-from fedjax_lora.aggregation import Aggregator, flexlora_aggregator, hetlora_aggregator
+from fedjax_lora.aggregation import (
+    Aggregator,
+    flexlora_aggregator,
+    hetlora_aggregator,
+    with_server_optimizer,
+)
 from fedjax_lora.aggregation.hetlora import tail_mask, tail_norm_product
 from fedjax_lora.aggregation.masks import masked_aggregator, path_names
 from fedjax_lora.aggregation.ranks import map_ranked, truncate
@@ -65,6 +75,7 @@ from fedjax_lora.engine.state import init_clients
 from fedjax_lora.engine.train import make_client_update
 from fedjax_lora.lora import LoRA, LoRAConfig, attach_adapters
 from fedjax_lora.models.layers import Adapter, dropout
+from fedjax_lora.settings import ServerOptimizer
 
 __all__ = [
     "MLP_LORA",
@@ -223,17 +234,27 @@ class FlexLoRAOptions:
 @dataclasses.dataclass(frozen=True)
 class FFALoRAOptions:
     """train_attention_a: the attention's `A` trained and averaged (the icml reference); only the
-    MLP `A` frozen. evaluate: module docstring."""
+    MLP `A` frozen. evaluate: module docstring. server_opt: a server optimizer on the averaged
+    part (`aggregation.server_opt`). proximal_mu > 0: FedProx's proximal term on the local loss
+    (every trained tensor is global)."""
 
     train_attention_a: bool = False
     evaluate: Evaluate = "local"
+    server_opt: ServerOptimizer = ServerOptimizer()
+    proximal_mu: float = 0.0
+
+    def __post_init__(self):
+        if not self.proximal_mu >= 0:
+            raise ValueError(f"proximal_mu must be a non-negative number, got {self.proximal_mu!r}")
 
 
 @dataclasses.dataclass(frozen=True)
 class FedSALoRAOptions:
-    """evaluate: module docstring."""
+    """evaluate: module docstring. server_opt: a server optimizer on the `A`s
+    (`aggregation.server_opt`)."""
 
     evaluate: Evaluate = "local"
+    server_opt: ServerOptimizer = ServerOptimizer()
 
 
 def hetlora(problem: Problem, options: HetLoRAOptions = HetLoRAOptions()) -> Algorithm:
@@ -272,17 +293,25 @@ def ffa_lora(problem: Problem, options: FFALoRAOptions = FFALoRAOptions()) -> Al
     )
     tx = optax.multi_transform({"trained": problem.tx(), "frozen": optax.set_to_zero()}, labels)
     problem = dataclasses.replace(problem, optimizer=tx)
-    aggregator = masked_aggregator(lambda names: not frozen(names))
-    return federated("ffa-lora", problem, aggregator, shared_init=True, evaluate=options.evaluate)
+    trained = lambda names: not frozen(names)
+    aggregator = with_server_optimizer(masked_aggregator(trained), options.server_opt, trained)
+    return federated(
+        "ffa-lora",
+        problem,
+        aggregator,
+        shared_init=True,
+        evaluate=options.evaluate,
+        proximal_mu=options.proximal_mu or None,
+    )
 
 
 def fedsa_lora(problem: Problem, options: FedSALoRAOptions = FedSALoRAOptions()) -> Algorithm:
     """FedSA-LoRA: every LoRA `A` averaged uniformly after every round, every `B` kept local; all
-    clients start from the same adapters."""
+    clients start from the same adapters. `server_opt`: a server optimizer on the `A`s."""
     return federated(
         "fedsa-lora",
         problem,
-        masked_aggregator("fedsa"),
+        with_server_optimizer(masked_aggregator("fedsa"), options.server_opt, "fedsa"),
         shared_init=True,
         evaluate=options.evaluate,
     )
