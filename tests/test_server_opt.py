@@ -203,7 +203,8 @@ def _by_hand(algo, tx, sim, problem, rounds=2):
         inputs = RoundInputs(problem.train, problem.eval_sets, problem.base, jnp.int32(r))
         trained, _ = update(clients, inputs)
         grad = jax.tree.map(lambda t, y: t - jnp.mean(y, 0), theta, trained.params)
-        updates, state = tx.update(grad, state, theta)
+        with jax.numpy_dtype_promotion("standard"):  # optax mixes floats with its int32 counter
+            updates, state = tx.update(grad, state, theta)
         theta = optax.apply_updates(theta, updates)
         sent = jax.tree.map(
             lambda t, y: jnp.broadcast_to(t, y.shape).astype(y.dtype), theta, trained.params
@@ -311,9 +312,13 @@ def test_method_options_merge_over_the_named_method_defaults():
     """`method_options.fedadam.server_opt.lr=0.05` keeps fedadam's `kind = 'adam'` (the default
     `fedjax-lora methods` lists); a value out of range fails naming the option."""
     config = config_lib.load(None, ["method_options.fedadam.server_opt.lr=0.05"])
-    assert method_factory("fedadam", config).keywords["server_opt"] == ServerOptimizer("adam", 0.05)
+    assert method_factory("fedadam", config).keywords["options"].server_opt == ServerOptimizer(
+        "adam", 0.05
+    )
     config = config_lib.load(None, ["method_options.fedsa-lora.server_opt.kind=yogi"])
-    assert method_factory("fedsa-lora", config).keywords["server_opt"] == ServerOptimizer("yogi")
+    assert method_factory("fedsa-lora", config).keywords["options"].server_opt == ServerOptimizer(
+        "yogi"
+    )
     config = config_lib.load(None, ["method_options.fedavgm.server_opt.momentum=1.5"])
     with pytest.raises(ValueError, match=r"server_opt.momentum must be in \[0, 1\), got 1.5"):
         method_factory("fedavgm", config)

@@ -41,6 +41,7 @@ from fedjax_lora.algorithms.problem import Problem, TrainData
 from fedjax_lora.engine import cohort as cohorts
 from fedjax_lora.engine.evaluate import EvalSet, evaluate_clients, make_client_eval
 from fedjax_lora.engine.instruction import make_client_task
+from fedjax_lora.engine.optim import standard_promotion
 from fedjax_lora.engine.state import ClientState, init_clients
 from fedjax_lora.engine.strategy import map_clients
 from fedjax_lora.engine.train import make_client_update, train_clients
@@ -285,14 +286,15 @@ def drift_corrected(tx: optax.GradientTransformation, mu: float) -> optax.Gradie
     units of :math:`c_i = (x − y_i)/(K η_l)`. `θ_global` and `δ` are the `DriftState` (`anchored`
     sets it every round); the state is `(DriftState, tx's state)`. The reported training loss
     is `f` alone."""
+    inner_tx = standard_promotion(tx)  # optax mixes Python floats with its int32 counter
 
     def init(params: PyTree) -> tuple[DriftState, optax.OptState]:
-        return DriftState(params, jax.tree.map(jnp.zeros_like, params)), tx.init(params)
+        return DriftState(params, jax.tree.map(jnp.zeros_like, params)), inner_tx.init(params)
 
     def update(grads: PyTree, state: tuple[DriftState, optax.OptState], params: PyTree):
         drift, inner = state
         grads = jax.tree.map(lambda g, p, a: g + mu * (p - a), grads, params, drift.anchor)
-        updates, inner = tx.update(grads, inner, params)
+        updates, inner = inner_tx.update(grads, inner, params)
         return jax.tree.map(jnp.add, updates, drift.correction), (drift, inner)
 
     return optax.GradientTransformation(init, update)

@@ -245,7 +245,7 @@ class FFALoRAOptions:
 
     def __post_init__(self):
         if not self.proximal_mu >= 0:
-            raise ValueError(f"proximal_mu must be a non-negative number, got {self.proximal_mu!r}")
+            raise ValueError(f"proximal_mu must be >= 0 (0: no proximal term), got {self.proximal_mu!r}")
 
 
 @dataclasses.dataclass(frozen=True)

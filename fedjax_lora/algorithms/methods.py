@@ -64,7 +64,7 @@ class FedAvgOptions:
         if self.weighting not in ("uniform", "tokens"):
             raise ValueError(f"weighting must be 'uniform' or 'tokens', got {self.weighting!r}")
         if not self.proximal_mu >= 0:
-            raise ValueError(f"proximal_mu must be a non-negative number, got {self.proximal_mu!r}")
+            raise ValueError(f"proximal_mu must be >= 0 (0: no proximal term), got {self.proximal_mu!r}")
 
 
 def fedavg(
