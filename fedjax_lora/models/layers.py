@@ -115,7 +115,8 @@ class LayerNorm(nnx.Module):
         mean = h.mean(-1, keepdims=True)
         var = jnp.square(h - mean).mean(-1, keepdims=True)
         h = (h - mean) * jax.lax.rsqrt(var + self.eps)
-        return (h * self.weight[...] + self.bias[...]).astype(x.dtype)
+        weight, bias = self.weight[...].astype(jnp.float32), self.bias[...].astype(jnp.float32)
+        return (h * weight + bias).astype(x.dtype)
 
 
 class RMSNorm(nnx.Module):
