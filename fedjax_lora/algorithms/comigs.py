@@ -317,7 +317,7 @@ def comigs(
     method = Method(
         name,
         ClientProgram(init_state, local_update),
-        aggregating(masked_aggregator(policy)),
+        aggregating(masked_aggregator(policy), policy=policy),
         evaluate=evaluate,
         capabilities=Capabilities(cohorts=False),
     )

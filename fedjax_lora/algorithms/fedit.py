@@ -68,12 +68,13 @@ def fedit(
             shared_init=True,
             evaluate=evaluate,
             server_model=True,
+            policy="all",
         )
     tx = scaled_tx(problem)
     client = round_decayed(
         standard_client(problem, shared_init=True, tx=tx), tx, options.round_decay
     )
-    server = aggregating(fedavg_aggregator(), server_model=True)
+    server = aggregating(fedavg_aggregator(), server_model=True, policy="all")
     return build(problem, Method(name, client, server, evaluate=evaluate))
 
 

@@ -1,11 +1,12 @@
-"""The engine's baselines as named methods: `local`, `fedavg`, `centralized`; and the
-trust-weighted family (`pcl-*`, `fedjax_lora.algorithms.trust_weighted`).
+"""The engine's baselines as named methods: `local`, `fedavg`, `dp-fedavg`, `centralized`; and
+the trust-weighted family (`pcl-*`, `fedjax_lora.algorithms.trust_weighted`).
 
 Each factory maps a `Problem` to an `Algorithm`; `METHODS` is the registry the CLI lists.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Literal
 
@@ -27,15 +28,18 @@ from fedjax_lora.algorithms.base import (
     aggregating,
     build,
     federated,
+    nothing,
     standard_client,
 )
 from fedjax_lora.algorithms.problem import Problem
+from fedjax_lora.errors import ConfigError
+from fedjax_lora.settings import DPOptions
 
 
 def local(problem: Problem) -> Algorithm:
     """Local training only: every client trains its own adapters, nothing is exchanged; each client
     draws its own initial adapters."""
-    return federated("local", problem, local_aggregator(), shared_init=False)
+    return federated("local", problem, local_aggregator(), shared_init=False, comm=nothing)
 
 
 def fedavg(
@@ -49,20 +53,49 @@ def fedavg(
     (`data.cohort_size`) the average is over the cohort and every client of the population
     receives it (the server model). `evaluate="local"`: each client's model before the average
     (the CoMiGS reference's timing; the CoMiGS grids set it)."""
+    return _fedavg("fedavg", problem, weighting, evaluate)
+
+
+def _fedavg(name: str, problem: Problem, weighting: str, evaluate: Evaluate) -> Algorithm:
     if weighting not in ("uniform", "tokens"):
         raise ValueError(f"fedavg weighting must be 'uniform' or 'tokens', got {weighting!r}")
     inputs = None
     if weighting == "tokens":
         inputs = lambda data, clients, eval_sets, base: {"weights": data.token_counts()}
     return federated(
-        "fedavg",
+        name,
         problem,
         fedavg_aggregator(),
         shared_init=True,
         inputs=inputs,
         server_model=True,
         evaluate=evaluate,
+        policy="all",
     )
+
+
+def dp_fedavg(
+    problem: Problem, dp: DPOptions = DPOptions(), evaluate: Evaluate = "aggregated"
+) -> Algorithm:
+    """DP-FedAvg (McMahan et al., "Learning Differentially Private Recurrent Language Models",
+    ICLR 2018): FedAvg of the clients' updates clipped to `dp.clip_norm` in L2 norm, with Gaussian
+    noise `N(0, (z C / K)^2)` on the mean of the `K` clients of a round (the uniform mean; adaptive
+    clipping with `dp.adaptive_quantile`, Andrew et al. 2021). The run reports `ε` at `dp.delta`
+    every round (`fedjax_lora.aggregation.privacy`, cohorts of `data.cohort_size` taken into
+    account) and refuses settings the accountant cannot certify. The same as `fedavg` with the
+    config's `aggregation.dp`."""
+    if problem.global_rule.dp is not None:
+        raise ConfigError(
+            "dp-fedavg takes its DP options from method_options.dp-fedavg.dp; unset aggregation.dp "
+            "(or run fedavg with it)"
+        )
+    if problem.global_rule.reduction != "mean":
+        raise ConfigError(
+            f"dp-fedavg certifies the clipped mean, not aggregation.reduction = "
+            f"{problem.global_rule.reduction!r}; set aggregation.reduction=mean"
+        )
+    rule = dataclasses.replace(problem.global_rule, dp=dp)
+    return _fedavg("dp-fedavg", dataclasses.replace(problem, global_rule=rule), "uniform", evaluate)
 
 
 def centralized(problem: Problem) -> Algorithm:
@@ -73,7 +106,7 @@ def centralized(problem: Problem) -> Algorithm:
     method = Method(
         "centralized",
         standard_client(problem, shared_init=True, train=pooled),
-        aggregating(local_aggregator()),
+        aggregating(local_aggregator(), comm=nothing),
         capabilities=Capabilities(cohorts=False, data_axis=False),
         train=pooled,
     )
@@ -89,6 +122,7 @@ METHODS: dict[str, Callable[..., Algorithm]] = {
     "local": local,
     "fedavg": fedavg,
     "fedavg-tokens": fedavg_tokens,
+    "dp-fedavg": dp_fedavg,
     "centralized": centralized,
     **trust_weighted.METHODS,
     **fedamole.METHODS,

@@ -93,6 +93,7 @@ def fedprompt(
         shared_init=True,
         evaluate="local" if fine_tuned else "aggregated",
         server_model=True,
+        policy="all",
     )
 
 
@@ -129,14 +130,21 @@ def fedptuning(
     if not isinstance(config, PTuningConfig):
         raise ValueError(f"fedptuning needs a PTuningConfig, got {type(config).__name__}")
     problem = with_prompt(problem, config)
-    aggregator = fedavg_aggregator()
-    if reference_state_dict:
+    aggregator, policy = fedavg_aggregator(), "all"
+    if reference_state_dict:  # not a mean of the tensors: no replaceable global part
+        policy = None
         model = nnx.merge(problem.graphdef, problem.template, problem.base)
         aggregator = reference_state_dict_aggregator(nnx.graphdef(model.prompt))
     name = "fedptuning-ft" if fine_tuned else "fedptuning"
     evaluate = "local" if fine_tuned else "aggregated"
     return federated(
-        name, problem, aggregator, shared_init=True, evaluate=evaluate, server_model=True
+        name,
+        problem,
+        aggregator,
+        shared_init=True,
+        evaluate=evaluate,
+        server_model=True,
+        policy=policy,
     )
 
 
