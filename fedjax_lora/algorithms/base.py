@@ -452,11 +452,13 @@ def with_global_rule(method: Method, rule: GlobalRule, problem: Problem) -> Meth
     server = method.server
     if rule.default or server.comm is nothing:
         return method
-    setting = "aggregation.dp" if rule.dp is not None else f"aggregation.reduction={rule.reduction}"
     if server.global_part is None:
+        setting, fix = f"aggregation.reduction = {rule.reduction}", "set aggregation.reduction=mean"
+        if rule.dp is not None:
+            setting, fix = "aggregation.dp", "unset aggregation.dp"
         raise ConfigError(
             f"method {method.name!r} has no global part (a tensor set averaged into one model) "
-            f"for {setting}: its server is its own rule; unset {setting} or drop the method"
+            f"for {setting}: its server is its own rule; {fix} or drop the method"
         )
     policy = server.global_part.policy
     cohort = problem.cohort
