@@ -475,8 +475,9 @@ def round_costs(algo: Algorithm, problem: Problem, sim: SimState) -> Costs:
         if exchange is not None:
             rows = np.asarray(record.get("cohort", np.arange(n)), int)
             up, down = np.zeros(n, np.int64), np.zeros(n, np.int64)
-            if applied:
-                up[rows], down[rows] = exchange.upload[rows], exchange.download[rows]
+            if applied:  # a pooled model (centralized) has one row for everyone
+                up[rows] = np.broadcast_to(exchange.upload, (n,))[rows]
+                down[rows] = np.broadcast_to(exchange.download, (n,))[rows]
             total_up = previous.get("cumulative_upload_bytes", 0) + int(up.sum())
             total_down = previous.get("cumulative_download_bytes", 0) + int(down.sum())
             out |= {
