@@ -143,11 +143,11 @@ def test_method_contract(name, setup, tmp_path):
 
     one_round = dataclasses.replace(config, rounds=1)
     if algo.method.capabilities.sweeps and name in RUN_METHODS:
-        (member,) = run_members(name, problem, one_round, [0], [config.optimizer.lr])
+        (member,) = run_members(name, [problem], one_round, [0], [config.optimizer.lr])
         assert not member["diverged"] and len(member["records"]) == 2
     elif not algo.method.capabilities.sweeps:
         with pytest.raises(ValueError, match="cannot be vectorized"):
-            run_members(name, problem, one_round, [0], [config.optimizer.lr])
+            run_members(name, [problem], one_round, [0], [config.optimizer.lr])
 
 
 # Nothing leaves a client: local training, one pooled model, CoMiGS with every expert local.
