@@ -138,9 +138,9 @@ def test_report_includes_experts_and_any_extra_figure(masked_run, fmt):
     (masked_run / "notes.txt").write_text("not a figure")
     text = write_report(masked_run, fmt).read_text()
     if fmt == "md":
-        for name in ("ppl.png", "trust.png", "experts.png", "routing.png"):
+        for name in ("ppl.png", "bytes.png", "trust.png", "experts.png", "routing.png"):
             assert f"]({name})" in text
         assert "notes.txt" not in text
     else:
-        assert text.count('src="data:image/png;base64,') == 4  # ppl, trust, experts, routing
+        assert text.count('src="data:image/png;base64,') == 5  # ppl, bytes, trust, ..., routing
         assert "Final expert assignment" in text and "routing (routing.png)" in text
