@@ -269,9 +269,11 @@ class SweepSpec:
 
 @dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
-    """`method_options`: per method name, keyword options of its factory, e.g.
-    `{"comigs": {"expert_counts": [1, 2, 3, 4], "moe": {"num_experts": 4}}}` (mappings become the
-    annotated dataclasses; unknown names fail before any compute, listing the accepted ones).
+    """`method_options`: per method name, fields of its registered options dataclass, e.g.
+    `{"comigs": {"expert_counts": [1, 2, 3, 4], "moe": {"num_experts": 4}}}`, resolved onto the
+    method's defaults (`fedjax_lora.options.resolve`: a mapping replaces a nested dataclass's
+    fields; unknown keys fail before any compute, listing the valid ones; `fedjax-lora methods`
+    lists every option with its default).
     `preset`: the paper preset (`fedjax_lora.presets.PRESETS`) applied under this config's own
     values (recorded here; see `merge_base`).
     `imports`: Python modules imported before methods are looked up (`import_modules`), e.g. one

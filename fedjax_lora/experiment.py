@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 import json
 import time
 from collections.abc import Callable
@@ -27,7 +26,6 @@ from fedjax_lora.checkpoint import Checkpointer
 from fedjax_lora.config import (
     RESUMABLE,
     ExperimentConfig,
-    convert,
     import_modules,
     resume_differences,
     to_dict,
@@ -48,7 +46,9 @@ from fedjax_lora.errors import CheckpointError, ConfigError, DivergenceError
 from fedjax_lora.export import ADAPTERS_DIR, save_run_adapters
 from fedjax_lora.models.config import ModelConfig
 from fedjax_lora.models.factory import from_config
+from fedjax_lora.options import resolve
 from fedjax_lora.plots import plot_bytes, plot_expert_assignment, plot_history, plot_trust
+from fedjax_lora.settings import TrustOptions
 from fedjax_lora.tracking import (
     evaluation_progress,
     interactive,
@@ -523,27 +523,15 @@ def _trust_options(config: ExperimentConfig):
     return dataclasses.replace(config.trust, eval_attention_dropout=rate)
 
 
-def method_factory(name: str, config: ExperimentConfig):
-    """`problem -> Algorithm` for method `name` with its options: `config.method_options[name]`,
-    keyword arguments of the factory converted to their annotated types (a mapping becomes e.g. a
-    `MoEConfig`), and `config.trust` for a factory with a `trust` option not given there. An
-    unknown option raises, naming the method, the option and the accepted ones."""
-    factory = get_method(name)
-    accepted = dict(list(inspect.signature(factory, eval_str=True).parameters.items())[1:])
-    options = dict(config.method_options.get(name, {}))
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
-        raise ValueError(
-            f"method {name!r} has no option(s) {unknown} (method_options.{name}); accepted "
-            f"options: {sorted(accepted)}"
-        )
-    if "trust" in accepted:
-        options.setdefault("trust", _trust_options(config))
-    kwargs = {
-        key: convert(accepted[key].annotation, value, f"method_options.{name}.{key}")
-        for key, value in options.items()
-    }
-    return functools.partial(factory, **kwargs)
+def method_factory(name: str, config: ExperimentConfig) -> Callable[[Problem], Algorithm]:
+    """`problem -> Algorithm` for method `name` with its options: the registered defaults with
+    `config.method_options[name]` resolved onto them (`fedjax_lora.options.resolve`: unknown keys
+    and bad values raise one line before any compute). The config's `trust` section (with
+    `eval.attention_dropout`) is the defaults of every method whose options are `TrustOptions`."""
+    spec = get_method(name)
+    defaults = _trust_options(config) if isinstance(spec.options, TrustOptions) else spec.options
+    options = resolve(defaults, config.method_options.get(name, {}), f"method_options.{name}")
+    return functools.partial(spec, options=options)
 
 
 def run_method(
@@ -653,13 +641,13 @@ def routing_record(
     `[N, L]`, and per client and block the `top_k` most generalist- and specialist-routed tokens
     as `[token, share, count]` (decoded with the base's tokenizer for text data); None for other
     methods and for mixtures without routers."""
-    factory = method_factory(name, config)
-    if "moe" not in inspect.signature(factory.func).parameters:
+    options = method_factory(name, config).keywords["options"]
+    if "moe" not in {f.name for f in dataclasses.fields(options)}:
         return None
     from fedjax_lora.algorithms.comigs import with_moe
     from fedjax_lora.moe import routing_analysis
 
-    moe_problem, _ = with_moe(problem, factory.keywords.get("moe"))
+    moe_problem, _ = with_moe(problem, options.moe)
     tokenizer = base_tokenizer(config)
     if tokenizer is None and config.data.source != "synthetic":
         vocab = nnx.merge(problem.graphdef, problem.template, problem.base).config.vocab_size

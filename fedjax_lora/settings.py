@@ -1,8 +1,9 @@
 """The settings dataclasses an experiment config is made of, importable without JAX, so that a
 config is checked before JAX loads: `LoRAConfig` (`fedjax_lora.lora`), `LocalTraining`
 (`engine.train`), `OptimizerConfig` (`engine.optim`), `Strategy` (`engine.strategy`),
-`TrustOptions` (`algorithms.trust_weighted`) and `DPOptions`, `GlobalRule` (`algorithms.base`: how
-a method's global part is reduced), each also importable from that module. Their
+`TrustOptions` (`algorithms.trust_weighted`), `ServerOptimizer` (`aggregation.server_opt`) and
+`DPOptions`, `GlobalRule` (`algorithms.base`: how a method's global part is reduced), each also
+importable from that module. Their
 methods that compute import JAX, optax or the module they serve when called."""
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ __all__ = [
     "CLIENT_AXIS",
     "MODEL_AXIS",
     "REDUCTIONS",
+    "SERVER_OPTIMIZERS",
     "STRATEGIES",
     "DPOptions",
     "GlobalRule",
@@ -33,6 +35,7 @@ __all__ = [
     "OptimizerConfig",
     "Sampling",
     "Schedule",
+    "ServerOptimizer",
     "Strategy",
     "TrustOptions",
 ]
@@ -41,6 +44,7 @@ Sampling = Literal["random", "epoch"]
 Schedule = Literal["constant", "cosine", "warmup_cosine", "one_cycle"]
 STRATEGIES = ("vmap", "map", "chunked", "sharded")
 REDUCTIONS = ("mean", "median", "trimmed_mean", "krum", "multi_krum")
+SERVER_OPTIMIZERS = ("none", "sgd", "adam", "yogi", "adagrad")
 CLIENT_AXIS = "clients"
 MODEL_AXIS = "model"
 
@@ -486,3 +490,40 @@ class GlobalRule:
     def default(self) -> bool:
         """The method's own rule: the mean, no DP."""
         return self.reduction == "mean" and self.dp is None
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerOptimizer:
+    """The server optimizer of a method's global part (`method_options.<method>.server_opt`, the
+    same option on every method with a global part; `aggregation.server_opt`, Reddi et al.,
+    ICLR 2021): an optax transformation applied to the pseudo-gradient `θ − mean_i θ_i`.
+
+    kind: `none` (the aggregate as is, FedAvg), `sgd` (`optax.sgd(lr, momentum)`: FedAvgM),
+      `adam`, `yogi` (`optax.adam`/`optax.yogi(lr, b1, b2, eps)`: FedAdam, FedYogi) or `adagrad`
+      (`optax.adagrad(lr)` with `v_{-1} = eps²`: FedAdagrad).
+    lr: the server learning rate `η`; None: the kind's default (`sgd` 1, `adam`/`yogi` 1e-2,
+      `adagrad` 1e-1).
+    momentum (`sgd`; 0: plain server SGD, SCAFFOLD's `η_g`), b1, b2, eps (`τ`): as optax's.
+    """
+
+    kind: Literal["none", "sgd", "adam", "yogi", "adagrad"] = "none"
+    lr: float | None = None
+    momentum: float = 0.9
+    b1: float = 0.9
+    b2: float = 0.99
+    eps: float = 1e-3
+
+    def __post_init__(self):
+        if self.kind not in SERVER_OPTIMIZERS:
+            raise ValueError(
+                f"server_opt.kind must be one of {SERVER_OPTIMIZERS}, got {self.kind!r}"
+            )
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(
+                f"server_opt.lr must be positive (or null: the default), got {self.lr}"
+            )
+        for name in ("momentum", "b1", "b2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"server_opt.{name} must be in [0, 1), got {getattr(self, name)}")
+        if not self.eps > 0:
+            raise ValueError(f"server_opt.eps must be positive, got {self.eps}")

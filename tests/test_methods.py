@@ -13,7 +13,6 @@ exactly for the methods that exchange nothing.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 
 import jax
 import numpy as np
@@ -49,14 +48,16 @@ OVERRIDES = [
 # FedAMoLE's default pool (30 experts, 2 holders each) needs more than 4 clients.
 AMOLE = [
     "amole={targets: [c_attn.q, c_attn.v], num_experts: 4, rank: 2}",
-    "options={clients_per_expert: 2, min_experts: 2, max_experts: 4}",
+    "clients_per_expert=2",
+    "min_experts=2",
+    "max_experts=4",
 ]
 OPTIONS = [f"method_options.{m}.{o}" for m in ("fedamole", "fedamole-r") for o in AMOLE]
 # The CoMiGS family's random router batches need the whole validation stream as windows.
 OPTIONS += [
     f"method_options.{m}.router_batches=windows"
-    for m in METHODS
-    if "router_batches" in inspect.signature(METHODS[m]).parameters
+    for m, spec in METHODS.items()
+    if hasattr(spec.options, "router_batches")
 ]
 
 # The strategy comparison compiles every round twice more; these cover every kind of round
@@ -65,7 +66,7 @@ OPTIONS += [
 STRATEGY_METHODS = ["fedavg", "pcl-val", "comigs", "hetlora", "fdlora", "fedamole"]
 # Cohort and sweep runs compile the round again: run on these (every other method's refusal is
 # still checked); the capabilities decide, so a new round kind belongs here.
-RUN_METHODS = ["fedavg", "pcl-val", "fedit", "fedamole-r"]
+RUN_METHODS = ["fedavg", "pcl-val", "fedit", "fedamole-r", "fedadam", "fedprox", "scaffold"]
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +109,7 @@ LOWERED = _lowerings()
 def test_method_contract(name, setup, tmp_path):
     config, problem = setup
     algo = method_factory(name, config)(problem)
+    assert algo.name == name  # logged under the name it was run as
     sim0 = algo.init(jax.random.key(0))
     sim1, metrics1 = algo.round(sim0)
     for split in ("train", "val"):

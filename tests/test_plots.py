@@ -84,7 +84,8 @@ HELD = [
 AMOLE = amole.AMoLEConfig(targets=("c_attn.q", "c_attn.v"), num_experts=3, rank=2, top_k=1)
 
 
-def masked_local(problem):
+def masked_local(problem, options):
+    del options  # registered without options
     problem = with_amole(problem, AMOLE)
     masks = amole.expert_masks(problem.base)
     held = dict(zip(sorted(amole.by_module(masks)), HELD, strict=True))  # in path order

@@ -1,6 +1,7 @@
 """Federated algorithms as pure `(init, round)` pairs, the method contract (`Method`: a client
 program, a server program, what is evaluated, capabilities; `build`: the one round) and the
-registry of named methods."""
+one registry of named methods (`register(name, factory, options)`,
+`fedjax_lora.algorithms.registry`)."""
 
 from fedjax_lora.algorithms.base import (
     Algorithm,
@@ -16,15 +17,19 @@ from fedjax_lora.algorithms.base import (
     federated,
     standard_client,
 )
-from fedjax_lora.algorithms.methods import METHODS, centralized, fedavg, get_method, local, register
+from fedjax_lora.algorithms.methods import FedAvgOptions, centralized, fedavg, local
 from fedjax_lora.algorithms.problem import Problem, TrainData
+from fedjax_lora.algorithms.registry import METHODS, MethodSpec, NoOptions, get_method, register
 
 __all__ = [
     "METHODS",
     "Algorithm",
     "Capabilities",
     "ClientProgram",
+    "FedAvgOptions",
     "Method",
+    "MethodSpec",
+    "NoOptions",
     "Problem",
     "RoundInputs",
     "ServerProgram",

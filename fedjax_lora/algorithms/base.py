@@ -18,18 +18,22 @@ run reports).
 The round (compiled once; the round counter is data, so later rounds never recompile):
 
     [cohort] draw K clients, gather their state, data and evaluation windows
-    clients, train = client.update(clients, RoundInputs(data, eval_sets, base, round))
+    clients, train = client.update(clients, RoundInputs(data, eval_sets, base, round, server))
     clients', server, agg, host_in = server.apply(clients, server, inputs)   # aggregation
     [cohort] scatter the rows back (the server model to everyone when server.server_model)
     metrics = {"train": train, "aggregation": agg, <set>: evaluate(clients, clients')}
     (host) sim = server.host(sim, host_in)                                   # outside jit
 
 Per-client frozen state (`ClientState.frozen`: e.g. FedAMoLE's expert masks) is merged over the
-shared base for that client in training and evaluation.
+shared base for that client in training and evaluation. `server` in the clients' inputs is the
+server state at the round start (what they download besides their adapters: SCAFFOLD's `c`).
+Client-drift corrections (FedProx, SCAFFOLD) are combinators over the standard client:
+`drift_corrected`, `proximal`, `anchored`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
@@ -48,19 +52,21 @@ from fedjax_lora.aggregation import (
     krum_aggregator,
     median_aggregator,
     trimmed_mean_aggregator,
+    with_server_optimizer,
 )
-from fedjax_lora.aggregation.dp import update_noise_multiplier
+from fedjax_lora.aggregation.dp import DPState, update_noise_multiplier
 from fedjax_lora.aggregation.masks import PolicyArg
 from fedjax_lora.aggregation.privacy import check_certifiable
 from fedjax_lora.algorithms.problem import Problem, TrainData
 from fedjax_lora.engine import cohort as cohorts
 from fedjax_lora.engine.evaluate import EvalSet, evaluate_clients, make_client_eval
 from fedjax_lora.engine.instruction import make_client_task
+from fedjax_lora.engine.optim import standard_promotion
 from fedjax_lora.engine.state import ClientState, init_clients
 from fedjax_lora.engine.strategy import map_clients
 from fedjax_lora.engine.train import make_client_update, train_clients
 from fedjax_lora.errors import ConfigError
-from fedjax_lora.settings import DPOptions, GlobalRule
+from fedjax_lora.settings import DPOptions, GlobalRule, ServerOptimizer
 from fedjax_lora.tracking import ticking
 from fedjax_lora.typing import PyTree
 
@@ -86,12 +92,15 @@ class SimState(NamedTuple):
 
 class RoundInputs(NamedTuple):
     """What a round hands the client and server programs: the (cohort's) training data, its
-    evaluation sets, the shared base, and the 0-based index of this round."""
+    evaluation sets, the shared base, the 0-based index of this round, and the server's state at
+    the round start (`SimState.agg_state`: what the clients download besides their adapters,
+    e.g. SCAFFOLD's server control variate)."""
 
     data: TrainData
     eval_sets: dict
     base: PyTree
     round: jax.Array
+    server: PyTree = None
 
 
 class ClientProgram(NamedTuple):
@@ -323,6 +332,72 @@ def round_decayed(client: ClientProgram, tx: optax.GradientTransformation, decay
     return client._replace(update=update)
 
 
+class DriftState(NamedTuple):
+    """The round's state of `drift_corrected` (first in each client's optimizer state), set by
+    `anchored` at every round start: `anchor`, the adapters the client received (`θ_global`),
+    and `correction`, a constant added to every update of the round (SCAFFOLD's
+    `η_l (c_i − c)`; zeros otherwise)."""
+
+    anchor: PyTree
+    correction: PyTree
+
+
+def drift_corrected(tx: optax.GradientTransformation, mu: float) -> optax.GradientTransformation:
+    r"""`tx` on FedProx's gradient, plus a constant correction of its update:
+
+    .. math:: u = \mathrm{tx}\big(g(θ) + μ\,(θ − θ_{global})\big) + δ,
+
+    :math:`g + μ(θ − θ_{global})` the gradient of FedProx's local objective
+    :math:`f(θ) + \tfrac{μ}{2}\lVert θ − θ_{global}\rVert^2` (Li et al., "Federated Optimization in
+    Heterogeneous Networks", MLSys 2020) and :math:`δ = η_l (c_i − c)` SCAFFOLD's control-variate
+    correction (Karimireddy et al., ICML 2020): with `tx = sgd(η_l)` the step is the paper's
+    :math:`−η_l (g − c_i + c)`; with an adaptive `tx` the correction stays in update units, the
+    units of :math:`c_i = (x − y_i)/(K η_l)`. `θ_global` and `δ` are the `DriftState` (`anchored`
+    sets it every round); the state is `(DriftState, tx's state)`. The reported training loss
+    is `f` alone."""
+    inner_tx = standard_promotion(tx)  # optax mixes Python floats with its int32 counter
+
+    def init(params: PyTree) -> tuple[DriftState, optax.OptState]:
+        return DriftState(params, jax.tree.map(jnp.zeros_like, params)), inner_tx.init(params)
+
+    def update(grads: PyTree, state: tuple[DriftState, optax.OptState], params: PyTree):
+        drift, inner = state
+        grads = jax.tree.map(lambda g, p, a: g + mu * (p - a), grads, params, drift.anchor)
+        updates, inner = inner_tx.update(grads, inner, params)
+        return jax.tree.map(jnp.add, updates, drift.correction), (drift, inner)
+
+    return optax.GradientTransformation(init, update)
+
+
+def proximal(problem: Problem, mu: float) -> Problem:
+    """`problem` whose clients optimise with `drift_corrected(problem.tx(), mu)` (FedProx's
+    proximal weight `mu`; every method's `proximal_mu` option)."""
+    if not mu >= 0:
+        raise ValueError(f"proximal_mu must be >= 0 (0: no proximal term), got {mu}")
+    return dataclasses.replace(problem, optimizer=drift_corrected(problem.tx(), mu))
+
+
+def anchored(
+    client: ClientProgram,
+    correction: Callable[[ClientState, RoundInputs], PyTree] | None = None,
+) -> ClientProgram:
+    """`client` (optimizer `drift_corrected`, e.g. of a `proximal` problem) with its `DriftState`
+    set at the start of every round: the anchor to the adapters just received, the correction to
+    `correction(clients, inputs)` (`[N, ...]`; default zeros)."""
+
+    def update(clients: ClientState, inputs: RoundInputs):
+        params = clients.params
+        if correction is None:
+            c = jax.tree.map(jnp.zeros_like, params)
+        else:
+            c = correction(clients, inputs)
+        _, inner = clients.opt_state
+        clients = clients._replace(opt_state=(DriftState(params, c), inner))
+        return client.update(clients, inputs)
+
+    return client._replace(update=update)
+
+
 # ---------------------------------------------------------------------------------------------
 # Server programs
 
@@ -334,6 +409,7 @@ def aggregating(
     first_round: int = 1,
     server_model: bool = False,
     policy: PolicyArg | None = None,
+    server_opt: ServerOptimizer | None = None,
     comm: Comm | None = None,
 ) -> ServerProgram:
     """The server of an `Aggregator` (a pure function of the stacked client adapters).
@@ -343,18 +419,34 @@ def aggregating(
     first_round: the first round (1-based) that ends with an aggregation; earlier rounds are local
     warm-up (`lax.cond`: neither the inputs nor the aggregation are computed there).
     policy: the aggregator is the mean of this global part (`GlobalPart`: a `GlobalRule` may
-    replace it; `"none"`: nothing is global, nothing exchanged). comm: the bytes moved (default
-    `exchanged(policy or "all")`, the whole adapters when no policy is declared).
+    replace it; `"none"`: nothing is global, nothing exchanged). server_opt: a server optimizer
+    stepping the aggregate of that part (`aggregation.with_server_optimizer`; it stays around a
+    replacing rule). comm: the bytes moved (default `exchanged(policy or "all")`, the whole
+    adapters when no policy is declared).
     Metrics: `applied` and, for matrix aggregators, the `matrix` in use (trust heatmaps)."""
     if policy == "none":
         policy, comm = None, comm or nothing
     comm = comm or exchanged(policy or "all")
+    stepped = lambda rule: with_server_optimizer(
+        rule, server_opt or ServerOptimizer(), policy or "all"
+    )
     part = None
     if policy is not None:
-        rebuild = lambda rule: aggregating(
-            rule, inputs=inputs, first_round=first_round, server_model=server_model, comm=comm
+        rebuild = lambda rule: _aggregator_server(
+            stepped(rule), inputs, first_round, server_model, comm, None
         )
         part = GlobalPart(policy, rebuild)
+    return _aggregator_server(stepped(aggregator), inputs, first_round, server_model, comm, part)
+
+
+def _aggregator_server(
+    aggregator: Aggregator,
+    inputs: Callable | None,
+    first_round: int,
+    server_model: bool,
+    comm: Comm,
+    part: GlobalPart | None,
+) -> ServerProgram:
     if first_round < 1:
         raise ValueError(f"the first aggregation round must be >= 1, got {first_round}")
 
@@ -473,9 +565,11 @@ def with_global_rule(method: Method, rule: GlobalRule, problem: Problem) -> Meth
     private = server.global_part.rebuild(aggregator)
 
     def init(key: jax.Array, clients: ClientState):
-        state = private.init(key, clients)
-        noise_key = jax.random.fold_in(key, DP_KEY_STREAM)
-        return state._replace(key=jax.random.key_data(noise_key))
+        state = private.init(key, clients)  # a DPState, or one inside a ServerOptState
+        noise_key = jax.random.key_data(jax.random.fold_in(key, DP_KEY_STREAM))
+        if isinstance(state, DPState):
+            return state._replace(key=noise_key)
+        return state._replace(inner=state.inner._replace(key=noise_key))
 
     return method._replace(server=private._replace(init=init, dp=rule.dp))
 
@@ -537,7 +631,7 @@ def build(problem: Problem, method: Method) -> Algorithm:
             idx = cohort.sample(jax.random.fold_in(sim.key, sim.round), data.token_counts())
             drawn, data, eval_sets = cohorts.take((sim.clients, data, eval_sets), idx)
             clients = cohort.prepare(drawn, tx)
-        inputs = RoundInputs(data, eval_sets, base, sim.round)
+        inputs = RoundInputs(data, eval_sets, base, sim.round, sim.agg_state)
         trained, train_metrics = client.update(clients, inputs)
         aggregated, server_state, agg_metrics, host_inputs = server.apply(
             trained, sim.agg_state, inputs
@@ -583,23 +677,31 @@ def federated(
     server_model: bool = False,
     evaluate: Evaluated = "aggregated",
     client_eval: Callable | None = None,
+    proximal_mu: float | None = None,
     policy: PolicyArg | None = None,
+    server_opt: ServerOptimizer | None = None,
     comm: Comm | None = None,
 ) -> Algorithm:
     """The method of an aggregation rule, built: the standard client (`standard_client`) and the
     aggregator's server (`aggregating`: `inputs`, `first_round`, `server_model`, `policy`,
-    `comm`)."""
+    `server_opt`, `comm`).
+    proximal_mu: FedProx's proximal term on the local loss (`proximal`, `anchored`); None: none
+    (0 adds it with weight 0, the same updates)."""
+    if proximal_mu is not None:
+        problem = proximal(problem, proximal_mu)
+    client = standard_client(problem, shared_init=shared_init)
     server = aggregating(
         aggregator,
         inputs=inputs,
         first_round=first_round,
         server_model=server_model,
         policy=policy,
+        server_opt=server_opt,
         comm=comm,
     )
     method = Method(
         name,
-        standard_client(problem, shared_init=shared_init),
+        client if proximal_mu is None else anchored(client),
         server,
         evaluate=evaluate,
         client_eval=client_eval,

@@ -9,7 +9,8 @@ per-client step counter `t` (running across rounds), after expert step `t` with 
 router steps follow (own AdamW, constant rate). The two optimizer states are separate and persist
 across rounds; each step differentiates only its own parameters. Aggregation is the uniform mean
 of the policy's global tensors (`fedjax_lora.aggregation.masks`); CoMiGS's `expert_0` shares
-expert 0 and the attention LoRA, and keeps the specialists and routers local.
+expert 0 and the attention LoRA, and keeps the specialists and routers local; `server_opt` steps
+the global tensors with a server optimizer instead (`aggregation.server_opt`).
 
 `reference_grad_leak=True` reproduces the reference's gradient accumulation (spec §2.4): each
 `backward` fills the gradients of experts *and* router, and each optimizer clears only its own,
@@ -30,8 +31,7 @@ the server average, as the reference evaluates inside `GeneralClient.train` (spe
 from __future__ import annotations
 
 import dataclasses
-import inspect
-from collections.abc import Sequence
+import functools
 from typing import Literal
 
 import jax
@@ -53,6 +53,7 @@ from fedjax_lora.algorithms.base import (
     build,
 )
 from fedjax_lora.algorithms.problem import Problem
+from fedjax_lora.algorithms.registry import register
 from fedjax_lora.engine.batches import Batch
 from fedjax_lora.engine.loss import lm_loss
 from fedjax_lora.engine.optim import OptimizerConfig
@@ -62,8 +63,9 @@ from fedjax_lora.engine.train import accumulate_gradients, stream_sampler
 from fedjax_lora.lora import init_adapters
 from fedjax_lora.models.layers import Adapter
 from fedjax_lora.moe import ExpertMask, MoEConfig, Router, install_moe, set_expert_counts
+from fedjax_lora.settings import ServerOptimizer
 
-__all__ = ["METHODS", "BiLevel", "comigs", "val_sampler", "val_stream", "with_moe"]
+__all__ = ["BiLevel", "CoMiGSOptions", "comigs", "val_sampler", "val_stream", "with_moe"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,32 +146,52 @@ def with_moe(problem: Problem, moe: MoEConfig | None = None) -> tuple[Problem, n
     return dataclasses.replace(problem, graphdef=graphdef, template=template, base=base), masks
 
 
+@dataclasses.dataclass(frozen=True)
+class CoMiGSOptions:
+    """The mixture, what is shared, and how experts and routers are trained.
+
+    moe: the MLP mixtures (default `MoEConfig()`; any MLP LoRA of the problem is replaced by the
+      experts, the attention LoRA stays).
+    expert_counts: client `i` uses `expert_counts[i] ≤ moe.num_experts` experts (default all;
+      1GXS).
+    policy: what the server averages (`fedjax_lora.aggregation.masks`).
+    schedule: the bi-level alternation (`BiLevel`).
+    router_batches, evaluate: module docstring.
+    reference_lb_on_block_output: `MoEConfig.reference_lb_on_block_output` (either turns it on).
+    server_opt: a server optimizer on the averaged (global) part (`aggregation.server_opt`).
+    """
+
+    moe: MoEConfig | None = None
+    expert_counts: tuple[int, ...] | None = None
+    policy: Policy = "expert_0"
+    schedule: BiLevel = BiLevel()
+    router_batches: Literal["random", "windows"] = "random"
+    reference_lb_on_block_output: bool = False
+    evaluate: Evaluate = "local"
+    server_opt: ServerOptimizer = ServerOptimizer()
+
+    def __post_init__(self):
+        if self.router_batches not in ("random", "windows"):
+            raise ValueError(
+                f"router_batches must be 'random' or 'windows', got {self.router_batches!r}"
+            )
+
+
 def comigs(
-    problem: Problem,
-    *,
-    moe: MoEConfig | None = None,
-    expert_counts: Sequence[int] | None = None,
-    policy: Policy = "expert_0",
-    schedule: BiLevel = BiLevel(),
-    router_batches: Literal["random", "windows"] = "random",
-    reference_lb_on_block_output: bool = False,
-    evaluate: Evaluate = "local",
-    name: str = "comigs",
+    problem: Problem, options: CoMiGSOptions = CoMiGSOptions(), *, name: str = "comigs"
 ) -> Algorithm:
-    """CoMiGS on `problem`: its model's MLPs become `moe` mixtures (default `MoEConfig()`; any MLP
-    LoRA of the problem is replaced by the experts, the attention LoRA stays), clients use
-    `expert_counts[i] ≤ moe.num_experts` experts (default all; 1GXS), and `policy` decides what the
-    server averages. `router_batches` and `evaluate`: module docstring;
-    `reference_lb_on_block_output`: `MoEConfig.reference_lb_on_block_output` (either turns it on).
+    """CoMiGS on `problem` (`CoMiGSOptions`): its model's MLPs become mixtures of LoRA experts,
+    clients use their number of experts, and the policy decides what the server averages (with
+    `server_opt`, a server optimizer steps it: `aggregation.server_opt`).
 
     Every client starts from the same global tensors (the server's init) and its own draw of the
     local ones. Metrics add nothing to the generic round's.
     """
-    moe = moe or MoEConfig()
-    if reference_lb_on_block_output:
+    expert_counts, policy, schedule = options.expert_counts, options.policy, options.schedule
+    router_batches, evaluate = options.router_batches, options.evaluate
+    moe = options.moe or MoEConfig()
+    if options.reference_lb_on_block_output:
         moe = dataclasses.replace(moe, reference_lb_on_block_output=True)
-    if router_batches not in ("random", "windows"):
-        raise ValueError(f"router_batches must be 'random' or 'windows', got {router_batches!r}")
     moe_problem, masks = with_moe(problem, moe)
     graphdef, template = moe_problem.graphdef, moe_problem.template
     n = problem.num_clients
@@ -317,62 +339,46 @@ def comigs(
     method = Method(
         name,
         ClientProgram(init_state, local_update),
-        aggregating(masked_aggregator(policy), policy=policy),
+        aggregating(masked_aggregator(policy), policy=policy, server_opt=options.server_opt),
         evaluate=evaluate,
         capabilities=Capabilities(cohorts=False),
     )
     return build(moe_problem, method)
 
 
-def _variant(name: str, description: str, **fixed):
-    """A registered CoMiGS configuration; its signature is `comigs`'s with the fixed options as
-    defaults (so method options are checked by name)."""
-
-    def factory(problem: Problem, **options) -> Algorithm:
-        return comigs(problem, **{**fixed, **options, "name": name})
-
-    factory.__doc__ = description
-    signature = inspect.signature(comigs, eval_str=True)
-    factory.__signature__ = signature.replace(
-        parameters=[
-            p.replace(default=fixed.get(p.name, p.default))
-            for p in signature.parameters.values()
-            if p.name != "name"
-        ]
-    )
-    return factory
-
-
 _JOINT = BiLevel(alternating=False)
 _ON_TRAIN = BiLevel(router_split="train")
 
-METHODS = {
-    "comigs": _variant(
-        "comigs", "CoMiGS: shared generalist + local specialist LoRA experts, bi-level routing."
+# CoMiGS and its ablations (paper Tables 1 and 4): 1G1S (`comigs`; 1GXS with `expert_counts`),
+# two generalists, two specialists, router on the training split, joint training of experts and
+# router with the generalist shared (pFedMoE), local, or all shared (FedAvg-MoE).
+for _name, _defaults, _doc in (
+    (
+        "comigs",
+        CoMiGSOptions(),
+        "CoMiGS: shared generalist + local specialist LoRA experts, bi-level routing",
     ),
-    "comigs-2g": _variant("comigs-2g", "CoMiGS ablation: two generalists.", policy="experts"),
-    "comigs-2s": _variant("comigs-2s", "CoMiGS ablation: two specialists.", policy="none"),
-    "comigs-tr": _variant(
-        "comigs-tr", "CoMiGS ablation: router trained on the training split.", schedule=_ON_TRAIN
+    ("comigs-2g", CoMiGSOptions(policy="experts"), "CoMiGS ablation: two generalists"),
+    ("comigs-2s", CoMiGSOptions(policy="none"), "CoMiGS ablation: two specialists"),
+    (
+        "comigs-tr",
+        CoMiGSOptions(schedule=_ON_TRAIN),
+        "CoMiGS ablation: router trained on the training split",
     ),
-    "pfedmoe": _variant(
+    (
         "pfedmoe",
-        "pFedMoE: generalist shared, experts and router trained jointly.",
-        schedule=_JOINT,
+        CoMiGSOptions(schedule=_JOINT),
+        "pFedMoE: generalist shared, experts and router trained jointly",
     ),
-    "local-moe": _variant(
+    (
         "local-moe",
-        "Mixture of LoRA experts trained locally, nothing shared.",
-        policy="none",
-        schedule=_JOINT,
+        CoMiGSOptions(policy="none", schedule=_JOINT),
+        "Mixture of LoRA experts trained locally, nothing shared",
     ),
-    "fedavg-moe": _variant(
+    (
         "fedavg-moe",
-        "Mixture of LoRA experts, all experts averaged (FedAvg).",
-        policy="experts",
-        schedule=_JOINT,
+        CoMiGSOptions(policy="experts", schedule=_JOINT),
+        "Mixture of LoRA experts, all experts averaged (FedAvg)",
     ),
-}
-"""CoMiGS and its ablations (paper Tables 1 and 4): 1G1S (`comigs`; 1GXS with `expert_counts`),
-two generalists, two specialists, router on the training split, joint training of experts and
-router with the generalist shared (pFedMoE), local, or all shared (FedAvg-MoE)."""
+):
+    register(_name, functools.partial(comigs, name=_name), _defaults, doc=_doc)

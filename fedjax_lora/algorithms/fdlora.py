@@ -63,6 +63,7 @@ from fedjax_lora.algorithms.base import (
     standard_client,
 )
 from fedjax_lora.algorithms.problem import Problem
+from fedjax_lora.algorithms.registry import register
 from fedjax_lora.engine.evaluate import EvalSet, make_client_eval
 from fedjax_lora.engine.state import ClientState
 from fedjax_lora.engine.strategy import map_clients
@@ -70,7 +71,6 @@ from fedjax_lora.typing import PyTree
 
 __all__ = [
     "COMIGS",
-    "METHODS",
     "FDLoRAOptions",
     "FDLoRAServer",
     "fdlora",
@@ -309,5 +309,5 @@ def fdlora_comigs(problem: Problem, options: FDLoRAOptions = COMIGS) -> Algorith
     return fdlora(problem, options, name="fdlora-comigs")
 
 
-METHODS: dict[str, Callable[..., Algorithm]] = {"fdlora": fdlora, "fdlora-comigs": fdlora_comigs}
-"""The registered FDLoRA methods; each takes `(problem, options)`."""
+register("fdlora", fdlora, FDLoRAOptions())
+register("fdlora-comigs", fdlora_comigs, COMIGS)

@@ -59,6 +59,7 @@ from fedjax_lora.algorithms.base import (
     with_frozen,
 )
 from fedjax_lora.algorithms.problem import Problem
+from fedjax_lora.algorithms.registry import register
 from fedjax_lora.engine.state import ClientState, init_clients
 from fedjax_lora.engine.strategy import map_clients
 from fedjax_lora.engine.train import make_client_update
@@ -66,10 +67,10 @@ from fedjax_lora.families import family
 from fedjax_lora.lora import detach_adapters, split
 
 __all__ = [
-    "METHODS",
     "FedAMoLEOptions",
     "amole_comm",
     "fedamole",
+    "fedamole_r",
     "input_weights",
     "with_amole",
 ]
@@ -84,26 +85,22 @@ class FedAMoLEOptions:
     clients_per_expert, min_experts, max_experts: every expert of a module is held by exactly
       `clients_per_expert` clients (the reference's `expert_choices`, 2; 4 in the 20–50-client
       runs), every client holds `min_experts … max_experts` of them (2 … 8).
-    dispatch: `rsea` (FedAMoLE), `static` (FedAMoLE-R: the random round-0 architecture for all
-      rounds), `random` (a fresh random architecture every round).
     aux_set: the evaluation set whose windows are the clients' auxiliary data for RSEA.
     round_decay: learning-rate factor per round (the optimizer is re-created every round).
     noise_eta: `η` of the optional noise on the uploaded embeddings (`amole.add_noise`); None: off.
+    amole: the mixture (pool size, rank, targets) replacing the problem's adapters; None: the
+      problem's AMoLE modules, or `with_amole`'s default mixture for a model without any.
     """
 
     clients_per_expert: int = 2
     min_experts: int = 2
     max_experts: int = 8
-    dispatch: Dispatch = "rsea"
     aux_set: str = "aux"
     round_decay: float = 0.99
     noise_eta: float | None = None
+    amole: amole.AMoLEConfig | None = None
 
     def __post_init__(self):
-        if self.dispatch not in ("rsea", "static", "random"):
-            raise ValueError(
-                f"dispatch must be 'rsea', 'static' or 'random', got {self.dispatch!r}"
-            )
         if self.noise_eta is not None and self.noise_eta <= 0:
             raise ValueError(f"noise_eta must be positive, got {self.noise_eta}")
 
@@ -129,15 +126,22 @@ def with_amole(problem: Problem, config: amole.AMoLEConfig | None = None) -> Pro
 
 
 def fedamole(
-    problem: Problem, options: FedAMoLEOptions = FedAMoLEOptions(), *, name: str | None = None
+    problem: Problem, options: FedAMoLEOptions = FedAMoLEOptions(), *, dispatch: Dispatch = "rsea"
 ) -> Algorithm:
-    """FedAMoLE on `problem`; a model without AMoLE modules gets them (`with_amole`).
+    """FedAMoLE on `problem`; the mixture `options.amole` replaces the problem's adapters, and a
+    model without AMoLE modules gets the default one (`with_amole`). `dispatch`: the next round's
+    expert assignment, `rsea` (FedAMoLE), `static` (FedAMoLE-R: the random round-0 architecture
+    for all rounds) or `random` (a fresh random architecture every round).
 
     `SimState.agg_state` is the server's PRNG key of the random architectures. Metrics per round:
     `train`, every evaluation set (local models after local training) and `aggregation`
     (`applied`, `experts_held`: per client, the mean number of held experts over modules).
     """
-    if not jax.tree.leaves(nnx.split_state(problem.base, amole.ExpertMask, ...)[0]):
+    if dispatch not in ("rsea", "static", "random"):
+        raise ValueError(f"dispatch must be 'rsea', 'static' or 'random', got {dispatch!r}")
+    if options.amole is not None:
+        problem = with_amole(problem, options.amole)
+    elif not jax.tree.leaves(nnx.split_state(problem.base, amole.ExpertMask, ...)[0]):
         problem = with_amole(problem)
     n = problem.num_clients
     template_masks = amole.expert_masks(problem.base)
@@ -149,7 +153,7 @@ def fedamole(
     top_k = max(m.top_k for _, m in nnx.iter_graph(model) if isinstance(m, amole.AMoLE))
     if lo < top_k:
         raise ValueError(f"min_experts={lo} is below the router's top_k={top_k}")
-    if options.dispatch == "rsea" and options.aux_set not in problem.eval_sets:
+    if dispatch == "rsea" and options.aux_set not in problem.eval_sets:
         raise ValueError(
             f"RSEA needs the clients' auxiliary data as the evaluation set {options.aux_set!r}; "
             "hold it out of the training data with data.aux_fraction (the reference: 0.05)"
@@ -194,7 +198,7 @@ def fedamole(
     def server_apply(clients: ClientState, key: jax.Array, inputs: RoundInputs):
         masks = clients.frozen
         stats = None
-        if options.dispatch == "rsea":
+        if dispatch == "rsea":
             aux = inputs.eval_sets[options.aux_set]
             weights = input_weights(aux.weights)
             per_client = ((clients.params, masks), aux.windows[..., :-1], weights)
@@ -213,23 +217,23 @@ def fedamole(
     def next_masks(sim: SimState, stats) -> SimState:
         """The next round's architecture, on the host: RSEA's assignment from the uploaded
         statistics, or a fresh random one."""
-        if options.dispatch == "rsea":
+        if dispatch == "rsea":
             masks = rsea_masks(stats, sim.clients.frozen)
         else:
             masks = random_masks(jax.random.fold_in(sim.agg_state, int(sim.round)))
         return sim._replace(clients=sim.clients._replace(frozen=masks))
 
-    host = None if options.dispatch == "static" else next_masks
+    host = None if dispatch == "static" else next_masks
     server = ServerProgram(
         lambda key, clients: jax.random.split(key)[1],
         server_apply,
         host,
-        comm=lambda clients: amole_comm(clients, options.dispatch),
+        comm=lambda clients: amole_comm(clients, dispatch),
     )
     client = ClientProgram(init, local_training(problem, update))
     default = {"rsea": "fedamole", "static": "fedamole-r", "random": "fedamole-random"}
     method = Method(
-        name or default[options.dispatch],
+        default[dispatch],
         round_decayed(client, tx, options.round_decay),
         server,
         evaluate="local",
@@ -238,7 +242,7 @@ def fedamole(
     return build(problem, method)
 
 
-def amole_comm(clients: ClientState, dispatch: Dispatch) -> Exchange:
+def amole_comm(clients: ClientState, dispatch: str) -> Exchange:
     """Bytes per client (int64 `[N]`) of FedAMoLE with `dispatch` (module docstring)."""
     held = nnx.to_flat_state(amole.holders(clients.params, clients.frozen))
     holds = np.zeros(num_rows(clients.params), np.int64)
@@ -254,24 +258,15 @@ def amole_comm(clients: ClientState, dispatch: Dispatch) -> Exchange:
     return Exchange(holds + extra_up, holds + extra_down)
 
 
-def _method(dispatch: Dispatch, doc: str):
-    def factory(
-        problem: Problem,
-        options: FedAMoLEOptions = FedAMoLEOptions(),
-        amole: amole.AMoLEConfig | None = None,
-    ) -> Algorithm:
-        if amole is not None:  # the mixture's pool size, rank, targets (default: with_amole's)
-            problem = with_amole(problem, amole)
-        return fedamole(problem, dataclasses.replace(options, dispatch=dispatch))
-
-    factory.__doc__ = doc
-    factory.__name__ = f"fedamole_{dispatch}"
-    return factory
+def fedamole_r(problem: Problem, options: FedAMoLEOptions = FedAMoLEOptions()) -> Algorithm:
+    """FedAMoLE-R: the random round-0 architecture for all rounds, no RSEA."""
+    return fedamole(problem, options, dispatch="static")
 
 
-METHODS = {
-    "fedamole": _method("rsea", "FedAMoLE: heterogeneous LoRA-expert mixtures assigned by RSEA."),
-    "fedamole-r": _method("static", "FedAMoLE-R: the random round-0 architecture, no RSEA."),
-}
-"""The registered FedAMoLE methods; each takes `(problem, options=FedAMoLEOptions(),
-amole=None)`, `amole` an `AMoLEConfig` replacing the default mixture (`with_amole`)."""
+register(
+    "fedamole",
+    fedamole,
+    FedAMoLEOptions(),
+    doc="FedAMoLE: heterogeneous LoRA-expert mixtures assigned by RSEA",
+)
+register("fedamole-r", fedamole_r, FedAMoLEOptions())

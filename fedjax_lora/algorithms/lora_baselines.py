@@ -29,6 +29,11 @@ them again at every truncation). All clients start from the server's init trunca
 Client `i` uploads and downloads its LoRA at rank `r_i` (`ranked_comm`: `r_i (d_in + d_out)`
 elements per ranked projection, every other adapter in full).
 
+**Server optimizer and FedProx.** `ffa-lora` and `fedsa-lora` take `server_opt`
+(`aggregation.server_opt`: an optax step on the pseudo-gradient of the averaged part, `B` and
+`A` respectively); `ffa-lora` also FedProx's `proximal_mu` (its trained tensors are all global;
+FedSA-LoRA's local `B` has no global model to stay close to).
+
 **Evaluation** (`evaluate`, every method here): `"local"` (default), each client's model after its
 local steps and before the server average, as the CoMiGS reference evaluates every method;
 `"aggregated"`: after aggregation.
@@ -68,15 +73,20 @@ from fedjax_lora.algorithms.base import (
     num_rows,
 )
 from fedjax_lora.algorithms.problem import Problem
+from fedjax_lora.algorithms.registry import register
 from fedjax_lora.engine.loss import AUX_LOSS
 from fedjax_lora.engine.state import ClientState, init_clients
 from fedjax_lora.engine.train import make_client_update
 from fedjax_lora.lora import LoRA, LoRAConfig, attach_adapters
 from fedjax_lora.models.layers import Adapter, dropout
+from fedjax_lora.settings import ServerOptimizer
 
 __all__ = [
     "MLP_LORA",
-    "METHODS",
+    "FFALoRAOptions",
+    "FedSALoRAOptions",
+    "FlexLoRAOptions",
+    "HetLoRAOptions",
     "RankScale",
     "RankedLoRA",
     "fedsa_lora",
@@ -218,43 +228,83 @@ def _ranked_method(
     return build(problem, method)
 
 
-def hetlora(
-    problem: Problem,
-    *,
-    ranks: Sequence[int] | None = None,
-    ranked: LoRAConfig = MLP_LORA,
-    prune_coef: float = 0.005,
-    keep: float = 0.99,
-    self_prune: bool = True,
-    reference_weights: bool = False,
-    evaluate: Evaluate = "local",
-) -> Algorithm:
-    """HetLoRA with client ranks `ranks` on `ranked.targets` (module docstring): regulariser
-    weight `prune_coef` (`λ_p`; the reference sweeps 0.05, 0.005, 0.0005), tail ratio `keep`
-    (`γ`), self-pruning at upload, sparsity weights from `‖ΔW_i‖_F` (`reference_weights`: the
-    reference's per-matrix norms)."""
-    ranked_problem, scales = with_ranks(problem, ranks, ranked, prune_coef=prune_coef, keep=keep)
-    aggregator = hetlora_aggregator(keep, self_prune, reference_weights)
-    return _ranked_method("hetlora", ranked_problem, scales, aggregator, evaluate=evaluate)
+@dataclasses.dataclass(frozen=True)
+class HetLoRAOptions:
+    """ranks: the clients' ranks `r_i` (default `ranked.rank` for every client), on
+    `ranked.targets`. prune_coef: the regulariser weight `λ_p` (the reference sweeps 0.05, 0.005,
+    0.0005). keep: the tail ratio `γ`. self_prune: self-pruning at upload. reference_weights:
+    sparsity weights from the reference's per-matrix norms instead of `‖ΔW_i‖_F`. evaluate:
+    module docstring."""
+
+    ranks: tuple[int, ...] | None = None
+    ranked: LoRAConfig = MLP_LORA
+    prune_coef: float = 0.005
+    keep: float = 0.99
+    self_prune: bool = True
+    reference_weights: bool = False
+    evaluate: Evaluate = "local"
 
 
-def flexlora(
-    problem: Problem,
-    *,
-    ranks: Sequence[int] | None = None,
-    ranked: LoRAConfig = MLP_LORA,
-    merge_alpha: float | None = None,
-    reference_accumulator: bool = False,
-    evaluate: Evaluate = "local",
-) -> Algorithm:
-    """FlexLoRA with client ranks `ranks` on `ranked.targets` (module docstring): the token-count
-    weighted average of the full updates, SVD back to each client's rank (`merge_alpha = 16`:
-    the reference's `16/r` merge rate; `reference_accumulator`: the reference server's accumulator
-    reset, only the last client's update, `fedjax_lora.aggregation.flexlora`)."""
-    ranked_problem, scales = with_ranks(problem, ranks, ranked)
+@dataclasses.dataclass(frozen=True)
+class FlexLoRAOptions:
+    """ranks, ranked: as `HetLoRAOptions`. merge_alpha: `16` is the reference's `16/r` merge rate
+    (None: the average as is). reference_accumulator: the reference server's accumulator reset,
+    only the last client's update (`fedjax_lora.aggregation.flexlora`). evaluate: module
+    docstring."""
+
+    ranks: tuple[int, ...] | None = None
+    ranked: LoRAConfig = MLP_LORA
+    merge_alpha: float | None = None
+    reference_accumulator: bool = False
+    evaluate: Evaluate = "local"
+
+
+@dataclasses.dataclass(frozen=True)
+class FFALoRAOptions:
+    """train_attention_a: the attention's `A` trained and averaged (the icml reference); only the
+    MLP `A` frozen. evaluate: module docstring. server_opt: a server optimizer on the averaged
+    part (`aggregation.server_opt`). proximal_mu > 0: FedProx's proximal term on the local loss
+    (every trained tensor is global)."""
+
+    train_attention_a: bool = False
+    evaluate: Evaluate = "local"
+    server_opt: ServerOptimizer = ServerOptimizer()
+    proximal_mu: float = 0.0
+
+    def __post_init__(self):
+        if not self.proximal_mu >= 0:
+            raise ValueError(
+                f"proximal_mu must be >= 0 (0: no proximal term), got {self.proximal_mu!r}"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class FedSALoRAOptions:
+    """evaluate: module docstring. server_opt: a server optimizer on the `A`s
+    (`aggregation.server_opt`)."""
+
+    evaluate: Evaluate = "local"
+    server_opt: ServerOptimizer = ServerOptimizer()
+
+
+def hetlora(problem: Problem, options: HetLoRAOptions = HetLoRAOptions()) -> Algorithm:
+    """HetLoRA with per-client ranks (module docstring, `HetLoRAOptions`): the rank self-pruning
+    regulariser, self-pruning at upload, sparsity-weighted aggregation."""
+    o = options
+    ranked_problem, scales = with_ranks(
+        problem, o.ranks, o.ranked, prune_coef=o.prune_coef, keep=o.keep
+    )
+    aggregator = hetlora_aggregator(o.keep, o.self_prune, o.reference_weights)
+    return _ranked_method("hetlora", ranked_problem, scales, aggregator, evaluate=o.evaluate)
+
+
+def flexlora(problem: Problem, options: FlexLoRAOptions = FlexLoRAOptions()) -> Algorithm:
+    """FlexLoRA with per-client ranks (module docstring, `FlexLoRAOptions`): the token-count
+    weighted average of the full updates, SVD back to each client's rank."""
+    ranked_problem, scales = with_ranks(problem, options.ranks, options.ranked)
     inputs = lambda data, clients, eval_sets, base: {"weights": data.token_counts()}
-    aggregator = flexlora_aggregator(merge_alpha, reference_accumulator)
-    return _ranked_method("flexlora", ranked_problem, scales, aggregator, inputs, evaluate)
+    aggregator = flexlora_aggregator(options.merge_alpha, options.reference_accumulator)
+    return _ranked_method("flexlora", ranked_problem, scales, aggregator, inputs, options.evaluate)
 
 
 def ffa_frozen(names: Sequence[str], train_attention_a: bool = False) -> bool:
@@ -264,13 +314,10 @@ def ffa_frozen(names: Sequence[str], train_attention_a: bool = False) -> bool:
     return names[-1] == "a" and not (train_attention_a and attention)
 
 
-def ffa_lora(
-    problem: Problem, *, train_attention_a: bool = False, evaluate: Evaluate = "local"
-) -> Algorithm:
-    """FFA-LoRA: every LoRA `A` frozen at the shared init (`ffa_frozen`; `train_attention_a`:
-    those of the attention trained and averaged, the icml reference), `B` averaged uniformly after
-    every round; a frozen `A` is never touched (not even averaged)."""
-    frozen = lambda names: ffa_frozen(names, train_attention_a)
+def ffa_lora(problem: Problem, options: FFALoRAOptions = FFALoRAOptions()) -> Algorithm:
+    """FFA-LoRA: every LoRA `A` frozen at the shared init (`ffa_frozen`), `B` averaged uniformly
+    after every round; a frozen `A` is never touched (not even averaged)."""
+    frozen = lambda names: ffa_frozen(names, options.train_attention_a)
     labels = lambda params: jax.tree_util.tree_map_with_path(
         lambda path, _: "frozen" if frozen(path_names(path)) else "trained", params
     )
@@ -282,28 +329,28 @@ def ffa_lora(
         problem,
         masked_aggregator(trained),
         shared_init=True,
-        evaluate=evaluate,
+        evaluate=options.evaluate,
+        proximal_mu=options.proximal_mu or None,
         policy=trained,
+        server_opt=options.server_opt,
     )
 
 
-def fedsa_lora(problem: Problem, *, evaluate: Evaluate = "local") -> Algorithm:
+def fedsa_lora(problem: Problem, options: FedSALoRAOptions = FedSALoRAOptions()) -> Algorithm:
     """FedSA-LoRA: every LoRA `A` averaged uniformly after every round, every `B` kept local; all
-    clients start from the same adapters."""
+    clients start from the same adapters. `server_opt`: a server optimizer on the `A`s."""
     return federated(
         "fedsa-lora",
         problem,
         masked_aggregator("fedsa"),
         shared_init=True,
-        evaluate=evaluate,
+        evaluate=options.evaluate,
         policy="fedsa",
+        server_opt=options.server_opt,
     )
 
 
-METHODS = {
-    "ffa-lora": ffa_lora,
-    "fedsa-lora": fedsa_lora,
-    "hetlora": hetlora,
-    "flexlora": flexlora,
-}
-"""The federated LoRA baselines of the CoMiGS paper (Tables 2 and 4)."""
+register("ffa-lora", ffa_lora, FFALoRAOptions())
+register("fedsa-lora", fedsa_lora, FedSALoRAOptions())
+register("hetlora", hetlora, HetLoRAOptions())
+register("flexlora", flexlora, FlexLoRAOptions())

@@ -48,10 +48,11 @@ from fedjax_lora.aggregation import (
 )
 from fedjax_lora.algorithms.base import Algorithm, Comm, exchanged, federated, num_rows, per_client
 from fedjax_lora.algorithms.problem import Problem
+from fedjax_lora.algorithms.registry import register
 from fedjax_lora.engine.crosseval import CrossEval, attention_dropout_only, make_cross_eval
 from fedjax_lora.settings import TrustOptions
 
-__all__ = ["METHODS", "RULES", "TrustOptions", "trust_weighted"]
+__all__ = ["RULES", "TrustOptions", "trust_weighted"]
 
 RULES = ("weights", "validation", "prediction", "oracle", "fedavg")
 """Trust rules of `trust_weighted` (`fedavg`: uniform mixing, the reference's `naive`)."""
@@ -146,24 +147,18 @@ def _inputs(problem: Problem, rule: str, options: TrustOptions, cross: CrossEval
     return lambda data, clients, eval_sets, base: {"mixtures": mixtures}
 
 
-def _method(rule: str, doc: str):
-    def factory(problem: Problem, trust: TrustOptions = TrustOptions()) -> Algorithm:
-        return trust_weighted(problem, rule, trust)
+def _registered(rule: str, name: str):
+    def factory(problem: Problem, options: TrustOptions) -> Algorithm:
+        return trust_weighted(problem, rule, options, name=name)
 
-    factory.__doc__ = doc
-    factory.__name__ = f"pcl_{rule}"
     return factory
 
 
-METHODS = {
-    "pcl-weights": _method("weights", "Trust from adapter (LoRA weight) similarity (Strategy 1)."),
-    "pcl-val": _method(
-        "validation", "Trust from peers' perplexity on own validation (Strategy 2)."
-    ),
-    "pcl-pred": _method(
-        "prediction", "Trust from predictions on a shared reference set (Strategy 3)."
-    ),
-    "pcl-oracle": _method("oracle", "Trust from the known data mixtures ('theoretical' weights)."),
-    "pcl-fedavg": _method("fedavg", "Uniform mixing on the trust-weighted schedule (`naive`)."),
-}
-"""The registered trust-weighted methods; each takes `(problem, trust=TrustOptions())`."""
+for _name, _rule, _doc in (
+    ("pcl-weights", "weights", "Trust from adapter (LoRA weight) similarity (Strategy 1)"),
+    ("pcl-val", "validation", "Trust from peers' perplexity on own validation (Strategy 2)"),
+    ("pcl-pred", "prediction", "Trust from predictions on a shared reference set (Strategy 3)"),
+    ("pcl-oracle", "oracle", "Trust from the known data mixtures ('theoretical' weights)"),
+    ("pcl-fedavg", "fedavg", "Uniform mixing on the trust-weighted schedule (`naive`)"),
+):
+    register(_name, _registered(_rule, _name), TrustOptions(), doc=_doc)
