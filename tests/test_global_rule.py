@@ -158,7 +158,7 @@ def test_uncertifiable_dp_is_refused_before_training(tmp_path):
             "cohort_sampling",
         ),
         (["aggregation.dp={adaptive_quantile: 0.5}"], "fedavg", "count_noise_std"),
-        (["aggregation.dp={}"], "dp-fedavg", "unset aggregation.dp"),
+        (["aggregation.dp={}"], "dp-fedavg", "both set DP"),
     ],
 )
 def test_settings_that_make_no_sense_are_refused_in_one_line(extra, method, match):
@@ -216,7 +216,7 @@ def test_hetlora_bytes_follow_each_clients_rank(setup):
     moves r_i (16 + 32) · 2 values of the ranked LoRA plus the attention LoRA in full."""
     _, problem = setup
     ranks = [1, 2, 2, 4]
-    algo = lora_baselines.hetlora(problem, ranks=ranks)
+    algo = lora_baselines.hetlora(problem, lora_baselines.HetLoRAOptions(ranks=tuple(ranks)))
     sim = algo.init(jax.random.key(0))
     exchange = algo.method.server.comm(jax.device_get(sim.clients))
     want = [LORA_BYTES + r * (16 + 32) * 2 * 4 for r in ranks]
@@ -236,3 +236,17 @@ def test_trust_rules_count_what_they_exchange(setup):
     exchange = val.method.server.comm(jax.device_get(val.init(jax.random.key(0)).clients))
     assert exchange.upload.tolist() == [LORA_BYTES + 4 * N] * N
     assert exchange.download.tolist() == [(N - 1) * LORA_BYTES] * N
+
+
+def test_dp_inside_a_server_optimizer(setup):
+    """DP-FedAdam (`method_options.fedadam.dp`): the server optimizer stays around the DP rule,
+    whose noise key is still drawn from the simulation's key; one round stays finite."""
+    config, problem = setup
+    config = dataclasses.replace(config, method_options={"fedadam": {"dp": {"clip_norm": 0.1}}})
+    algo = method_factory("fedadam", config)(problem)
+    assert algo.method.server.dp is not None
+    sim = algo.init(jax.random.key(3))
+    want = jax.random.key_data(jax.random.fold_in(jax.random.key(3), DP_KEY_STREAM))
+    np.testing.assert_array_equal(sim.agg_state.inner.key, want)
+    new, _ = algo.round(sim)
+    assert all(np.all(np.isfinite(x)) for x in _flat(new.clients.params))
