@@ -6,6 +6,8 @@ after round 1 round-trips and the resumed round 2 equals the uninterrupted one b
 cohort of K = N equals full participation, or the method refuses cohorts before any compute; a
 method that declares vectorized sweeps runs under the sweep's vmapped round, the others are
 refused. The client strategies `map`, `vmap` and `sharded` (4 forced CPU devices) agree to 1e-5.
+Every method declares what a round moves (`ServerProgram.comm`): bytes for every client, zero
+exactly for the methods that exchange nothing.
 """
 
 from __future__ import annotations
@@ -148,6 +150,27 @@ def test_method_contract(name, setup, tmp_path):
     elif not algo.method.capabilities.sweeps:
         with pytest.raises(ValueError, match="cannot be vectorized"):
             run_members(name, [problem], one_round, [0], [config.optimizer.lr])
+
+
+# Nothing leaves a client: local training, one pooled model, CoMiGS with every expert local.
+NO_EXCHANGE = {"local", "centralized", "comigs-2s", "local-moe"}
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_reports_its_bytes(name, setup):
+    config, problem = setup
+    algo = method_factory(name, config)(problem)
+    comm = algo.method.server.comm
+    assert comm is not None, f"{name}: ServerProgram.comm is not declared"
+    clients = jax.device_get(algo.init(jax.random.key(0)).clients)
+    exchange = comm(clients)
+    rows = jax.tree.leaves(clients.params)[0].shape[0]  # centralized: one pooled client
+    for sent in exchange:
+        assert sent.shape == (rows,) and sent.dtype == np.int64
+        if name in NO_EXCHANGE:
+            assert np.all(sent == 0), f"{name} exchanges nothing, reported {sent}"
+        else:
+            assert np.all(sent > 0), f"{name}: no bytes reported for some client: {sent}"
 
 
 @pytest.mark.parametrize("name", STRATEGY_METHODS)

@@ -9,6 +9,12 @@ function of both), and declared capabilities (`Capabilities`: client cohorts, ve
 sweeps). `build(problem, method)` turns it into an `Algorithm`: `init`, the compiled `round`,
 `evaluate`. Every method of the library is built by it; none writes its own round.
 
+A server also declares what a round moves (`ServerProgram.comm`: the bytes each client uploads
+and downloads, host-side, from the initial clients' shapes) and, when its aggregation is the
+mean of a *global part* (`ServerProgram.global_part`), lets `build` replace that mean by the
+problem's `GlobalRule` (`with_global_rule`: a robust reduction, or client-level DP whose `ε` the
+run reports).
+
 The round (compiled once; the round counter is data, so later rounds never recompile):
 
     [cohort] draw K clients, gather their state, data and evaluation windows
@@ -33,10 +39,24 @@ from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
-from fedjax_lora.aggregation import Aggregator, MixState
+from fedjax_lora.aggregation import (
+    Aggregator,
+    Exchange,
+    MixState,
+    dp_aggregator,
+    global_exchange,
+    krum_aggregator,
+    median_aggregator,
+    trimmed_mean_aggregator,
+    with_server_optimizer,
+)
+from fedjax_lora.aggregation.dp import DPState, update_noise_multiplier
+from fedjax_lora.aggregation.masks import PolicyArg
+from fedjax_lora.aggregation.privacy import check_certifiable
 from fedjax_lora.algorithms.problem import Problem, TrainData
 from fedjax_lora.engine import cohort as cohorts
 from fedjax_lora.engine.evaluate import EvalSet, evaluate_clients, make_client_eval
@@ -45,6 +65,8 @@ from fedjax_lora.engine.optim import standard_promotion
 from fedjax_lora.engine.state import ClientState, init_clients
 from fedjax_lora.engine.strategy import map_clients
 from fedjax_lora.engine.train import make_client_update, train_clients
+from fedjax_lora.errors import ConfigError
+from fedjax_lora.settings import DPOptions, GlobalRule, ServerOptimizer
 from fedjax_lora.tracking import ticking
 from fedjax_lora.typing import PyTree
 
@@ -89,18 +111,65 @@ class ClientProgram(NamedTuple):
     update: Callable[[ClientState, RoundInputs], tuple[ClientState, Metrics]]
 
 
+Comm = Callable[[ClientState], Exchange]
+"""`comm(clients) -> Exchange`: the bytes each client uploads and downloads in a round that
+aggregates (int arrays `[N]`), on the host from the initial clients `[N]` (their shapes, and the
+ranks or expert masks they hold)."""
+
+
+def exchanged(policy: PolicyArg = "all") -> Comm:
+    """Every client uploads the `policy`'s global part of its adapters and downloads it back
+    (`aggregation.global_exchange`): FedAvg, a personalized mixing of whole adapters, FedSA-LoRA's
+    `A`, CoMiGS's generalist."""
+
+    def comm(clients: ClientState) -> Exchange:
+        one = global_exchange(clients.params, policy)
+        return per_client(one, num_rows(clients.params))
+
+    return comm
+
+
+def per_client(one: Exchange, n: int) -> Exchange:
+    """One client's `Exchange` as the same int64 arrays `[n]` for every client."""
+    return Exchange(np.full(n, one.upload, np.int64), np.full(n, one.download, np.int64))
+
+
+def num_rows(stacked: PyTree) -> int:
+    return int(jax.tree.leaves(stacked)[0].shape[0])
+
+
+def nothing(clients: ClientState) -> Exchange:
+    """A server that exchanges nothing (local training, one pooled model)."""
+    return per_client(Exchange(0, 0), num_rows(clients.params))
+
+
+class GlobalPart(NamedTuple):
+    """A server whose aggregation is the mean of `policy`'s global part (`aggregation.masks`);
+    `rebuild(aggregator)`: the same server with `aggregator`, a rule over that part, in place of
+    the mean (`with_global_rule`)."""
+
+    policy: PolicyArg
+    rebuild: Callable[[Aggregator], ServerProgram]
+
+
 class ServerProgram(NamedTuple):
     """`init(key, clients) -> state` from the simulation's key (the one the client program's
     `init` got) and the initial (cohort's) clients; `apply(clients, state,
     inputs) -> (clients, state, metrics, host_inputs)` (pure, inside `jit`): the clients after
     aggregation; `host(sim, host_inputs) -> sim` (optional, on the host after the compiled round,
     e.g. an LP); `server_model`: the aggregate is one model for everyone, so under a cohort the
-    idle clients receive it too."""
+    idle clients receive it too; `comm`: what each client uploads and downloads in a round that
+    aggregates (`Comm`; None: not declared, no bytes reported); `global_part`: the server's
+    aggregation is the mean of a global part, replaceable (`GlobalPart`); `dp`: the client-level
+    DP it applies (set by `with_global_rule`; the run reports `ε`)."""
 
     init: Callable[[jax.Array, ClientState], PyTree]
     apply: Callable[[ClientState, PyTree, RoundInputs], tuple[ClientState, PyTree, Metrics, PyTree]]
     host: Callable[[SimState, PyTree], SimState] | None = None
     server_model: bool = False
+    comm: Comm | None = None
+    global_part: GlobalPart | None = None
+    dp: DPOptions | None = None
 
 
 class Capabilities(NamedTuple):
@@ -339,6 +408,9 @@ def aggregating(
     inputs: Callable[[TrainData, ClientState, dict, PyTree], dict] | None = None,
     first_round: int = 1,
     server_model: bool = False,
+    policy: PolicyArg | None = None,
+    server_opt: ServerOptimizer | None = None,
+    comm: Comm | None = None,
 ) -> ServerProgram:
     """The server of an `Aggregator` (a pure function of the stacked client adapters).
 
@@ -346,7 +418,35 @@ def aggregating(
     round from the freshly trained clients (token counts, cross-evaluation perplexities).
     first_round: the first round (1-based) that ends with an aggregation; earlier rounds are local
     warm-up (`lax.cond`: neither the inputs nor the aggregation are computed there).
+    policy: the aggregator is the mean of this global part (`GlobalPart`: a `GlobalRule` may
+    replace it; `"none"`: nothing is global, nothing exchanged). server_opt: a server optimizer
+    stepping the aggregate of that part (`aggregation.with_server_optimizer`; it stays around a
+    replacing rule). comm: the bytes moved (default `exchanged(policy or "all")`, the whole
+    adapters when no policy is declared).
     Metrics: `applied` and, for matrix aggregators, the `matrix` in use (trust heatmaps)."""
+    if policy == "none":
+        policy, comm = None, comm or nothing
+    comm = comm or exchanged(policy or "all")
+    stepped = lambda rule: with_server_optimizer(
+        rule, server_opt or ServerOptimizer(), policy or "all"
+    )
+    part = None
+    if policy is not None:
+        rebuild = lambda rule: _aggregator_server(
+            stepped(rule), inputs, first_round, server_model, comm, None
+        )
+        part = GlobalPart(policy, rebuild)
+    return _aggregator_server(stepped(aggregator), inputs, first_round, server_model, comm, part)
+
+
+def _aggregator_server(
+    aggregator: Aggregator,
+    inputs: Callable | None,
+    first_round: int,
+    server_model: bool,
+    comm: Comm,
+    part: GlobalPart | None,
+) -> ServerProgram:
     if first_round < 1:
         raise ValueError(f"the first aggregation round must be >= 1, got {first_round}")
 
@@ -367,7 +467,111 @@ def aggregating(
         return clients._replace(params=params), state, metrics, None
 
     init = lambda key, clients: aggregator.init(clients.params)
-    return ServerProgram(init, apply, None, server_model)
+    return ServerProgram(init, apply, None, server_model, comm, part)
+
+
+# ---------------------------------------------------------------------------------------------
+# The global part's rule
+
+DP_KEY_STREAM = 0x6470  # the DP noise key is fold_in(init key, DP_KEY_STREAM)
+
+
+def robust_aggregator(rule: GlobalRule, policy: PolicyArg, clients: int) -> Aggregator:
+    """The `rule.reduction` of `policy`'s global part over `clients` clients a round, refusing
+    (`ConfigError`) settings that reduce to the mean or cannot hold."""
+    if rule.reduction == "median":
+        return median_aggregator(policy)
+    if rule.reduction == "trimmed_mean":
+        if int(rule.beta * clients) == 0:
+            raise ConfigError(
+                f"aggregation.beta = {rule.beta} trims no value of {clients} clients "
+                f"(floor(beta * clients) = 0: the plain mean); set aggregation.beta >= "
+                f"{1 / clients:.3g}"
+            )
+        return trimmed_mean_aggregator(rule.beta, policy)
+    if not 2 * rule.f + 2 < clients:
+        raise ConfigError(
+            f"aggregation.f = {rule.f}: Krum needs more than 2f + 2 clients a round, got "
+            f"{clients}; lower aggregation.f (at most {(clients - 3) // 2}) or add clients"
+        )
+    m = 1 if rule.reduction == "krum" else rule.m
+    if m is not None and m > clients:
+        raise ConfigError(
+            f"aggregation.m = {m} exceeds the {clients} clients a round; lower aggregation.m"
+        )
+    return krum_aggregator(rule.f, m, policy)
+
+
+def private_aggregator(
+    dp: DPOptions, policy: PolicyArg, clients: int, population: int, sampling: str | None
+) -> Aggregator:
+    """DP-FedAvg (`aggregation.dp_aggregator`) of `policy`'s global part over `clients` of
+    `population` clients a round (`sampling`: the cohort's draw, None: everyone), refusing
+    (`ConfigError`) what the accountant cannot certify."""
+    if sampling not in (None, "uniform"):
+        raise ConfigError(
+            f"dp: data.cohort_sampling = {sampling!r} draws clients by token counts, which the "
+            "accountant cannot certify; set data.cohort_sampling=uniform"
+        )
+    cohort = None if clients == population else clients
+    check_certifiable(dp.noise_multiplier, dp.delta, population, cohort)
+    if dp.adaptive_quantile is not None:
+        sigma_b = clients / 20 if dp.count_noise_std is None else dp.count_noise_std
+        try:
+            update_noise_multiplier(dp.noise_multiplier, sigma_b)
+        except ValueError:
+            raise ConfigError(
+                f"dp.count_noise_std = {sigma_b:g} (default clients/20): adaptive clipping needs "
+                f"2 * count_noise_std > dp.noise_multiplier = {dp.noise_multiplier}; raise "
+                "dp.count_noise_std or lower dp.noise_multiplier"
+            ) from None
+    return dp_aggregator(
+        clip_norm=dp.clip_norm,
+        noise_multiplier=dp.noise_multiplier,
+        adaptive_quantile=dp.adaptive_quantile,
+        clip_lr=dp.clip_lr,
+        count_noise_std=dp.count_noise_std,
+        policy=policy,
+    )
+
+
+def with_global_rule(method: Method, rule: GlobalRule, problem: Problem) -> Method:
+    """`method` with its global part reduced by `rule` (`GlobalRule`): a robust reduction or
+    DP-FedAvg in place of the mean (`ServerProgram.global_part`); the DP noise key drawn from the
+    simulation's key (`fold_in(key, DP_KEY_STREAM)`, in the checkpointed server state). A method
+    that exchanges nothing is unchanged; one whose server is not a mean over a global part (trust
+    mixing, HetLoRA, FedAMoLE, ...) is refused (`ConfigError`)."""
+    server = method.server
+    if rule.default or server.comm is nothing:
+        return method
+    if server.global_part is None:
+        setting, fix = f"aggregation.reduction = {rule.reduction}", "set aggregation.reduction=mean"
+        if rule.dp is not None:
+            setting, fix = "aggregation.dp", "unset aggregation.dp"
+        raise ConfigError(
+            f"method {method.name!r} has no global part (a tensor set averaged into one model) "
+            f"for {setting}: its server is its own rule; {fix} or drop the method"
+        )
+    policy = server.global_part.policy
+    cohort = problem.cohort
+    clients = problem.num_clients if cohort is None else cohort.size
+    if rule.dp is None:
+        return method._replace(
+            server=server.global_part.rebuild(robust_aggregator(rule, policy, clients))
+        )
+    aggregator = private_aggregator(
+        rule.dp, policy, clients, problem.num_clients, None if cohort is None else cohort.sampling
+    )
+    private = server.global_part.rebuild(aggregator)
+
+    def init(key: jax.Array, clients: ClientState):
+        state = private.init(key, clients)  # a DPState, or one inside a ServerOptState
+        noise_key = jax.random.key_data(jax.random.fold_in(key, DP_KEY_STREAM))
+        if isinstance(state, DPState):
+            return state._replace(key=noise_key)
+        return state._replace(inner=state.inner._replace(key=noise_key))
+
+    return method._replace(server=private._replace(init=init, dp=rule.dp))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -383,8 +587,9 @@ def _evaluated(method: Method, trained: ClientState, aggregated: ClientState) ->
 
 
 def build(problem: Problem, method: Method) -> Algorithm:
-    """`method` on `problem` as an `Algorithm` (module docstring). A cohort (`problem.cohort`)
-    is refused before any compute when the method does not declare it."""
+    """`method` on `problem` as an `Algorithm` (module docstring), its global part reduced by
+    `problem.global_rule` (`with_global_rule`). A cohort (`problem.cohort`) is refused before any
+    compute when the method does not declare it."""
     if method.evaluate not in ("local", "aggregated") and not callable(method.evaluate):
         raise ValueError(
             f"method {method.name!r}: evaluate must be 'local', 'aggregated' or a function, got "
@@ -396,6 +601,7 @@ def build(problem: Problem, method: Method) -> Algorithm:
             f"method {method.name!r} does not support client cohorts (every client takes part "
             "in every round); unset data.cohort_size"
         )
+    method = with_global_rule(method, problem.global_rule, problem)
     train = method.train or problem.train
     client, server = method.client, method.server
 
@@ -472,18 +678,31 @@ def federated(
     evaluate: Evaluated = "aggregated",
     client_eval: Callable | None = None,
     proximal_mu: float | None = None,
+    policy: PolicyArg | None = None,
+    server_opt: ServerOptimizer | None = None,
+    comm: Comm | None = None,
 ) -> Algorithm:
     """The method of an aggregation rule, built: the standard client (`standard_client`) and the
-    aggregator's server (`aggregating`: `inputs`, `first_round`, `server_model`).
+    aggregator's server (`aggregating`: `inputs`, `first_round`, `server_model`, `policy`,
+    `server_opt`, `comm`).
     proximal_mu: FedProx's proximal term on the local loss (`proximal`, `anchored`); None: none
     (0 adds it with weight 0, the same updates)."""
     if proximal_mu is not None:
         problem = proximal(problem, proximal_mu)
     client = standard_client(problem, shared_init=shared_init)
+    server = aggregating(
+        aggregator,
+        inputs=inputs,
+        first_round=first_round,
+        server_model=server_model,
+        policy=policy,
+        server_opt=server_opt,
+        comm=comm,
+    )
     method = Method(
         name,
         client if proximal_mu is None else anchored(client),
-        aggregating(aggregator, inputs=inputs, first_round=first_round, server_model=server_model),
+        server,
         evaluate=evaluate,
         client_eval=client_eval,
     )

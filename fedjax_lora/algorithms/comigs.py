@@ -40,7 +40,6 @@ import numpy as np
 import optax
 from flax import nnx
 
-from fedjax_lora.aggregation import with_server_optimizer
 from fedjax_lora.aggregation.masks import Policy, global_mask, masked_aggregator, path_names
 from fedjax_lora.aggregation.masks import trainable as policy_trains
 from fedjax_lora.algorithms.base import (
@@ -340,7 +339,7 @@ def comigs(
     method = Method(
         name,
         ClientProgram(init_state, local_update),
-        aggregating(with_server_optimizer(masked_aggregator(policy), options.server_opt, policy)),
+        aggregating(masked_aggregator(policy), policy=policy, server_opt=options.server_opt),
         evaluate=evaluate,
         capabilities=Capabilities(cohorts=False),
     )

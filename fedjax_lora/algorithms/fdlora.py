@@ -57,6 +57,7 @@ from fedjax_lora.algorithms.base import (
     RoundInputs,
     ServerProgram,
     build,
+    exchanged,
     round_decayed,
     scaled_tx,
     standard_client,
@@ -295,7 +296,7 @@ def fdlora(
     method = Method(
         name,
         client,
-        ServerProgram(server_init, server_apply),
+        ServerProgram(server_init, server_apply, comm=exchanged("all")),
         evaluate=lambda trained, aggregated: aggregated.aux["personal"],
         capabilities=Capabilities(cohorts=False),
     )

@@ -21,6 +21,11 @@ static. Round `r = 1, 2, …` (all clients take part):
    statistics (`rsea.scores`, `rsea.assign`); `static` (`fedamole-r`) keeps the random round-0
    architecture; `random` draws a fresh random one.
 
+Communication per client and round (`amole_comm`): up, the parameters it holds (its experts, the
+shared expert, `W_tok`) and, with RSEA, its statistics (`t̄ [r]`, `ū [E, r]` in f32 per module);
+down, the new averages of what it holds and, unless the architecture is static, its assignment
+(`E` bytes per module; counted at the round-0 architecture's holdings).
+
 Round 0 (`init`): every client starts from the same pool (independent `A` per expert, `B = 0`) and
 a random architecture per module (`rsea.random_assignment`). Homogeneous architectures (the
 reference's `--homo_arch`) are `min_experts = max_experts = E·k/C`.
@@ -37,7 +42,7 @@ import numpy as np
 from flax import nnx
 
 from fedjax_lora import amole
-from fedjax_lora.aggregation import expert_aggregator, rsea
+from fedjax_lora.aggregation import Exchange, expert_aggregator, rsea
 from fedjax_lora.algorithms.base import (
     Algorithm,
     Capabilities,
@@ -48,6 +53,7 @@ from fedjax_lora.algorithms.base import (
     SimState,
     build,
     local_training,
+    num_rows,
     round_decayed,
     scaled_tx,
     with_frozen,
@@ -60,7 +66,14 @@ from fedjax_lora.engine.train import make_client_update
 from fedjax_lora.families import family
 from fedjax_lora.lora import detach_adapters, split
 
-__all__ = ["FedAMoLEOptions", "fedamole", "fedamole_r", "input_weights", "with_amole"]
+__all__ = [
+    "FedAMoLEOptions",
+    "amole_comm",
+    "fedamole",
+    "fedamole_r",
+    "input_weights",
+    "with_amole",
+]
 
 Dispatch = Literal["rsea", "static", "random"]
 
@@ -211,7 +224,12 @@ def fedamole(
         return sim._replace(clients=sim.clients._replace(frozen=masks))
 
     host = None if dispatch == "static" else next_masks
-    server = ServerProgram(lambda key, clients: jax.random.split(key)[1], server_apply, host)
+    server = ServerProgram(
+        lambda key, clients: jax.random.split(key)[1],
+        server_apply,
+        host,
+        comm=lambda clients: amole_comm(clients, dispatch),
+    )
     client = ClientProgram(init, local_training(problem, update))
     default = {"rsea": "fedamole", "static": "fedamole-r", "random": "fedamole-random"}
     method = Method(
@@ -222,6 +240,22 @@ def fedamole(
         capabilities=Capabilities(cohorts=False, sweeps=host is None),
     )
     return build(problem, method)
+
+
+def amole_comm(clients: ClientState, dispatch: str) -> Exchange:
+    """Bytes per client (int64 `[N]`) of FedAMoLE with `dispatch` (module docstring)."""
+    held = nnx.to_flat_state(amole.holders(clients.params, clients.frozen))
+    holds = np.zeros(num_rows(clients.params), np.int64)
+    extra_up = extra_down = 0
+    for (path, var), (_, mask) in zip(nnx.to_flat_state(clients.params), held, strict=True):
+        value, mask = var.get_value(), np.asarray(mask.get_value())
+        per_slot = value[0, 0].size if mask.ndim == 2 else value[0].size
+        holds += mask.reshape(mask.shape[0], -1).sum(1) * per_slot * value.dtype.itemsize
+        if path[-1] == "experts_a":  # [N, E, d_in, r]: one module's pool
+            e, r = value.shape[1], value.shape[-1]
+            extra_up += 4 * (r + e * r) if dispatch == "rsea" else 0
+            extra_down += e if dispatch != "static" else 0
+    return Exchange(holds + extra_up, holds + extra_down)
 
 
 def fedamole_r(problem: Problem, options: FedAMoLEOptions = FedAMoLEOptions()) -> Algorithm:

@@ -65,12 +65,13 @@ def _fedit(problem: Problem, options: FedITOptions, name: str, evaluate: Evaluat
             shared_init=True,
             evaluate=evaluate,
             server_model=True,
+            policy="all",
         )
     tx = scaled_tx(problem)
     client = round_decayed(
         standard_client(problem, shared_init=True, tx=tx), tx, options.round_decay
     )
-    server = aggregating(fedavg_aggregator(), server_model=True)
+    server = aggregating(fedavg_aggregator(), server_model=True, policy="all")
     return build(problem, Method(name, client, server, evaluate=evaluate))
 
 

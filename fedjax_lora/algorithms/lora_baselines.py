@@ -26,6 +26,8 @@ trained) holds `s_i` on the active ranks and 0 on padded and pruned ones, and
 
 so inactive columns of `A` and rows of `B` get no gradient and stay at zero (the aggregators zero
 them again at every truncation). All clients start from the server's init truncated to their rank.
+Client `i` uploads and downloads its LoRA at rank `r_i` (`ranked_comm`: `r_i (d_in + d_out)`
+elements per ranked projection, every other adapter in full).
 
 **Server optimizer and FedProx.** `ffa-lora` and `fedsa-lora` take `server_opt`
 (`aggregation.server_opt`: an optax step on the pseudo-gradient of the averaged part, `B` and
@@ -50,9 +52,10 @@ from flax import nnx
 
 from fedjax_lora.aggregation import (
     Aggregator,
+    Exchange,
     flexlora_aggregator,
     hetlora_aggregator,
-    with_server_optimizer,
+    rank_exchange,
 )
 from fedjax_lora.aggregation.hetlora import tail_mask, tail_norm_product
 from fedjax_lora.aggregation.masks import masked_aggregator, path_names
@@ -67,11 +70,12 @@ from fedjax_lora.algorithms.base import (
     build,
     federated,
     local_training,
+    num_rows,
 )
 from fedjax_lora.algorithms.problem import Problem
 from fedjax_lora.algorithms.registry import register
 from fedjax_lora.engine.loss import AUX_LOSS
-from fedjax_lora.engine.state import init_clients
+from fedjax_lora.engine.state import ClientState, init_clients
 from fedjax_lora.engine.train import make_client_update
 from fedjax_lora.lora import LoRA, LoRAConfig, attach_adapters
 from fedjax_lora.models.layers import Adapter, dropout
@@ -90,6 +94,7 @@ __all__ = [
     "ffa_lora",
     "flexlora",
     "hetlora",
+    "ranked_comm",
     "with_ranks",
 ]
 
@@ -158,6 +163,29 @@ def with_ranks(
     return dataclasses.replace(problem, graphdef=graphdef, template=template, base=base), scales
 
 
+def ranked_comm(clients: ClientState) -> Exchange:
+    """Bytes per client (int64 `[N]`, up = down) of HetLoRA and FlexLoRA: client `i`'s ranked
+    LoRA truncated to its rank `r_i` (its active `rank_scale` entries; `aggregation.rank_exchange`),
+    its other adapters in full; the rank scales stay with the server."""
+    flat = nnx.to_flat_state(clients.params)
+    ranks = {
+        path[:-1]: np.asarray(var.get_value() > 0).sum(-1)
+        for path, var in flat
+        if path[-1] == "rank_scale"
+    }
+    total = np.zeros(num_rows(clients.params), np.int64)
+    for path, var in flat:
+        value = var.get_value()
+        if path[-1] == "rank_scale":
+            continue
+        if path[:-1] not in ranks or path[-1] not in ("a", "b"):
+            total += value[0].size * value.dtype.itemsize
+            continue
+        one = {path[-1]: jax.ShapeDtypeStruct(value.shape[1:], value.dtype)}
+        total += [rank_exchange(one, int(r)).upload for r in ranks[path[:-1]]]
+    return Exchange(total, total.copy())
+
+
 def _ranked_method(
     name: str,
     problem: Problem,
@@ -193,7 +221,7 @@ def _ranked_method(
     method = Method(
         name,
         client,
-        aggregating(aggregator, inputs=inputs),
+        aggregating(aggregator, inputs=inputs, comm=ranked_comm),
         evaluate=evaluate,
         capabilities=Capabilities(cohorts=False),
     )
@@ -245,7 +273,9 @@ class FFALoRAOptions:
 
     def __post_init__(self):
         if not self.proximal_mu >= 0:
-            raise ValueError(f"proximal_mu must be >= 0 (0: no proximal term), got {self.proximal_mu!r}")
+            raise ValueError(
+                f"proximal_mu must be >= 0 (0: no proximal term), got {self.proximal_mu!r}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -294,14 +324,15 @@ def ffa_lora(problem: Problem, options: FFALoRAOptions = FFALoRAOptions()) -> Al
     tx = optax.multi_transform({"trained": problem.tx(), "frozen": optax.set_to_zero()}, labels)
     problem = dataclasses.replace(problem, optimizer=tx)
     trained = lambda names: not frozen(names)
-    aggregator = with_server_optimizer(masked_aggregator(trained), options.server_opt, trained)
     return federated(
         "ffa-lora",
         problem,
-        aggregator,
+        masked_aggregator(trained),
         shared_init=True,
         evaluate=options.evaluate,
         proximal_mu=options.proximal_mu or None,
+        policy=trained,
+        server_opt=options.server_opt,
     )
 
 
@@ -311,9 +342,11 @@ def fedsa_lora(problem: Problem, options: FedSALoRAOptions = FedSALoRAOptions())
     return federated(
         "fedsa-lora",
         problem,
-        with_server_optimizer(masked_aggregator("fedsa"), options.server_opt, "fedsa"),
+        masked_aggregator("fedsa"),
         shared_init=True,
         evaluate=options.evaluate,
+        policy="fedsa",
+        server_opt=options.server_opt,
     )
 
 

@@ -1,8 +1,8 @@
 """The engine's baselines as registered methods: `local`, `fedavg`, `fedavg-tokens`,
-`centralized`; FedAvg with a server optimizer (`fedavgm`, `fedadam`, `fedyogi`, `fedadagrad`); the
-client-drift corrections `fedprox` and `scaffold` (`fedjax_lora.algorithms.scaffold`). Importing
-this module imports every method module of the library, so the registry
-(`fedjax_lora.algorithms.registry.METHODS`) holds all of them.
+`centralized`; DP-FedAvg (`dp-fedavg`); FedAvg with a server optimizer (`fedavgm`, `fedadam`,
+`fedyogi`, `fedadagrad`); the client-drift corrections `fedprox` and `scaffold`
+(`fedjax_lora.algorithms.scaffold`). Importing this module imports every method module of the
+library, so the registry (`fedjax_lora.algorithms.registry.METHODS`) holds all of them.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import dataclasses
 import functools
 from typing import Literal
 
-from fedjax_lora.aggregation import fedavg_aggregator, local_aggregator, with_server_optimizer
+from fedjax_lora.aggregation import fedavg_aggregator, local_aggregator
 from fedjax_lora.algorithms import (  # noqa: F401  (each registers its methods)
     comigs,
     fdlora,
@@ -30,11 +30,13 @@ from fedjax_lora.algorithms.base import (
     aggregating,
     build,
     federated,
+    nothing,
     standard_client,
 )
 from fedjax_lora.algorithms.problem import Problem
 from fedjax_lora.algorithms.registry import METHODS, NoOptions, get_method, register
-from fedjax_lora.settings import ServerOptimizer
+from fedjax_lora.errors import ConfigError
+from fedjax_lora.settings import DPOptions, ServerOptimizer
 
 __all__ = ["METHODS", "FedAvgOptions", "centralized", "fedavg", "get_method", "local", "register"]
 
@@ -43,7 +45,7 @@ def local(problem: Problem, options: NoOptions = NoOptions()) -> Algorithm:
     """Local training only: every client trains its own adapters, nothing is exchanged; each client
     draws its own initial adapters."""
     del options
-    return federated("local", problem, local_aggregator(), shared_init=False)
+    return federated("local", problem, local_aggregator(), shared_init=False, comm=nothing)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,18 +55,23 @@ class FedAvgOptions:
     average (the CoMiGS reference's timing; the CoMiGS grids set it). server_opt: a server
     optimizer on the pseudo-gradient (`aggregation.server_opt`; FedAvgM, FedAdam, ...).
     proximal_mu > 0: FedProx's proximal term `μ/2 ‖θ − θ_global‖²` on the local loss
-    (`base.proximal`)."""
+    (`base.proximal`). dp: client-level DP of the average (`settings.DPOptions`: DP-FedAvg,
+    McMahan et al., ICLR 2018; clipping, Gaussian noise, `ε` reported per round; the same as the
+    config's `aggregation.dp`); None: off."""
 
     weighting: Literal["uniform", "tokens"] = "uniform"
     evaluate: Evaluate = "aggregated"
     server_opt: ServerOptimizer = ServerOptimizer()
     proximal_mu: float = 0.0
+    dp: DPOptions | None = None
 
     def __post_init__(self):
         if self.weighting not in ("uniform", "tokens"):
             raise ValueError(f"weighting must be 'uniform' or 'tokens', got {self.weighting!r}")
         if not self.proximal_mu >= 0:
-            raise ValueError(f"proximal_mu must be >= 0 (0: no proximal term), got {self.proximal_mu!r}")
+            raise ValueError(
+                f"proximal_mu must be >= 0 (0: no proximal term), got {self.proximal_mu!r}"
+            )
 
 
 def fedavg(
@@ -83,19 +90,41 @@ def fedavg(
             f"method_options.{name}.server_opt.kind={options.server_opt.kind!r}; for another "
             "server optimizer set method_options.fedavg.server_opt.kind instead"
         )
+    if options.dp is not None:
+        problem = _with_dp(problem, options.dp, name)
+    elif name == "dp-fedavg":
+        raise ConfigError("method_options.dp-fedavg.dp is null; give DP options or run fedavg")
     inputs = None
     if options.weighting == "tokens":
         inputs = lambda data, clients, eval_sets, base: {"weights": data.token_counts()}
     return federated(
         name,
         problem,
-        with_server_optimizer(fedavg_aggregator(), options.server_opt),
+        fedavg_aggregator(),
         shared_init=True,
         inputs=inputs,
         server_model=True,
         evaluate=options.evaluate,
         proximal_mu=options.proximal_mu or None,
+        policy="all",
+        server_opt=options.server_opt,
     )
+
+
+def _with_dp(problem: Problem, dp: DPOptions, name: str) -> Problem:
+    """The problem whose global rule is DP-FedAvg with `dp` (`algorithms.base.with_global_rule`),
+    refusing a second source of DP or a robust reduction."""
+    rule = problem.global_rule
+    if rule.dp is not None:
+        raise ConfigError(
+            f"method_options.{name}.dp and aggregation.dp both set DP; unset one of them"
+        )
+    if rule.reduction != "mean":
+        raise ConfigError(
+            f"method_options.{name}.dp certifies the clipped mean, not aggregation.reduction = "
+            f"{rule.reduction!r}; set aggregation.reduction=mean"
+        )
+    return dataclasses.replace(problem, global_rule=dataclasses.replace(rule, dp=dp))
 
 
 SERVER_KINDS = {"fedavgm": "sgd", "fedadam": "adam", "fedyogi": "yogi", "fedadagrad": "adagrad"}
@@ -112,7 +141,7 @@ def centralized(problem: Problem, options: NoOptions = NoOptions()) -> Algorithm
     method = Method(
         "centralized",
         standard_client(problem, shared_init=True, train=pooled),
-        aggregating(local_aggregator()),
+        aggregating(local_aggregator(), comm=nothing),
         capabilities=Capabilities(cohorts=False, data_axis=False),
         train=pooled,
     )
@@ -126,6 +155,14 @@ register(
     functools.partial(fedavg, name="fedavg-tokens"),
     FedAvgOptions(weighting="tokens"),
     doc="FedAvg weighted by the clients' training-token counts",
+)
+register(
+    "dp-fedavg",
+    functools.partial(fedavg, name="dp-fedavg"),
+    FedAvgOptions(dp=DPOptions()),
+    doc="DP-FedAvg (McMahan et al., ICLR 2018): FedAvg of client updates clipped to "
+    "`dp.clip_norm`, Gaussian noise `N(0, (z C / K)^2)` on the mean; `ε` at `dp.delta` reported "
+    "every round",
 )
 register("centralized", centralized)
 for _name, _doc in {

@@ -22,6 +22,7 @@ from fedjax_lora.engine.optim import OptimizerConfig
 from fedjax_lora.engine.strategy import Strategy
 from fedjax_lora.engine.train import LocalTraining
 from fedjax_lora.errors import DataError
+from fedjax_lora.settings import GlobalRule
 
 
 class TrainData(NamedTuple):
@@ -67,7 +68,9 @@ class Problem:
     `cohort`: the clients drawn per round out of the population (None: every client, every
     round; see `fedjax_lora.engine.cohort`); `task`: how a text-task set among `eval_sets` is
     scored (`with_task`); `eval_progress`: every client's evaluation ticks the host's open
-    `fedjax_lora.tracking.evaluation_progress` bar (a host callback compiled into the round)."""
+    `fedjax_lora.tracking.evaluation_progress` bar (a host callback compiled into the round);
+    `global_rule`: how every method with a global part reduces it (robust reduction, DP;
+    `algorithms.base.with_global_rule`)."""
 
     graphdef: nnx.GraphDef
     template: nnx.State
@@ -84,6 +87,7 @@ class Problem:
     cohort: Cohort | None = None
     task: TextTask | None = None
     eval_progress: bool = False
+    global_rule: GlobalRule = GlobalRule()
 
     @property
     def num_clients(self) -> int:

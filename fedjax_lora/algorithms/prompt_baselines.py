@@ -106,6 +106,7 @@ def _fedprompt(problem: Problem, options: FedPromptOptions, name: str, evaluate:
         shared_init=True,
         evaluate=evaluate,
         server_model=True,
+        policy="all",
     )
 
 
@@ -143,12 +144,19 @@ def _fedptuning(problem: Problem, options: FedPTuningOptions, name: str, evaluat
     if not isinstance(options.prompt, PTuningConfig):
         raise ValueError(f"{name} needs a PTuningConfig, got {type(options.prompt).__name__}")
     problem = with_prompt(problem, options.prompt)
-    aggregator = fedavg_aggregator()
-    if options.reference_state_dict:
+    aggregator, policy = fedavg_aggregator(), "all"
+    if options.reference_state_dict:  # not a mean of the tensors: no replaceable global part
+        policy = None
         model = nnx.merge(problem.graphdef, problem.template, problem.base)
         aggregator = reference_state_dict_aggregator(nnx.graphdef(model.prompt))
     return federated(
-        name, problem, aggregator, shared_init=True, evaluate=evaluate, server_model=True
+        name,
+        problem,
+        aggregator,
+        shared_init=True,
+        evaluate=evaluate,
+        server_model=True,
+        policy=policy,
     )
 
 

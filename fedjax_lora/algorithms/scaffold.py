@@ -38,7 +38,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from fedjax_lora.aggregation import Aggregator, fedavg_aggregator, with_server_optimizer
+from fedjax_lora.aggregation import Aggregator, Exchange, fedavg_aggregator, with_server_optimizer
 from fedjax_lora.aggregation.server_opt import client_mean
 from fedjax_lora.algorithms.base import (
     Algorithm,
@@ -50,6 +50,7 @@ from fedjax_lora.algorithms.base import (
     ServerProgram,
     anchored,
     build,
+    exchanged,
     proximal,
     standard_client,
 )
@@ -138,7 +139,14 @@ def scaffold_server(aggregator: Aggregator, population: int) -> ServerProgram:
         metrics = {"applied": jnp.asarray(True)}
         return clients._replace(params=params), ScaffoldState(inner, control), metrics, None
 
-    return ServerProgram(init, apply, None, server_model=True)
+    return ServerProgram(init, apply, None, server_model=True, comm=scaffold_comm)
+
+
+def scaffold_comm(clients: ClientState) -> Exchange:
+    """Every client uploads its adapters and its control-variate update `Δc_i` (one adapter tree
+    each) and downloads the server's adapters and control variate `c`: twice FedAvg's bytes."""
+    one = exchanged("all")(clients)
+    return Exchange(2 * one.upload, 2 * one.download)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,16 +23,30 @@ optimizer states and schedules stay local. Rules:
   the top-100 sparsified last-position logits on the shared reference sequences;
 - `pcl-oracle` ("theoretical"): `W[i, j] ∝ ⟨m_i, m_j⟩` from the known data mixtures `m`;
 - `pcl-fedavg` (the reference's `naive`): `W = 1/N` on the same schedule and initialisation.
+
+Communication per client and aggregating round (`trust_comm`): every rule uploads the client's
+adapters and downloads its mixture; `pcl-val`'s cross-evaluation downloads the `N − 1` peers'
+adapters instead (the client evaluates and mixes them) and uploads its perplexity row `[N]`;
+`pcl-pred` also uploads its last-position logits on the reference set `[S, V]` and downloads the
+`N − 1` peers'.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from fedjax_lora.aggregation import fedavg_aggregator, trust_aggregator
-from fedjax_lora.algorithms.base import Algorithm, federated
+from fedjax_lora.aggregation import (
+    Exchange,
+    fedavg_aggregator,
+    logits_exchange,
+    model_exchange,
+    tree_bytes,
+    trust_aggregator,
+)
+from fedjax_lora.algorithms.base import Algorithm, Comm, exchanged, federated, num_rows, per_client
 from fedjax_lora.algorithms.problem import Problem
 from fedjax_lora.algorithms.registry import register
 from fedjax_lora.engine.crosseval import CrossEval, attention_dropout_only, make_cross_eval
@@ -79,7 +93,26 @@ def trust_weighted(
         inputs=inputs,
         first_round=options.first_aggregation_round,
         client_eval=cross.client_eval,
+        comm=trust_comm(problem, rule),
     )
+
+
+def trust_comm(problem: Problem, rule: str) -> Comm:
+    """The bytes of rule `rule` per client and aggregating round (module docstring)."""
+    if rule not in ("validation", "prediction"):
+        return exchanged("all")
+
+    def comm(clients) -> Exchange:
+        n = num_rows(clients.params)
+        model = tree_bytes(clients.params) // n
+        if rule == "validation":
+            cross = model_exchange(model, n)
+            return per_client(Exchange(cross.upload + 4 * n, cross.download), n)
+        vocab = nnx.merge(problem.graphdef, problem.template, problem.base).config.vocab_size
+        logits = logits_exchange((problem.reference.shape[0], vocab), n, np.float32)
+        return per_client(Exchange(model + logits.upload, model + logits.download), n)
+
+    return comm
 
 
 def _inputs(problem: Problem, rule: str, options: TrustOptions, cross: CrossEval):
