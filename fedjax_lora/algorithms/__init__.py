@@ -17,7 +17,7 @@ from fedjax_lora.algorithms.base import (
     standard_client,
 )
 from fedjax_lora.algorithms.methods import METHODS, centralized, fedavg, get_method, local, register
-from fedjax_lora.algorithms.problem import Problem, TrainData
+from fedjax_lora.algorithms.problem import Problem, Surgery, TrainData, install, model_of
 
 __all__ = [
     "METHODS",
@@ -29,6 +29,7 @@ __all__ = [
     "RoundInputs",
     "ServerProgram",
     "SimState",
+    "Surgery",
     "TrainData",
     "aggregating",
     "build",
@@ -37,7 +38,9 @@ __all__ = [
     "federated",
     "fedavg",
     "get_method",
+    "install",
     "local",
+    "model_of",
     "register",
     "standard_client",
 ]

@@ -58,12 +58,12 @@ from fedjax_lora.algorithms.base import (
     federated,
     local_training,
 )
-from fedjax_lora.algorithms.problem import Problem
+from fedjax_lora.algorithms.problem import Problem, Surgery, install
 from fedjax_lora.engine.loss import AUX_LOSS
 from fedjax_lora.engine.state import init_clients
 from fedjax_lora.engine.train import make_client_update
 from fedjax_lora.lora import LoRA, LoRAConfig, attach_adapters
-from fedjax_lora.models.layers import Adapter, dropout
+from fedjax_lora.models.layers import Adapter, ClientFrozen, dropout
 
 __all__ = [
     "MLP_LORA",
@@ -75,6 +75,9 @@ __all__ = [
     "ffa_lora",
     "flexlora",
     "hetlora",
+    "rank_scales",
+    "ranked_lora",
+    "run_surgery",
     "with_ranks",
 ]
 
@@ -83,9 +86,9 @@ MLP_LORA = LoRAConfig(targets=(r"re:.*\.mlp\..*",), rank=16, alpha=16.0, scaling
 `up_proj`, `down_proj`), rank 16, `α = 16`, `s = α/√r`."""
 
 
-class RankScale(nnx.Variable):
+class RankScale(ClientFrozen):
     """`f32 [r_max]`: a client's LoRA scale on its active ranks, 0 on padded and pruned ones
-    (per client, never trained)."""
+    (per client, never trained; HetLoRA's server zeroes pruned ranks)."""
 
 
 class RankedLoRA(LoRA):
@@ -116,6 +119,13 @@ class RankedLoRA(LoRA):
         return ((h @ a) * m.astype(a.dtype)) @ b
 
 
+def ranked_lora(config: LoRAConfig, *, prune_coef: float = 0.0, keep: float = 0.99) -> Surgery:
+    """The surgery putting `RankedLoRA` modules of `config` on `config.targets`, replacing any
+    LoRA there (`install`)."""
+    make = lambda i, o: RankedLoRA(i, o, config, prune_coef=prune_coef, keep=keep)
+    return lambda model: attach_adapters(model, config.targets, make, replace=True)
+
+
 def with_ranks(
     problem: Problem,
     ranks: Sequence[int] | None = None,
@@ -123,62 +133,79 @@ def with_ranks(
     *,
     prune_coef: float = 0.0,
     keep: float = 0.99,
-) -> tuple[Problem, nnx.State]:
-    """The problem with `RankedLoRA` modules of rank `max(ranks)` on `ranked.targets` (replacing
-    any LoRA there; default ranks: `ranked.rank` for every client), and the clients' stacked
-    rank scales (`RankScale` state, `[N, r_max]` per module: `s_i` on the first `r_i` ranks)."""
+) -> Problem:
+    """The problem with `RankedLoRA` modules of rank `max(ranks)` on `ranked.targets`
+    (`ranked_lora`; default ranks: `ranked.rank` for every client)."""
+    ranks = _check_ranks(problem, ranks, ranked)
+    config = dataclasses.replace(ranked, rank=max(ranks))
+    return install(problem, ranked_lora(config, prune_coef=prune_coef, keep=keep))
+
+
+def run_surgery(
+    ranks: Sequence[int] | None = None, ranked: LoRAConfig = MLP_LORA, **options
+) -> Surgery:
+    """The model surgery of a hetlora or flexlora run with these method options (the rest
+    ignored): `ranked_lora` at the largest rank, e.g. to rebuild its model for export."""
+    del options
+    return ranked_lora(dataclasses.replace(ranked, rank=max(ranks or [ranked.rank])))
+
+
+def _check_ranks(problem: Problem, ranks: Sequence[int] | None, ranked: LoRAConfig) -> list[int]:
     n = problem.num_clients
     ranks = [ranked.rank] * n if ranks is None else [int(r) for r in ranks]
     if len(ranks) != n or min(ranks) < 1:
         raise ValueError(f"ranks must give a rank >= 1 for each of the {n} clients, got {ranks}")
-    config = dataclasses.replace(ranked, rank=max(ranks))
-    model = nnx.merge(problem.graphdef, problem.template, problem.base)
-    make = lambda i, o: RankedLoRA(i, o, config, prune_coef=prune_coef, keep=keep)
-    attach_adapters(model, config.targets, make, replace=True)
-    graphdef, template, scales, base = nnx.split(model, Adapter, RankScale, ...)
-    per_client = np.zeros((n, config.rank), np.float32)
+    return ranks
+
+
+def rank_scales(frozen: nnx.State, ranks: Sequence[int], ranked: LoRAConfig) -> nnx.State:
+    """The clients' frozen state of a `with_ranks` problem (`frozen`: its template): every
+    `RankScale` `[N, r_max]` holding `s_i` (the scale of `ranked` at rank `r_i`) on the first
+    `r_i` ranks, 0 after."""
+    r_max = max(ranks)
+    per_client = np.zeros((len(ranks), r_max), np.float32)
     for i, r in enumerate(ranks):
-        per_client[i, :r] = dataclasses.replace(config, rank=r).scale
-    scales = jax.tree.map(lambda _: jnp.asarray(per_client), scales)
-    return dataclasses.replace(problem, graphdef=graphdef, template=template, base=base), scales
+        per_client[i, :r] = dataclasses.replace(ranked, rank=r).scale
+    return jax.tree.map(lambda _: jnp.asarray(per_client), frozen)
 
 
 def _ranked_method(
     name: str,
     problem: Problem,
-    scales: nnx.State,
+    ranks: Sequence[int] | None,
+    ranked: LoRAConfig,
+    prune_coef: float,
+    keep: float,
     aggregator: Aggregator,
     inputs: Callable[..., dict] | None = None,
     evaluate: Evaluate = "local",
 ) -> Algorithm:
     """The aggregator's method on a `with_ranks` problem: clients start from one shared draw
-    truncated to their ranks, and train only their `Adapter` variables (the rank scales ride
-    along in `params`, where the servers read them); `evaluate`: the local models before the
-    server average, or the aggregated ones."""
+    truncated to their ranks (their `RankScale`s in `ClientState.frozen`, `rank_scales`), the
+    server sees and updates the rank scales with the adapters (`aggregating(frozen=True)`);
+    `evaluate`: the local models before the server average, or the aggregated ones."""
+    ranks = _check_ranks(problem, ranks, ranked)
+    problem = with_ranks(problem, ranks, ranked, prune_coef=prune_coef, keep=keep)
+    scales = rank_scales(problem.frozen, ranks, ranked)
     tx = problem.tx()
     cfg = problem.training
     update = make_client_update(
         problem.graphdef, tx, cfg, max_windows=problem.train.max_windows(cfg.seq_len)
     )
 
-    def client_update(client, tokens, length, mask, base):
-        adapters, fixed = nnx.split_state(client.params, Adapter, ...)
-        client, metrics = update(
-            client._replace(params=adapters), tokens, length, mask, nnx.merge_state(base, fixed)
-        )
-        return client._replace(params=nnx.merge_state(client.params, fixed)), metrics
-
     def init(key):
-        clients = init_clients(problem.template, tx, problem.num_clients, key, shared_init=True)
-        params = nnx.merge_state(clients.params, scales)
-        params = map_ranked(params, lambda _, a, b, m: (*truncate(a, b, m > 0), m))
-        return clients._replace(params=params)
+        clients = init_clients(
+            problem.template, tx, problem.num_clients, key, shared_init=True, frozen=scales
+        )
+        merged = nnx.merge_state(clients.params, scales)
+        merged = map_ranked(merged, lambda _, a, b, m: (*truncate(a, b, m > 0), m))
+        return clients._replace(params=nnx.split_state(merged, Adapter, ...)[0])
 
-    client = ClientProgram(init, local_training(problem, client_update))
+    client = ClientProgram(init, local_training(problem, update))
     method = Method(
         name,
         client,
-        aggregating(aggregator, inputs=inputs),
+        aggregating(aggregator, inputs=inputs, frozen=True),
         evaluate=evaluate,
         capabilities=Capabilities(cohorts=False),
     )
@@ -200,9 +227,10 @@ def hetlora(
     weight `prune_coef` (`λ_p`; the reference sweeps 0.05, 0.005, 0.0005), tail ratio `keep`
     (`γ`), self-pruning at upload, sparsity weights from `‖ΔW_i‖_F` (`reference_weights`: the
     reference's per-matrix norms)."""
-    ranked_problem, scales = with_ranks(problem, ranks, ranked, prune_coef=prune_coef, keep=keep)
     aggregator = hetlora_aggregator(keep, self_prune, reference_weights)
-    return _ranked_method("hetlora", ranked_problem, scales, aggregator, evaluate=evaluate)
+    return _ranked_method(
+        "hetlora", problem, ranks, ranked, prune_coef, keep, aggregator, evaluate=evaluate
+    )
 
 
 def flexlora(
@@ -218,10 +246,11 @@ def flexlora(
     weighted average of the full updates, SVD back to each client's rank (`merge_alpha = 16`:
     the reference's `16/r` merge rate; `reference_accumulator`: the reference server's accumulator
     reset, only the last client's update, `fedjax_lora.aggregation.flexlora`)."""
-    ranked_problem, scales = with_ranks(problem, ranks, ranked)
     inputs = lambda data, clients, eval_sets, base: {"weights": data.token_counts()}
     aggregator = flexlora_aggregator(merge_alpha, reference_accumulator)
-    return _ranked_method("flexlora", ranked_problem, scales, aggregator, inputs, evaluate)
+    return _ranked_method(
+        "flexlora", problem, ranks, ranked, 0.0, 0.99, aggregator, inputs, evaluate
+    )
 
 
 def ffa_frozen(names: Sequence[str], train_attention_a: bool = False) -> bool:
