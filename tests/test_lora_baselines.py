@@ -20,9 +20,9 @@ from fedjax_lora.aggregation.masks import masked_aggregator, path_names
 from fedjax_lora.aggregation.testing import check_aggregator
 from fedjax_lora.algorithms import get_method
 from fedjax_lora.algorithms.lora_baselines import RankedLoRA, ffa_frozen
-from fedjax_lora.export import client_model_state
 from fedjax_lora.cli import main
 from fedjax_lora.experiment import method_factory
+from fedjax_lora.export import client_model_state
 from fedjax_lora.lora import LoRAConfig
 from tests.test_cli import TINY
 from tests.tiny import tiny_problem

@@ -5,8 +5,8 @@ Leaves are classified by their path (the CoMiGS reference classifies parameter n
 a path with a `router` component is a *router*; one with an `experts` component holds stacked
 mixture experts `[N, E, ...]` (slot 0 the generalist); everything else (attention LoRA, plain
 LoRA) is *shared* LoRA. Per-client structure (expert masks) is not among the adapters: it is the
-clients' frozen state (`ClientFrozen`, `ClientState.frozen`), which no policy averages. Policies (Fan et al., CoMiGS,
-arXiv:2409.13931, `collaboration_strategies.py`):
+clients' frozen state (`ClientFrozen`, `ClientState.frozen`), which no policy averages. Policies
+(Fan et al., CoMiGS, arXiv:2409.13931, `collaboration_strategies.py`):
 
 - `none`: nothing global (local training).
 - `all`: everything global, routers included.
