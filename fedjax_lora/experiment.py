@@ -614,7 +614,7 @@ def routing_record(
     try:
         result = routing_analysis(
             moe_problem.graphdef,
-            nnx.merge_state(sim.clients.params, sim.clients.frozen),
+            client_model_state(sim.clients),
             moe_problem.base,
             moe_problem.eval_sets["test"],
             top_k=top_k,
