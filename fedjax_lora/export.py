@@ -20,7 +20,8 @@ From a run: `train_and_evaluate` saves every method's final stacked adapters
 (`save_run_adapters`, `RUN_DIR/adapters/<method>.safetensors`); `export_run` (the CLI's
 `fedjax-lora export RUN_DIR --method M [--client C] [--format peft|merged] --out DIR`) rebuilds
 the base from the run's `config.json` (with the method's model surgery for hetlora and
-flexlora, `lora_baselines.run_surgery`) and writes one client's (or every client's) export.
+flexlora, `lora_baselines.ranked_run_surgery`) and writes one client's (or every client's)
+export.
 """
 
 from __future__ import annotations
@@ -292,14 +293,15 @@ def load_run_adapters(path: str | os.PathLike, template: nnx.State) -> tuple[nnx
 def _method_model(config, method: str) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
     """`(graphdef, client template, base)` of method `method`'s model in a run of `config`: the
     config's base and LoRA, changed by the method's surgery for hetlora and flexlora
-    (`lora_baselines.run_surgery`); the template holds one client's adapters and frozen state."""
-    from fedjax_lora.algorithms.lora_baselines import run_surgery
+    (`lora_baselines.ranked_run_surgery`); the template holds one client's adapters and frozen
+    state."""
+    from fedjax_lora.algorithms.lora_baselines import ranked_run_surgery
     from fedjax_lora.algorithms.problem import split_model
     from fedjax_lora.experiment import build_model, method_factory  # they save through here
 
     model = build_model(config)[0]
     if method in ("hetlora", "flexlora"):
-        run_surgery(**method_factory(method, config).keywords)(model)
+        ranked_run_surgery(**method_factory(method, config).keywords)(model)
     graphdef, adapters, frozen, base = split_model(model)
     return graphdef, nnx.merge_state(adapters, frozen), base
 

@@ -52,7 +52,7 @@ from fedjax_lora.algorithms.base import (
     aggregating,
     build,
 )
-from fedjax_lora.algorithms.problem import Problem, install
+from fedjax_lora.algorithms.problem import Problem, Surgery, install
 from fedjax_lora.engine.batches import Batch
 from fedjax_lora.engine.loss import lm_loss
 from fedjax_lora.engine.optim import OptimizerConfig
@@ -63,7 +63,7 @@ from fedjax_lora.lora import init_adapters
 from fedjax_lora.models.layers import Adapter
 from fedjax_lora.moe import MoEConfig, Router, install_moe, set_expert_counts
 
-__all__ = ["METHODS", "BiLevel", "comigs", "val_sampler", "val_stream", "with_moe"]
+__all__ = ["METHODS", "BiLevel", "comigs", "moe_surgery", "val_sampler", "val_stream", "with_moe"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,8 +139,12 @@ def with_moe(problem: Problem, moe: MoEConfig | None = None) -> Problem:
     its `frozen` template holds the `ExpertMask`s (every slot on). The problem's `graphdef` and
     `base` run a CoMiGS client's adapters with its frozen state merged in, e.g. for
     `fedjax_lora.moe.routing`."""
-    moe = moe or MoEConfig()
-    return install(problem, lambda model: install_moe(model, moe))
+    return install(problem, moe_surgery(moe or MoEConfig()))
+
+
+def moe_surgery(moe: MoEConfig) -> Surgery:
+    """The surgery replacing a model's MLPs by `moe` mixtures (`install_moe`)."""
+    return lambda model: install_moe(model, moe)
 
 
 def comigs(

@@ -76,8 +76,8 @@ __all__ = [
     "flexlora",
     "hetlora",
     "rank_scales",
-    "ranked_lora",
-    "run_surgery",
+    "ranked_surgery",
+    "ranked_run_surgery",
     "with_ranks",
 ]
 
@@ -119,7 +119,7 @@ class RankedLoRA(LoRA):
         return ((h @ a) * m.astype(a.dtype)) @ b
 
 
-def ranked_lora(config: LoRAConfig, *, prune_coef: float = 0.0, keep: float = 0.99) -> Surgery:
+def ranked_surgery(config: LoRAConfig, *, prune_coef: float = 0.0, keep: float = 0.99) -> Surgery:
     """The surgery putting `RankedLoRA` modules of `config` on `config.targets`, replacing any
     LoRA there (`install`)."""
     make = lambda i, o: RankedLoRA(i, o, config, prune_coef=prune_coef, keep=keep)
@@ -135,19 +135,19 @@ def with_ranks(
     keep: float = 0.99,
 ) -> Problem:
     """The problem with `RankedLoRA` modules of rank `max(ranks)` on `ranked.targets`
-    (`ranked_lora`; default ranks: `ranked.rank` for every client)."""
+    (`ranked_surgery`; default ranks: `ranked.rank` for every client)."""
     ranks = _check_ranks(problem, ranks, ranked)
     config = dataclasses.replace(ranked, rank=max(ranks))
-    return install(problem, ranked_lora(config, prune_coef=prune_coef, keep=keep))
+    return install(problem, ranked_surgery(config, prune_coef=prune_coef, keep=keep))
 
 
-def run_surgery(
+def ranked_run_surgery(
     ranks: Sequence[int] | None = None, ranked: LoRAConfig = MLP_LORA, **options
 ) -> Surgery:
     """The model surgery of a hetlora or flexlora run with these method options (the rest
-    ignored): `ranked_lora` at the largest rank, e.g. to rebuild its model for export."""
+    ignored): `ranked_surgery` at the largest rank, e.g. to rebuild its model for export."""
     del options
-    return ranked_lora(dataclasses.replace(ranked, rank=max(ranks or [ranked.rank])))
+    return ranked_surgery(dataclasses.replace(ranked, rank=max(ranks or [ranked.rank])))
 
 
 def _check_ranks(problem: Problem, ranks: Sequence[int] | None, ranked: LoRAConfig) -> list[int]:
