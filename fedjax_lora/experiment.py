@@ -43,9 +43,10 @@ from fedjax_lora.data.streams import split_tail
 from fedjax_lora.distributed import host
 from fedjax_lora.engine.evaluate import EvalSet
 from fedjax_lora.errors import CheckpointError, ConfigError, DivergenceError
-from fedjax_lora.export import ADAPTERS_DIR, save_run_adapters
+from fedjax_lora.export import ADAPTERS_DIR, client_model_state, save_run_adapters
 from fedjax_lora.models.config import ModelConfig
 from fedjax_lora.models.factory import from_config
+from fedjax_lora.models.layers import ExpertMask
 from fedjax_lora.options import resolve
 from fedjax_lora.plots import plot_bytes, plot_expert_assignment, plot_history, plot_trust
 from fedjax_lora.settings import TrustOptions
@@ -615,22 +616,29 @@ def run_method(
 
 def _save_adapters(path: Path, problem: Problem, sim: SimState, round_idx: int) -> None:
     names = problem.client_names or [str(i) for i in range(problem.num_clients)]
-    save_run_adapters(path, sim.clients.params, names, round_idx)
+    save_run_adapters(path, client_model_state(sim.clients), names, round_idx)
 
 
 def final_analyses(
     name: str, config: ExperimentConfig, problem: Problem, sim: SimState
 ) -> dict[str, Any]:
-    """What the last record of a run adds: `experts` (`expert_assignment`, 0/1 lists) and
-    `routing` (`routing_record`), for the methods that have them."""
+    """What the last record of a run adds: `experts` (`expert_assignment`, 0/1 lists; not for
+    the CoMiGS family, whose expert masks are its configured expert counts) and `routing`
+    (`routing_record`), for the methods that have them."""
     extra = {}
-    experts = expert_assignment(sim)
+    experts = None if _is_moe(name, config) else expert_assignment(sim)
     if experts:
         extra["experts"] = {m: x.astype(int).tolist() for m, x in experts.items()}
     routing = routing_record(name, config, problem, sim)
     if routing:
         extra["routing"] = routing
     return extra
+
+
+def _is_moe(name: str, config: ExperimentConfig) -> bool:
+    """Whether method `name` is of the CoMiGS family (its options have a `moe` field)."""
+    options = method_factory(name, config).keywords["options"]
+    return "moe" in {f.name for f in dataclasses.fields(options)}
 
 
 def routing_record(
@@ -641,13 +649,13 @@ def routing_record(
     `[N, L]`, and per client and block the `top_k` most generalist- and specialist-routed tokens
     as `[token, share, count]` (decoded with the base's tokenizer for text data); None for other
     methods and for mixtures without routers."""
-    options = method_factory(name, config).keywords["options"]
-    if "moe" not in {f.name for f in dataclasses.fields(options)}:
+    if not _is_moe(name, config):
         return None
+    factory = method_factory(name, config)
     from fedjax_lora.algorithms.comigs import with_moe
     from fedjax_lora.moe import routing_analysis
 
-    moe_problem, _ = with_moe(problem, options.moe)
+    moe_problem = with_moe(problem, factory.keywords["options"].moe)
     tokenizer = base_tokenizer(config)
     if tokenizer is None and config.data.source != "synthetic":
         vocab = nnx.merge(problem.graphdef, problem.template, problem.base).config.vocab_size
@@ -655,7 +663,7 @@ def routing_record(
     try:
         result = routing_analysis(
             moe_problem.graphdef,
-            sim.clients.params,
+            client_model_state(sim.clients),
             moe_problem.base,
             moe_problem.eval_sets["test"],
             top_k=top_k,
@@ -731,8 +739,11 @@ def expert_assignment(sim: SimState) -> dict[str, np.ndarray] | None:
     """FedAMoLE's expert assignment in a state: `{AMoLE module: bool [E, C]}`, `X[e, c]` = client
     `c` holds expert `e` (the per-client `ExpertMask`s in `sim.clients.frozen`); None for
     methods without one."""
-    masks = sim.clients.frozen
-    if not isinstance(masks, nnx.State) or not jax.tree.leaves(masks):
+    frozen = sim.clients.frozen
+    if not isinstance(frozen, nnx.State):
+        return None
+    masks = nnx.split_state(frozen, ExpertMask, ...)[0]
+    if not jax.tree.leaves(masks):
         return None
     held = amole.by_module(jax.device_get(masks))
     return {module: np.asarray(x, bool).T for module, x in held.items()}

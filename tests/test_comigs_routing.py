@@ -194,7 +194,8 @@ def routed():
     sim = algo.init(jax.random.key(0))
     sharpen = lambda path, x: x * 100.0 if "router" in path_names(path) else x
     params = jax.tree_util.tree_map_with_path(sharpen, sim.clients.params)
-    moe_problem, _ = with_moe(problem, MOE)
+    params = nnx.merge_state(params, sim.clients.frozen)  # with the clients' expert masks
+    moe_problem = with_moe(problem, MOE)
     decode = type("Tokenizer", (), {"decode": staticmethod(lambda ids: f"<{ids[0]}>")})()
     result = routing_analysis(
         moe_problem.graphdef,

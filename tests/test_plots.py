@@ -87,7 +87,7 @@ AMOLE = amole.AMoLEConfig(targets=("c_attn.q", "c_attn.v"), num_experts=3, rank=
 def masked_local(problem, options):
     del options  # registered without options
     problem = with_amole(problem, AMOLE)
-    masks = amole.expert_masks(problem.base)
+    masks = amole.expert_masks(problem.frozen)
     held = dict(zip(sorted(amole.by_module(masks)), HELD, strict=True))  # in path order
     flat = [
         (p, v.replace(jnp.asarray(held[amole.module_path(p[:-1])])))

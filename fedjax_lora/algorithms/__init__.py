@@ -18,7 +18,7 @@ from fedjax_lora.algorithms.base import (
     standard_client,
 )
 from fedjax_lora.algorithms.methods import FedAvgOptions, centralized, fedavg, local
-from fedjax_lora.algorithms.problem import Problem, TrainData
+from fedjax_lora.algorithms.problem import Problem, Surgery, TrainData, install, model_of
 from fedjax_lora.algorithms.registry import METHODS, MethodSpec, NoOptions, get_method, register
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "RoundInputs",
     "ServerProgram",
     "SimState",
+    "Surgery",
     "TrainData",
     "aggregating",
     "build",
@@ -42,7 +43,9 @@ __all__ = [
     "federated",
     "fedavg",
     "get_method",
+    "install",
     "local",
+    "model_of",
     "register",
     "standard_client",
 ]

@@ -24,11 +24,13 @@ The round (compiled once; the round counter is data, so later rounds never recom
     metrics = {"train": train, "aggregation": agg, <set>: evaluate(clients, clients')}
     (host) sim = server.host(sim, host_in)                                   # outside jit
 
-Per-client frozen state (`ClientState.frozen`: e.g. FedAMoLE's expert masks) is merged over the
-shared base for that client in training and evaluation. `server` in the clients' inputs is the
-server state at the round start (what they download besides their adapters: SCAFFOLD's `c`).
-Client-drift corrections (FedProx, SCAFFOLD) are combinators over the standard client:
-`drift_corrected`, `proximal`, `anchored`.
+Per-client frozen state (`ClientState.frozen`: the `ClientFrozen` variables of the problem's
+model, e.g. CoMiGS's and FedAMoLE's expert masks, HetLoRA's rank scales; every client starts from
+the problem's `frozen` template unless its method sets them) is merged over the shared base for
+that client in training and evaluation. `server` in the clients' inputs is the server state at
+the round start (what they download besides their adapters: SCAFFOLD's `c`). Client-drift
+corrections (FedProx, SCAFFOLD) are combinators over the standard client: `drift_corrected`,
+`proximal`, `anchored`.
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ from fedjax_lora.engine.state import ClientState, init_clients
 from fedjax_lora.engine.strategy import map_clients
 from fedjax_lora.engine.train import make_client_update, train_clients
 from fedjax_lora.errors import ConfigError
+from fedjax_lora.models.layers import ClientFrozen
 from fedjax_lora.settings import DPOptions, GlobalRule, ServerOptimizer
 from fedjax_lora.tracking import ticking
 from fedjax_lora.typing import PyTree
@@ -281,9 +284,16 @@ def standard_client(
     )
 
     def init(key: jax.Array) -> ClientState:
-        return init_clients(problem.template, tx, train.num_clients, key, shared_init=shared_init)
+        n = train.num_clients
+        frozen = for_clients(problem.frozen, n)
+        return init_clients(problem.template, tx, n, key, shared_init=shared_init, frozen=frozen)
 
     return ClientProgram(init, local_training(problem, update))
+
+
+def for_clients(state: PyTree, num_clients: int) -> PyTree:
+    """`state` (one client's, e.g. `Problem.frozen`) repeated for every client `[N, ...]`."""
+    return jax.tree.map(lambda x: jnp.broadcast_to(x, (num_clients, *jnp.shape(x))), state)
 
 
 def local_training(problem: Problem, client_update: Callable) -> Callable:
@@ -411,6 +421,7 @@ def aggregating(
     policy: PolicyArg | None = None,
     server_opt: ServerOptimizer | None = None,
     comm: Comm | None = None,
+    frozen: bool = False,
 ) -> ServerProgram:
     """The server of an `Aggregator` (a pure function of the stacked client adapters).
 
@@ -423,6 +434,9 @@ def aggregating(
     stepping the aggregate of that part (`aggregation.with_server_optimizer`; it stays around a
     replacing rule). comm: the bytes moved (default `exchanged(policy or "all")`, the whole
     adapters when no policy is declared).
+    frozen: the aggregator sees every client's adapters with its frozen state merged in
+    (`ClientState.frozen`) and returns both (HetLoRA's self-pruning zeroes rank scales); otherwise
+    the adapters alone, the frozen state untouched.
     Metrics: `applied` and, for matrix aggregators, the `matrix` in use (trust heatmaps)."""
     if policy == "none":
         policy, comm = None, comm or nothing
@@ -433,10 +447,12 @@ def aggregating(
     part = None
     if policy is not None:
         rebuild = lambda rule: _aggregator_server(
-            stepped(rule), inputs, first_round, server_model, comm, None
+            stepped(rule), inputs, first_round, server_model, comm, None, frozen
         )
         part = GlobalPart(policy, rebuild)
-    return _aggregator_server(stepped(aggregator), inputs, first_round, server_model, comm, part)
+    return _aggregator_server(
+        stepped(aggregator), inputs, first_round, server_model, comm, part, frozen
+    )
 
 
 def _aggregator_server(
@@ -446,6 +462,7 @@ def _aggregator_server(
     server_model: bool,
     comm: Comm,
     part: GlobalPart | None,
+    frozen: bool,
 ) -> ServerProgram:
     if first_round < 1:
         raise ValueError(f"the first aggregation round must be >= 1, got {first_round}")
@@ -453,20 +470,28 @@ def _aggregator_server(
     def apply(clients: ClientState, state, ri: RoundInputs):
         def aggregate(_):
             side = {} if inputs is None else inputs(ri.data, clients, ri.eval_sets, ri.base)
-            return aggregator.apply(clients.params, state, side)
+            if not frozen:
+                return (*aggregator.apply(clients.params, state, side), clients.frozen)
+            tree = nnx.merge_state(clients.params, clients.frozen)
+            tree, new_state = aggregator.apply(tree, state, side)
+            new_frozen, params = nnx.split_state(tree, ClientFrozen, ...)
+            return params, new_state, new_frozen
 
         applied = ri.round + 1 >= first_round
         if first_round == 1:
-            params, state = aggregate(None)
+            params, state, kept = aggregate(None)
         else:
-            keep = lambda _: (clients.params, state)
-            params, state = jax.lax.cond(applied, aggregate, keep, None)
+            keep = lambda _: (clients.params, state, clients.frozen)
+            params, state, kept = jax.lax.cond(applied, aggregate, keep, None)
         metrics = {"applied": applied}
         if isinstance(state, MixState):
             metrics["matrix"] = state.matrix
-        return clients._replace(params=params), state, metrics, None
+        return clients._replace(params=params, frozen=kept), state, metrics, None
 
-    init = lambda key, clients: aggregator.init(clients.params)
+    def init(key: jax.Array, clients: ClientState):
+        tree = nnx.merge_state(clients.params, clients.frozen) if frozen else clients.params
+        return aggregator.init(tree)
+
     return ServerProgram(init, apply, None, server_model, comm, part)
 
 

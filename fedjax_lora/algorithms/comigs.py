@@ -52,7 +52,7 @@ from fedjax_lora.algorithms.base import (
     aggregating,
     build,
 )
-from fedjax_lora.algorithms.problem import Problem
+from fedjax_lora.algorithms.problem import Problem, Surgery, install
 from fedjax_lora.algorithms.registry import register
 from fedjax_lora.engine.batches import Batch
 from fedjax_lora.engine.loss import lm_loss
@@ -62,10 +62,18 @@ from fedjax_lora.engine.strategy import map_clients
 from fedjax_lora.engine.train import accumulate_gradients, stream_sampler
 from fedjax_lora.lora import init_adapters
 from fedjax_lora.models.layers import Adapter
-from fedjax_lora.moe import ExpertMask, MoEConfig, Router, install_moe, set_expert_counts
+from fedjax_lora.moe import MoEConfig, Router, install_moe, set_expert_counts
 from fedjax_lora.settings import ServerOptimizer
 
-__all__ = ["BiLevel", "CoMiGSOptions", "comigs", "val_sampler", "val_stream", "with_moe"]
+__all__ = [
+    "BiLevel",
+    "CoMiGSOptions",
+    "comigs",
+    "moe_surgery",
+    "val_sampler",
+    "val_stream",
+    "with_moe",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,15 +143,18 @@ def _check_val_covers_stream(val) -> None:
             )
 
 
-def with_moe(problem: Problem, moe: MoEConfig | None = None) -> tuple[Problem, nnx.State]:
+def with_moe(problem: Problem, moe: MoEConfig | None = None) -> Problem:
     """The problem with its model's MLPs replaced by `moe` mixtures (default `MoEConfig()`;
-    `install_moe`: MLP LoRA is replaced by the experts, attention LoRA stays), and its expert-mask
-    template (`ExpertMask` variables, every slot on). The problem's `graphdef` and `base` run a
-    CoMiGS client's parameters (adapters and masks), e.g. for `fedjax_lora.moe.routing`."""
-    model = nnx.merge(problem.graphdef, problem.template, problem.base)
-    install_moe(model, moe or MoEConfig())
-    graphdef, template, masks, base = nnx.split(model, Adapter, ExpertMask, ...)
-    return dataclasses.replace(problem, graphdef=graphdef, template=template, base=base), masks
+    `install_moe` through `install`: MLP LoRA is replaced by the experts, attention LoRA stays);
+    its `frozen` template holds the `ExpertMask`s (every slot on). The problem's `graphdef` and
+    `base` run a CoMiGS client's adapters with its frozen state merged in, e.g. for
+    `fedjax_lora.moe.routing`."""
+    return install(problem, moe_surgery(moe or MoEConfig()))
+
+
+def moe_surgery(moe: MoEConfig) -> Surgery:
+    """The surgery replacing a model's MLPs by `moe` mixtures (`install_moe`)."""
+    return lambda model: install_moe(model, moe)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,7 +203,7 @@ def comigs(
     moe = options.moe or MoEConfig()
     if options.reference_lb_on_block_output:
         moe = dataclasses.replace(moe, reference_lb_on_block_output=True)
-    moe_problem, masks = with_moe(problem, moe)
+    moe_problem = with_moe(problem, moe)
     graphdef, template = moe_problem.graphdef, moe_problem.template
     n = problem.num_clients
     counts = np.full(n, moe.num_experts) if expert_counts is None else np.asarray(expert_counts)
@@ -224,8 +235,9 @@ def comigs(
         shared = init_adapters(template, k_shared)
         mask = global_mask(own, policy)
         params = jax.tree.map(lambda m, s, o: jnp.where(m, s[None], o), mask, shared, own)
-        client_masks = jax.vmap(set_expert_counts, in_axes=(None, 0))(masks, jnp.asarray(counts))
-        params = nnx.merge_state(params, client_masks)
+        frozen = jax.vmap(set_expert_counts, in_axes=(None, 0))(
+            moe_problem.frozen, jnp.asarray(counts)
+        )
         parts = jax.vmap(lambda p: nnx.split_state(p, *groups, ...)[:-1])(params)
         opt_state = jax.vmap(lambda *ps: (tx.init(ps[0]), *(rtx.init(p) for p in ps[1:])))(*parts)
         aux = {}
@@ -240,6 +252,7 @@ def comigs(
             zeros,
             zeros,
             aux,
+            frozen,
         )
         return problem.strategy.place(clients)
 
@@ -330,7 +343,9 @@ def comigs(
 
         def fn(client, tokens, length, *rest):
             mask, rest = (rest[0], rest[1:]) if masked else (None, rest)
-            return client_update(client, tokens, length, mask, *rest)
+            windows, weights, base, t0 = rest
+            base = nnx.merge_state(base, client.frozen)
+            return client_update(client, tokens, length, mask, windows, weights, base, t0)
 
         per_client = (clients, data.tokens, data.lengths, *((data.mask,) if masked else ()))
         per_client = (*per_client, val.windows, val.weights)

@@ -58,17 +58,18 @@ from fedjax_lora.algorithms.base import (
     scaled_tx,
     with_frozen,
 )
-from fedjax_lora.algorithms.problem import Problem
+from fedjax_lora.algorithms.problem import Problem, Surgery, install, model_of
 from fedjax_lora.algorithms.registry import register
 from fedjax_lora.engine.state import ClientState, init_clients
 from fedjax_lora.engine.strategy import map_clients
 from fedjax_lora.engine.train import make_client_update
 from fedjax_lora.families import family
-from fedjax_lora.lora import detach_adapters, split
+from fedjax_lora.lora import detach_adapters
 
 __all__ = [
     "FedAMoLEOptions",
     "amole_comm",
+    "amole_surgery",
     "fedamole",
     "fedamole_r",
     "input_weights",
@@ -114,15 +115,22 @@ def input_weights(weights: jax.Array) -> jax.Array:
     return jnp.concatenate([first, weights[..., :-1] > 0], axis=-1).astype(jnp.float32)
 
 
+def amole_surgery(config: amole.AMoLEConfig | None = None) -> Surgery:
+    """The surgery replacing a model's adapters by AMoLE modules (`amole.add_amole`; default
+    `AMoLEConfig` on the family's q and v projections)."""
+
+    def surgery(model: nnx.Module) -> None:
+        detach_adapters(model)
+        targets = family(model.config.family).amole_targets
+        amole.add_amole(model, config or amole.AMoLEConfig(targets=targets))
+
+    return surgery
+
+
 def with_amole(problem: Problem, config: amole.AMoLEConfig | None = None) -> Problem:
-    """The problem with its model's adapters replaced by AMoLE modules (default `AMoLEConfig` on
-    the family's q and v projections)."""
-    model = nnx.merge(problem.graphdef, problem.template, problem.base)
-    detach_adapters(model)
-    config = config or amole.AMoLEConfig(targets=family(model.config.family).amole_targets)
-    amole.add_amole(model, config)
-    graphdef, template, base = split(model)
-    return dataclasses.replace(problem, graphdef=graphdef, template=template, base=base)
+    """The problem with its model's adapters replaced by AMoLE modules (`amole_surgery`); its
+    `frozen` template holds their `ExpertMask`s."""
+    return install(problem, amole_surgery(config))
 
 
 def fedamole(
@@ -141,15 +149,15 @@ def fedamole(
         raise ValueError(f"dispatch must be 'rsea', 'static' or 'random', got {dispatch!r}")
     if options.amole is not None:
         problem = with_amole(problem, options.amole)
-    elif not jax.tree.leaves(nnx.split_state(problem.base, amole.ExpertMask, ...)[0]):
+    elif not any(isinstance(m, amole.AMoLE) for _, m in nnx.iter_graph(model_of(problem))):
         problem = with_amole(problem)
     n = problem.num_clients
-    template_masks = amole.expert_masks(problem.base)
+    template_masks = amole.expert_masks(problem.frozen)
     pools = {path: mask.shape[0] for path, mask in amole.by_module(template_masks).items()}
     k, lo, hi = options.clients_per_expert, options.min_experts, options.max_experts
     for size in sorted(set(pools.values())):
         rsea.check_feasible(size, n, k, lo, hi)
-    model = nnx.merge(problem.graphdef, problem.template, problem.base)
+    model = model_of(problem)
     top_k = max(m.top_k for _, m in nnx.iter_graph(model) if isinstance(m, amole.AMoLE))
     if lo < top_k:
         raise ValueError(f"min_experts={lo} is below the router's top_k={top_k}")

@@ -37,9 +37,9 @@ from flax import nnx
 
 from fedjax_lora.aggregation import Aggregator, fedavg_aggregator
 from fedjax_lora.algorithms.base import Algorithm, Evaluate, federated
-from fedjax_lora.algorithms.problem import Problem
+from fedjax_lora.algorithms.problem import Problem, Surgery, install, model_of
 from fedjax_lora.algorithms.registry import register
-from fedjax_lora.lora import detach_adapters, split
+from fedjax_lora.lora import detach_adapters
 from fedjax_lora.prompt_tuning import PromptConfig, PromptTuningConfig, PTuningConfig, attach_prompt
 
 __all__ = [
@@ -51,6 +51,7 @@ __all__ = [
     "fedprompt_ft",
     "fedptuning",
     "fedptuning_ft",
+    "prompt_surgery",
     "reference_state_dict_aggregator",
     "with_prompt",
 ]
@@ -62,21 +63,27 @@ DEFAULT_PTUNING = PTuningConfig(num_virtual_tokens=20, encoder="mlp", hidden_siz
 """The registered FedPTuning's prompt: the reference's 20 tokens, MLP encoder of width 1024."""
 
 
+def prompt_surgery(config: PromptConfig, *, key: jax.Array | None = None) -> Surgery:
+    """The surgery replacing a model's adapters by the soft prompt of `config`
+    (`prompt_tuning.attach_prompt`; `key` draws a `vocab` init's token ids)."""
+
+    def surgery(model: nnx.Module) -> None:
+        detach_adapters(model)
+        attach_prompt(model, config, key=key)
+
+    return surgery
+
+
 def with_prompt(problem: Problem, config: PromptConfig, *, key: jax.Array | None = None) -> Problem:
     """The problem with its model's adapters replaced by the soft prompt of `config`
-    (`prompt_tuning.attach_prompt`; `key` draws a `vocab` init's token ids)."""
-    model = nnx.merge(problem.graphdef, problem.template, problem.base)
-    seq_len, context = problem.training.seq_len, model.config.max_positions
+    (`prompt_surgery`), which with the training windows must fit the model's context."""
+    seq_len, context = problem.training.seq_len, model_of(problem).config.max_positions
     if config.length + seq_len > context:
         raise ValueError(
             f"{config.length} virtual tokens + sequence length {seq_len} exceed the model's "
             f"context of {context} positions; lower num_virtual_tokens or training.seq_len"
         )
-    detach_adapters(model)
-    attach_prompt(model, config, key=key)
-    graphdef, template, base = split(model)
-    base = problem.strategy.place_base(base)
-    return dataclasses.replace(problem, graphdef=graphdef, template=template, base=base)
+    return install(problem, prompt_surgery(config, key=key))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,8 +154,7 @@ def _fedptuning(problem: Problem, options: FedPTuningOptions, name: str, evaluat
     aggregator, policy = fedavg_aggregator(), "all"
     if options.reference_state_dict:  # not a mean of the tensors: no replaceable global part
         policy = None
-        model = nnx.merge(problem.graphdef, problem.template, problem.base)
-        aggregator = reference_state_dict_aggregator(nnx.graphdef(model.prompt))
+        aggregator = reference_state_dict_aggregator(nnx.graphdef(model_of(problem).prompt))
     return federated(
         name,
         problem,
