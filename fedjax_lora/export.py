@@ -292,9 +292,9 @@ def load_run_adapters(path: str | os.PathLike, template: nnx.State) -> tuple[nnx
 
 def _method_model(config, method: str) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
     """`(graphdef, client template, base)` of method `method`'s model in a run of `config`: the
-    config's base and LoRA, changed by the method's surgery for the ranked methods (hetlora, flexlora)
-    (`lora_baselines.ranked_run_surgery`); the template holds one client's adapters and frozen
-    state."""
+    config's base and LoRA, changed by the method's surgery for the ranked methods (hetlora,
+    flexlora: `lora_baselines.ranked_run_surgery`); the template holds one client's adapters and
+    frozen state."""
     from fedjax_lora.algorithms.lora_baselines import (
         FlexLoRAOptions,
         HetLoRAOptions,
