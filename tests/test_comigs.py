@@ -50,7 +50,8 @@ def trained():
 
 def test_expert_masks_are_the_clients_frozen_state():
     """The masks are `ClientFrozen` state in `ClientState.frozen`, not among the adapters."""
-    sim = comigs(problem(), moe=MOE, expert_counts=(3, 2, 1), schedule=FAST).init(jax.random.key(0))
+    options = CoMiGSOptions(moe=MOE, expert_counts=(3, 2, 1), schedule=FAST)
+    sim = comigs(problem(), options).init(jax.random.key(0))
     frozen = flat(sim.clients.frozen)
     assert frozen and all(name.endswith("expert_mask") for name in frozen)
     assert not any("expert_mask" in name for name in flat(sim.clients.params))

@@ -98,7 +98,7 @@ def test_hetlora_run_exports_each_clients_effective_lora_and_prompts_are_refused
         f"method_options.hetlora.ranks=[{','.join(map(str, ranks))}]",
         "method_options.hetlora.ranked={targets: [mlp.c_fc], rank: 4, alpha: 16}",
         "method_options.hetlora.evaluate=aggregated",
-        "method_options.fedprompt.config={num_virtual_tokens: 4}",
+        "method_options.fedprompt.prompt={num_virtual_tokens: 4}",
     ]
     assert main([*argv, "--no-progress", "--set", *TINY, *options]) == 0
     summary = json.loads((run / "summary.json").read_text())["hetlora"]
