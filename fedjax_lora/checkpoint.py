@@ -7,7 +7,8 @@ their raw key data — plus the metric records so far and a SHA-256 checksum of 
 tree structure is not stored: it comes from the algorithm's own `init`, so a restore is checked
 leaf by leaf (shape and dtype) against what the run expects. Orbax writes each step to a temporary
 directory and renames it when complete, so a run killed mid-write leaves no finalized partial
-step.
+step. Each checkpoint records the state layout it was written with (`STATE_LAYOUT`); one of
+another layout is refused in one line instead of being restored leaf by leaf.
 """
 
 from __future__ import annotations
@@ -37,6 +38,12 @@ log = logging.getLogger(__name__)
 
 class CheckpointMismatchError(CheckpointError):
     """A checkpoint does not fit the run resuming from it."""
+
+
+STATE_LAYOUT = 2
+"""The version of `SimState`'s layout that checkpoints are written with. 2: every client's
+frozen state (expert masks, rank scales) in `ClientState.frozen`; 1 (unrecorded): CoMiGS's
+masks and HetLoRA's and FlexLoRA's rank scales among the adapters."""
 
 
 def _is_key(x: Any) -> bool:
@@ -193,7 +200,7 @@ class Checkpointer:
         """
         arrays = _to_saveable(state)
         items = {str(i): a for i, a in enumerate(arrays)}
-        meta = {"records": records, "sha256": checksum(arrays, records)}
+        meta = {"records": records, "sha256": checksum(arrays, records), "layout": STATE_LAYOUT}
         try:
             with _quiet_aborted_io():
                 self._manager.save(
@@ -242,6 +249,14 @@ class Checkpointer:
                     one_line(e),
                 )
                 continue
+            layout = meta.get("layout", 1)
+            if layout != STATE_LAYOUT:
+                raise CheckpointMismatchError(
+                    f"checkpoint {self.directory}/{step} has state layout {layout}, this version "
+                    f"of fedjax_lora writes layout {STATE_LAYOUT} (clients' frozen state moved to "
+                    "ClientState.frozen) and cannot resume it; rerun without --resume in another "
+                    "output directory"
+                )
             return step, _from_saved(arrays, template), records
         return None
 

@@ -23,6 +23,7 @@ from fedjax_lora.families import FAMILIES, NAMES
 from fedjax_lora.memory import experiment_bytes, host_memory_bytes
 from fedjax_lora.presets import PRESETS
 from fedjax_lora.settings import (
+    GlobalRule,
     LocalTraining,
     LoRAConfig,
     OptimizerConfig,
@@ -271,13 +272,17 @@ class SweepSpec:
 
 @dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
-    """`method_options`: per method name, keyword options of its factory, e.g.
-    `{"comigs": {"expert_counts": [1, 2, 3, 4], "moe": {"num_experts": 4}}}` (mappings become the
-    annotated dataclasses; unknown names fail before any compute, listing the accepted ones).
+    """`method_options`: per method name, fields of its registered options dataclass, e.g.
+    `{"comigs": {"expert_counts": [1, 2, 3, 4], "moe": {"num_experts": 4}}}`, resolved onto the
+    method's defaults (`fedjax_lora.options.resolve`: a mapping replaces a nested dataclass's
+    fields; unknown keys fail before any compute, listing the valid ones; `fedjax-lora methods`
+    lists every option with its default).
     `preset`: the paper preset (`fedjax_lora.presets.PRESETS`) applied under this config's own
     values (recorded here; see `merge_base`).
     `imports`: Python modules imported before methods are looked up (`import_modules`), e.g. one
-    that `register`s your own method (the CLI's `--import`)."""
+    that `register`s your own method (the CLI's `--import`).
+    `aggregation`: how every method with a global part reduces it (`GlobalRule`: a robust
+    reduction, or client-level DP with `aggregation.dp.*`)."""
 
     methods: tuple[str, ...] = ("local", "fedavg")
     rounds: int = 10
@@ -290,6 +295,7 @@ class ExperimentConfig:
     strategy: Strategy = Strategy()
     eval: EvalSpec = EvalSpec()
     trust: TrustOptions = TrustOptions()
+    aggregation: GlobalRule = GlobalRule()
     checkpoint: CheckpointSpec = CheckpointSpec()
     tracking: TrackingSpec = TrackingSpec()
     sweep: SweepSpec = SweepSpec()
@@ -350,6 +356,8 @@ _INT_RULES: tuple[tuple[str, int | None, int | None], ...] = (
     ("trust.top_k", 1, None),
     ("trust.top_peers", 1, None),
     ("trust.min_keep", 1, None),
+    ("aggregation.f", 0, None),
+    ("aggregation.m", 1, None),
     ("checkpoint.every", 0, None),
     ("checkpoint.keep", 1, None),
 )
@@ -378,6 +386,13 @@ _FLOAT_RULES: tuple[tuple[str, float, float, bool, bool], ...] = (
     ("trust.temperature", 0.0, math.inf, True, True),
     ("trust.scale", 0.0, math.inf, True, True),
     ("trust.threshold", -math.inf, math.inf, True, True),
+    ("aggregation.beta", 0.0, 0.5, False, True),
+    ("aggregation.dp.clip_norm", 0.0, math.inf, True, True),
+    ("aggregation.dp.noise_multiplier", 0.0, math.inf, False, True),
+    ("aggregation.dp.adaptive_quantile", 0.0, 1.0, True, True),
+    ("aggregation.dp.clip_lr", 0.0, math.inf, True, True),
+    ("aggregation.dp.count_noise_std", 0.0, math.inf, True, True),
+    ("aggregation.dp.delta", 0.0, 1.0, True, True),
 )
 
 

@@ -1,13 +1,17 @@
 """`train_and_evaluate`: build the problem from an `ExperimentConfig`, run every method, write
-`metrics.jsonl`, `summary.json` and the plots (`fedjax_lora.plots`)."""
+`metrics.jsonl`, `summary.json` and the plots (`fedjax_lora.plots`).
+
+Every round record carries the round's costs (`round_costs`): the bytes each client uploaded and
+downloaded (the method's `ServerProgram.comm`) and their running totals, and under client-level DP
+the `ε` spent so far at `δ` (`fedjax_lora.aggregation.privacy`)."""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +28,11 @@ from fedjax_lora.algorithms import (
     SideData,
     SimState,
     get_method,
-    side_data,
 )
 from fedjax_lora.checkpoint import Checkpointer
 from fedjax_lora.config import (
     RESUMABLE,
     ExperimentConfig,
-    convert,
     import_modules,
     resume_differences,
     to_dict,
@@ -48,10 +50,12 @@ from fedjax_lora.data.streams import split_tail
 from fedjax_lora.distributed import host
 from fedjax_lora.engine.evaluate import EvalSet
 from fedjax_lora.errors import CheckpointError, ConfigError, DivergenceError
-from fedjax_lora.export import ADAPTERS_DIR, save_run_adapters
+from fedjax_lora.export import ADAPTERS_DIR, client_model_state, save_run_adapters
 from fedjax_lora.models.config import ModelConfig
 from fedjax_lora.models.factory import from_config
-from fedjax_lora.plots import plot_expert_assignment, plot_history, plot_trust
+from fedjax_lora.options import resolve
+from fedjax_lora.plots import plot_bytes, plot_expert_assignment, plot_history, plot_trust
+from fedjax_lora.settings import TrustOptions
 from fedjax_lora.tracking import (
     evaluation_progress,
     interactive,
@@ -373,6 +377,7 @@ def build_problem(config: ExperimentConfig) -> tuple[Problem, FederatedData]:
         side=side,
         cohort=config.data.cohort(),
     )
+    problem = dataclasses.replace(problem, global_rule=config.aggregation)
     return _with_task(problem, config, data), data
 
 
@@ -385,9 +390,9 @@ SIDE_DATA_FIX = {
 
 
 def side_needs(config: ExperimentConfig) -> dict[str, SideData]:
-    """The side data every selected method of `config` declares (`algorithms.uses`), by method;
-    methods that read none are left out."""
-    needs = {name: side_data(get_method(name)) for name in config.methods}
+    """The side data every selected method of `config` declares (its registration's `side`), by
+    method; methods that read none are left out."""
+    needs = {name: get_method(name).side for name in config.methods}
     return {name: need for name, need in needs.items() if need != SideData()}
 
 
@@ -505,6 +510,57 @@ def method_metric(value: Any) -> Any:
     return array.astype(np.float64).tolist()
 
 
+Costs = Callable[[dict[str, Any], dict[str, Any] | None], dict[str, Any]]
+
+
+def round_costs(algo: Algorithm, problem: Problem, sim: SimState) -> Costs:
+    """`costs(record, previous) -> fields` of a round record (`previous`: the record before it,
+    None for round 0), for `algo` on `problem` from its initial state `sim`:
+
+    - `upload_bytes`, `download_bytes`: per client `[N]`, what the method moves in a round that
+      aggregates (`ServerProgram.comm`), 0 for clients outside the round's cohort and in rounds
+      without aggregation; `cumulative_upload_bytes`, `cumulative_download_bytes`,
+      `cumulative_bytes`: their totals over clients and rounds so far;
+    - with client-level DP (`ServerProgram.dp`): `epsilon` after the `dp_rounds` aggregations so
+      far at `delta`, from `aggregation.privacy.epsilon` with `K = data.cohort_size` of `N`."""
+    from fedjax_lora.aggregation import privacy
+
+    server = algo.method.server if algo.method is not None else None
+    exchange = server.comm(jax.device_get(sim.clients)) if server and server.comm else None
+    dp = server.dp if server is not None else None
+    n = problem.num_clients
+    k = None if problem.cohort is None else problem.cohort.size
+
+    def costs(record: dict[str, Any], previous: dict[str, Any] | None) -> dict[str, Any]:
+        previous, out = previous or {}, {}
+        applied = bool(record.get("aggregated", False))
+        if exchange is not None:
+            rows = np.asarray(record.get("cohort", np.arange(n)), int)
+            up, down = np.zeros(n, np.int64), np.zeros(n, np.int64)
+            if applied:  # a pooled model (centralized) has one row for everyone
+                up[rows] = np.broadcast_to(exchange.upload, (n,))[rows]
+                down[rows] = np.broadcast_to(exchange.download, (n,))[rows]
+            total_up = previous.get("cumulative_upload_bytes", 0) + int(up.sum())
+            total_down = previous.get("cumulative_download_bytes", 0) + int(down.sum())
+            out |= {
+                "upload_bytes": up.tolist(),
+                "download_bytes": down.tolist(),
+                "cumulative_upload_bytes": total_up,
+                "cumulative_download_bytes": total_down,
+                "cumulative_bytes": total_up + total_down,
+            }
+        if dp is not None:
+            rounds = previous.get("dp_rounds", 0) + applied
+            eps = 0.0
+            if rounds:
+                z = dp.noise_multiplier
+                eps = privacy.epsilon(z, n, k, rounds, dp.delta, dp.sampling)
+            out |= {"dp_rounds": rounds, "epsilon": eps, "delta": dp.delta}
+        return out
+
+    return costs
+
+
 def scored(metrics: dict, problem: Problem) -> dict:
     """The round's metrics on the host, a text task's generated tokens scored (ROUGE-L)."""
     from fedjax_lora.engine.instruction import score_task
@@ -529,27 +585,15 @@ def _trust_options(config: ExperimentConfig):
     return dataclasses.replace(config.trust, eval_attention_dropout=rate)
 
 
-def method_factory(name: str, config: ExperimentConfig):
-    """`problem -> Algorithm` for method `name` with its options: `config.method_options[name]`,
-    keyword arguments of the factory converted to their annotated types (a mapping becomes e.g. a
-    `MoEConfig`), and `config.trust` for a factory with a `trust` option not given there. An
-    unknown option raises, naming the method, the option and the accepted ones."""
-    factory = get_method(name)
-    accepted = dict(list(inspect.signature(factory, eval_str=True).parameters.items())[1:])
-    options = dict(config.method_options.get(name, {}))
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
-        raise ValueError(
-            f"method {name!r} has no option(s) {unknown} (method_options.{name}); accepted "
-            f"options: {sorted(accepted)}"
-        )
-    if "trust" in accepted:
-        options.setdefault("trust", _trust_options(config))
-    kwargs = {
-        key: convert(accepted[key].annotation, value, f"method_options.{name}.{key}")
-        for key, value in options.items()
-    }
-    return functools.partial(factory, **kwargs)
+def method_factory(name: str, config: ExperimentConfig) -> Callable[[Problem], Algorithm]:
+    """`problem -> Algorithm` for method `name` with its options: the registered defaults with
+    `config.method_options[name]` resolved onto them (`fedjax_lora.options.resolve`: unknown keys
+    and bad values raise one line before any compute). The config's `trust` section (with
+    `eval.attention_dropout`) is the defaults of every method whose options are `TrustOptions`."""
+    spec = get_method(name)
+    defaults = _trust_options(config) if isinstance(spec.options, TrustOptions) else spec.options
+    options = resolve(defaults, config.method_options.get(name, {}), f"method_options.{name}")
+    return functools.partial(spec, options=options)
 
 
 def run_method(
@@ -595,10 +639,12 @@ def run_method(
         unit="client",
         leave=False,
     )
+    costs = round_costs(algo, problem, sim)
     if restored is None:
         with evaluating():
             metrics = scored(algo.evaluate(sim), problem)
         first, records = 1, [_round_record(name, 0, metrics, 0.0)]
+        records[0].update(costs(records[0], None))
     else:
         done, sim, records = restored
         first = done + 1
@@ -613,7 +659,8 @@ def run_method(
             sim, metrics = algo.round(sim)
             metrics = scored(metrics, problem)
         _finite_or_raise(name, r, metrics, sim.clients.params, problem.client_names, vocab)
-        records.append(_round_record(name, r, metrics, time.perf_counter() - start))
+        record = _round_record(name, r, metrics, time.perf_counter() - start)
+        records.append({**record, **costs(record, records[-1])})
         if r == config.rounds:
             records[-1].update(final_analyses(algo, config, problem, sim))
         log(records[-1])
@@ -629,7 +676,7 @@ def run_method(
 
 def _save_adapters(path: Path, problem: Problem, sim: SimState, round_idx: int) -> None:
     names = problem.client_names or [str(i) for i in range(problem.num_clients)]
-    save_run_adapters(path, sim.clients.params, names, round_idx)
+    save_run_adapters(path, client_model_state(sim.clients), names, round_idx)
 
 
 def final_analyses(
@@ -652,10 +699,27 @@ def summarize(
     history: dict[str, list[dict[str, Any]]], client_names, groups: list[int] | None = None
 ) -> dict[str, Any]:
     """Per method: final mean and per-client perplexity (test and validation splits); with
-    `groups` (the data's client groups), `client_groups` too."""
+    `groups` (the data's client groups), `client_groups` too; the bytes exchanged
+    (`total_upload_bytes`, `total_download_bytes`, `total_bytes` over clients and rounds, and
+    `upload_bytes_per_client_round`, `download_bytes_per_client_round`: the mean of a client
+    taking part in a round) when recorded; `epsilon` and `delta` of a run with client-level DP."""
     summary = {}
     for method, records in history.items():
         last = records[-1]
+        costs = {}
+        if "cumulative_bytes" in last:
+            taking_part = sum(len(r.get("cohort", r["upload_bytes"])) for r in records[1:])
+            costs = {
+                "total_upload_bytes": last["cumulative_upload_bytes"],
+                "total_download_bytes": last["cumulative_download_bytes"],
+                "total_bytes": last["cumulative_bytes"],
+                "upload_bytes_per_client_round": last["cumulative_upload_bytes"]
+                / max(taking_part, 1),
+                "download_bytes_per_client_round": last["cumulative_download_bytes"]
+                / max(taking_part, 1),
+            }
+        if "epsilon" in last:
+            costs |= {"epsilon": last["epsilon"], "delta": last["delta"]}
         summary[method] = {
             "rounds": last["round"],
             "client_names": list(client_names),
@@ -666,6 +730,7 @@ def summarize(
                 for what in ("mean_ppl", "ppl", "mean_accuracy")
             },
             **{k: v for k, v in last.items() if k.startswith("task_")},
+            **costs,
         }
     return summary
 
@@ -703,18 +768,35 @@ def final_experts(
     return out, modules
 
 
-def results_table(summary: dict[str, Any]) -> str:
-    """A Markdown table of final mean perplexities and accuracy per method."""
-    lines = [
-        "| method | val ppl (mean) | test ppl (mean) | test accuracy |",
-        "|---|---|---|---|",
-    ]
+def results_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """The results table's header and rows: final mean perplexities and accuracy per method,
+    the megabytes exchanged (all clients, up and down, whole run) when recorded, and `ε` at `δ`
+    when a method ran with client-level DP (`-` for the others)."""
+    header = ["method", "val ppl (mean)", "test ppl (mean)", "test accuracy"]
+    has_bytes = any("total_bytes" in s for s in summary.values())
+    has_dp = any("epsilon" in s for s in summary.values())
+    header += ["MB exchanged"] * has_bytes + ["ε (δ)"] * has_dp
+    rows = []
     for method, s in summary.items():
-        lines.append(
-            f"| {method} | {s['val_mean_ppl']:.3f} | {s['test_mean_ppl']:.3f} | "
-            f"{s['test_mean_accuracy']:.3f} |"
-        )
-    return "\n".join(lines)
+        row = [
+            method,
+            f"{s['val_mean_ppl']:.3f}",
+            f"{s['test_mean_ppl']:.3f}",
+            f"{s['test_mean_accuracy']:.3f}",
+        ]
+        if has_bytes:
+            row.append(f"{s['total_bytes'] / 1e6:.3f}" if "total_bytes" in s else "-")
+        if has_dp:
+            row.append(f"{s['epsilon']:.3g} ({s['delta']:g})" if "epsilon" in s else "-")
+        rows.append(row)
+    return header, rows
+
+
+def results_table(summary: dict[str, Any]) -> str:
+    """A Markdown table of `results_rows`."""
+    header, rows = results_rows(summary)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
 def resumable(out: Path, config: ExperimentConfig, *, if_any: bool = False) -> bool:
@@ -758,7 +840,8 @@ def train_and_evaluate(
 ) -> dict[str, Any]:
     """Runs every method of `config` and writes under `out_dir`: `config.json`, `metrics.jsonl`
     (one record per method and round, with the mixing matrix), TensorBoard events in
-    `tensorboard/` (and a W&B run if asked), `summary.json`, `results.md`, `ppl.png`,
+    `tensorboard/` (and a W&B run if asked), `summary.json`, `results.md`, `ppl.png`, `bytes.png`
+    (mean perplexity against the bytes exchanged),
     `trust.png` (final mixing matrices), `experts.png` (final expert assignments, FedAMoLE),
     `routing_<method>.png` (generalist routing shares, CoMiGS family) and every method's final
     adapters in `adapters/<method>.safetensors` (`fedjax-lora export`); returns the summary.
@@ -896,6 +979,8 @@ def write_results(
     (out / "summary.json").write_text(json.dumps(json_safe(summary), indent=2, allow_nan=False))
     (out / "results.md").write_text(results_table(summary) + "\n")
     plot_history(history, out / "ppl.png", groups=groups)
+    if any("cumulative_bytes" in records[-1] for records in history.values()):
+        plot_bytes(history, out / "bytes.png")
     trust = final_trust(history, problem.num_clients)
     if trust:
         plot_trust(trust, problem.client_names, out / "trust.png")

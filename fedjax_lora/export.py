@@ -7,13 +7,21 @@ the delta is `scale · B A x` with `scale = lora_alpha / r` (`lora_alpha / sqrt(
 one PEFT LoRA on the whole projection of rank `Σ r_k`: `A = [A_q; A_v]`, and `B` block-structured so
 that each slice's rows only write its own output columns — the same function exactly.
 
+A rank-masked LoRA (`RankedLoRA`: HetLoRA, FlexLoRA; `δ(x) = ((x A) ⊙ m) B` with the client's
+rank scales `m` in its frozen state) exports as its effective LoRA: the active ranks `m_k > 0`
+only, `A' = A[:, active]`, `B' = diag(m_active / s) B[active]`, scale `s = max m` (for every
+client `m` is `s_i` on its active ranks, so `B' = B[active]`). Adapters without a LoRA form
+(mixtures of experts: CoMiGS, FedAMoLE; soft prompts) are refused with a message naming them.
+
 Merged weights: `W' = W + scale · A B` for every adapted projection, written with the HF names and
 layouts of the base (so `models.load` and transformers read them) with a `config.json`.
 
 From a run: `train_and_evaluate` saves every method's final stacked adapters
 (`save_run_adapters`, `RUN_DIR/adapters/<method>.safetensors`); `export_run` (the CLI's
 `fedjax-lora export RUN_DIR --method M [--client C] [--format peft|merged] --out DIR`) rebuilds
-the base from the run's `config.json` and writes one client's (or every client's) export.
+the base from the run's `config.json` (with the method's model surgery for hetlora and
+flexlora, `lora_baselines.ranked_run_surgery`) and writes one client's (or every client's)
+export.
 """
 
 from __future__ import annotations
@@ -34,14 +42,15 @@ from safetensors.numpy import save_file
 from fedjax_lora import config as config_lib
 from fedjax_lora.distributed import host
 from fedjax_lora.families import family
-from fedjax_lora.lora import LoRA, split
+from fedjax_lora.lora import LoRA
 from fedjax_lora.models.config import ModelConfig
-from fedjax_lora.models.layers import Linear
+from fedjax_lora.models.layers import Adapter, Linear
 from fedjax_lora.models.weights import hf_param_names
 from fedjax_lora.typing import PyTree
 
 __all__ = [
     "client_adapters",
+    "client_model_state",
     "export_run",
     "hf_config",
     "load_run_adapters",
@@ -58,14 +67,54 @@ def client_adapters(stacked: PyTree, client: int) -> PyTree:
     return jax.tree.map(lambda x: x[client], stacked)
 
 
+def client_model_state(clients) -> PyTree:
+    """What parameterises each client's model beyond the shared base, stacked `[N, ...]`: its
+    adapters (`ClientState.params`) with its frozen state (`ClientState.frozen`: expert masks,
+    rank scales) merged in."""
+    if not jax.tree.leaves(clients.frozen):
+        return clients.params
+    return nnx.merge_state(clients.params, clients.frozen)
+
+
 def with_client(graphdef: nnx.GraphDef, stacked: PyTree, base: nnx.State, client: int):
-    """The model of one client: the shared base with that client's adapters."""
+    """The model of one client: the shared base with that client's row of `stacked`
+    (`client_model_state`: adapters and frozen state)."""
     return nnx.merge(graphdef, client_adapters(stacked, client), base)
+
+
+def _lora_factors(lora: LoRA) -> tuple[np.ndarray, np.ndarray, float] | None:
+    """`(A (in, r), B (r, out), scale)` of a LoRA's delta `scale · x A B`; a rank-masked LoRA
+    (`rank_scale`, module docstring) gives its active ranks only (None when none is active)."""
+    a, b = np.asarray(lora.a[...], np.float32), np.asarray(lora.b[...], np.float32)
+    mask = getattr(lora, "rank_scale", None)
+    if mask is None:
+        return a, b, lora.scale
+    m = np.asarray(mask[...], np.float32)
+    active = m > 0
+    if not active.any():
+        return None
+    scale = float(m[active].max())
+    return a[:, active], b[active] * (m[active] / scale)[:, None], scale
+
+
+def _check_lora_only(model: nnx.Module) -> None:
+    """Raises unless every adapter of `model` belongs to a LoRA (plain or rank-masked)."""
+    for path, node in nnx.iter_graph(model):
+        if isinstance(node, LoRA) or not isinstance(node, nnx.Module):
+            continue
+        if any(isinstance(v, Adapter) for v in vars(node).values()):
+            where = ".".join(str(p) for p in path) or "the model"
+            raise ValueError(
+                f"{where}: {type(node).__name__} adapters have no LoRA form; only LoRA and "
+                "rank-masked LoRA (hetlora, flexlora) export to PEFT or merged weights, not "
+                "mixtures of experts (comigs, fedamole) or soft prompts (fedprompt, fedptuning)"
+            )
 
 
 def _module_deltas(model: nnx.Module) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
     """`{hf_module_path: (A (in, R), B (R, out), scale)}`, slices of a projection combined (each
     slice's scale folded into its rows of B relative to the first slice's scale)."""
+    _check_lora_only(model)
     out = {}
     for path, linear in nnx.iter_graph(model):
         if not isinstance(linear, Linear):
@@ -73,13 +122,11 @@ def _module_deltas(model: nnx.Module) -> dict[str, tuple[np.ndarray, np.ndarray,
         parts = []
         for slot in linear.slot_names():
             lora = getattr(linear, Linear.slot_attr(slot), None)
-            if lora is None:
+            factors = None if lora is None else _lora_factors(lora)
+            if factors is None:
                 continue
-            if not isinstance(lora, LoRA):
-                raise TypeError(f"{path}: only plain LoRA adapters can be exported to PEFT")
             start, stop = (0, linear.out_features) if slot == "" else linear.slices[slot]
-            a, b = np.asarray(lora.a[...], np.float32), np.asarray(lora.b[...], np.float32)
-            parts.append((a, b, lora.scale, start, stop))
+            parts.append((*factors, start, stop))
         if not parts:
             continue
         scale = parts[0][2]
@@ -234,12 +281,34 @@ def load_run_adapters(path: str | os.PathLike, template: nnx.State) -> tuple[nnx
             k for k in got if got[k] != tuple(expected[k])
         )
         raise ValueError(
-            f"{path} holds adapters other than the run config's LoRA (first differences: "
-            f"{differ[:3]}); only methods that train plain LoRA on the config's projections "
-            "export to PEFT or merged weights"
+            f"{path} holds adapters other than the method's LoRA (first differences: "
+            f"{differ[:3]}); only methods whose adapters are LoRA (plain, or rank-masked: "
+            "hetlora, flexlora) export to PEFT or merged weights, not mixtures of experts "
+            "(comigs, fedamole) or soft prompts (fedprompt, fedptuning)"
         )
     leaves = [(key, var.replace(saved[".".join(str(p) for p in key)])) for key, var in flat]
     return nnx.from_flat_state(leaves), names
+
+
+def _method_model(config, method: str) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    """`(graphdef, client template, base)` of method `method`'s model in a run of `config`: the
+    config's base and LoRA, changed by the method's surgery for the ranked methods (hetlora,
+    flexlora: `lora_baselines.ranked_run_surgery`); the template holds one client's adapters and
+    frozen state."""
+    from fedjax_lora.algorithms.lora_baselines import (
+        FlexLoRAOptions,
+        HetLoRAOptions,
+        ranked_run_surgery,
+    )
+    from fedjax_lora.algorithms.problem import split_model
+    from fedjax_lora.experiment import build_model, method_factory  # they save through here
+
+    model = build_model(config)[0]
+    options = method_factory(method, config).keywords["options"]
+    if isinstance(options, HetLoRAOptions | FlexLoRAOptions):
+        ranked_run_surgery(options)(model)
+    graphdef, adapters, frozen, base = split_model(model)
+    return graphdef, nnx.merge_state(adapters, frozen), base
 
 
 def export_run(
@@ -255,8 +324,6 @@ def export_run(
     client) to `out_dir/<client name>/`, as PEFT adapters (`to_peft`) or merged weights
     (`save_merged`, `fmt="merged"`). The base is rebuilt from the config (`model.source`, or the
     tiny random base from its seed). Returns the written directories."""
-    from fedjax_lora.experiment import build_model  # it saves through this module
-
     run = Path(run_dir)
     if fmt not in ("peft", "merged"):
         raise ValueError(f"export format must be peft or merged, got {fmt!r}")
@@ -271,7 +338,7 @@ def export_run(
     config = config_lib.from_dict(
         config_lib.ExperimentConfig, json.loads((run / "config.json").read_text())
     )
-    graphdef, template, base = split(build_model(config)[0])
+    graphdef, template, base = _method_model(config, method)
     stacked, names = load_run_adapters(saved, template)
     if client is None:
         chosen = list(range(len(names)))

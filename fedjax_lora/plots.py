@@ -1,5 +1,5 @@
-"""Figures of a run: per-client perplexity over rounds, trust (mixing) matrices, FedAMoLE's expert
-assignment.
+"""Figures of a run: per-client perplexity over rounds, perplexity against the bytes exchanged,
+trust (mixing) matrices, FedAMoLE's expert assignment.
 
 Each function builds a `matplotlib.figure.Figure` directly (no `pyplot`, no backend switch, so it
 is safe in scripts, threads and notebooks alike), saves it to `path` when given and returns it.
@@ -15,7 +15,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, ScalarFormatter
 
-__all__ = ["plot_expert_assignment", "plot_history", "plot_trust"]
+__all__ = ["plot_bytes", "plot_expert_assignment", "plot_history", "plot_trust"]
 
 
 def _save(fig: Figure, path: str | Path | None) -> Figure:
@@ -87,6 +87,46 @@ def plot_history(
     note = "" if groups is not None else " (one line per client)"
     fig.legend(list(handles.values()), list(handles), loc="outside right center", fontsize=8)
     fig.suptitle(f"Per-client {split} perplexity over rounds{note}", fontsize=11)
+    return _save(fig, path)
+
+
+def plot_bytes(
+    history: dict[str, list[dict[str, Any]]],
+    path: str | Path | None = None,
+    split: str = "val",
+) -> Figure:
+    """Mean `split` perplexity over clients against the cumulative bytes exchanged (uploads and
+    downloads of all clients, `cumulative_bytes` of the round records), one line per method with
+    a marker per round, on one panel; a method that exchanges nothing sits at 0 bytes (shown at
+    the left edge of the log axis, as a dashed level)."""
+    fig = Figure(figsize=(6.4, 3.8), layout="constrained")
+    ax = fig.subplots()
+    exchanging = [m for m, rs in history.items() if rs[-1].get("cumulative_bytes", 0) > 0]
+    for method, records in history.items():
+        ppl = [np.mean(r[f"{split}_ppl"]) for r in records]
+        if method not in exchanging:
+            ax.axhline(ppl[-1], ls="--", lw=1, color="0.4")
+            ax.annotate(
+                f"{method} (no exchange)",
+                (0.01, ppl[-1]),
+                xycoords=("axes fraction", "data"),
+                fontsize=7,
+                va="bottom",
+                color="0.3",
+            )
+            continue
+        sent = [r["cumulative_bytes"] / 1e6 for r in records]
+        ax.plot(sent[1:], ppl[1:], "o-", ms=3, lw=1.5, label=method)
+    if exchanging:
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(ScalarFormatter())
+        ax.tick_params(axis="x", which="both", labelsize=7)
+        ax.legend(fontsize=8, loc="best")
+    ax.set_xlabel("cumulative MB exchanged (all clients, up + down; log)")
+    ax.set_ylabel(f"mean {split} perplexity")
+    ax.grid(True, which="both", alpha=0.2)
+    fig.suptitle(f"Mean {split} perplexity against communication (one marker per round)")
     return _save(fig, path)
 
 

@@ -11,8 +11,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fedjax_lora.experiment import final_experts, final_trust, results_table, summarize
-from fedjax_lora.plots import plot_expert_assignment, plot_history, plot_trust
+from fedjax_lora.experiment import (
+    final_experts,
+    final_trust,
+    results_rows,
+    results_table,
+    summarize,
+)
+from fedjax_lora.plots import plot_bytes, plot_expert_assignment, plot_history, plot_trust
 
 FIGURE_TYPES = {
     ".png": "image/png",
@@ -42,6 +48,9 @@ CAPTIONS = {
     "trust.png": "Row i holds the weights client i gives each client j when it aggregates (rows "
     "sum to 1): local training is the identity, FedAvg is uniform; a personalised method that "
     "finds the clients with similar data shows blocks.",
+    "bytes.png": "Mean validation perplexity over clients against the megabytes all clients "
+    "uploaded and downloaded so far (log axis), one marker per round: further left at the same "
+    "height is cheaper; a method that exchanges nothing is a dashed level.",
     "experts.png": "Dark cell: client c holds domain expert e after the RSEA assignment "
     "(FedAMoLE); the first panel counts the modules.",
 }
@@ -108,6 +117,9 @@ def write_report(run_dir: str | Path, fmt: str = "md") -> Path:
     groups = next(iter(summary.values())).get("client_groups")
     figures = {"Per-client validation perplexity over rounds": run / "ppl.png"}
     plot_history(history, figures["Per-client validation perplexity over rounds"], groups=groups)
+    if any("cumulative_bytes" in records[-1] for records in history.values()):
+        figures["Perplexity against communication"] = run / "bytes.png"
+        plot_bytes(history, figures["Perplexity against communication"])
     trust = final_trust(history, len(names))
     if trust:
         figures["Final mixing (trust) matrices"] = run / "trust.png"
@@ -157,20 +169,11 @@ def write_report(run_dir: str | Path, fmt: str = "md") -> Path:
         )
         return f"<table><tr>{th}</tr>{trs}</table>"
 
-    main_rows = [
-        [
-            m,
-            f"{s['val_mean_ppl']:.3f}",
-            f"{s['test_mean_ppl']:.3f}",
-            f"{s['test_mean_accuracy']:.3f}",
-        ]
-        for m, s in summary.items()
-    ]
     parts = [
         f"<h1>{html.escape(title)}</h1>",
         f"<p>{html.escape(setting)}</p>",
         "<h2>Results</h2>",
-        table(["method", "val ppl (mean)", "test ppl (mean)", "test accuracy"], main_rows),
+        table(*results_rows(summary)),
         "<h2>Test perplexity per client</h2>",
         table(header, rows),
     ]

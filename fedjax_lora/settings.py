@@ -1,7 +1,9 @@
 """The settings dataclasses an experiment config is made of, importable without JAX, so that a
 config is checked before JAX loads: `LoRAConfig` (`fedjax_lora.lora`), `LocalTraining`
-(`engine.train`), `OptimizerConfig` (`engine.optim`), `Strategy` (`engine.strategy`) and
-`TrustOptions` (`algorithms.trust_weighted`), each also importable from that module. Their
+(`engine.train`), `OptimizerConfig` (`engine.optim`), `Strategy` (`engine.strategy`),
+`TrustOptions` (`algorithms.trust_weighted`), `ServerOptimizer` (`aggregation.server_opt`) and
+`DPOptions`, `GlobalRule` (`algorithms.base`: how a method's global part is reduced), each also
+importable from that module. Their
 methods that compute import JAX, optax or the module they serve when called."""
 
 from __future__ import annotations
@@ -23,12 +25,17 @@ if TYPE_CHECKING:
 __all__ = [
     "CLIENT_AXIS",
     "MODEL_AXIS",
+    "REDUCTIONS",
+    "SERVER_OPTIMIZERS",
     "STRATEGIES",
+    "DPOptions",
+    "GlobalRule",
     "LoRAConfig",
     "LocalTraining",
     "OptimizerConfig",
     "Sampling",
     "Schedule",
+    "ServerOptimizer",
     "Strategy",
     "TrustOptions",
 ]
@@ -36,6 +43,8 @@ __all__ = [
 Sampling = Literal["random", "epoch"]
 Schedule = Literal["constant", "cosine", "warmup_cosine", "one_cycle"]
 STRATEGIES = ("vmap", "map", "chunked", "sharded")
+REDUCTIONS = ("mean", "median", "trimmed_mean", "krum", "multi_krum")
+SERVER_OPTIMIZERS = ("none", "sgd", "adam", "yogi", "adagrad")
 CLIENT_AXIS = "clients"
 MODEL_AXIS = "model"
 
@@ -396,3 +405,125 @@ class TrustOptions:
             "oracle": {},
         }[rule]
         return {**own, **shared}
+
+
+@dataclasses.dataclass(frozen=True)
+class DPOptions:
+    """Client-level differential privacy of a method's global part (DP-FedAvg, McMahan et al.
+    2018; `fedjax_lora.aggregation.dp`), certified by the accountant
+    (`fedjax_lora.aggregation.privacy`).
+
+    clip_norm: `C`, each client's update of the global part clipped to it in L2 norm (the initial
+      one under adaptive clipping); noise_multiplier: `z`, Gaussian noise `N(0, (z C / K)^2)` on
+      the mean of the `K` clients of a round (the total `z` the accountant sees);
+      adaptive_quantile: `γ` in (0, 1), adapt `C` towards that quantile of the update norms
+      (Andrew et al. 2021; None: fixed `C`); clip_lr: `η_C`; count_noise_std: `σ_b` of the
+      unclipped count (None: `K / 20`); delta: `δ` at which `ε` is reported (in `(0, 1/N)`);
+      sampling: the accountant's model of the cohort draw, `fixed` (exactly `K` of `N` without
+      replacement, as `data.cohort_size` draws) or `poisson`.
+    """
+
+    clip_norm: float = 1.0
+    noise_multiplier: float = 1.0
+    adaptive_quantile: float | None = None
+    clip_lr: float = 0.2
+    count_noise_std: float | None = None
+    delta: float = 1e-5
+    sampling: Literal["fixed", "poisson"] = "fixed"
+
+    def __post_init__(self):
+        checks = (
+            ("clip_norm", self.clip_norm > 0, "> 0"),
+            ("noise_multiplier", self.noise_multiplier >= 0, ">= 0"),
+            ("clip_lr", self.clip_lr > 0, "> 0"),
+        )
+        for field, ok, want in checks:
+            if not ok:
+                raise ValueError(f"dp.{field} must be {want}, got {getattr(self, field)!r}")
+        q = self.adaptive_quantile
+        if q is not None and not 0.0 < q < 1.0:
+            raise ValueError(f"dp.adaptive_quantile must be in (0, 1) or null, got {q!r}")
+        if self.count_noise_std is not None and not self.count_noise_std > 0:
+            raise ValueError(f"dp.count_noise_std must be > 0 or null, got {self.count_noise_std}")
+        if self.sampling not in ("fixed", "poisson"):
+            raise ValueError(f"dp.sampling must be 'fixed' or 'poisson', got {self.sampling!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class GlobalRule:
+    """How every method with a global part (a tensor set averaged into one server model: FedAvg,
+    FedIT, FFA-LoRA's `B`, FedSA-LoRA's `A`, CoMiGS's generalist, the soft prompts) reduces it
+    (`algorithms.base.with_global_rule`; the config's `aggregation` section).
+
+    reduction: `mean` (the method's own rule), or a Byzantine-robust one
+      (`fedjax_lora.aggregation.robust`): `median` (coordinate-wise), `trimmed_mean` (drop
+      `⌊β K⌋` values at each end), `krum` / `multi_krum` (`f` Byzantine clients; multi-Krum
+      averages `m` clients, None: `K − f`); dp: client-level DP of the mean (`DPOptions`; None:
+      off; only with `reduction = mean`).
+    """
+
+    reduction: Literal["mean", "median", "trimmed_mean", "krum", "multi_krum"] = "mean"
+    beta: float = 0.2
+    f: int = 1
+    m: int | None = None
+    dp: DPOptions | None = None
+
+    def __post_init__(self):
+        if self.reduction not in REDUCTIONS:
+            raise ValueError(
+                f"aggregation.reduction must be one of {REDUCTIONS}, got {self.reduction!r}"
+            )
+        if not 0.0 <= self.beta < 0.5:
+            raise ValueError(f"aggregation.beta must be in [0, 0.5), got {self.beta!r}")
+        if self.f < 0 or (self.m is not None and self.m < 1):
+            raise ValueError(
+                f"aggregation.f must be >= 0 and aggregation.m >= 1 (or null), got f = {self.f}, "
+                f"m = {self.m}"
+            )
+        if self.dp is not None and self.reduction != "mean":
+            raise ValueError(
+                f"aggregation.dp needs aggregation.reduction = mean (the accountant certifies "
+                f"the clipped mean, not {self.reduction!r}); unset one of them"
+            )
+
+    @property
+    def default(self) -> bool:
+        """The method's own rule: the mean, no DP."""
+        return self.reduction == "mean" and self.dp is None
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerOptimizer:
+    """The server optimizer of a method's global part (`method_options.<method>.server_opt`, the
+    same option on every method with a global part; `aggregation.server_opt`, Reddi et al.,
+    ICLR 2021): an optax transformation applied to the pseudo-gradient `θ − mean_i θ_i`.
+
+    kind: `none` (the aggregate as is, FedAvg), `sgd` (`optax.sgd(lr, momentum)`: FedAvgM),
+      `adam`, `yogi` (`optax.adam`/`optax.yogi(lr, b1, b2, eps)`: FedAdam, FedYogi) or `adagrad`
+      (`optax.adagrad(lr)` with `v_{-1} = eps²`: FedAdagrad).
+    lr: the server learning rate `η`; None: the kind's default (`sgd` 1, `adam`/`yogi` 1e-2,
+      `adagrad` 1e-1).
+    momentum (`sgd`; 0: plain server SGD, SCAFFOLD's `η_g`), b1, b2, eps (`τ`): as optax's.
+    """
+
+    kind: Literal["none", "sgd", "adam", "yogi", "adagrad"] = "none"
+    lr: float | None = None
+    momentum: float = 0.9
+    b1: float = 0.9
+    b2: float = 0.99
+    eps: float = 1e-3
+
+    def __post_init__(self):
+        if self.kind not in SERVER_OPTIMIZERS:
+            raise ValueError(
+                f"server_opt.kind must be one of {SERVER_OPTIMIZERS}, got {self.kind!r}"
+            )
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(
+                f"server_opt.lr must be positive (or null: the default), got {self.lr}"
+            )
+        for name in ("momentum", "b1", "b2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"server_opt.{name} must be in [0, 1), got {getattr(self, name)}")
+        if not self.eps > 0:
+            raise ValueError(f"server_opt.eps must be positive, got {self.eps}")

@@ -167,7 +167,13 @@ def _run_members(
     """`run_members` as one program: `jit(vmap over levels (vmap over seeds × lrs (round)))`;
     with `data_axis` the levels' data and the base are arguments of the round, otherwise there
     is one level and its data are constants of the program."""
-    from fedjax_lora.experiment import _finite_per_client, _round_record, method_factory, scored
+    from fedjax_lora.experiment import (
+        _finite_per_client,
+        _round_record,
+        method_factory,
+        round_costs,
+        scored,
+    )
 
     problem = problems[0]
     if problem.strategy.kind == "sharded":
@@ -187,13 +193,14 @@ def _run_members(
     if data_axis and not algos[0].method.capabilities.data_axis:
         raise NotVectorizable(f"method {name!r} reads its data on the host")
     grid = list(itertools.product(seeds, lrs))
-    sims = []
-    for algo in algos:
+    sims, costs = [], []
+    for algo, level in zip(algos, levels, strict=True):
         row = []
         for seed, lr in grid:
             sim = algo.init(jax.random.key(seed))
             opt_state = with_learning_rate(sim.clients.opt_state, lr)
             row.append(sim._replace(clients=sim.clients._replace(opt_state=opt_state)))
+        costs.append(round_costs(algo, level, row[0]))
         sims.append(_stack(row))
     sims = _stack(sims)
     if data_axis:
@@ -222,7 +229,9 @@ def _run_members(
     def record(r: int, metrics: dict, seconds: float, params_ok=None) -> None:
         for i, (m, (level, s)) in enumerate(zip(members, index, strict=True)):
             one = scored(_member(metrics, level, s), levels[level])
-            m["records"].append(_round_record(name, r, one, seconds))
+            rec = _round_record(name, r, one, seconds)
+            previous = m["records"][-1] if m["records"] else None
+            m["records"].append({**rec, **costs[level](rec, previous)})
             if params_ok is not None and check is not None:
                 check(i, r, one, _member(sims.clients.params, level, s))
             if params_ok is not None:

@@ -1,7 +1,7 @@
 """Writes `docs/api.md`: the API reference of the aggregators, the registered methods and export.
 
 Every public function and class of the `fedjax_lora.aggregation` modules (their `__all__`), the
-aggregator registry, every method in `fedjax_lora.algorithms.methods.METHODS`, and the export
+aggregator registry, every method in `fedjax_lora.algorithms.registry.METHODS`, and the export
 functions (`fedjax_lora.export.__all__`, with the `fedjax-lora export` command), each with its
 signature and the first paragraph of its docstring. Generated, never edited by hand:
 
@@ -139,48 +139,45 @@ def aggregation_section() -> list[str]:
 
 
 def methods_section() -> list[str]:
-    from fedjax_lora.algorithms.methods import METHODS
+    from fedjax_lora.algorithms.registry import METHODS
 
     lines = [
-        "## Methods (`fedjax_lora.algorithms.methods.METHODS`)",
+        "## Methods (`fedjax_lora.algorithms.registry.METHODS`)",
         "",
-        "Each factory maps a `Problem` to an `Algorithm(init, round, evaluate)`; "
-        "`fedjax-lora methods` lists them with their options and configs name them in `methods:`; "
-        "each option is set as `method_options.<method>.<option>` (dotted keys: fields of an "
-        "option dataclass).",
+        "Each method is registered once (`register(name, factory, options)`): a factory "
+        "`(problem, options) -> Algorithm(init, round, evaluate)` and its default options, one "
+        "frozen dataclass. `fedjax-lora methods` lists them with their options and configs name "
+        "them in `methods:`; each option is set as `method_options.<method>.<option>` (dotted "
+        "keys: fields of a nested dataclass).",
         "",
     ]
-    for name, factory in sorted(METHODS.items()):
-        target = factory.func if isinstance(factory, functools.partial) else factory
+    for name, spec in sorted(METHODS.items()):
+        factory = spec.factory.func if isinstance(spec.factory, functools.partial) else spec.factory
+        options = type(spec.options)
         lines += [
             f"### `{name}`",
             "",
-            f"Defined in `{target.__module__}`.",
-            "",
-            "```python",
-            signature(f'METHODS["{name}"]', factory),
-            "```",
-            "",
-            first_paragraph(factory),
+            f"{spec.doc}. Factory `{factory.__module__}.{factory.__name__}`, options "
+            f"`{options.__module__}.{options.__name__}`.",
             "",
         ]
-        lines += options_table(factory)
+        lines += options_table(spec.options)
     return lines
 
 
-def options_table(factory: Any) -> list[str]:
-    """The method's options (`method_options.<method>.<key>`) with types and defaults, option
-    dataclasses field by field (`fedjax_lora.options.method_options`)."""
-    from fedjax_lora.options import method_options
+def options_table(options: Any) -> list[str]:
+    """The method's options (`method_options.<method>.<key>`) with types and defaults, nested
+    dataclasses field by field (`fedjax_lora.options.option_list`)."""
+    from fedjax_lora.options import option_list
 
-    options = method_options(factory)
-    if not options:
+    listed = option_list(options)
+    if not listed:
         return ["No options.", ""]
     cell = lambda text: f"`{text}`".replace("|", "\\|") if text else ""
     return [
         "| option | type | default |",
         "|---|---|---|",
-        *(f"| {cell(o.key)} | {cell(o.type)} | {cell(o.default)} |" for o in options),
+        *(f"| {cell(o.key)} | {cell(o.type)} | {cell(o.default)} |" for o in listed),
         "",
     ]
 

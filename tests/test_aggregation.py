@@ -152,7 +152,8 @@ def test_battery_accepts_a_correct_rule_given_as_an_aggregator():
 
 def _upcast(tree, state, inputs=None):
     return jax.tree.map(
-        lambda x: jnp.mean(x.astype(jnp.float32), 0, keepdims=True) + 0 * x, tree
+        lambda x: jnp.mean(x.astype(jnp.float32), 0, keepdims=True) + 0 * x.astype(jnp.float32),
+        tree,
     ), state
 
 

@@ -11,9 +11,11 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fedjax_lora import config as config_lib
+from fedjax_lora.checkpoint import STATE_LAYOUT, Checkpointer, CheckpointMismatchError
 from fedjax_lora.experiment import train_and_evaluate
 from tests.test_cli import TINY
 
@@ -107,3 +109,27 @@ def test_non_finite_training_stops_naming_method_client_and_round(tmp_path):
     cfg = _config("rounds=3", "methods=[local]", "optimizer.lr=1e30")
     with pytest.raises(FloatingPointError, match=r"method 'local'.*client\(s\).*round 1"):
         train_and_evaluate(cfg, tmp_path, progress=False)
+
+
+def test_a_checkpoint_of_the_old_state_layout_is_refused_in_one_line(tmp_path):
+    """A checkpoint written before `STATE_LAYOUT` 2 (no layout recorded) is refused naming the
+    layouts and the fix, not restored leaf by leaf into the new layout."""
+    state = {"params": np.ones((2, 3), np.float32), "step": np.zeros((2,), np.int32)}
+    ckpt = Checkpointer(tmp_path, keep=1)
+    ckpt.save(1, state, [{"round": 1}])
+    ckpt.close()
+    written = [
+        p for p in (tmp_path / "1").rglob("*") if p.is_file() and b"sha256" in p.read_bytes()
+    ]
+    assert len(written) == 1
+    meta = json.loads(written[0].read_text())
+    assert meta.pop("layout") == STATE_LAYOUT
+    written[0].write_text(json.dumps(meta))
+    ckpt = Checkpointer(tmp_path, keep=1)
+    with pytest.raises(CheckpointMismatchError) as error:
+        ckpt.restore_latest(state)
+    ckpt.close()
+    message = str(error.value)
+    assert (
+        "\n" not in message and "state layout 1" in message and f"layout {STATE_LAYOUT}" in message
+    )

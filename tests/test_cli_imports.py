@@ -76,8 +76,9 @@ from fedjax_lora.aggregation import fedavg_aggregator
 from fedjax_lora.algorithms import federated, register
 
 
-def my_average(problem):
+def my_average(problem, options):
     '''Separately initialised clients, averaged every round.'''
+    del options  # registered without options
     return federated("my-average", problem, fedavg_aggregator(), shared_init=False)
 
 

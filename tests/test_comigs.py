@@ -13,11 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
 from fedjax_lora.aggregation.masks import POLICIES, global_mask, path_names
 from fedjax_lora.algorithms import get_method
-from fedjax_lora.algorithms.comigs import BiLevel, comigs
-from fedjax_lora.moe import MoEConfig
+from fedjax_lora.algorithms.comigs import BiLevel, CoMiGSOptions, comigs
+from fedjax_lora.moe import ExpertMask, MoEConfig
 from tests.tiny import tiny_problem
 
 MOE = MoEConfig(num_experts=3, top_k=2, rank=2)
@@ -38,13 +39,24 @@ def problem(optimizer=None):
 
 @pytest.fixture(scope="module")
 def trained():
-    algo = comigs(problem(), moe=MOE, expert_counts=(3, 2, 1), schedule=FAST)
+    algo = comigs(problem(), CoMiGSOptions(moe=MOE, expert_counts=(3, 2, 1), schedule=FAST))
     sim = algo.init(jax.random.key(0))
     start = flat(sim.clients.params)
     before = algo.evaluate(sim)["val"]["loss"]
     for _ in range(3):
         sim, metrics = algo.round(sim)
-    return start, flat(sim.clients.params), before, metrics
+    return start, flat(nnx.merge_state(sim.clients.params, sim.clients.frozen)), before, metrics
+
+
+def test_expert_masks_are_the_clients_frozen_state():
+    """The masks are `ClientFrozen` state in `ClientState.frozen`, not among the adapters."""
+    options = CoMiGSOptions(moe=MOE, expert_counts=(3, 2, 1), schedule=FAST)
+    sim = comigs(problem(), options).init(jax.random.key(0))
+    frozen = flat(sim.clients.frozen)
+    assert frozen and all(name.endswith("expert_mask") for name in frozen)
+    assert not any("expert_mask" in name for name in flat(sim.clients.params))
+    for _, var in nnx.to_flat_state(sim.clients.frozen):
+        assert isinstance(var, ExpertMask)
 
 
 def test_rounds_lower_the_validation_loss(trained):
@@ -80,12 +92,11 @@ def one_round(schedule: BiLevel, frozen_experts: bool):
     optimizer is `set_to_zero`."""
     algo = comigs(
         problem(optax.set_to_zero() if frozen_experts else None),
-        moe=MOE,
-        schedule=schedule,
-        policy="none",
+        CoMiGSOptions(moe=MOE, schedule=schedule, policy="none"),
     )
     sim = algo.init(jax.random.key(1))
-    return flat(sim.clients.params), flat(algo.round(sim)[0].clients.params)
+    merged = lambda clients: flat(nnx.merge_state(clients.params, clients.frozen))
+    return merged(sim.clients), merged(algo.round(sim)[0].clients)
 
 
 def test_router_and_expert_updates_touch_only_their_own_parameters():
@@ -121,7 +132,6 @@ def test_mask_policies(policy):
             "mlp": {
                 "experts": {"c_fc": {"a": jnp.zeros((n, e, 4, 2)), "b": jnp.zeros((n, e, 2, 8))}},
                 "router": {"w": jnp.zeros((n, 4, e))},
-                "expert_mask": jnp.zeros((n, e), bool),
             },
         }
     }
@@ -130,9 +140,7 @@ def test_mask_policies(policy):
     )
     slots = {"none": 0, "all": e, "experts": e, "expert_0": 1, "expert_01": 2, "ffa": e, "fedsa": e}
     for name, mask in got.items():
-        if name.endswith("expert_mask"):
-            want = False  # per-client structure, never averaged
-        elif "router" in name:
+        if "router" in name:
             want = policy == "all"
         elif policy == "fedsa":
             want = name.endswith(".a")
@@ -143,14 +151,19 @@ def test_mask_policies(policy):
         np.testing.assert_array_equal(mask, np.broadcast_to(want, mask.shape), err_msg=name)
 
 
-def test_variants_are_registered():
-    for name in (
-        "comigs",
-        "comigs-2g",
-        "comigs-2s",
-        "comigs-tr",
-        "pfedmoe",
-        "local-moe",
-        "fedavg-moe",
-    ):
-        assert get_method(name) is not None
+def test_variants_are_registered_with_the_papers_settings():
+    """Tables 1 and 4: (policy, alternating, router split) of every variant, and each builds an
+    algorithm logged under its own name."""
+    table = {
+        "comigs": ("expert_0", True, "val"),
+        "comigs-2g": ("experts", True, "val"),
+        "comigs-2s": ("none", True, "val"),
+        "comigs-tr": ("expert_0", True, "train"),
+        "pfedmoe": ("expert_0", False, "val"),
+        "local-moe": ("none", False, "val"),
+        "fedavg-moe": ("experts", False, "val"),
+    }
+    for name, expected in table.items():
+        o = get_method(name).options
+        assert (o.policy, o.schedule.alternating, o.schedule.router_split) == expected
+        assert get_method(name)(problem(), moe=MOE).name == name

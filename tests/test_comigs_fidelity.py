@@ -17,7 +17,7 @@ from fedjax_lora import aggregation as agg
 from fedjax_lora.aggregation import local_aggregator
 from fedjax_lora.algorithms import get_method
 from fedjax_lora.algorithms.base import federated
-from fedjax_lora.algorithms.comigs import comigs, val_stream
+from fedjax_lora.algorithms.comigs import CoMiGSOptions, comigs, val_stream
 from fedjax_lora.data.streams import eval_windows, stack_streams
 from fedjax_lora.engine.batches import Batch
 from fedjax_lora.engine.loss import lm_loss
@@ -58,9 +58,7 @@ def test_local_evaluation_sees_the_models_before_the_average():
     "name", ["comigs", "comigs-2g", "pfedmoe", "fedavg-moe", "hetlora", "flexlora", "ffa-lora"]
 )
 def test_comigs_family_evaluates_local_models_by_default(name):
-    import inspect
-
-    assert inspect.signature(get_method(name)).parameters["evaluate"].default == "local"
+    assert get_method(name).options.evaluate == "local"
     with pytest.raises(ValueError, match="evaluate must be"):
         get_method(name)(problem(), evaluate="before")
 
@@ -179,8 +177,9 @@ def test_val_stream_rebuilds_the_validation_stream():
 def test_random_router_batches_need_the_whole_validation_stream():
     sub = tiny_problem(num_clients=3, val_windows=4)  # 4 of 18 windows: not the whole stream
     with pytest.raises(ValueError, match="router_batches"):
-        comigs(sub, moe=MoEConfig(rank=2))
-    comigs(sub, moe=MoEConfig(rank=2), router_batches="windows")  # the fixed windows are fine
+        comigs(sub, CoMiGSOptions(moe=MoEConfig(rank=2)))
+    # the fixed windows are fine
+    comigs(sub, CoMiGSOptions(moe=MoEConfig(rank=2), router_batches="windows"))
 
 
 def test_router_batch_sources_differ():
@@ -189,7 +188,8 @@ def test_router_batch_sources_differ():
     schedule = BiLevel(router_every=1, router_steps=2)
     routers = {}
     for source in ("random", "windows"):
-        algo = comigs(problem(), moe=MoEConfig(rank=2), schedule=schedule, router_batches=source)
+        options = CoMiGSOptions(moe=MoEConfig(rank=2), schedule=schedule, router_batches=source)
+        algo = comigs(problem(), options)
         sim, metrics = algo.round(algo.init(jax.random.key(0)))
         assert np.all(np.isfinite(metrics["val"]["loss"]))
         routers[source] = [

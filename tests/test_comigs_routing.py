@@ -19,7 +19,7 @@ from flax import nnx
 from fedjax_lora import lora
 from fedjax_lora.aggregation.masks import path_names
 from fedjax_lora.algorithms import Problem
-from fedjax_lora.algorithms.comigs import comigs, with_moe
+from fedjax_lora.algorithms.comigs import CoMiGSOptions, comigs, with_moe
 from fedjax_lora.cli import main
 from fedjax_lora.data.streams import eval_windows, stack_streams
 from fedjax_lora.engine import LocalTraining, OptimizerConfig
@@ -190,11 +190,12 @@ def routed():
         optimizer=OptimizerConfig(lr=1e-2),
         eval_batch_size=4,
     )
-    algo = comigs(problem, moe=MOE, expert_counts=COUNTS, router_batches="windows")
+    algo = comigs(problem, CoMiGSOptions(moe=MOE, expert_counts=COUNTS, router_batches="windows"))
     sim = algo.init(jax.random.key(0))
     sharpen = lambda path, x: x * 100.0 if "router" in path_names(path) else x
     params = jax.tree_util.tree_map_with_path(sharpen, sim.clients.params)
-    moe_problem, _ = with_moe(problem, MOE)
+    params = nnx.merge_state(params, sim.clients.frozen)  # with the clients' expert masks
+    moe_problem = with_moe(problem, MOE)
     decode = type("Tokenizer", (), {"decode": staticmethod(lambda ids: f"<{ids[0]}>")})()
     result = routing_analysis(
         moe_problem.graphdef,

@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from fedjax_lora.aggregation import fedavg_aggregator, local_aggregator
-from fedjax_lora.algorithms import centralized, fedavg, federated, local
+from fedjax_lora.algorithms import FedAvgOptions, centralized, fedavg, federated, local
 from fedjax_lora.engine import OptimizerConfig, Strategy, one_cycle, sample_starts, windows_at
 from tests.tiny import SEQ, tiny_problem
 
@@ -205,7 +205,7 @@ def test_fedavg_round_is_the_mean_of_the_local_updates():
 def test_token_weighted_fedavg_uses_training_token_counts():
     problem = tiny_problem(num_clients=3)
     plain = federated("plain", problem, local_aggregator(), shared_init=True)
-    weighted = fedavg(problem, weighting="tokens")
+    weighted = fedavg(problem, FedAvgOptions(weighting="tokens"))
     key = jax.random.key(4)
     local_sim, _ = plain.round(plain.init(key))
     sim, _ = weighted.round(weighted.init(key))

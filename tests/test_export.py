@@ -14,7 +14,18 @@ from flax import nnx
 from safetensors.numpy import load_file
 
 from fedjax_lora import export, lora, models
-from tests.tiny import CONFIG, tiny_model
+from fedjax_lora.aggregation.ranks import map_ranked, truncate
+from fedjax_lora.algorithms import model_of
+from fedjax_lora.algorithms.comigs import with_moe
+from fedjax_lora.algorithms.fedamole import with_amole
+from fedjax_lora.algorithms.lora_baselines import rank_scales, with_ranks
+from fedjax_lora.algorithms.prompt_baselines import with_prompt
+from fedjax_lora.amole import AMoLEConfig
+from fedjax_lora.engine.state import ClientState
+from fedjax_lora.models.layers import Adapter
+from fedjax_lora.moe import MoEConfig
+from fedjax_lora.prompt_tuning import PromptTuningConfig
+from tests.tiny import CONFIG, tiny_model, tiny_problem
 
 
 def _trained_like(model):
@@ -95,3 +106,77 @@ def test_client_row_of_a_stacked_tree_is_exported():
 def test_exporting_a_model_without_adapters_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="no LoRA adapters"):
         export.to_peft(models.from_config(CONFIG), tmp_path)
+
+
+# ---------------------------------------------------------------- methods' adapters
+
+RANKS = (2, 4, 3)
+RANKED = lora.LoRAConfig(targets=("mlp.c_fc",), rank=4, alpha=16.0, scaling="alpha/sqrt(r)")
+
+
+@pytest.fixture(scope="module")
+def ranked_clients():
+    """A HetLoRA problem (ranked LoRA on c_fc, ranks 2, 4, 3, attention LoRA on q and v) and its
+    clients' state: random adapters truncated to each client's rank, rank scales from
+    `rank_scales`, with client 1's rank 2 pruned (a zero scale inside its active prefix)."""
+    problem = with_ranks(tiny_problem(num_clients=3), RANKS, RANKED)
+    rng = np.random.default_rng(3)
+    leaves, treedef = jax.tree.flatten(problem.template)
+    stacked = [jnp.asarray(rng.normal(0, 0.3, (3, *x.shape)), x.dtype) for x in leaves]
+    params = jax.tree.unflatten(treedef, stacked)
+    frozen = rank_scales(problem.frozen, RANKS, RANKED)
+    frozen = jax.tree.map(lambda m: m.at[1, 2].set(0.0), frozen)
+    merged = map_ranked(
+        nnx.merge_state(params, frozen), lambda _, a, b, m: (*truncate(a, b, m > 0), m)
+    )
+    clients = ClientState(params, None, None, None, None, None, {}, frozen)
+    return problem, clients._replace(params=nnx.split_state(merged, Adapter, ...)[0])
+
+
+@pytest.mark.parametrize("client", range(3))
+def test_hetlora_client_exports_its_effective_rank_masked_lora(tmp_path, ranked_clients, client):
+    """PEFT tensors of a ranked client: the active ranks only, and `W x + (α/r) B A x` equals
+    NumPy's `W x + ((x A) ⊙ m) B` from the client's stored factors and rank scales; its merged
+    weights reload to the client model's logits."""
+    problem, clients = ranked_clients
+    stacked = export.client_model_state(clients)
+    model = export.with_client(problem.graphdef, stacked, problem.base, client)
+    export.to_peft(model, tmp_path / "peft")
+    tensors = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    module = "transformer.h.0.mlp.c_fc"
+    row = stacked["transformer"]["h"][0]["mlp"]["c_fc"]["lora"]
+    a, b, m = (np.asarray(row[k][client], np.float64) for k in ("a", "b", "rank_scale"))
+    active = int((m > 0).sum())
+    assert active == RANKS[client] - (client == 1)
+    lora_a = tensors[f"base_model.model.{module}.lora_A.weight"]
+    lora_b = tensors[f"base_model.model.{module}.lora_B.weight"]
+    assert lora_a.shape == (active, CONFIG.d_model) and lora_b.shape == (CONFIG.d_ff, active)
+    r = config["rank_pattern"].get(module, config["r"])
+    alpha = config["alpha_pattern"].get(module, config["lora_alpha"])
+    x = np.random.default_rng(1).normal(size=(5, CONFIG.d_model))
+    linear = model.transformer.h[0].mlp.c_fc
+    kernel, bias = np.asarray(linear.kernel[...], np.float64), np.asarray(linear.bias[...])
+    want = x @ kernel + bias + ((x @ a) * m) @ b
+    np.testing.assert_allclose(x @ kernel + bias + alpha / r * (x @ lora_a.T) @ lora_b.T, want,
+                               rtol=1e-4, atol=1e-4)  # fmt: skip
+    np.testing.assert_allclose(np.asarray(linear(jnp.asarray(x, jnp.float32))), want, atol=1e-4)
+    export.save_merged(model, tmp_path / "merged")
+    tokens = jnp.arange(12).reshape(1, 12) % CONFIG.vocab_size
+    np.testing.assert_allclose(models.load(tmp_path / "merged")(tokens), model(tokens), atol=1e-4)
+
+
+def test_mixtures_and_soft_prompts_are_refused(tmp_path):
+    """CoMiGS's and FedAMoLE's mixtures of LoRA experts and soft prompts have no LoRA form: both
+    exports refuse them, naming the module."""
+    problem = tiny_problem(num_clients=2)
+    amole_config = AMoLEConfig(targets=("c_attn.q",), num_experts=2, rank=2, top_k=1)
+    for changed, kind in (
+        (with_moe(problem, MoEConfig(num_experts=2, rank=2)), "LoRAExperts"),
+        (with_amole(problem, amole_config), "AMoLE"),
+        (with_prompt(problem, PromptTuningConfig(num_virtual_tokens=2)), "SoftPrompt"),
+    ):
+        model = model_of(changed)
+        for write in (export.to_peft, export.save_merged):
+            with pytest.raises(ValueError, match=f"{kind} adapters have no LoRA form"):
+                write(model, tmp_path)

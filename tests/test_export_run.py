@@ -84,3 +84,45 @@ def test_cli_run_then_export_peft_and_merged(tmp_path, capsys):
     capsys.readouterr()
     assert main(["export", str(run), "--method", "fedavg", "--out", str(tmp_path / "x")]) == 2
     assert "saved methods: ['local']" in capsys.readouterr().err
+
+
+def test_hetlora_run_exports_each_clients_effective_lora_and_prompts_are_refused(tmp_path, capsys):
+    """A HetLoRA run (per-client ranks on c_fc, evaluated after aggregation, as saved): each
+    client's merged weights, from its rank-masked LoRA, reproduce the run's reported per-client
+    perplexities, and its PEFT export holds only its active ranks. A soft-prompt method's export
+    is refused in one line."""
+    run = tmp_path / "run"
+    ranks = [2, 4, 3] * 4  # the demo's 12 clients
+    argv = ["demo", "--rounds", "1", "--methods", "hetlora", "fedprompt", "--out", str(run)]
+    options = [
+        f"method_options.hetlora.ranks=[{','.join(map(str, ranks))}]",
+        "method_options.hetlora.ranked={targets: [mlp.c_fc], rank: 4, alpha: 16}",
+        "method_options.hetlora.evaluate=aggregated",
+        "method_options.fedprompt.prompt={num_virtual_tokens: 4}",
+    ]
+    assert main([*argv, "--no-progress", "--set", *TINY, *options]) == 0
+    summary = json.loads((run / "summary.json").read_text())["hetlora"]
+    names = summary["client_names"]
+
+    assert main(["export", str(run), "--method", "hetlora", "--format", "merged", "--out",
+                 str(tmp_path / "merged")]) == 0  # fmt: skip
+    config = config_lib.from_dict(
+        config_lib.ExperimentConfig, json.loads((run / "config.json").read_text())
+    )
+    problem, _ = build_problem(config)
+    val = problem.eval_sets["val"]
+    for c, name in enumerate(names):
+        model = models.load(tmp_path / "merged" / name)
+        ppl = _client_val_ppl(model, np.asarray(val.windows[c]), np.asarray(val.weights[c]))
+        np.testing.assert_allclose(ppl, summary["val_ppl"][c], rtol=2e-4)
+
+    assert main(["export", str(run), "--method", "hetlora", "--client", names[0], "--out",
+                 str(tmp_path / "peft")]) == 0  # fmt: skip
+    tensors = load_file(tmp_path / "peft" / names[0] / "adapter_model.safetensors")
+    a = tensors["base_model.model.transformer.h.0.mlp.c_fc.lora_A.weight"]
+    assert 1 <= a.shape[0] <= ranks[0] and a.shape[1] == D  # its active ranks only
+
+    capsys.readouterr()
+    assert main(["export", str(run), "--method", "fedprompt", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "soft prompts" in err and len(err.strip().splitlines()) == 1

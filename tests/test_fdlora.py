@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 from tiny import SEQ, client_streams, tiny_model
 
-from fedjax_lora.algorithms import Problem, get_method
+from fedjax_lora.algorithms import Problem
 from fedjax_lora.algorithms.fdlora import (
     COMIGS,
     FDLoRAOptions,
@@ -200,8 +200,6 @@ def test_fdlora_needs_its_fusion_set(problem):
 
 def test_fdlora_methods_run_through_the_demo(tmp_path):
     methods = ["fdlora", "fdlora-comigs"]
-    for name in methods:
-        assert get_method(name) is not None
     overrides = [
         "model.d_model=32",
         "model.d_ff=64",

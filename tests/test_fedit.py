@@ -101,10 +101,16 @@ def test_registry_options_and_errors():
     from fedjax_lora import config as config_lib
     from fedjax_lora.experiment import method_factory
 
-    assert METHODS["fedit"] is fedit and METHODS["fedit-ft"] is fedit_ft
-    cfg = config_lib.load(None, ["method_options={fedit-ft: {options: {round_decay: 0.5}}}"])
+    assert METHODS["fedit"].factory is fedit and METHODS["fedit-ft"].factory is fedit_ft
+    cfg = config_lib.load(None, ["method_options={fedit-ft: {round_decay: 0.5}}"])
     factory = method_factory("fedit-ft", cfg)
-    assert factory.keywords["options"] == FedITOptions(round_decay=0.5)
+    assert factory.keywords == {"options": FedITOptions(round_decay=0.5)}
     assert factory(one_window_problem()).name == "fedit-ft"
+    old = config_lib.load(None, ["method_options={fedit: {fine_tuned: true}}"])
+    with pytest.raises(ValueError, match="method_options.fedit.fine_tuned is gone.*'fedit-ft'"):
+        method_factory("fedit", old)
+    old = config_lib.load(None, ["method_options={fedit: {options: {round_decay: 0.5}}}"])
+    with pytest.raises(ValueError, match=r"write method_options.fedit.<option> instead"):
+        method_factory("fedit", old)
     with pytest.raises(ValueError, match="round_decay"):
         FedITOptions(round_decay=1.5)

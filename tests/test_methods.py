@@ -6,12 +6,13 @@ after round 1 round-trips and the resumed round 2 equals the uninterrupted one b
 cohort of K = N equals full participation, or the method refuses cohorts before any compute; a
 method that declares vectorized sweeps runs under the sweep's vmapped round, the others are
 refused. The client strategies `map`, `vmap` and `sharded` (4 forced CPU devices) agree to 1e-5.
+Every method declares what a round moves (`ServerProgram.comm`): bytes for every client, zero
+exactly for the methods that exchange nothing.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
 
 import jax
 import numpy as np
@@ -47,14 +48,16 @@ OVERRIDES = [
 # FedAMoLE's default pool (30 experts, 2 holders each) needs more than 4 clients.
 AMOLE = [
     "amole={targets: [c_attn.q, c_attn.v], num_experts: 4, rank: 2}",
-    "options={clients_per_expert: 2, min_experts: 2, max_experts: 4}",
+    "clients_per_expert=2",
+    "min_experts=2",
+    "max_experts=4",
 ]
 OPTIONS = [f"method_options.{m}.{o}" for m in ("fedamole", "fedamole-r") for o in AMOLE]
 # The CoMiGS family's random router batches need the whole validation stream as windows.
 OPTIONS += [
     f"method_options.{m}.router_batches=windows"
-    for m in METHODS
-    if "router_batches" in inspect.signature(METHODS[m]).parameters
+    for m, spec in METHODS.items()
+    if hasattr(spec.options, "router_batches")
 ]
 
 # The strategy comparison compiles every round twice more; these cover every kind of round
@@ -63,7 +66,7 @@ OPTIONS += [
 STRATEGY_METHODS = ["fedavg", "pcl-val", "comigs", "hetlora", "fdlora", "fedamole"]
 # Cohort and sweep runs compile the round again: run on these (every other method's refusal is
 # still checked); the capabilities decide, so a new round kind belongs here.
-RUN_METHODS = ["fedavg", "pcl-val", "fedit", "fedamole-r"]
+RUN_METHODS = ["fedavg", "pcl-val", "fedit", "fedamole-r", "fedadam", "fedprox", "scaffold"]
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +111,7 @@ LOWERED = _lowerings()
 def test_method_contract(name, setup, tmp_path):
     config, problem = setup
     algo = method_factory(name, config)(problem)
+    assert algo.name == name  # logged under the name it was run as
     sim0 = algo.init(jax.random.key(0))
     sim1, metrics1 = algo.round(sim0)
     for split in ("train", "val"):
@@ -148,6 +152,27 @@ def test_method_contract(name, setup, tmp_path):
     elif not algo.method.capabilities.sweeps:
         with pytest.raises(ValueError, match="cannot be vectorized"):
             run_members(name, [problem], one_round, [0], [config.optimizer.lr])
+
+
+# Nothing leaves a client: local training, one pooled model, CoMiGS with every expert local.
+NO_EXCHANGE = {"local", "centralized", "comigs-2s", "local-moe"}
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_reports_its_bytes(name, setup):
+    config, problem = setup
+    algo = method_factory(name, config)(problem)
+    comm = algo.method.server.comm
+    assert comm is not None, f"{name}: ServerProgram.comm is not declared"
+    clients = jax.device_get(algo.init(jax.random.key(0)).clients)
+    exchange = comm(clients)
+    rows = jax.tree.leaves(clients.params)[0].shape[0]  # centralized: one pooled client
+    for sent in exchange:
+        assert sent.shape == (rows,) and sent.dtype == np.int64
+        if name in NO_EXCHANGE:
+            assert np.all(sent == 0), f"{name} exchanges nothing, reported {sent}"
+        else:
+            assert np.all(sent > 0), f"{name}: no bytes reported for some client: {sent}"
 
 
 @pytest.mark.parametrize("name", STRATEGY_METHODS)

@@ -16,7 +16,7 @@ from fedjax_lora.aggregation import local_aggregator
 from fedjax_lora.algorithms import METHODS, Method, aggregating, build, register, standard_client
 from fedjax_lora.algorithms.fedamole import expert_record, with_amole
 from fedjax_lora.experiment import train_and_evaluate
-from fedjax_lora.plots import plot_expert_assignment, plot_history, plot_trust
+from fedjax_lora.plots import plot_bytes, plot_expert_assignment, plot_history, plot_trust
 from fedjax_lora.report import write_report
 from tests.test_cli import TINY
 
@@ -85,9 +85,10 @@ HELD = [
 AMOLE = amole.AMoLEConfig(targets=("c_attn.q", "c_attn.v"), num_experts=3, rank=2, top_k=1)
 
 
-def masked_local(problem):
+def masked_local(problem, options):
+    del options  # registered without options
     problem = with_amole(problem, AMOLE)
-    masks = amole.expert_masks(problem.base)
+    masks = amole.expert_masks(problem.frozen)
     held = dict(zip(sorted(amole.by_module(masks)), HELD, strict=True))  # in path order
     flat = [
         (p, v.replace(jnp.asarray(held[amole.module_path(p[:-1])])))
@@ -144,9 +145,28 @@ def test_report_includes_experts_and_any_extra_figure(masked_run, fmt):
     (masked_run / "notes.txt").write_text("not a figure")
     text = write_report(masked_run, fmt).read_text()
     if fmt == "md":
-        for name in ("ppl.png", "trust.png", "experts.png", "routing.png"):
+        for name in ("ppl.png", "bytes.png", "trust.png", "experts.png", "routing.png"):
             assert f"]({name})" in text
         assert "notes.txt" not in text
     else:
-        assert text.count('src="data:image/png;base64,') == 4  # ppl, trust, experts, routing
+        assert text.count('src="data:image/png;base64,') == 5  # ppl, bytes, trust, ..., routing
         assert "Final expert assignment" in text and "routing (routing.png)" in text
+
+
+def test_bytes_figure_plots_perplexity_against_cumulative_bytes(tmp_path):
+    """One line per exchanging method through (cumulative MB, mean perplexity) of rounds 1..R;
+    a method that exchanges nothing is a dashed level at its final mean."""
+    record = lambda r, sent, ppl: {"round": r, "cumulative_bytes": sent, "val_ppl": ppl}
+    history = {
+        "fedavg": [record(0, 0, [9, 7]), record(1, 2e6, [6, 4]), record(2, 4e6, [4, 2])],
+        "local": [record(0, 0, [9.0, 7.0]), record(1, 0, [7.0, 5.0])],
+    }
+    fig = plot_bytes(history, tmp_path / "bytes.png")
+    (ax,) = fig.axes
+    line, level = ax.get_lines()  # fedavg's line, local's dashed level
+    np.testing.assert_allclose(line.get_xdata(), [2.0, 4.0])
+    np.testing.assert_allclose(line.get_ydata(), [5.0, 3.0])
+    np.testing.assert_allclose(level.get_ydata(), [6.0, 6.0])
+    assert level.get_linestyle() == "--"
+    assert "MB exchanged" in ax.get_xlabel() and "perplexity" in ax.get_ylabel()
+    assert (tmp_path / "bytes.png").read_bytes()[:4] == PNG

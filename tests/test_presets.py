@@ -83,7 +83,7 @@ def test_the_paper_grids_use_the_presets():
 def test_eval_attention_dropout_reaches_the_trust_methods():
     config = config_lib.load(None, ["eval.attention_dropout=0.3", "methods=[pcl-val]"])
     factory = method_factory("pcl-val", config)
-    assert factory.keywords["trust"].eval_attention_dropout == 0.3
+    assert factory.keywords["options"].eval_attention_dropout == 0.3
     both = ["eval.attention_dropout=0.3", "trust.eval_attention_dropout=0.2"]
     clash = config_lib.load(None, both)
     with pytest.raises(ValueError, match="disagree"):

@@ -16,9 +16,11 @@ from tiny import CONFIG, SEQ, tiny_problem
 
 from fedjax_lora import lora
 from fedjax_lora.aggregation import local_aggregator
-from fedjax_lora.algorithms import federated, get_method
+from fedjax_lora.algorithms import federated
 from fedjax_lora.algorithms.prompt_baselines import (
-    fedprompt,
+    FedPromptOptions,
+    FedPTuningOptions,
+    fedprompt_ft,
     fedptuning,
     reference_state_dict_aggregator,
     with_prompt,
@@ -267,7 +269,7 @@ def test_fedprompt_ft_averages_the_local_prompts_and_reports_them(problem):
     key = jax.random.key(0)
     local = federated("local", with_prompt(problem, PROMPT), local_aggregator(), shared_init=True)
     sim_local, m_local = local.round(local.init(key))
-    algo = fedprompt(problem, PROMPT, fine_tuned=True)
+    algo = fedprompt_ft(problem, FedPromptOptions(PROMPT))
     sim, metrics = algo.round(algo.init(key))
     (trained,) = _leaves(sim_local.clients.params)
     chex.assert_shape(trained, (N, 4, CONFIG.d_model))
@@ -282,7 +284,7 @@ def test_fedptuning_averages_table_and_encoder(problem):
     key = jax.random.key(1)
     local = federated("local", with_prompt(problem, PTUNE), local_aggregator(), shared_init=True)
     sim_local, _ = local.round(local.init(key))
-    algo = fedptuning(problem, PTUNE)
+    algo = fedptuning(problem, FedPTuningOptions(PTUNE))
     sim, metrics = algo.round(algo.init(key))
     for got, trained in zip(
         _leaves(sim.clients.params), _leaves(sim_local.clients.params), strict=True
@@ -318,13 +320,11 @@ def test_with_prompt_checks_the_context(problem):
     with pytest.raises(ValueError, match="exceed the model's context"):
         with_prompt(problem, too_long)
     with pytest.raises(ValueError, match="PTuningConfig"):
-        fedptuning(problem, PROMPT)
+        fedptuning(problem, FedPTuningOptions(PROMPT))
 
 
 def test_prompt_methods_run_through_the_demo(tmp_path):
     methods = ["fedprompt", "fedprompt-ft", "fedptuning", "fedptuning-ft"]
-    for name in methods:
-        assert get_method(name) is not None
     overrides = [
         "model.d_model=32",
         "model.d_ff=64",

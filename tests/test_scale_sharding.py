@@ -13,10 +13,19 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
-from fedjax_lora.algorithms import fedavg
+from fedjax_lora.algorithms import fedavg, install
+from fedjax_lora.algorithms.comigs import with_moe
+from fedjax_lora.algorithms.fedamole import with_amole
+from fedjax_lora.algorithms.lora_baselines import with_ranks
+from fedjax_lora.algorithms.prompt_baselines import with_prompt
+from fedjax_lora.amole import AMoLEConfig
 from fedjax_lora.engine import Strategy
 from fedjax_lora.engine.cohort import Cohort
+from fedjax_lora.models.layers import ClientFrozen
+from fedjax_lora.moe import MoEConfig
+from fedjax_lora.prompt_tuning import PromptTuningConfig
 from tests.tiny import tiny_problem
 
 REPO = Path(__file__).resolve().parents[1]
@@ -125,3 +134,39 @@ def test_eight_host_devices_give_the_one_device_numbers(tmp_path, one_device):
         got = {k.split(":", 1)[1]: saved[k] for k in saved.files if k.startswith(name + ":")}
         want = one_device["cohort" if name.startswith("cohort") else "full"]
         assert_same_numbers(got, want, f"8 devices, {name}")
+
+
+def _host_copies(model) -> None:
+    """A surgery that replaces the base's weights by fresh host arrays (nothing placed)."""
+    for _, var in nnx.iter_graph(model):
+        if isinstance(var, nnx.Param):
+            var.set_value(np.array(var.get_value()))
+
+
+@pytest.mark.parametrize("surgery", ["host", "ranks", "moe", "amole", "prompt"])
+def test_every_surgery_places_the_base_over_the_model_axis(surgery):
+    """`install` (the seam of `with_ranks`, `with_moe`, `with_amole`, `with_prompt`) re-places
+    the changed model's base as the strategy wants it: with `model_devices=2` on the 4 forced
+    devices, the embedding and the frozen MLP kernel are split over the `model` axis, and the
+    per-client frozen variables are in `Problem.frozen`, not in the base."""
+    problem = tiny_problem(num_clients=4, strategy=Strategy("sharded", model_devices=2))
+    changed = {
+        "host": lambda: install(problem, _host_copies),
+        "ranks": lambda: with_ranks(problem, (2, 4, 3, 4)),
+        "moe": lambda: with_moe(problem, MoEConfig(num_experts=2, rank=2)),
+        "amole": lambda: with_amole(
+            problem, AMoLEConfig(targets=("c_attn.q",), num_experts=2, rank=2, top_k=1)
+        ),
+        "prompt": lambda: with_prompt(problem, PromptTuningConfig(num_virtual_tokens=2)),
+    }[surgery]()
+    specs = {
+        "/".join(map(str, path)): x.sharding.spec
+        for path, x in jax.tree_util.tree_leaves_with_path(changed.base)
+    }
+    assert tuple(next(s for p, s in specs.items() if "wte" in p)) == ("model", None)
+    kernel = next(s for p, s in specs.items() if "c_fc" in p and "kernel" in p)
+    assert tuple(kernel) == (None, "model")
+    for x in jax.tree.leaves(changed.base):
+        assert len(x.sharding.device_set) == 4
+    assert not jax.tree.leaves(nnx.split_state(changed.base, ClientFrozen, ...)[0])
+    assert bool(jax.tree.leaves(changed.frozen)) == (surgery not in ("host", "prompt"))

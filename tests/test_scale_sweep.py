@@ -90,8 +90,9 @@ def test_every_sweep_member_equals_its_single_run(tmp_path):
 
 def test_heterogeneity_levels_run_in_one_compiled_round(tmp_path):
     """Three overlap levels × 2 seeds compile the sweep's round and evaluation once (JAX's
-    compilation events); a method that needs its data on the host (`pcl-oracle`'s mixtures)
-    falls back to one program per level."""
+    compilation events), `pcl-oracle`'s mixtures included; a method that reads its data on the
+    host (`centralized`'s pooled stream: `Capabilities.data_axis` false) runs one program per
+    level."""
     from jax import monitoring
 
     compiled = []
@@ -113,7 +114,11 @@ def test_heterogeneity_levels_run_in_one_compiled_round(tmp_path):
         assert len({m["final"]["val_mean_ppl"] for m in doc["members"]}) == 6
         compiled.clear()
         oracle = config_lib.merge_base(config, {"methods": ["pcl-oracle"]})
-        doc = run_sweep(oracle, tmp_path / "per-level")
+        doc = run_sweep(oracle, tmp_path / "oracle")
+        assert compiled.count("jit(sweep_round)") == 1 and doc["programs"][0]["programs"] == 1
+        compiled.clear()
+        pooled = config_lib.merge_base(config, {"methods": ["centralized"]})
+        doc = run_sweep(pooled, tmp_path / "per-level")
         assert compiled.count("jit(sweep_round)") == 3 and doc["programs"][0]["programs"] == 3
     finally:
         monitoring.unregister_event_duration_listener(listen)

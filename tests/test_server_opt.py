@@ -1,16 +1,20 @@
 """Server optimizers (Reddi et al. 2021) against NumPy loops of the optax formulas, over several
-rounds with the state carried; the FedAvg identities; composition with a mask policy."""
+rounds with the state carried; the FedAvg identities; composition with a mask policy. On a tiny
+language model: the named methods (`fedadam`, ...) against optax applied by hand to the mean
+client delta, the `server_opt` option of FedAvg, FedSA-LoRA and FFA-LoRA, checkpoint resume."""
 
 from __future__ import annotations
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
 from fedjax_lora import aggregation as agg
-from fedjax_lora.aggregation.masks import masked_aggregator
+from fedjax_lora import config as config_lib
+from fedjax_lora.aggregation.masks import global_mask, masked_aggregator, path_names
 from fedjax_lora.aggregation.server_opt import (
     fedadagrad,
     fedadam,
@@ -18,6 +22,12 @@ from fedjax_lora.aggregation.server_opt import (
     fedyogi,
     server_optimizer,
 )
+from fedjax_lora.algorithms import METHODS
+from fedjax_lora.algorithms.base import RoundInputs
+from fedjax_lora.checkpoint import Checkpointer
+from fedjax_lora.experiment import method_factory
+from fedjax_lora.settings import ServerOptimizer
+from tests.tiny import tiny_problem
 
 N, ROUNDS = 4, 4
 
@@ -169,3 +179,146 @@ def test_state_is_carried_and_checkpointable():
     state = aggregator.init(start)
     assert isinstance(state, agg.ServerOptState)
     assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(state))
+
+
+# --- the named methods and the `server_opt` option on a language model -------------------------
+
+
+@pytest.fixture(scope="module")
+def problem():
+    return tiny_problem(steps=2)
+
+
+def _np_leaves(tree) -> list[np.ndarray]:
+    return [np.asarray(x, np.float64) for x in jax.tree.leaves(jax.device_get(tree))]
+
+
+def _by_hand(algo, tx, sim, problem, rounds=2):
+    """`rounds` rounds of the method's own local training, each followed by `tx` applied by hand
+    to the pseudo-gradient `θ − mean_i y_i` and `θ` sent to every client; returns `θ`."""
+    theta = jax.tree.map(lambda x: jnp.mean(x, 0), sim.clients.params)
+    state, clients = tx.init(theta), sim.clients
+    update = jax.jit(algo.method.client.update)
+    for r in range(rounds):
+        inputs = RoundInputs(problem.train, problem.eval_sets, problem.base, jnp.int32(r))
+        trained, _ = update(clients, inputs)
+        grad = jax.tree.map(lambda t, y: t - jnp.mean(y, 0), theta, trained.params)
+        with jax.numpy_dtype_promotion("standard"):  # optax mixes floats with its int32 counter
+            updates, state = tx.update(grad, state, theta)
+        theta = optax.apply_updates(theta, updates)
+        sent = jax.tree.map(
+            lambda t, y: jnp.broadcast_to(t, y.shape).astype(y.dtype), theta, trained.params
+        )
+        clients = trained._replace(params=sent)
+    return theta
+
+
+KINDS = {"fedavgm": "sgd", "fedadam": "adam", "fedyogi": "yogi", "fedadagrad": "adagrad"}
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "tx"),
+    [
+        ("fedavgm", {}, optax.sgd(1.0, 0.9)),
+        ("fedadam", {}, optax.adam(1e-2, 0.9, 0.99, 1e-3)),
+        ("fedyogi", {"lr": 0.03}, optax.yogi(0.03, 0.9, 0.99, 1e-3)),
+        ("fedadagrad", {}, optax.adagrad(0.1, initial_accumulator_value=1e-6, eps=0.0)),
+    ],
+)
+def test_named_method_is_optax_on_the_mean_delta(problem, name, options, tx):
+    """Two rounds of `fedadam` & co. equal their optax transformation applied by hand to the mean
+    of the clients' updates (defaults: Reddi et al.'s)."""
+    algo = METHODS[name](problem, server_opt=ServerOptimizer(KINDS[name], **options))
+    sim = algo.init(jax.random.key(0))
+    want = _np_leaves(_by_hand(algo, tx, sim, problem))
+    for _ in range(2):
+        sim, _ = algo.round(sim)
+    server = _np_leaves(sim.agg_state.global_tree)
+    for got, w, g in zip(_np_leaves(sim.clients.params), want, server, strict=True):
+        np.testing.assert_allclose(got, np.broadcast_to(w, got.shape), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+
+
+def test_server_opt_sgd_one_is_the_method_itself(problem):
+    """`server_opt = sgd(lr=1, momentum=0)` on FedAvg, FedSA-LoRA and FFA-LoRA changes nothing
+    (the server state is a `ServerOptState`)."""
+    unit = ServerOptimizer("sgd", 1.0, momentum=0.0)
+    for name in ("fedavg", "fedsa-lora", "ffa-lora"):
+        plain, stepped = METHODS[name](problem), METHODS[name](problem, server_opt=unit)
+        a, b = plain.init(jax.random.key(0)), stepped.init(jax.random.key(0))
+        for _ in range(2):
+            (a, ma), (b, mb) = plain.round(a), stepped.round(b)
+        assert isinstance(b.agg_state, agg.ServerOptState)
+        for x, y in zip(
+            _np_leaves((a.clients.params, ma["val"])),
+            _np_leaves((b.clients.params, mb["val"])),
+            strict=True,
+        ):
+            np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_fedsa_server_adam_steps_a_and_keeps_b_local(problem):
+    """FedSA-LoRA with `server_opt.kind=adam`: every client's `A` is the server's global `A`,
+    each `B` its own."""
+    algo = METHODS["fedsa-lora"](problem, server_opt=ServerOptimizer("adam", 0.05))
+    sim, _ = algo.round(algo.init(jax.random.key(0)))
+    paths = jax.tree_util.tree_leaves_with_path(sim.clients.params)
+    theta = _np_leaves(sim.agg_state.global_tree)
+    for (path, x), t in zip(paths, theta, strict=True):
+        x = np.asarray(x)
+        if path_names(path)[-1] == "a":
+            np.testing.assert_allclose(x, np.broadcast_to(t, x.shape), rtol=1e-6, atol=1e-6)
+        else:  # B: local, different on every client
+            assert np.abs(x - x[:1]).max() > 0
+
+
+def test_fedadam_checkpoint_resume_equals_uninterrupted(problem, tmp_path):
+    """The server's Adam moments and global tree live in `SimState.agg_state`: saving after
+    round 1 and resuming gives round 2 bit for bit."""
+    algo = METHODS["fedadam"](problem)
+    sim1, _ = algo.round(algo.init(jax.random.key(0)))
+    checkpoints = Checkpointer(tmp_path)
+    checkpoints.save(1, sim1, [])
+    step, restored, _ = checkpoints.restore_latest(algo.init(jax.random.key(1)))
+    checkpoints.close()
+    assert step == 1
+    assert int(restored.agg_state.opt_state[0].count) == 1  # Adam's step count
+    (want, want_metrics), (got, got_metrics) = algo.round(sim1), algo.round(restored)
+    want, got = (want.clients.params, want.agg_state), (got.clients.params, got.agg_state)
+    for x, y in zip(_np_leaves((want, want_metrics)), _np_leaves((got, got_metrics)), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_comigs_server_opt_steps_the_generalist_only(problem):
+    """CoMiGS with `server_opt.kind=adam`: the generalist (`expert_0` policy's global part) of
+    every client is the server's tree, the specialists stay each client's own."""
+    algo = METHODS["comigs"](
+        problem, router_batches="windows", server_opt=ServerOptimizer("adam", 0.05)
+    )
+    sim, metrics = algo.round(algo.init(jax.random.key(0)))
+    assert all(np.isfinite(x).all() for x in _np_leaves(metrics["val"]))
+    masks = global_mask(sim.clients.params, "expert_0")
+    theta = _np_leaves(sim.agg_state.global_tree)
+    shared, local = 0, 0.0
+    for x, m, t in zip(_np_leaves(sim.clients.params), jax.tree.leaves(masks), theta, strict=True):
+        m = np.broadcast_to(np.asarray(m), x.shape)
+        np.testing.assert_allclose(x[m], np.broadcast_to(t, x.shape)[m], rtol=1e-6, atol=1e-6)
+        shared += m.sum()
+        local = max(local, np.abs(x - x[:1])[~m].max(initial=0.0))
+    assert shared > 0 and local > 0  # the specialists differ between clients
+
+
+def test_method_options_merge_over_the_named_method_defaults():
+    """`method_options.fedadam.server_opt.lr=0.05` keeps fedadam's `kind = 'adam'` (the default
+    `fedjax-lora methods` lists); a value out of range fails naming the option."""
+    config = config_lib.load(None, ["method_options.fedadam.server_opt.lr=0.05"])
+    assert method_factory("fedadam", config).keywords["options"].server_opt == ServerOptimizer(
+        "adam", 0.05
+    )
+    config = config_lib.load(None, ["method_options.fedsa-lora.server_opt.kind=yogi"])
+    assert method_factory("fedsa-lora", config).keywords["options"].server_opt == ServerOptimizer(
+        "yogi"
+    )
+    config = config_lib.load(None, ["method_options.fedavgm.server_opt.momentum=1.5"])
+    with pytest.raises(ValueError, match=r"server_opt.momentum must be in \[0, 1\), got 1.5"):
+        method_factory("fedavgm", config)

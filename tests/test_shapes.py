@@ -33,8 +33,8 @@ for name, entry in sorted(agg.AGGREGATORS.items()):
     check_aggregator(
         entry.factory,
         example_inputs=entry.example_inputs,
-        num_clients=4,
-        permutation_equivariant=entry.permutation_equivariant,
+        num_clients=5,  # Krum needs N > 2f + 2
+        properties=entry.properties,
         name=name,
     )
 

@@ -1,4 +1,4 @@
-"""Side data owned by methods (`SideData`, `algorithms.uses`) and every method's metrics in
+"""Side data owned by methods (`SideData`, declared with `register(..., side=...)`) and every method's metrics in
 `metrics.jsonl`: `fedjax-lora demo --methods <every registered method> --rounds 2` runs with no
 other flag (the demo's model and data made tiny, nothing method-specific), FDLoRA's fusion
 weights and FedAMoLE's `experts_held` reach the records namespaced by the method, and a method
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from fedjax_lora import config as config_lib
-from fedjax_lora.algorithms import METHODS, SideData, local, uses
+from fedjax_lora.algorithms import METHODS, MethodSpec, NoOptions, SideData, local
 from fedjax_lora.cli import main
 from fedjax_lora.experiment import build_problem
 
@@ -73,9 +73,13 @@ def test_method_metrics_reach_metrics_jsonl_namespaced(every_method):
     assert ce.shape == (CLIENTS, 2) and np.all(ce > 0)
 
 
-@uses(SideData(aux=0.05, reference=True, mixtures=True))
-def _needs_all(problem):
-    return local(problem)
+_NEEDS_ALL = MethodSpec(
+    "needs-all",
+    lambda problem, options: local(problem),
+    NoOptions(),
+    "local training that declares every kind of side data",
+    SideData(aux=0.05, reference=True, mixtures=True),
+)
 
 
 SMALL = [
@@ -93,7 +97,7 @@ SMALL = [
 
 
 def test_declared_side_data_reaches_the_problem_without_flags(monkeypatch):
-    monkeypatch.setitem(METHODS, "needs-all", _needs_all)
+    monkeypatch.setitem(METHODS, "needs-all", _NEEDS_ALL)
     plain, data = build_problem(config_lib.load(None, [*SMALL, "methods=[local]"]))
     problem, _ = build_problem(config_lib.load(None, [*SMALL, "methods=[local,needs-all]"]))
     assert plain.side == {}  # nothing a selected method does not read

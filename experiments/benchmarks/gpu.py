@@ -214,7 +214,6 @@ def method_options(name: str, c: dict, n: int) -> dict:
     ranks 2, 4, 8 (cycled over the clients, zero-padded to 8) on q and v; FedAMoLE on q and v
     with a pool that RSEA can assign to N clients; CoMiGS 1G1S (one generalist, one specialist),
     its router on fixed validation windows (the benchmark's windows do not cover the stream)."""
-    from fedjax_lora.algorithms.fedamole import FedAMoLEOptions
     from fedjax_lora.amole import AMoLEConfig
     from fedjax_lora.lora import LoRAConfig
 
@@ -224,11 +223,9 @@ def method_options(name: str, c: dict, n: int) -> dict:
     if name == "fedamole":
         a = c["amole"]
         return {
-            "options": FedAMoLEOptions(
-                clients_per_expert=a["clients_per_expert"],
-                min_experts=a["min_experts"],
-                max_experts=a["max_experts"],
-            ),
+            "clients_per_expert": a["clients_per_expert"],
+            "min_experts": a["min_experts"],
+            "max_experts": a["max_experts"],
             "amole": AMoLEConfig(
                 targets=engine.TARGETS, num_experts=a["num_experts"], rank=c["rank"], dropout=0.0
             ),

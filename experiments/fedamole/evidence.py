@@ -39,6 +39,7 @@ from fedjax_lora.aggregation.rsea import random_assignment  # noqa: E402
 from fedjax_lora.data.datasets_hf import alpaca_prompt  # noqa: E402
 from fedjax_lora.data.instruction import ByteTokenizer  # noqa: E402
 from fedjax_lora.engine.loss import token_cross_entropy  # noqa: E402
+from fedjax_lora.engine.optim import standard_promotion  # noqa: E402
 from fedjax_lora.experiment import base_tokenizer, build_data  # noqa: E402
 from fedjax_lora.export import save_merged  # noqa: E402
 from fedjax_lora.models import ModelConfig, from_config  # noqa: E402
@@ -115,7 +116,8 @@ def pretrain_base(
     stream = jnp.asarray(np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32))
     net = from_config(ModelConfig(family="llama", vocab_size=256, **model), seed=seed)
     graphdef, params = nnx.split(net, nnx.Param)
-    tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, 3e-3, steps // 20 + 1, steps))
+    schedule = optax.warmup_cosine_decay_schedule(0.0, 3e-3, steps // 20 + 1, steps)
+    tx = standard_promotion(optax.adamw(schedule))
 
     def loss_fn(p, batch):
         logits = nnx.merge(graphdef, p)(batch[:, :-1])
@@ -168,9 +170,7 @@ def evidence_grid(data_path: Path, base_path: Path, quick: bool = False) -> dict
             # The byte-level Alpaca prompts are longer than the quick check's windows.
             "instruction_packing": "windows",
         },
-        "method_options": {
-            m: {"amole": amole, "options": experts} for m in ("fedamole", "fedamole-r")
-        },
+        "method_options": {m: {"amole": amole, **experts} for m in ("fedamole", "fedamole-r")},
         "tracking": {"tensorboard": False, "progress": False},
     }
     if quick:
@@ -287,9 +287,7 @@ def evidence(
     for seed in seeds:
         run_dir = out / cell["name"] / f"seed{seed}"
         histories[seed] = {**load_history(run_dir / "aux"), **load_history(run_dir / "plain")}
-    options = {
-        m: config.method_options[m]["options"] for m in SHARING_METHODS if m in config.methods
-    }
+    options = {m: config.method_options[m] for m in SHARING_METHODS if m in config.methods}
     final = {m: {s: h[m][-1]["experts"] for s, h in histories.items()} for m in options}
     runs = {
         seed: {

@@ -202,7 +202,7 @@ def smoke_grid(out: Path) -> dict:
             "method_options": {
                 "fedamole": {
                     "amole": {"targets": ["c_attn.q", "c_attn.v"], "num_experts": 4, "rank": 2},
-                    "options": {"max_experts": 4},
+                    "max_experts": 4,
                 }
             },
             "tracking": {"tensorboard": False, "progress": False},

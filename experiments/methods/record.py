@@ -44,7 +44,9 @@ OVERRIDES = [
 # FedAMoLE's default pool (30 experts, 2 holders each) needs more than 4 clients.
 _AMOLE = [
     "amole={targets: [c_attn.q, c_attn.v], num_experts: 4, rank: 4}",
-    "options={clients_per_expert: 2, min_experts: 2, max_experts: 4}",
+    "clients_per_expert=2",
+    "min_experts=2",
+    "max_experts=4",
 ]
 EXTRA = {m: [f"method_options.{m}.{o}" for o in _AMOLE] for m in ("fedamole", "fedamole-r")}
 

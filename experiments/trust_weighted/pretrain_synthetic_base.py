@@ -32,6 +32,7 @@ from flax import nnx
 from fedjax_lora.data import fortunes
 from fedjax_lora.data.synthetic import make_markov_sources
 from fedjax_lora.engine.loss import token_cross_entropy
+from fedjax_lora.engine.optim import standard_promotion
 from fedjax_lora.export import save_merged
 from fedjax_lora.models import ModelConfig, from_config
 
@@ -67,7 +68,7 @@ def pretrain(args: argparse.Namespace) -> nnx.Module:
     model = from_config(cfg, seed=args.model_seed)
     graphdef, params = nnx.split(model, nnx.Param)
     schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, args.steps // 20, args.steps)
-    tx = optax.adamw(schedule, b2=0.95, weight_decay=0.01)
+    tx = standard_promotion(optax.adamw(schedule, b2=0.95, weight_decay=0.01))
     docs = jnp.asarray(pretraining_windows(args))
 
     def loss_fn(p, batch):

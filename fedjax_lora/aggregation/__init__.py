@@ -44,12 +44,14 @@ from fedjax_lora.aggregation.robust import (
     trimmed_mean_aggregator,
 )
 from fedjax_lora.aggregation.server_opt import (
+    ServerOptimizer,
     ServerOptState,
     fedadagrad,
     fedadam,
     fedavgm,
     fedyogi,
     server_optimizer,
+    with_server_optimizer,
 )
 from fedjax_lora.aggregation.trust import (
     TOPOLOGIES,
@@ -71,6 +73,7 @@ __all__ = [
     "DPState",
     "Exchange",
     "ServerOptState",
+    "ServerOptimizer",
     "HetLoRAState",
     "Aggregator",
     "Inputs",
@@ -102,6 +105,7 @@ __all__ = [
     "prediction_trust",
     "rank_exchange",
     "server_optimizer",
+    "with_server_optimizer",
     "softmax_trust",
     "topology",
     "tree_bytes",

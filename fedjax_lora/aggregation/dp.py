@@ -133,7 +133,9 @@ def dp_aggregator(
         norms = client_update_norms(stacked_tree, theta, mask)
         scale = jnp.minimum(1.0, c / jnp.maximum(norms, jnp.finfo(jnp.float32).tiny))
         clipped = jax.tree.map(
-            lambda x, g: (g + scale.reshape((-1,) + (1,) * (x.ndim - 1)) * (x - g)).astype(x.dtype),
+            lambda x, g: (
+                g + scale.reshape((-1,) + (1,) * (x.ndim - 1)) * (x.astype(g.dtype) - g)
+            ).astype(x.dtype),
             stacked_tree,
             theta,
         )
@@ -153,7 +155,8 @@ def dp_aggregator(
         out = merge_global(aggregated, noisy, policy)
 
         if adaptive_quantile is not None:
-            unclipped = jnp.sum(norms <= c) + sigma_b * jax.random.normal(count_key)
+            kept = jnp.sum(norms <= c, dtype=jnp.float32)
+            unclipped = kept + sigma_b * jax.random.normal(count_key)
             c = c * jnp.exp(-clip_lr * (unclipped / n - adaptive_quantile))
         new_state = DPState(client_mean(out), c, jax.random.key_data(key), inner_state)
         return out, new_state

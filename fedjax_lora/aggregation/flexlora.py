@@ -63,7 +63,8 @@ def flexlora_aggregator(
             if merge_alpha is None:
                 rate, divisor = scale, own
             else:
-                rate = jnp.where(active, merge_alpha / jnp.sum(active, -1, keepdims=True), 0.0)
+                active_ranks = jnp.sum(active, -1, keepdims=True, dtype=jnp.float32)
+                rate = jnp.where(active, merge_alpha / active_ranks, 0.0)
                 divisor = jnp.full((n,), merge_alpha / r_max)
             delta = jnp.einsum(
                 "n,nir,nr,nro->io",

@@ -3,9 +3,10 @@ policies over stacked client trees, and the aggregator that averages only the gl
 
 Leaves are classified by their path (the CoMiGS reference classifies parameter names the same way):
 a path with a `router` component is a *router*; one with an `experts` component holds stacked
-mixture experts `[N, E, ...]` (slot 0 the generalist); `expert_mask` is per-client structure;
-everything else (attention LoRA, plain LoRA) is *shared* LoRA. Policies (Fan et al., CoMiGS,
-arXiv:2409.13931, `collaboration_strategies.py`):
+mixture experts `[N, E, ...]` (slot 0 the generalist); everything else (attention LoRA, plain
+LoRA) is *shared* LoRA. Per-client structure (expert masks) is not among the adapters: it is the
+clients' frozen state (`ClientFrozen`, `ClientState.frozen`), which no policy averages. Policies
+(Fan et al., CoMiGS, arXiv:2409.13931, `collaboration_strategies.py`):
 
 - `none`: nothing global (local training).
 - `all`: everything global, routers included.
@@ -54,7 +55,7 @@ Policy = Literal["none", "all", "experts", "expert_0", "expert_01", "ffa", "feds
 POLICIES: tuple[str, ...] = ("none", "all", "experts", "expert_0", "expert_01", "ffa", "fedsa")
 PolicyArg = Policy | Callable[[tuple[str, ...]], bool]
 """A policy name or a predicate over a leaf's path names (True: global)."""
-Role = Literal["router", "experts", "mask", "shared"]
+Role = Literal["router", "experts", "shared"]
 
 
 def path_names(path: Sequence[Any]) -> tuple[str, ...]:
@@ -70,8 +71,6 @@ def path_names(path: Sequence[Any]) -> tuple[str, ...]:
 def leaf_role(names: Sequence[str]) -> Role:
     if "router" in names:
         return "router"
-    if "expert_mask" in names:
-        return "mask"
     if "experts" in names:
         return "experts"
     return "shared"
@@ -87,7 +86,7 @@ def _leaf_mask(names: tuple[str, ...], leaf: ArrayLike, policy) -> jax.Array:
     if callable(policy):
         return jnp.bool_(policy(names))
     role = leaf_role(names)
-    if policy == "none" or role == "mask":
+    if policy == "none":
         return jnp.bool_(False)
     if policy == "all":
         return jnp.bool_(True)

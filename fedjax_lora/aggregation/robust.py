@@ -46,7 +46,7 @@ def _coordinate_aggregator(
     def apply(stacked_tree: PyTree, state: tuple, inputs: Inputs | None = None):
         del inputs
 
-        def reduce_leaf(leaf: jax.Array) -> jax.Array:
+        def reduce_leaf(leaf: jax.typing.ArrayLike) -> jax.Array:
             out = reduce(leaf.astype(jnp.float32))
             return jnp.broadcast_to(out, leaf.shape).astype(leaf.dtype)
 
@@ -65,7 +65,7 @@ def trimmed_mean_aggregator(beta: float = 0.2, policy: PolicyArg = "all") -> Agg
     if not 0.0 <= beta < 0.5:
         raise ValueError(f"trimmed mean: beta must be in [0, 0.5), got {beta}")
 
-    def reduce(x: jax.Array) -> jax.Array:
+    def reduce(x: jax.typing.ArrayLike) -> jax.Array:
         b = int(beta * x.shape[0])
         return jnp.mean(jnp.sort(x, axis=0)[b : x.shape[0] - b], axis=0)
 

@@ -13,6 +13,10 @@ state. Only the global part (a mask policy of `aggregation.masks`) is optimized;
 keep the inner aggregator's result (their pseudo-gradient is zero and the server's value is not
 used).
 
+A method with a global part takes the server optimizer as its option `server_opt`
+(`ServerOptimizer`: `kind`, `lr`, `momentum`, `b1`, `b2`, `eps`; `with_server_optimizer`); the
+named methods `fedavgm`, `fedadam`, `fedyogi`, `fedadagrad` are FedAvg with it set.
+
 The named server optimizers are optax's own transformations (as OpenFedLLM and Flower name them):
 
 - `fedavgm`: `optax.sgd(lr, momentum)` (Hsu et al. 2019). With `lr = 1`, `momentum = 0` it *is*
@@ -49,14 +53,20 @@ import optax
 
 from fedjax_lora.aggregation.core import Aggregator, Inputs
 from fedjax_lora.aggregation.masks import PolicyArg, global_mask, masked_aggregator, merge_global
+from fedjax_lora.engine.optim import standard_promotion
+from fedjax_lora.settings import ServerOptimizer
 
 __all__ = [
+    "DEFAULT_LR",
     "ServerOptState",
+    "ServerOptimizer",
     "fedadagrad",
     "fedadam",
     "fedavgm",
     "fedyogi",
     "server_optimizer",
+    "server_tx",
+    "with_server_optimizer",
 ]
 
 PyTree = Any
@@ -91,6 +101,7 @@ def server_optimizer(
 ) -> Aggregator:
     """`inner`'s consensus taken as a step of `tx` from the global tree (module docstring)."""
     global_mask(None, policy)  # fail early on an unknown policy
+    tx = standard_promotion(tx)  # optax mixes Python floats with its int32 step counter
 
     def init(stacked_tree: PyTree) -> ServerOptState:
         global_tree = client_mean(stacked_tree)
@@ -118,9 +129,38 @@ def server_optimizer(
     return Aggregator(init, apply)
 
 
-def _fedopt(tx: optax.GradientTransformation, inner: Aggregator | None, policy: PolicyArg):
-    """`server_optimizer` with `inner` defaulting to FedAvg of the `policy`'s global part."""
-    return server_optimizer(inner or masked_aggregator(policy), tx, policy)
+DEFAULT_LR = {"sgd": 1.0, "adam": 1e-2, "yogi": 1e-2, "adagrad": 1e-1}
+"""The server learning rate of each `ServerOptimizer.kind` when `lr` is None."""
+
+
+def server_tx(options: ServerOptimizer) -> optax.GradientTransformation:
+    """The optax transformation of `options` (not `kind="none"`): `sgd(lr, momentum)`,
+    `adam`/`yogi(lr, b1, b2, eps)`, `adagrad(lr, initial_accumulator_value=eps², eps=0)`."""
+    lr = DEFAULT_LR[options.kind] if options.lr is None else options.lr
+    b1, b2, eps = options.b1, options.b2, options.eps
+    if options.kind == "sgd":
+        return optax.sgd(lr, options.momentum or None)
+    if options.kind == "adam":
+        return optax.adam(lr, b1, b2, eps)
+    if options.kind == "yogi":
+        return optax.yogi(lr, b1, b2, eps)
+    return optax.adagrad(lr, initial_accumulator_value=eps**2, eps=0.0)
+
+
+def with_server_optimizer(
+    inner: Aggregator, options: ServerOptimizer, policy: PolicyArg = "all"
+) -> Aggregator:
+    """`inner` as is for `options.kind == "none"`, else `server_optimizer(inner, server_tx(options),
+    policy)`: the `server_opt` option of every method with a global part (`policy` names it)."""
+    if options.kind == "none":
+        return inner
+    return server_optimizer(inner, server_tx(options), policy)
+
+
+def _fedopt(options: ServerOptimizer, inner: Aggregator | None, policy: PolicyArg):
+    """The server optimizer of `options` over `inner`, by default FedAvg of the `policy`'s global
+    part."""
+    return server_optimizer(inner or masked_aggregator(policy), server_tx(options), policy)
 
 
 def fedavgm(
@@ -131,7 +171,7 @@ def fedavgm(
 ) -> Aggregator:
     """FedAvgM: server SGD with momentum on the pseudo-gradient (`optax.sgd(lr, momentum)`).
     `inner` defaults to FedAvg of the `policy`'s global part (`masked_aggregator(policy)`)."""
-    return _fedopt(optax.sgd(lr, momentum or None), inner, policy)
+    return _fedopt(ServerOptimizer("sgd", lr, momentum), inner, policy)
 
 
 def fedadam(
@@ -143,7 +183,7 @@ def fedadam(
     policy: PolicyArg = "all",
 ) -> Aggregator:
     """FedAdam (Reddi et al. 2021): `optax.adam(lr, b1, b2, eps)` on the pseudo-gradient."""
-    return _fedopt(optax.adam(lr, b1, b2, eps), inner, policy)
+    return _fedopt(ServerOptimizer("adam", lr, b1=b1, b2=b2, eps=eps), inner, policy)
 
 
 def fedyogi(
@@ -155,7 +195,7 @@ def fedyogi(
     policy: PolicyArg = "all",
 ) -> Aggregator:
     """FedYogi (Reddi et al. 2021): `optax.yogi(lr, b1, b2, eps)` on the pseudo-gradient."""
-    return _fedopt(optax.yogi(lr, b1, b2, eps), inner, policy)
+    return _fedopt(ServerOptimizer("yogi", lr, b1=b1, b2=b2, eps=eps), inner, policy)
 
 
 def fedadagrad(
@@ -166,4 +206,4 @@ def fedadagrad(
 ) -> Aggregator:
     """FedAdagrad (Reddi et al. 2021): `optax.adagrad` with `v_{-1} = eps²` on the
     pseudo-gradient."""
-    return _fedopt(optax.adagrad(lr, initial_accumulator_value=eps**2, eps=0.0), inner, policy)
+    return _fedopt(ServerOptimizer("adagrad", lr, eps=eps), inner, policy)

@@ -1,6 +1,7 @@
 """Federated algorithms as pure `(init, round)` pairs, the method contract (`Method`: a client
 program, a server program, what is evaluated, capabilities, final analyses; `build`: the one
-round; `uses`: the side data a method reads) and the registry of named methods."""
+round) and the one registry of named methods (`register(name, factory, options, side=...)`,
+`fedjax_lora.algorithms.registry`; `side`: the `SideData` a method reads)."""
 
 from fedjax_lora.algorithms.base import (
     Algorithm,
@@ -14,24 +15,34 @@ from fedjax_lora.algorithms.base import (
     build,
     evaluation,
     federated,
-    side_data,
     standard_client,
-    uses,
 )
-from fedjax_lora.algorithms.methods import METHODS, centralized, fedavg, get_method, local, register
-from fedjax_lora.algorithms.problem import Problem, SideData, TrainData
+from fedjax_lora.algorithms.methods import FedAvgOptions, centralized, fedavg, local
+from fedjax_lora.algorithms.problem import (
+    Problem,
+    SideData,
+    Surgery,
+    TrainData,
+    install,
+    model_of,
+)
+from fedjax_lora.algorithms.registry import METHODS, MethodSpec, NoOptions, get_method, register
 
 __all__ = [
     "METHODS",
     "Algorithm",
     "Capabilities",
     "ClientProgram",
+    "FedAvgOptions",
     "Method",
+    "MethodSpec",
+    "NoOptions",
     "Problem",
     "RoundInputs",
     "ServerProgram",
     "SideData",
     "SimState",
+    "Surgery",
     "TrainData",
     "aggregating",
     "build",
@@ -40,9 +51,9 @@ __all__ = [
     "federated",
     "fedavg",
     "get_method",
+    "install",
     "local",
+    "model_of",
     "register",
-    "side_data",
     "standard_client",
-    "uses",
 ]

@@ -10,13 +10,19 @@ sweeps) and its final analyses (`analyses`: e.g. FedAMoLE's expert assignment).
 `build(problem, method)` turns it into an `Algorithm`: `init`, the compiled `round`,
 `evaluate`. Every method of the library is built by it; none writes its own round. The data a
 method reads besides the clients' training and evaluation data (`SideData`: an auxiliary split,
-reference sequences, known mixtures) is declared with its registered factory (`uses`), so the
-problem builder provides it only for the methods run.
+reference sequences, known mixtures) is declared with its registration (`register(...,
+side=SideData(...))`), so the problem builder provides it only for the methods run.
+
+A server also declares what a round moves (`ServerProgram.comm`: the bytes each client uploads
+and downloads, host-side, from the initial clients' shapes) and, when its aggregation is the
+mean of a *global part* (`ServerProgram.global_part`), lets `build` replace that mean by the
+problem's `GlobalRule` (`with_global_rule`: a robust reduction, or client-level DP whose `ε` the
+run reports).
 
 The round (compiled once; the round counter is data, so later rounds never recompile):
 
     [cohort] draw K clients, gather their state, data, evaluation windows and side data
-    clients, train = client.update(clients, RoundInputs(data, eval_sets, side, base, round))
+    clients, train = client.update(clients, RoundInputs(data, eval_sets, base, round, server, side))
     clients', server, agg, host_in = server.apply(clients, server, inputs)   # aggregation
     [cohort] scatter the rows back (the server model to everyone when server.server_model)
     metrics = {"train": train, "aggregation": agg, <set>: evaluate(clients, clients')}
@@ -25,29 +31,52 @@ The round (compiled once; the round counter is data, so later rounds never recom
 Every metric of `train` and `aggregation` reaches the run's `metrics.jsonl`, namespaced by the
 method (`experiment._round_record`).
 
-Per-client frozen state (`ClientState.frozen`: e.g. FedAMoLE's expert masks) is merged over the
-shared base for that client in training and evaluation.
+Per-client frozen state (`ClientState.frozen`: the `ClientFrozen` variables of the problem's
+model, e.g. CoMiGS's and FedAMoLE's expert masks, HetLoRA's rank scales; every client starts from
+the problem's `frozen` template unless its method sets them) is merged over the shared base for
+that client in training and evaluation. `server` in the clients' inputs is the server state at
+the round start (what they download besides their adapters: SCAFFOLD's `c`). Client-drift
+corrections (FedProx, SCAFFOLD) are combinators over the standard client: `drift_corrected`,
+`proximal`, `anchored`.
 """
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 from collections.abc import Callable
-from typing import Any, Literal, NamedTuple, TypeVar
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
-from fedjax_lora.aggregation import Aggregator, MixState
-from fedjax_lora.algorithms.problem import PER_CLIENT_SIDE, Problem, SideData, TrainData
+from fedjax_lora.aggregation import (
+    Aggregator,
+    Exchange,
+    MixState,
+    dp_aggregator,
+    global_exchange,
+    krum_aggregator,
+    median_aggregator,
+    trimmed_mean_aggregator,
+    with_server_optimizer,
+)
+from fedjax_lora.aggregation.dp import DPState, update_noise_multiplier
+from fedjax_lora.aggregation.masks import PolicyArg
+from fedjax_lora.aggregation.privacy import check_certifiable
+from fedjax_lora.algorithms.problem import PER_CLIENT_SIDE, Problem, TrainData
 from fedjax_lora.engine import cohort as cohorts
 from fedjax_lora.engine.evaluate import EvalSet, evaluate_clients, make_client_eval
 from fedjax_lora.engine.instruction import make_client_task
+from fedjax_lora.engine.optim import standard_promotion
 from fedjax_lora.engine.state import ClientState, init_clients
 from fedjax_lora.engine.strategy import map_clients
 from fedjax_lora.engine.train import make_client_update, train_clients
+from fedjax_lora.errors import ConfigError
+from fedjax_lora.models.layers import ClientFrozen
+from fedjax_lora.settings import DPOptions, GlobalRule, ServerOptimizer
 from fedjax_lora.tracking import ticking
 from fedjax_lora.typing import PyTree
 
@@ -73,19 +102,21 @@ class SimState(NamedTuple):
 
 class RoundInputs(NamedTuple):
     """What a round hands the client and server programs: the (cohort's) training data, its
-    evaluation sets, its side data (`Problem.side`), the shared base, and the 0-based index of
-    this round."""
+    evaluation sets, the shared base, the 0-based index of this round, the server's state at
+    the round start (`SimState.agg_state`: what the clients download besides their adapters,
+    e.g. SCAFFOLD's server control variate) and the side data (`Problem.side`, a cohort's)."""
 
     data: TrainData
     eval_sets: dict
-    side: dict
     base: PyTree
     round: jax.Array
+    server: PyTree = None
+    side: dict | None = None
 
     def windows(self, name: str) -> EvalSet:
         """The window set `name`: the auxiliary side data (`aux`) or an evaluation set
         (`Problem.windows`)."""
-        return self.side[name] if name == "aux" else self.eval_sets[name]
+        return (self.side or {})[name] if name == "aux" else self.eval_sets[name]
 
 
 class ClientProgram(NamedTuple):
@@ -96,18 +127,65 @@ class ClientProgram(NamedTuple):
     update: Callable[[ClientState, RoundInputs], tuple[ClientState, Metrics]]
 
 
+Comm = Callable[[ClientState], Exchange]
+"""`comm(clients) -> Exchange`: the bytes each client uploads and downloads in a round that
+aggregates (int arrays `[N]`), on the host from the initial clients `[N]` (their shapes, and the
+ranks or expert masks they hold)."""
+
+
+def exchanged(policy: PolicyArg = "all") -> Comm:
+    """Every client uploads the `policy`'s global part of its adapters and downloads it back
+    (`aggregation.global_exchange`): FedAvg, a personalized mixing of whole adapters, FedSA-LoRA's
+    `A`, CoMiGS's generalist."""
+
+    def comm(clients: ClientState) -> Exchange:
+        one = global_exchange(clients.params, policy)
+        return per_client(one, num_rows(clients.params))
+
+    return comm
+
+
+def per_client(one: Exchange, n: int) -> Exchange:
+    """One client's `Exchange` as the same int64 arrays `[n]` for every client."""
+    return Exchange(np.full(n, one.upload, np.int64), np.full(n, one.download, np.int64))
+
+
+def num_rows(stacked: PyTree) -> int:
+    return int(jax.tree.leaves(stacked)[0].shape[0])
+
+
+def nothing(clients: ClientState) -> Exchange:
+    """A server that exchanges nothing (local training, one pooled model)."""
+    return per_client(Exchange(0, 0), num_rows(clients.params))
+
+
+class GlobalPart(NamedTuple):
+    """A server whose aggregation is the mean of `policy`'s global part (`aggregation.masks`);
+    `rebuild(aggregator)`: the same server with `aggregator`, a rule over that part, in place of
+    the mean (`with_global_rule`)."""
+
+    policy: PolicyArg
+    rebuild: Callable[[Aggregator], ServerProgram]
+
+
 class ServerProgram(NamedTuple):
     """`init(key, clients) -> state` from the simulation's key (the one the client program's
     `init` got) and the initial (cohort's) clients; `apply(clients, state,
     inputs) -> (clients, state, metrics, host_inputs)` (pure, inside `jit`): the clients after
     aggregation; `host(sim, host_inputs) -> sim` (optional, on the host after the compiled round,
     e.g. an LP); `server_model`: the aggregate is one model for everyone, so under a cohort the
-    idle clients receive it too."""
+    idle clients receive it too; `comm`: what each client uploads and downloads in a round that
+    aggregates (`Comm`; None: not declared, no bytes reported); `global_part`: the server's
+    aggregation is the mean of a global part, replaceable (`GlobalPart`); `dp`: the client-level
+    DP it applies (set by `with_global_rule`; the run reports `ε`)."""
 
     init: Callable[[jax.Array, ClientState], PyTree]
     apply: Callable[[ClientState, PyTree, RoundInputs], tuple[ClientState, PyTree, Metrics, PyTree]]
     host: Callable[[SimState, PyTree], SimState] | None = None
     server_model: bool = False
+    comm: Comm | None = None
+    global_part: GlobalPart | None = None
+    dp: DPOptions | None = None
 
 
 class Capabilities(NamedTuple):
@@ -144,32 +222,6 @@ class Method(NamedTuple):
     client_eval: Callable | None = None
     train: TrainData | None = None
     analyses: Callable[[SimState, Any], dict[str, Any]] | None = None
-
-
-Factory = TypeVar("Factory", bound=Callable)
-
-
-def uses(side: SideData) -> Callable[[Factory], Factory]:
-    """Declares the side data a registered method factory reads (`SideData`): the problem
-    builder provides it (and holds the auxiliary split out of training) when the method is run.
-
-        @uses(SideData(aux=0.05))
-        def my_method(problem, options=...) -> Algorithm: ...
-    """
-
-    def declare(factory: Factory) -> Factory:
-        factory.side_data = side
-        return factory
-
-    return declare
-
-
-def side_data(factory: Callable) -> SideData:
-    """The side data `factory` (or a `functools.partial` of it) declares with `uses`; none by
-    default."""
-    while isinstance(factory, functools.partial):
-        factory = factory.func
-    return getattr(factory, "side_data", SideData())
 
 
 class Algorithm(NamedTuple):
@@ -248,9 +300,16 @@ def standard_client(
     )
 
     def init(key: jax.Array) -> ClientState:
-        return init_clients(problem.template, tx, train.num_clients, key, shared_init=shared_init)
+        n = train.num_clients
+        frozen = for_clients(problem.frozen, n)
+        return init_clients(problem.template, tx, n, key, shared_init=shared_init, frozen=frozen)
 
     return ClientProgram(init, local_training(problem, update))
+
+
+def for_clients(state: PyTree, num_clients: int) -> PyTree:
+    """`state` (one client's, e.g. `Problem.frozen`) repeated for every client `[N, ...]`."""
+    return jax.tree.map(lambda x: jnp.broadcast_to(x, (num_clients, *jnp.shape(x))), state)
 
 
 def local_training(problem: Problem, client_update: Callable) -> Callable:
@@ -299,6 +358,72 @@ def round_decayed(client: ClientProgram, tx: optax.GradientTransformation, decay
     return client._replace(update=update)
 
 
+class DriftState(NamedTuple):
+    """The round's state of `drift_corrected` (first in each client's optimizer state), set by
+    `anchored` at every round start: `anchor`, the adapters the client received (`θ_global`),
+    and `correction`, a constant added to every update of the round (SCAFFOLD's
+    `η_l (c_i − c)`; zeros otherwise)."""
+
+    anchor: PyTree
+    correction: PyTree
+
+
+def drift_corrected(tx: optax.GradientTransformation, mu: float) -> optax.GradientTransformation:
+    r"""`tx` on FedProx's gradient, plus a constant correction of its update:
+
+    .. math:: u = \mathrm{tx}\big(g(θ) + μ\,(θ − θ_{global})\big) + δ,
+
+    :math:`g + μ(θ − θ_{global})` the gradient of FedProx's local objective
+    :math:`f(θ) + \tfrac{μ}{2}\lVert θ − θ_{global}\rVert^2` (Li et al., "Federated Optimization in
+    Heterogeneous Networks", MLSys 2020) and :math:`δ = η_l (c_i − c)` SCAFFOLD's control-variate
+    correction (Karimireddy et al., ICML 2020): with `tx = sgd(η_l)` the step is the paper's
+    :math:`−η_l (g − c_i + c)`; with an adaptive `tx` the correction stays in update units, the
+    units of :math:`c_i = (x − y_i)/(K η_l)`. `θ_global` and `δ` are the `DriftState` (`anchored`
+    sets it every round); the state is `(DriftState, tx's state)`. The reported training loss
+    is `f` alone."""
+    inner_tx = standard_promotion(tx)  # optax mixes Python floats with its int32 counter
+
+    def init(params: PyTree) -> tuple[DriftState, optax.OptState]:
+        return DriftState(params, jax.tree.map(jnp.zeros_like, params)), inner_tx.init(params)
+
+    def update(grads: PyTree, state: tuple[DriftState, optax.OptState], params: PyTree):
+        drift, inner = state
+        grads = jax.tree.map(lambda g, p, a: g + mu * (p - a), grads, params, drift.anchor)
+        updates, inner = inner_tx.update(grads, inner, params)
+        return jax.tree.map(jnp.add, updates, drift.correction), (drift, inner)
+
+    return optax.GradientTransformation(init, update)
+
+
+def proximal(problem: Problem, mu: float) -> Problem:
+    """`problem` whose clients optimise with `drift_corrected(problem.tx(), mu)` (FedProx's
+    proximal weight `mu`; every method's `proximal_mu` option)."""
+    if not mu >= 0:
+        raise ValueError(f"proximal_mu must be >= 0 (0: no proximal term), got {mu}")
+    return dataclasses.replace(problem, optimizer=drift_corrected(problem.tx(), mu))
+
+
+def anchored(
+    client: ClientProgram,
+    correction: Callable[[ClientState, RoundInputs], PyTree] | None = None,
+) -> ClientProgram:
+    """`client` (optimizer `drift_corrected`, e.g. of a `proximal` problem) with its `DriftState`
+    set at the start of every round: the anchor to the adapters just received, the correction to
+    `correction(clients, inputs)` (`[N, ...]`; default zeros)."""
+
+    def update(clients: ClientState, inputs: RoundInputs):
+        params = clients.params
+        if correction is None:
+            c = jax.tree.map(jnp.zeros_like, params)
+        else:
+            c = correction(clients, inputs)
+        _, inner = clients.opt_state
+        clients = clients._replace(opt_state=(DriftState(params, c), inner))
+        return client.update(clients, inputs)
+
+    return client._replace(update=update)
+
+
 # ---------------------------------------------------------------------------------------------
 # Server programs
 
@@ -309,6 +434,10 @@ def aggregating(
     inputs: Callable[[TrainData, ClientState, dict, PyTree], dict] | None = None,
     first_round: int = 1,
     server_model: bool = False,
+    policy: PolicyArg | None = None,
+    server_opt: ServerOptimizer | None = None,
+    comm: Comm | None = None,
+    frozen: bool = False,
 ) -> ServerProgram:
     """The server of an `Aggregator` (a pure function of the stacked client adapters).
 
@@ -316,28 +445,174 @@ def aggregating(
     round from the freshly trained clients (token counts, cross-evaluation perplexities).
     first_round: the first round (1-based) that ends with an aggregation; earlier rounds are local
     warm-up (`lax.cond`: neither the inputs nor the aggregation are computed there).
+    policy: the aggregator is the mean of this global part (`GlobalPart`: a `GlobalRule` may
+    replace it; `"none"`: nothing is global, nothing exchanged). server_opt: a server optimizer
+    stepping the aggregate of that part (`aggregation.with_server_optimizer`; it stays around a
+    replacing rule). comm: the bytes moved (default `exchanged(policy or "all")`, the whole
+    adapters when no policy is declared).
+    frozen: the aggregator sees every client's adapters with its frozen state merged in
+    (`ClientState.frozen`) and returns both (HetLoRA's self-pruning zeroes rank scales); otherwise
+    the adapters alone, the frozen state untouched.
     Metrics: `applied` and, for matrix aggregators, the `matrix` in use (trust heatmaps)."""
+    if policy == "none":
+        policy, comm = None, comm or nothing
+    comm = comm or exchanged(policy or "all")
+    stepped = lambda rule: with_server_optimizer(
+        rule, server_opt or ServerOptimizer(), policy or "all"
+    )
+    part = None
+    if policy is not None:
+        rebuild = lambda rule: _aggregator_server(
+            stepped(rule), inputs, first_round, server_model, comm, None, frozen
+        )
+        part = GlobalPart(policy, rebuild)
+    return _aggregator_server(
+        stepped(aggregator), inputs, first_round, server_model, comm, part, frozen
+    )
+
+
+def _aggregator_server(
+    aggregator: Aggregator,
+    inputs: Callable | None,
+    first_round: int,
+    server_model: bool,
+    comm: Comm,
+    part: GlobalPart | None,
+    frozen: bool,
+) -> ServerProgram:
     if first_round < 1:
         raise ValueError(f"the first aggregation round must be >= 1, got {first_round}")
 
     def apply(clients: ClientState, state, ri: RoundInputs):
         def aggregate(_):
             side = {} if inputs is None else inputs(ri.data, clients, ri.eval_sets, ri.base)
-            return aggregator.apply(clients.params, state, side)
+            if not frozen:
+                return (*aggregator.apply(clients.params, state, side), clients.frozen)
+            tree = nnx.merge_state(clients.params, clients.frozen)
+            tree, new_state = aggregator.apply(tree, state, side)
+            new_frozen, params = nnx.split_state(tree, ClientFrozen, ...)
+            return params, new_state, new_frozen
 
         applied = ri.round + 1 >= first_round
         if first_round == 1:
-            params, state = aggregate(None)
+            params, state, kept = aggregate(None)
         else:
-            keep = lambda _: (clients.params, state)
-            params, state = jax.lax.cond(applied, aggregate, keep, None)
+            keep = lambda _: (clients.params, state, clients.frozen)
+            params, state, kept = jax.lax.cond(applied, aggregate, keep, None)
         metrics = {"applied": applied}
         if isinstance(state, MixState):
             metrics["matrix"] = state.matrix
-        return clients._replace(params=params), state, metrics, None
+        return clients._replace(params=params, frozen=kept), state, metrics, None
 
-    init = lambda key, clients: aggregator.init(clients.params)
-    return ServerProgram(init, apply, None, server_model)
+    def init(key: jax.Array, clients: ClientState):
+        tree = nnx.merge_state(clients.params, clients.frozen) if frozen else clients.params
+        return aggregator.init(tree)
+
+    return ServerProgram(init, apply, None, server_model, comm, part)
+
+
+# ---------------------------------------------------------------------------------------------
+# The global part's rule
+
+DP_KEY_STREAM = 0x6470  # the DP noise key is fold_in(init key, DP_KEY_STREAM)
+
+
+def robust_aggregator(rule: GlobalRule, policy: PolicyArg, clients: int) -> Aggregator:
+    """The `rule.reduction` of `policy`'s global part over `clients` clients a round, refusing
+    (`ConfigError`) settings that reduce to the mean or cannot hold."""
+    if rule.reduction == "median":
+        return median_aggregator(policy)
+    if rule.reduction == "trimmed_mean":
+        if int(rule.beta * clients) == 0:
+            raise ConfigError(
+                f"aggregation.beta = {rule.beta} trims no value of {clients} clients "
+                f"(floor(beta * clients) = 0: the plain mean); set aggregation.beta >= "
+                f"{1 / clients:.3g}"
+            )
+        return trimmed_mean_aggregator(rule.beta, policy)
+    if not 2 * rule.f + 2 < clients:
+        raise ConfigError(
+            f"aggregation.f = {rule.f}: Krum needs more than 2f + 2 clients a round, got "
+            f"{clients}; lower aggregation.f (at most {(clients - 3) // 2}) or add clients"
+        )
+    m = 1 if rule.reduction == "krum" else rule.m
+    if m is not None and m > clients:
+        raise ConfigError(
+            f"aggregation.m = {m} exceeds the {clients} clients a round; lower aggregation.m"
+        )
+    return krum_aggregator(rule.f, m, policy)
+
+
+def private_aggregator(
+    dp: DPOptions, policy: PolicyArg, clients: int, population: int, sampling: str | None
+) -> Aggregator:
+    """DP-FedAvg (`aggregation.dp_aggregator`) of `policy`'s global part over `clients` of
+    `population` clients a round (`sampling`: the cohort's draw, None: everyone), refusing
+    (`ConfigError`) what the accountant cannot certify."""
+    if sampling not in (None, "uniform"):
+        raise ConfigError(
+            f"dp: data.cohort_sampling = {sampling!r} draws clients by token counts, which the "
+            "accountant cannot certify; set data.cohort_sampling=uniform"
+        )
+    cohort = None if clients == population else clients
+    check_certifiable(dp.noise_multiplier, dp.delta, population, cohort)
+    if dp.adaptive_quantile is not None:
+        sigma_b = clients / 20 if dp.count_noise_std is None else dp.count_noise_std
+        try:
+            update_noise_multiplier(dp.noise_multiplier, sigma_b)
+        except ValueError:
+            raise ConfigError(
+                f"dp.count_noise_std = {sigma_b:g} (default clients/20): adaptive clipping needs "
+                f"2 * count_noise_std > dp.noise_multiplier = {dp.noise_multiplier}; raise "
+                "dp.count_noise_std or lower dp.noise_multiplier"
+            ) from None
+    return dp_aggregator(
+        clip_norm=dp.clip_norm,
+        noise_multiplier=dp.noise_multiplier,
+        adaptive_quantile=dp.adaptive_quantile,
+        clip_lr=dp.clip_lr,
+        count_noise_std=dp.count_noise_std,
+        policy=policy,
+    )
+
+
+def with_global_rule(method: Method, rule: GlobalRule, problem: Problem) -> Method:
+    """`method` with its global part reduced by `rule` (`GlobalRule`): a robust reduction or
+    DP-FedAvg in place of the mean (`ServerProgram.global_part`); the DP noise key drawn from the
+    simulation's key (`fold_in(key, DP_KEY_STREAM)`, in the checkpointed server state). A method
+    that exchanges nothing is unchanged; one whose server is not a mean over a global part (trust
+    mixing, HetLoRA, FedAMoLE, ...) is refused (`ConfigError`)."""
+    server = method.server
+    if rule.default or server.comm is nothing:
+        return method
+    if server.global_part is None:
+        setting, fix = f"aggregation.reduction = {rule.reduction}", "set aggregation.reduction=mean"
+        if rule.dp is not None:
+            setting, fix = "aggregation.dp", "unset aggregation.dp"
+        raise ConfigError(
+            f"method {method.name!r} has no global part (a tensor set averaged into one model) "
+            f"for {setting}: its server is its own rule; {fix} or drop the method"
+        )
+    policy = server.global_part.policy
+    cohort = problem.cohort
+    clients = problem.num_clients if cohort is None else cohort.size
+    if rule.dp is None:
+        return method._replace(
+            server=server.global_part.rebuild(robust_aggregator(rule, policy, clients))
+        )
+    aggregator = private_aggregator(
+        rule.dp, policy, clients, problem.num_clients, None if cohort is None else cohort.sampling
+    )
+    private = server.global_part.rebuild(aggregator)
+
+    def init(key: jax.Array, clients: ClientState):
+        state = private.init(key, clients)  # a DPState, or one inside a ServerOptState
+        noise_key = jax.random.key_data(jax.random.fold_in(key, DP_KEY_STREAM))
+        if isinstance(state, DPState):
+            return state._replace(key=noise_key)
+        return state._replace(inner=state.inner._replace(key=noise_key))
+
+    return method._replace(server=private._replace(init=init, dp=rule.dp))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,8 +628,9 @@ def _evaluated(method: Method, trained: ClientState, aggregated: ClientState) ->
 
 
 def build(problem: Problem, method: Method) -> Algorithm:
-    """`method` on `problem` as an `Algorithm` (module docstring). A cohort (`problem.cohort`)
-    is refused before any compute when the method does not declare it."""
+    """`method` on `problem` as an `Algorithm` (module docstring), its global part reduced by
+    `problem.global_rule` (`with_global_rule`). A cohort (`problem.cohort`) is refused before any
+    compute when the method does not declare it."""
     if method.evaluate not in ("local", "aggregated") and not callable(method.evaluate):
         raise ValueError(
             f"method {method.name!r}: evaluate must be 'local', 'aggregated' or a function, got "
@@ -366,6 +642,7 @@ def build(problem: Problem, method: Method) -> Algorithm:
             f"method {method.name!r} does not support client cohorts (every client takes part "
             "in every round); unset data.cohort_size"
         )
+    method = with_global_rule(method, problem.global_rule, problem)
     train = method.train or problem.train
     client, server = method.client, method.server
 
@@ -399,7 +676,7 @@ def build(problem: Problem, method: Method) -> Algorithm:
             )
             clients = cohort.prepare(drawn, tx)
             side = {**side, **per_client}
-        inputs = RoundInputs(data, eval_sets, side, base, sim.round)
+        inputs = RoundInputs(data, eval_sets, base, sim.round, sim.agg_state, side)
         trained, train_metrics = client.update(clients, inputs)
         aggregated, server_state, agg_metrics, host_inputs = server.apply(
             trained, sim.agg_state, inputs
@@ -447,13 +724,32 @@ def federated(
     server_model: bool = False,
     evaluate: Evaluated = "aggregated",
     client_eval: Callable | None = None,
+    proximal_mu: float | None = None,
+    policy: PolicyArg | None = None,
+    server_opt: ServerOptimizer | None = None,
+    comm: Comm | None = None,
 ) -> Algorithm:
     """The method of an aggregation rule, built: the standard client (`standard_client`) and the
-    aggregator's server (`aggregating`: `inputs`, `first_round`, `server_model`)."""
+    aggregator's server (`aggregating`: `inputs`, `first_round`, `server_model`, `policy`,
+    `server_opt`, `comm`).
+    proximal_mu: FedProx's proximal term on the local loss (`proximal`, `anchored`); None: none
+    (0 adds it with weight 0, the same updates)."""
+    if proximal_mu is not None:
+        problem = proximal(problem, proximal_mu)
+    client = standard_client(problem, shared_init=shared_init)
+    server = aggregating(
+        aggregator,
+        inputs=inputs,
+        first_round=first_round,
+        server_model=server_model,
+        policy=policy,
+        server_opt=server_opt,
+        comm=comm,
+    )
     method = Method(
         name,
-        standard_client(problem, shared_init=shared_init),
-        aggregating(aggregator, inputs=inputs, first_round=first_round, server_model=server_model),
+        client if proximal_mu is None else anchored(client),
+        server,
         evaluate=evaluate,
         client_eval=client_eval,
     )

@@ -9,7 +9,8 @@ per-client step counter `t` (running across rounds), after expert step `t` with 
 router steps follow (own AdamW, constant rate). The two optimizer states are separate and persist
 across rounds; each step differentiates only its own parameters. Aggregation is the uniform mean
 of the policy's global tensors (`fedjax_lora.aggregation.masks`); CoMiGS's `expert_0` shares
-expert 0 and the attention LoRA, and keeps the specialists and routers local.
+expert 0 and the attention LoRA, and keeps the specialists and routers local; `server_opt` steps
+the global tensors with a server optimizer instead (`aggregation.server_opt`).
 
 `reference_grad_leak=True` reproduces the reference's gradient accumulation (spec §2.4): each
 `backward` fills the gradients of experts *and* router, and each optimizer clears only its own,
@@ -30,8 +31,7 @@ the server average, as the reference evaluates inside `GeneralClient.train` (spe
 from __future__ import annotations
 
 import dataclasses
-import inspect
-from collections.abc import Sequence
+import functools
 from typing import Literal
 
 import jax
@@ -53,7 +53,8 @@ from fedjax_lora.algorithms.base import (
     aggregating,
     build,
 )
-from fedjax_lora.algorithms.problem import Problem
+from fedjax_lora.algorithms.problem import Problem, Surgery, install
+from fedjax_lora.algorithms.registry import register
 from fedjax_lora.engine.batches import Batch
 from fedjax_lora.engine.loss import lm_loss
 from fedjax_lora.engine.optim import OptimizerConfig
@@ -62,19 +63,14 @@ from fedjax_lora.engine.strategy import map_clients
 from fedjax_lora.engine.train import accumulate_gradients, stream_sampler
 from fedjax_lora.lora import init_adapters
 from fedjax_lora.models.layers import Adapter
-from fedjax_lora.moe import (
-    ExpertMask,
-    MoEConfig,
-    Router,
-    install_moe,
-    routing_analysis,
-    set_expert_counts,
-)
+from fedjax_lora.moe import MoEConfig, Router, install_moe, routing_analysis, set_expert_counts
+from fedjax_lora.settings import ServerOptimizer
 
 __all__ = [
-    "METHODS",
     "BiLevel",
+    "CoMiGSOptions",
     "comigs",
+    "moe_surgery",
     "routing_record",
     "val_sampler",
     "val_stream",
@@ -149,46 +145,69 @@ def _check_val_covers_stream(val) -> None:
             )
 
 
-def with_moe(problem: Problem, moe: MoEConfig | None = None) -> tuple[Problem, nnx.State]:
+def with_moe(problem: Problem, moe: MoEConfig | None = None) -> Problem:
     """The problem with its model's MLPs replaced by `moe` mixtures (default `MoEConfig()`;
-    `install_moe`: MLP LoRA is replaced by the experts, attention LoRA stays), and its expert-mask
-    template (`ExpertMask` variables, every slot on). The problem's `graphdef` and `base` run a
-    CoMiGS client's parameters (adapters and masks), e.g. for `fedjax_lora.moe.routing`."""
-    model = nnx.merge(problem.graphdef, problem.template, problem.base)
-    install_moe(model, moe or MoEConfig())
-    graphdef, template, masks, base = nnx.split(model, Adapter, ExpertMask, ...)
-    return dataclasses.replace(problem, graphdef=graphdef, template=template, base=base), masks
+    `install_moe` through `install`: MLP LoRA is replaced by the experts, attention LoRA stays);
+    its `frozen` template holds the `ExpertMask`s (every slot on). The problem's `graphdef` and
+    `base` run a CoMiGS client's adapters with its frozen state merged in, e.g. for
+    `fedjax_lora.moe.routing`."""
+    return install(problem, moe_surgery(moe or MoEConfig()))
+
+
+def moe_surgery(moe: MoEConfig) -> Surgery:
+    """The surgery replacing a model's MLPs by `moe` mixtures (`install_moe`)."""
+    return lambda model: install_moe(model, moe)
+
+
+@dataclasses.dataclass(frozen=True)
+class CoMiGSOptions:
+    """The mixture, what is shared, and how experts and routers are trained.
+
+    moe: the MLP mixtures (default `MoEConfig()`; any MLP LoRA of the problem is replaced by the
+      experts, the attention LoRA stays).
+    expert_counts: client `i` uses `expert_counts[i] ≤ moe.num_experts` experts (default all;
+      1GXS).
+    policy: what the server averages (`fedjax_lora.aggregation.masks`).
+    schedule: the bi-level alternation (`BiLevel`).
+    router_batches, evaluate: module docstring.
+    reference_lb_on_block_output: `MoEConfig.reference_lb_on_block_output` (either turns it on).
+    server_opt: a server optimizer on the averaged (global) part (`aggregation.server_opt`).
+    """
+
+    moe: MoEConfig | None = None
+    expert_counts: tuple[int, ...] | None = None
+    policy: Policy = "expert_0"
+    schedule: BiLevel = BiLevel()
+    router_batches: Literal["random", "windows"] = "random"
+    reference_lb_on_block_output: bool = False
+    evaluate: Evaluate = "local"
+    server_opt: ServerOptimizer = ServerOptimizer()
+
+    def __post_init__(self):
+        if self.router_batches not in ("random", "windows"):
+            raise ValueError(
+                f"router_batches must be 'random' or 'windows', got {self.router_batches!r}"
+            )
 
 
 def comigs(
-    problem: Problem,
-    *,
-    moe: MoEConfig | None = None,
-    expert_counts: Sequence[int] | None = None,
-    policy: Policy = "expert_0",
-    schedule: BiLevel = BiLevel(),
-    router_batches: Literal["random", "windows"] = "random",
-    reference_lb_on_block_output: bool = False,
-    evaluate: Evaluate = "local",
-    name: str = "comigs",
+    problem: Problem, options: CoMiGSOptions = CoMiGSOptions(), *, name: str = "comigs"
 ) -> Algorithm:
-    """CoMiGS on `problem`: its model's MLPs become `moe` mixtures (default `MoEConfig()`; any MLP
-    LoRA of the problem is replaced by the experts, the attention LoRA stays), clients use
-    `expert_counts[i] ≤ moe.num_experts` experts (default all; 1GXS), and `policy` decides what the
-    server averages. `router_batches` and `evaluate`: module docstring;
-    `reference_lb_on_block_output`: `MoEConfig.reference_lb_on_block_output` (either turns it on).
+    """CoMiGS on `problem` (`CoMiGSOptions`): its model's MLPs become mixtures of LoRA experts,
+    clients use their number of experts, and the policy decides what the server averages (with
+    `server_opt`, a server optimizer steps it: `aggregation.server_opt`).
 
     Every client starts from the same global tensors (the server's init) and its own draw of the
     local ones. Metrics: the generic round's and the training cross-entropy `train_ce [N, steps]`
     (without the load-balancing term). The last round's record holds the routing analysis of the
     final clients as `routing` (`routing_record`).
     """
-    moe = moe or MoEConfig()
-    if reference_lb_on_block_output:
+    expert_counts, policy, schedule = options.expert_counts, options.policy, options.schedule
+    router_batches, evaluate = options.router_batches, options.evaluate
+    moe = options.moe or MoEConfig()
+    if options.reference_lb_on_block_output:
         moe = dataclasses.replace(moe, reference_lb_on_block_output=True)
-    if router_batches not in ("random", "windows"):
-        raise ValueError(f"router_batches must be 'random' or 'windows', got {router_batches!r}")
-    moe_problem, masks = with_moe(problem, moe)
+    moe_problem = with_moe(problem, moe)
     graphdef, template = moe_problem.graphdef, moe_problem.template
     n = problem.num_clients
     counts = np.full(n, moe.num_experts) if expert_counts is None else np.asarray(expert_counts)
@@ -220,8 +239,9 @@ def comigs(
         shared = init_adapters(template, k_shared)
         mask = global_mask(own, policy)
         params = jax.tree.map(lambda m, s, o: jnp.where(m, s[None], o), mask, shared, own)
-        client_masks = jax.vmap(set_expert_counts, in_axes=(None, 0))(masks, jnp.asarray(counts))
-        params = nnx.merge_state(params, client_masks)
+        frozen = jax.vmap(set_expert_counts, in_axes=(None, 0))(
+            moe_problem.frozen, jnp.asarray(counts)
+        )
         parts = jax.vmap(lambda p: nnx.split_state(p, *groups, ...)[:-1])(params)
         opt_state = jax.vmap(lambda *ps: (tx.init(ps[0]), *(rtx.init(p) for p in ps[1:])))(*parts)
         aux = {}
@@ -236,6 +256,7 @@ def comigs(
             zeros,
             zeros,
             aux,
+            frozen,
         )
         return problem.strategy.place(clients)
 
@@ -326,7 +347,9 @@ def comigs(
 
         def fn(client, tokens, length, *rest):
             mask, rest = (rest[0], rest[1:]) if masked else (None, rest)
-            return client_update(client, tokens, length, mask, *rest)
+            windows, weights, base, t0 = rest
+            base = nnx.merge_state(base, client.frozen)
+            return client_update(client, tokens, length, mask, windows, weights, base, t0)
 
         per_client = (clients, data.tokens, data.lengths, *((data.mask,) if masked else ()))
         per_client = (*per_client, val.windows, val.weights)
@@ -335,7 +358,7 @@ def comigs(
     method = Method(
         name,
         ClientProgram(init_state, local_update),
-        aggregating(masked_aggregator(policy)),
+        aggregating(masked_aggregator(policy), policy=policy, server_opt=options.server_opt),
         evaluate=evaluate,
         capabilities=Capabilities(cohorts=False),
         analyses=lambda sim, tokenizer: routing_record(moe_problem, sim, tokenizer),
@@ -352,7 +375,7 @@ def routing_record(problem: Problem, sim: SimState, tokenizer, top_k: int = 10) 
     try:
         result = routing_analysis(
             problem.graphdef,
-            sim.clients.params,
+            nnx.merge_state(sim.clients.params, sim.clients.frozen),
             problem.base,
             problem.eval_sets["test"],
             top_k=top_k,
@@ -372,55 +395,39 @@ def routing_record(problem: Problem, sim: SimState, tokenizer, top_k: int = 10) 
     }
 
 
-def _variant(name: str, description: str, **fixed):
-    """A registered CoMiGS configuration; its signature is `comigs`'s with the fixed options as
-    defaults (so method options are checked by name)."""
-
-    def factory(problem: Problem, **options) -> Algorithm:
-        return comigs(problem, **{**fixed, **options, "name": name})
-
-    factory.__doc__ = description
-    signature = inspect.signature(comigs, eval_str=True)
-    factory.__signature__ = signature.replace(
-        parameters=[
-            p.replace(default=fixed.get(p.name, p.default))
-            for p in signature.parameters.values()
-            if p.name != "name"
-        ]
-    )
-    return factory
-
-
 _JOINT = BiLevel(alternating=False)
 _ON_TRAIN = BiLevel(router_split="train")
 
-METHODS = {
-    "comigs": _variant(
-        "comigs", "CoMiGS: shared generalist + local specialist LoRA experts, bi-level routing."
+# CoMiGS and its ablations (paper Tables 1 and 4): 1G1S (`comigs`; 1GXS with `expert_counts`),
+# two generalists, two specialists, router on the training split, joint training of experts and
+# router with the generalist shared (pFedMoE), local, or all shared (FedAvg-MoE).
+for _name, _defaults, _doc in (
+    (
+        "comigs",
+        CoMiGSOptions(),
+        "CoMiGS: shared generalist + local specialist LoRA experts, bi-level routing",
     ),
-    "comigs-2g": _variant("comigs-2g", "CoMiGS ablation: two generalists.", policy="experts"),
-    "comigs-2s": _variant("comigs-2s", "CoMiGS ablation: two specialists.", policy="none"),
-    "comigs-tr": _variant(
-        "comigs-tr", "CoMiGS ablation: router trained on the training split.", schedule=_ON_TRAIN
+    ("comigs-2g", CoMiGSOptions(policy="experts"), "CoMiGS ablation: two generalists"),
+    ("comigs-2s", CoMiGSOptions(policy="none"), "CoMiGS ablation: two specialists"),
+    (
+        "comigs-tr",
+        CoMiGSOptions(schedule=_ON_TRAIN),
+        "CoMiGS ablation: router trained on the training split",
     ),
-    "pfedmoe": _variant(
+    (
         "pfedmoe",
-        "pFedMoE: generalist shared, experts and router trained jointly.",
-        schedule=_JOINT,
+        CoMiGSOptions(schedule=_JOINT),
+        "pFedMoE: generalist shared, experts and router trained jointly",
     ),
-    "local-moe": _variant(
+    (
         "local-moe",
-        "Mixture of LoRA experts trained locally, nothing shared.",
-        policy="none",
-        schedule=_JOINT,
+        CoMiGSOptions(policy="none", schedule=_JOINT),
+        "Mixture of LoRA experts trained locally, nothing shared",
     ),
-    "fedavg-moe": _variant(
+    (
         "fedavg-moe",
-        "Mixture of LoRA experts, all experts averaged (FedAvg).",
-        policy="experts",
-        schedule=_JOINT,
+        CoMiGSOptions(policy="experts", schedule=_JOINT),
+        "Mixture of LoRA experts, all experts averaged (FedAvg)",
     ),
-}
-"""CoMiGS and its ablations (paper Tables 1 and 4): 1G1S (`comigs`; 1GXS with `expert_counts`),
-two generalists, two specialists, router on the training split, joint training of experts and
-router with the generalist shared (pFedMoE), local, or all shared (FedAvg-MoE)."""
+):
+    register(_name, functools.partial(comigs, name=_name), _defaults, doc=_doc)

@@ -57,12 +57,13 @@ from fedjax_lora.algorithms.base import (
     RoundInputs,
     ServerProgram,
     build,
+    exchanged,
     round_decayed,
     scaled_tx,
     standard_client,
-    uses,
 )
 from fedjax_lora.algorithms.problem import Problem, SideData
+from fedjax_lora.algorithms.registry import register
 from fedjax_lora.engine.evaluate import make_client_eval
 from fedjax_lora.engine.state import ClientState
 from fedjax_lora.engine.strategy import map_clients
@@ -70,7 +71,6 @@ from fedjax_lora.typing import PyTree
 
 __all__ = [
     "COMIGS",
-    "METHODS",
     "FDLoRAOptions",
     "FDLoRAServer",
     "fdlora",
@@ -193,7 +193,6 @@ def fusion_search(
     return candidates[jnp.argmin(scores)], scores
 
 
-@uses(SideData(aux=0.05))
 def fdlora(
     problem: Problem, options: FDLoRAOptions = FDLoRAOptions(), *, name: str = "fdlora"
 ) -> Algorithm:
@@ -301,7 +300,7 @@ def fdlora(
     method = Method(
         name,
         client,
-        ServerProgram(server_init, server_apply),
+        ServerProgram(server_init, server_apply, comm=exchanged("all")),
         evaluate=lambda trained, aggregated: aggregated.aux["personal"],
         capabilities=Capabilities(cohorts=False),
     )
@@ -314,5 +313,5 @@ def fdlora_comigs(problem: Problem, options: FDLoRAOptions = COMIGS) -> Algorith
     return fdlora(problem, options, name="fdlora-comigs")
 
 
-METHODS: dict[str, Callable[..., Algorithm]] = {"fdlora": fdlora, "fdlora-comigs": fdlora_comigs}
-"""The registered FDLoRA methods; each takes `(problem, options)`."""
+register("fdlora", fdlora, FDLoRAOptions(), side=SideData(aux=0.05))
+register("fdlora-comigs", fdlora_comigs, COMIGS)

@@ -21,6 +21,11 @@ static. Round `r = 1, 2, …` (all clients take part):
    statistics (`rsea.scores`, `rsea.assign`); `static` (`fedamole-r`) keeps the random round-0
    architecture; `random` draws a fresh random one.
 
+Communication per client and round (`amole_comm`): up, the parameters it holds (its experts, the
+shared expert, `W_tok`) and, with RSEA, its statistics (`t̄ [r]`, `ū [E, r]` in f32 per module);
+down, the new averages of what it holds and, unless the architecture is static, its assignment
+(`E` bytes per module; counted at the round-0 architecture's holdings).
+
 Round 0 (`init`): every client starts from the same pool (independent `A` per expert, `B = 0`) and
 a random architecture per module (`rsea.random_assignment`). Homogeneous architectures (the
 reference's `--homo_arch`) are `min_experts = max_experts = E·k/C`.
@@ -37,7 +42,7 @@ import numpy as np
 from flax import nnx
 
 from fedjax_lora import amole
-from fedjax_lora.aggregation import expert_aggregator, rsea
+from fedjax_lora.aggregation import Exchange, expert_aggregator, rsea
 from fedjax_lora.algorithms.base import (
     Algorithm,
     Capabilities,
@@ -48,24 +53,27 @@ from fedjax_lora.algorithms.base import (
     SimState,
     build,
     local_training,
+    num_rows,
     round_decayed,
     scaled_tx,
-    uses,
     with_frozen,
 )
-from fedjax_lora.algorithms.problem import Problem, SideData
+from fedjax_lora.algorithms.problem import Problem, SideData, Surgery, install, model_of
+from fedjax_lora.algorithms.registry import register
 from fedjax_lora.engine.state import ClientState, init_clients
 from fedjax_lora.engine.strategy import map_clients
 from fedjax_lora.engine.train import make_client_update
 from fedjax_lora.families import family
-from fedjax_lora.lora import detach_adapters, split
+from fedjax_lora.lora import detach_adapters
 
 __all__ = [
-    "METHODS",
     "FedAMoLEOptions",
+    "amole_comm",
+    "amole_surgery",
     "expert_assignment",
     "expert_record",
     "fedamole",
+    "fedamole_r",
     "input_weights",
     "with_amole",
 ]
@@ -80,28 +88,24 @@ class FedAMoLEOptions:
     clients_per_expert, min_experts, max_experts: every expert of a module is held by exactly
       `clients_per_expert` clients (the reference's `expert_choices`, 2; 4 in the 20–50-client
       runs), every client holds `min_experts … max_experts` of them (2 … 8).
-    dispatch: `rsea` (FedAMoLE), `static` (FedAMoLE-R: the random round-0 architecture for all
-      rounds), `random` (a fresh random architecture every round).
     aux_set: the window set of the clients' auxiliary data for RSEA (`aux`: the side data
       `fedamole` declares, by default 5 % of every client's training tokens; or an evaluation
       set).
     round_decay: learning-rate factor per round (the optimizer is re-created every round).
     noise_eta: `η` of the optional noise on the uploaded embeddings (`amole.add_noise`); None: off.
+    amole: the mixture (pool size, rank, targets) replacing the problem's adapters; None: the
+      problem's AMoLE modules, or `with_amole`'s default mixture for a model without any.
     """
 
     clients_per_expert: int = 2
     min_experts: int = 2
     max_experts: int = 8
-    dispatch: Dispatch = "rsea"
     aux_set: str = "aux"
     round_decay: float = 0.99
     noise_eta: float | None = None
+    amole: amole.AMoLEConfig | None = None
 
     def __post_init__(self):
-        if self.dispatch not in ("rsea", "static", "random"):
-            raise ValueError(
-                f"dispatch must be 'rsea', 'static' or 'random', got {self.dispatch!r}"
-            )
         if self.noise_eta is not None and self.noise_eta <= 0:
             raise ValueError(f"noise_eta must be positive, got {self.noise_eta}")
 
@@ -115,15 +119,22 @@ def input_weights(weights: jax.Array) -> jax.Array:
     return jnp.concatenate([first, weights[..., :-1] > 0], axis=-1).astype(jnp.float32)
 
 
+def amole_surgery(config: amole.AMoLEConfig | None = None) -> Surgery:
+    """The surgery replacing a model's adapters by AMoLE modules (`amole.add_amole`; default
+    `AMoLEConfig` on the family's q and v projections)."""
+
+    def surgery(model: nnx.Module) -> None:
+        detach_adapters(model)
+        targets = family(model.config.family).amole_targets
+        amole.add_amole(model, config or amole.AMoLEConfig(targets=targets))
+
+    return surgery
+
+
 def with_amole(problem: Problem, config: amole.AMoLEConfig | None = None) -> Problem:
-    """The problem with its model's adapters replaced by AMoLE modules (default `AMoLEConfig` on
-    the family's q and v projections)."""
-    model = nnx.merge(problem.graphdef, problem.template, problem.base)
-    detach_adapters(model)
-    config = config or amole.AMoLEConfig(targets=family(model.config.family).amole_targets)
-    amole.add_amole(model, config)
-    graphdef, template, base = split(model)
-    return dataclasses.replace(problem, graphdef=graphdef, template=template, base=base)
+    """The problem with its model's adapters replaced by AMoLE modules (`amole_surgery`); its
+    `frozen` template holds their `ExpertMask`s."""
+    return install(problem, amole_surgery(config))
 
 
 def expert_assignment(sim: SimState) -> dict[str, np.ndarray]:
@@ -140,9 +151,12 @@ def expert_record(sim: SimState, tokenizer=None) -> dict:
 
 
 def fedamole(
-    problem: Problem, options: FedAMoLEOptions = FedAMoLEOptions(), *, name: str | None = None
+    problem: Problem, options: FedAMoLEOptions = FedAMoLEOptions(), *, dispatch: Dispatch = "rsea"
 ) -> Algorithm:
-    """FedAMoLE on `problem`; a model without AMoLE modules gets them (`with_amole`).
+    """FedAMoLE on `problem`; the mixture `options.amole` replaces the problem's adapters, and a
+    model without AMoLE modules gets the default one (`with_amole`). `dispatch`: the next round's
+    expert assignment, `rsea` (FedAMoLE), `static` (FedAMoLE-R: the random round-0 architecture
+    for all rounds) or `random` (a fresh random architecture every round).
 
     `SimState.agg_state` is the server's PRNG key of the random architectures. Metrics per round:
     `train`, every evaluation set (local models after local training) and `aggregation`
@@ -150,19 +164,23 @@ def fedamole(
     `metrics.jsonl` as `<name>/experts_held`). The last round's record holds the final
     `expert_assignment` as `experts`.
     """
-    if not jax.tree.leaves(nnx.split_state(problem.base, amole.ExpertMask, ...)[0]):
+    if dispatch not in ("rsea", "static", "random"):
+        raise ValueError(f"dispatch must be 'rsea', 'static' or 'random', got {dispatch!r}")
+    if options.amole is not None:
+        problem = with_amole(problem, options.amole)
+    elif not any(isinstance(m, amole.AMoLE) for _, m in nnx.iter_graph(model_of(problem))):
         problem = with_amole(problem)
     n = problem.num_clients
-    template_masks = amole.expert_masks(problem.base)
+    template_masks = amole.expert_masks(problem.frozen)
     pools = {path: mask.shape[0] for path, mask in amole.by_module(template_masks).items()}
     k, lo, hi = options.clients_per_expert, options.min_experts, options.max_experts
     for size in sorted(set(pools.values())):
         rsea.check_feasible(size, n, k, lo, hi)
-    model = nnx.merge(problem.graphdef, problem.template, problem.base)
+    model = model_of(problem)
     top_k = max(m.top_k for _, m in nnx.iter_graph(model) if isinstance(m, amole.AMoLE))
     if lo < top_k:
         raise ValueError(f"min_experts={lo} is below the router's top_k={top_k}")
-    if options.dispatch == "rsea" and problem.windows(options.aux_set) is None:
+    if dispatch == "rsea" and problem.windows(options.aux_set) is None:
         raise ValueError(
             f"RSEA needs the clients' auxiliary data as the window set {options.aux_set!r}; "
             "hold it out of the training data with data.aux_fraction > 0 (the reference: 0.05)"
@@ -207,7 +225,7 @@ def fedamole(
     def server_apply(clients: ClientState, key: jax.Array, inputs: RoundInputs):
         masks = clients.frozen
         stats = None
-        if options.dispatch == "rsea":
+        if dispatch == "rsea":
             aux = inputs.windows(options.aux_set)
             weights = input_weights(aux.weights)
             per_client = ((clients.params, masks), aux.windows[..., :-1], weights)
@@ -226,18 +244,23 @@ def fedamole(
     def next_masks(sim: SimState, stats) -> SimState:
         """The next round's architecture, on the host: RSEA's assignment from the uploaded
         statistics, or a fresh random one."""
-        if options.dispatch == "rsea":
+        if dispatch == "rsea":
             masks = rsea_masks(stats, sim.clients.frozen)
         else:
             masks = random_masks(jax.random.fold_in(sim.agg_state, int(sim.round)))
         return sim._replace(clients=sim.clients._replace(frozen=masks))
 
-    host = None if options.dispatch == "static" else next_masks
-    server = ServerProgram(lambda key, clients: jax.random.split(key)[1], server_apply, host)
+    host = None if dispatch == "static" else next_masks
+    server = ServerProgram(
+        lambda key, clients: jax.random.split(key)[1],
+        server_apply,
+        host,
+        comm=lambda clients: amole_comm(clients, dispatch),
+    )
     client = ClientProgram(init, local_training(problem, update))
     default = {"rsea": "fedamole", "static": "fedamole-r", "random": "fedamole-random"}
     method = Method(
-        name or default[options.dispatch],
+        default[dispatch],
         round_decayed(client, tx, options.round_decay),
         server,
         evaluate="local",
@@ -247,25 +270,32 @@ def fedamole(
     return build(problem, method)
 
 
-def _method(dispatch: Dispatch, doc: str):
-    def factory(
-        problem: Problem,
-        options: FedAMoLEOptions = FedAMoLEOptions(),
-        amole: amole.AMoLEConfig | None = None,
-    ) -> Algorithm:
-        if amole is not None:  # the mixture's pool size, rank, targets (default: with_amole's)
-            problem = with_amole(problem, amole)
-        return fedamole(problem, dataclasses.replace(options, dispatch=dispatch))
+def amole_comm(clients: ClientState, dispatch: str) -> Exchange:
+    """Bytes per client (int64 `[N]`) of FedAMoLE with `dispatch` (module docstring)."""
+    held = nnx.to_flat_state(amole.holders(clients.params, clients.frozen))
+    holds = np.zeros(num_rows(clients.params), np.int64)
+    extra_up = extra_down = 0
+    for (path, var), (_, mask) in zip(nnx.to_flat_state(clients.params), held, strict=True):
+        value, mask = var.get_value(), np.asarray(mask.get_value())
+        per_slot = value[0, 0].size if mask.ndim == 2 else value[0].size
+        holds += mask.reshape(mask.shape[0], -1).sum(1) * per_slot * value.dtype.itemsize
+        if path[-1] == "experts_a":  # [N, E, d_in, r]: one module's pool
+            e, r = value.shape[1], value.shape[-1]
+            extra_up += 4 * (r + e * r) if dispatch == "rsea" else 0
+            extra_down += e if dispatch != "static" else 0
+    return Exchange(holds + extra_up, holds + extra_down)
 
-    factory.__doc__ = doc
-    factory.__name__ = f"fedamole_{dispatch}"
-    return uses(SideData(aux=0.05 if dispatch == "rsea" else 0.0))(factory)
+
+def fedamole_r(problem: Problem, options: FedAMoLEOptions = FedAMoLEOptions()) -> Algorithm:
+    """FedAMoLE-R: the random round-0 architecture for all rounds, no RSEA."""
+    return fedamole(problem, options, dispatch="static")
 
 
-METHODS = {
-    "fedamole": _method("rsea", "FedAMoLE: heterogeneous LoRA-expert mixtures assigned by RSEA."),
-    "fedamole-r": _method("static", "FedAMoLE-R: the random round-0 architecture, no RSEA."),
-}
-"""The registered FedAMoLE methods; each takes `(problem, options=FedAMoLEOptions(),
-amole=None)`, `amole` an `AMoLEConfig` replacing the default mixture (`with_amole`). `fedamole`
-declares the reference's 5 % auxiliary split (`SideData`) for RSEA."""
+register(
+    "fedamole",
+    fedamole,
+    FedAMoLEOptions(),
+    doc="FedAMoLE: heterogeneous LoRA-expert mixtures assigned by RSEA",
+    side=SideData(aux=0.05),  # the reference's 5 % auxiliary split for RSEA
+)
+register("fedamole-r", fedamole_r, FedAMoLEOptions())

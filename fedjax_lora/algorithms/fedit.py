@@ -23,11 +23,11 @@ the problem's optimizer state and schedule across rounds instead.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 
 from fedjax_lora.aggregation import fedavg_aggregator
 from fedjax_lora.algorithms.base import (
     Algorithm,
+    Evaluate,
     Method,
     aggregating,
     build,
@@ -37,8 +37,9 @@ from fedjax_lora.algorithms.base import (
     standard_client,
 )
 from fedjax_lora.algorithms.problem import Problem
+from fedjax_lora.algorithms.registry import register
 
-__all__ = ["METHODS", "FedITOptions", "fedit", "fedit_ft"]
+__all__ = ["FedITOptions", "fedit", "fedit_ft"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,13 +54,9 @@ class FedITOptions:
             raise ValueError(f"round_decay must be in (0, 1] or None, got {self.round_decay}")
 
 
-def fedit(
-    problem: Problem, options: FedITOptions = FedITOptions(), *, fine_tuned: bool = False
-) -> Algorithm:
-    """FedIT: FedAvg of one LoRA adapter, tested on the global adapter; `fine_tuned` tests every
-    client's locally fine-tuned adapter before aggregation (FedIT-FT)."""
-    name = "fedit-ft" if fine_tuned else "fedit"
-    evaluate = "local" if fine_tuned else "aggregated"
+def _fedit(problem: Problem, options: FedITOptions, name: str, evaluate: Evaluate) -> Algorithm:
+    """FedAvg of one LoRA adapter (the server model) on FedIT's schedule; `evaluate`: the
+    aggregated global adapter or every client's locally fine-tuned one."""
     if options.round_decay is None:
         return federated(
             name,
@@ -68,19 +65,26 @@ def fedit(
             shared_init=True,
             evaluate=evaluate,
             server_model=True,
+            policy="all",
         )
     tx = scaled_tx(problem)
     client = round_decayed(
         standard_client(problem, shared_init=True, tx=tx), tx, options.round_decay
     )
-    server = aggregating(fedavg_aggregator(), server_model=True)
+    server = aggregating(fedavg_aggregator(), server_model=True, policy="all")
     return build(problem, Method(name, client, server, evaluate=evaluate))
 
 
+def fedit(problem: Problem, options: FedITOptions = FedITOptions()) -> Algorithm:
+    """FedIT: FedAvg of one LoRA adapter, tested on the global adapter."""
+    return _fedit(problem, options, "fedit", "aggregated")
+
+
 def fedit_ft(problem: Problem, options: FedITOptions = FedITOptions()) -> Algorithm:
-    """FedIT-FT: FedIT's training, every client tested after its local fine-tuning."""
-    return fedit(problem, options, fine_tuned=True)
+    """FedIT-FT: FedIT's training, every client tested after its local fine-tuning (before
+    aggregation)."""
+    return _fedit(problem, options, "fedit-ft", "local")
 
 
-METHODS: dict[str, Callable[..., Algorithm]] = {"fedit": fedit, "fedit-ft": fedit_ft}
-"""The registered FedIT baselines; each takes `(problem, options=FedITOptions())`."""
+register("fedit", fedit, FedITOptions())
+register("fedit-ft", fedit_ft, FedITOptions())

@@ -26,6 +26,13 @@ trained) holds `s_i` on the active ranks and 0 on padded and pruned ones, and
 
 so inactive columns of `A` and rows of `B` get no gradient and stay at zero (the aggregators zero
 them again at every truncation). All clients start from the server's init truncated to their rank.
+Client `i` uploads and downloads its LoRA at rank `r_i` (`ranked_comm`: `r_i (d_in + d_out)`
+elements per ranked projection, every other adapter in full).
+
+**Server optimizer and FedProx.** `ffa-lora` and `fedsa-lora` take `server_opt`
+(`aggregation.server_opt`: an optax step on the pseudo-gradient of the averaged part, `B` and
+`A` respectively); `ffa-lora` also FedProx's `proximal_mu` (its trained tensors are all global;
+FedSA-LoRA's local `B` has no global model to stay close to).
 
 **Evaluation** (`evaluate`, every method here): `"local"` (default), each client's model after its
 local steps and before the server average, as the CoMiGS reference evaluates every method;
@@ -43,7 +50,13 @@ import numpy as np
 import optax
 from flax import nnx
 
-from fedjax_lora.aggregation import Aggregator, flexlora_aggregator, hetlora_aggregator
+from fedjax_lora.aggregation import (
+    Aggregator,
+    Exchange,
+    flexlora_aggregator,
+    hetlora_aggregator,
+    rank_exchange,
+)
 from fedjax_lora.aggregation.hetlora import tail_mask, tail_norm_product
 from fedjax_lora.aggregation.masks import masked_aggregator, path_names
 from fedjax_lora.aggregation.ranks import map_ranked, truncate
@@ -57,17 +70,23 @@ from fedjax_lora.algorithms.base import (
     build,
     federated,
     local_training,
+    num_rows,
 )
-from fedjax_lora.algorithms.problem import Problem
+from fedjax_lora.algorithms.problem import Problem, Surgery, install
+from fedjax_lora.algorithms.registry import register
 from fedjax_lora.engine.loss import AUX_LOSS
-from fedjax_lora.engine.state import init_clients
+from fedjax_lora.engine.state import ClientState, init_clients
 from fedjax_lora.engine.train import make_client_update
 from fedjax_lora.lora import LoRA, LoRAConfig, attach_adapters
-from fedjax_lora.models.layers import Adapter, dropout
+from fedjax_lora.models.layers import Adapter, ClientFrozen, dropout
+from fedjax_lora.settings import ServerOptimizer
 
 __all__ = [
     "MLP_LORA",
-    "METHODS",
+    "FFALoRAOptions",
+    "FedSALoRAOptions",
+    "FlexLoRAOptions",
+    "HetLoRAOptions",
     "RankScale",
     "RankedLoRA",
     "fedsa_lora",
@@ -75,6 +94,10 @@ __all__ = [
     "ffa_lora",
     "flexlora",
     "hetlora",
+    "rank_scales",
+    "ranked_comm",
+    "ranked_run_surgery",
+    "ranked_surgery",
     "with_ranks",
 ]
 
@@ -83,9 +106,9 @@ MLP_LORA = LoRAConfig(targets=(r"re:.*\.mlp\..*",), rank=16, alpha=16.0, scaling
 `up_proj`, `down_proj`), rank 16, `α = 16`, `s = α/√r`."""
 
 
-class RankScale(nnx.Variable):
+class RankScale(ClientFrozen):
     """`f32 [r_max]`: a client's LoRA scale on its active ranks, 0 on padded and pruned ones
-    (per client, never trained)."""
+    (per client, never trained; HetLoRA's server zeroes pruned ranks)."""
 
 
 class RankedLoRA(LoRA):
@@ -116,6 +139,13 @@ class RankedLoRA(LoRA):
         return ((h @ a) * m.astype(a.dtype)) @ b
 
 
+def ranked_surgery(config: LoRAConfig, *, prune_coef: float = 0.0, keep: float = 0.99) -> Surgery:
+    """The surgery putting `RankedLoRA` modules of `config` on `config.targets`, replacing any
+    LoRA there (`install`)."""
+    make = lambda i, o: RankedLoRA(i, o, config, prune_coef=prune_coef, keep=keep)
+    return lambda model: attach_adapters(model, config.targets, make, replace=True)
+
+
 def with_ranks(
     problem: Problem,
     ranks: Sequence[int] | None = None,
@@ -123,105 +153,188 @@ def with_ranks(
     *,
     prune_coef: float = 0.0,
     keep: float = 0.99,
-) -> tuple[Problem, nnx.State]:
-    """The problem with `RankedLoRA` modules of rank `max(ranks)` on `ranked.targets` (replacing
-    any LoRA there; default ranks: `ranked.rank` for every client), and the clients' stacked
-    rank scales (`RankScale` state, `[N, r_max]` per module: `s_i` on the first `r_i` ranks)."""
+) -> Problem:
+    """The problem with `RankedLoRA` modules of rank `max(ranks)` on `ranked.targets`
+    (`ranked_surgery`; default ranks: `ranked.rank` for every client)."""
+    ranks = _check_ranks(problem, ranks, ranked)
+    config = dataclasses.replace(ranked, rank=max(ranks))
+    return install(problem, ranked_surgery(config, prune_coef=prune_coef, keep=keep))
+
+
+def ranked_run_surgery(options: HetLoRAOptions | FlexLoRAOptions) -> Surgery:
+    """The model surgery of a hetlora or flexlora run with these method options: `ranked_surgery`
+    at the largest rank, e.g. to rebuild its model for export."""
+    ranked = options.ranked
+    return ranked_surgery(dataclasses.replace(ranked, rank=max(options.ranks or [ranked.rank])))
+
+
+def _check_ranks(problem: Problem, ranks: Sequence[int] | None, ranked: LoRAConfig) -> list[int]:
     n = problem.num_clients
     ranks = [ranked.rank] * n if ranks is None else [int(r) for r in ranks]
     if len(ranks) != n or min(ranks) < 1:
         raise ValueError(f"ranks must give a rank >= 1 for each of the {n} clients, got {ranks}")
-    config = dataclasses.replace(ranked, rank=max(ranks))
-    model = nnx.merge(problem.graphdef, problem.template, problem.base)
-    make = lambda i, o: RankedLoRA(i, o, config, prune_coef=prune_coef, keep=keep)
-    attach_adapters(model, config.targets, make, replace=True)
-    graphdef, template, scales, base = nnx.split(model, Adapter, RankScale, ...)
-    per_client = np.zeros((n, config.rank), np.float32)
+    return ranks
+
+
+def rank_scales(frozen: nnx.State, ranks: Sequence[int], ranked: LoRAConfig) -> nnx.State:
+    """The clients' frozen state of a `with_ranks` problem (`frozen`: its template): every
+    `RankScale` `[N, r_max]` holding `s_i` (the scale of `ranked` at rank `r_i`) on the first
+    `r_i` ranks, 0 after."""
+    r_max = max(ranks)
+    per_client = np.zeros((len(ranks), r_max), np.float32)
     for i, r in enumerate(ranks):
-        per_client[i, :r] = dataclasses.replace(config, rank=r).scale
-    scales = jax.tree.map(lambda _: jnp.asarray(per_client), scales)
-    return dataclasses.replace(problem, graphdef=graphdef, template=template, base=base), scales
+        per_client[i, :r] = dataclasses.replace(ranked, rank=r).scale
+    return jax.tree.map(lambda _: jnp.asarray(per_client), frozen)
+
+
+def ranked_comm(clients: ClientState) -> Exchange:
+    """Bytes per client (int64 `[N]`, up = down) of HetLoRA and FlexLoRA: client `i`'s ranked
+    LoRA truncated to its rank `r_i` (its active `rank_scale` entries; `aggregation.rank_exchange`),
+    its other adapters in full; the rank scales (`ClientState.frozen`) stay with the server."""
+    ranks = {
+        path[:-1]: np.asarray(var.get_value() > 0).sum(-1)
+        for path, var in nnx.to_flat_state(clients.frozen)
+        if path[-1] == "rank_scale"
+    }
+    total = np.zeros(num_rows(clients.params), np.int64)
+    for path, var in nnx.to_flat_state(clients.params):
+        value = var.get_value()
+        if path[:-1] not in ranks or path[-1] not in ("a", "b"):
+            total += value[0].size * value.dtype.itemsize
+            continue
+        one = {path[-1]: jax.ShapeDtypeStruct(value.shape[1:], value.dtype)}
+        total += [rank_exchange(one, int(r)).upload for r in ranks[path[:-1]]]
+    return Exchange(total, total.copy())
 
 
 def _ranked_method(
     name: str,
     problem: Problem,
-    scales: nnx.State,
+    ranks: Sequence[int] | None,
+    ranked: LoRAConfig,
+    prune_coef: float,
+    keep: float,
     aggregator: Aggregator,
     inputs: Callable[..., dict] | None = None,
     evaluate: Evaluate = "local",
 ) -> Algorithm:
     """The aggregator's method on a `with_ranks` problem: clients start from one shared draw
-    truncated to their ranks, and train only their `Adapter` variables (the rank scales ride
-    along in `params`, where the servers read them); `evaluate`: the local models before the
-    server average, or the aggregated ones."""
+    truncated to their ranks (their `RankScale`s in `ClientState.frozen`, `rank_scales`), the
+    server sees and updates the rank scales with the adapters (`aggregating(frozen=True)`);
+    `evaluate`: the local models before the server average, or the aggregated ones."""
+    ranks = _check_ranks(problem, ranks, ranked)
+    problem = with_ranks(problem, ranks, ranked, prune_coef=prune_coef, keep=keep)
+    scales = rank_scales(problem.frozen, ranks, ranked)
     tx = problem.tx()
     cfg = problem.training
     update = make_client_update(
         problem.graphdef, tx, cfg, max_windows=problem.train.max_windows(cfg.seq_len)
     )
 
-    def client_update(client, tokens, length, mask, base):
-        adapters, fixed = nnx.split_state(client.params, Adapter, ...)
-        client, metrics = update(
-            client._replace(params=adapters), tokens, length, mask, nnx.merge_state(base, fixed)
-        )
-        return client._replace(params=nnx.merge_state(client.params, fixed)), metrics
-
     def init(key):
-        clients = init_clients(problem.template, tx, problem.num_clients, key, shared_init=True)
-        params = nnx.merge_state(clients.params, scales)
-        params = map_ranked(params, lambda _, a, b, m: (*truncate(a, b, m > 0), m))
-        return clients._replace(params=params)
+        clients = init_clients(
+            problem.template, tx, problem.num_clients, key, shared_init=True, frozen=scales
+        )
+        merged = nnx.merge_state(clients.params, scales)
+        merged = map_ranked(merged, lambda _, a, b, m: (*truncate(a, b, m > 0), m))
+        return clients._replace(params=nnx.split_state(merged, Adapter, ...)[0])
 
-    client = ClientProgram(init, local_training(problem, client_update))
+    client = ClientProgram(init, local_training(problem, update))
     method = Method(
         name,
         client,
-        aggregating(aggregator, inputs=inputs),
+        aggregating(aggregator, inputs=inputs, comm=ranked_comm, frozen=True),
         evaluate=evaluate,
         capabilities=Capabilities(cohorts=False),
     )
     return build(problem, method)
 
 
-def hetlora(
-    problem: Problem,
-    *,
-    ranks: Sequence[int] | None = None,
-    ranked: LoRAConfig = MLP_LORA,
-    prune_coef: float = 0.005,
-    keep: float = 0.99,
-    self_prune: bool = True,
-    reference_weights: bool = False,
-    evaluate: Evaluate = "local",
-) -> Algorithm:
-    """HetLoRA with client ranks `ranks` on `ranked.targets` (module docstring): regulariser
-    weight `prune_coef` (`λ_p`; the reference sweeps 0.05, 0.005, 0.0005), tail ratio `keep`
-    (`γ`), self-pruning at upload, sparsity weights from `‖ΔW_i‖_F` (`reference_weights`: the
-    reference's per-matrix norms)."""
-    ranked_problem, scales = with_ranks(problem, ranks, ranked, prune_coef=prune_coef, keep=keep)
-    aggregator = hetlora_aggregator(keep, self_prune, reference_weights)
-    return _ranked_method("hetlora", ranked_problem, scales, aggregator, evaluate=evaluate)
+@dataclasses.dataclass(frozen=True)
+class HetLoRAOptions:
+    """ranks: the clients' ranks `r_i` (default `ranked.rank` for every client), on
+    `ranked.targets`. prune_coef: the regulariser weight `λ_p` (the reference sweeps 0.05, 0.005,
+    0.0005). keep: the tail ratio `γ`. self_prune: self-pruning at upload. reference_weights:
+    sparsity weights from the reference's per-matrix norms instead of `‖ΔW_i‖_F`. evaluate:
+    module docstring."""
+
+    ranks: tuple[int, ...] | None = None
+    ranked: LoRAConfig = MLP_LORA
+    prune_coef: float = 0.005
+    keep: float = 0.99
+    self_prune: bool = True
+    reference_weights: bool = False
+    evaluate: Evaluate = "local"
 
 
-def flexlora(
-    problem: Problem,
-    *,
-    ranks: Sequence[int] | None = None,
-    ranked: LoRAConfig = MLP_LORA,
-    merge_alpha: float | None = None,
-    reference_accumulator: bool = False,
-    evaluate: Evaluate = "local",
-) -> Algorithm:
-    """FlexLoRA with client ranks `ranks` on `ranked.targets` (module docstring): the token-count
-    weighted average of the full updates, SVD back to each client's rank (`merge_alpha = 16`:
-    the reference's `16/r` merge rate; `reference_accumulator`: the reference server's accumulator
-    reset, only the last client's update, `fedjax_lora.aggregation.flexlora`)."""
-    ranked_problem, scales = with_ranks(problem, ranks, ranked)
+@dataclasses.dataclass(frozen=True)
+class FlexLoRAOptions:
+    """ranks, ranked: as `HetLoRAOptions`. merge_alpha: `16` is the reference's `16/r` merge rate
+    (None: the average as is). reference_accumulator: the reference server's accumulator reset,
+    only the last client's update (`fedjax_lora.aggregation.flexlora`). evaluate: module
+    docstring."""
+
+    ranks: tuple[int, ...] | None = None
+    ranked: LoRAConfig = MLP_LORA
+    merge_alpha: float | None = None
+    reference_accumulator: bool = False
+    evaluate: Evaluate = "local"
+
+
+@dataclasses.dataclass(frozen=True)
+class FFALoRAOptions:
+    """train_attention_a: the attention's `A` trained and averaged (the icml reference); only the
+    MLP `A` frozen. evaluate: module docstring. server_opt: a server optimizer on the averaged
+    part (`aggregation.server_opt`). proximal_mu > 0: FedProx's proximal term on the local loss
+    (every trained tensor is global)."""
+
+    train_attention_a: bool = False
+    evaluate: Evaluate = "local"
+    server_opt: ServerOptimizer = ServerOptimizer()
+    proximal_mu: float = 0.0
+
+    def __post_init__(self):
+        if not self.proximal_mu >= 0:
+            raise ValueError(
+                f"proximal_mu must be >= 0 (0: no proximal term), got {self.proximal_mu!r}"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class FedSALoRAOptions:
+    """evaluate: module docstring. server_opt: a server optimizer on the `A`s
+    (`aggregation.server_opt`)."""
+
+    evaluate: Evaluate = "local"
+    server_opt: ServerOptimizer = ServerOptimizer()
+
+
+def hetlora(problem: Problem, options: HetLoRAOptions = HetLoRAOptions()) -> Algorithm:
+    """HetLoRA with per-client ranks (module docstring, `HetLoRAOptions`): the rank self-pruning
+    regulariser, self-pruning at upload, sparsity-weighted aggregation."""
+    o = options
+    aggregator = hetlora_aggregator(o.keep, o.self_prune, o.reference_weights)
+    return _ranked_method(
+        "hetlora", problem, o.ranks, o.ranked, o.prune_coef, o.keep, aggregator, evaluate=o.evaluate
+    )
+
+
+def flexlora(problem: Problem, options: FlexLoRAOptions = FlexLoRAOptions()) -> Algorithm:
+    """FlexLoRA with per-client ranks (module docstring, `FlexLoRAOptions`): the token-count
+    weighted average of the full updates, SVD back to each client's rank."""
     inputs = lambda data, clients, eval_sets, base: {"weights": data.token_counts()}
-    aggregator = flexlora_aggregator(merge_alpha, reference_accumulator)
-    return _ranked_method("flexlora", ranked_problem, scales, aggregator, inputs, evaluate)
+    aggregator = flexlora_aggregator(options.merge_alpha, options.reference_accumulator)
+    return _ranked_method(
+        "flexlora",
+        problem,
+        options.ranks,
+        options.ranked,
+        0.0,
+        0.99,
+        aggregator,
+        inputs,
+        options.evaluate,
+    )
 
 
 def ffa_frozen(names: Sequence[str], train_attention_a: bool = False) -> bool:
@@ -231,38 +344,43 @@ def ffa_frozen(names: Sequence[str], train_attention_a: bool = False) -> bool:
     return names[-1] == "a" and not (train_attention_a and attention)
 
 
-def ffa_lora(
-    problem: Problem, *, train_attention_a: bool = False, evaluate: Evaluate = "local"
-) -> Algorithm:
-    """FFA-LoRA: every LoRA `A` frozen at the shared init (`ffa_frozen`; `train_attention_a`:
-    those of the attention trained and averaged, the icml reference), `B` averaged uniformly after
-    every round; a frozen `A` is never touched (not even averaged)."""
-    frozen = lambda names: ffa_frozen(names, train_attention_a)
+def ffa_lora(problem: Problem, options: FFALoRAOptions = FFALoRAOptions()) -> Algorithm:
+    """FFA-LoRA: every LoRA `A` frozen at the shared init (`ffa_frozen`), `B` averaged uniformly
+    after every round; a frozen `A` is never touched (not even averaged)."""
+    frozen = lambda names: ffa_frozen(names, options.train_attention_a)
     labels = lambda params: jax.tree_util.tree_map_with_path(
         lambda path, _: "frozen" if frozen(path_names(path)) else "trained", params
     )
     tx = optax.multi_transform({"trained": problem.tx(), "frozen": optax.set_to_zero()}, labels)
     problem = dataclasses.replace(problem, optimizer=tx)
-    aggregator = masked_aggregator(lambda names: not frozen(names))
-    return federated("ffa-lora", problem, aggregator, shared_init=True, evaluate=evaluate)
+    trained = lambda names: not frozen(names)
+    return federated(
+        "ffa-lora",
+        problem,
+        masked_aggregator(trained),
+        shared_init=True,
+        evaluate=options.evaluate,
+        proximal_mu=options.proximal_mu or None,
+        policy=trained,
+        server_opt=options.server_opt,
+    )
 
 
-def fedsa_lora(problem: Problem, *, evaluate: Evaluate = "local") -> Algorithm:
+def fedsa_lora(problem: Problem, options: FedSALoRAOptions = FedSALoRAOptions()) -> Algorithm:
     """FedSA-LoRA: every LoRA `A` averaged uniformly after every round, every `B` kept local; all
-    clients start from the same adapters."""
+    clients start from the same adapters. `server_opt`: a server optimizer on the `A`s."""
     return federated(
         "fedsa-lora",
         problem,
         masked_aggregator("fedsa"),
         shared_init=True,
-        evaluate=evaluate,
+        evaluate=options.evaluate,
+        policy="fedsa",
+        server_opt=options.server_opt,
     )
 
 
-METHODS = {
-    "ffa-lora": ffa_lora,
-    "fedsa-lora": fedsa_lora,
-    "hetlora": hetlora,
-    "flexlora": flexlora,
-}
-"""The federated LoRA baselines of the CoMiGS paper (Tables 2 and 4)."""
+register("ffa-lora", ffa_lora, FFALoRAOptions())
+register("fedsa-lora", fedsa_lora, FedSALoRAOptions())
+register("hetlora", hetlora, HetLoRAOptions())
+register("flexlora", flexlora, FlexLoRAOptions())

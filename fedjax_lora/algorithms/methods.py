@@ -1,22 +1,25 @@
-"""The engine's baselines as named methods: `local`, `fedavg`, `centralized`; and the
-trust-weighted family (`pcl-*`, `fedjax_lora.algorithms.trust_weighted`).
-
-Each factory maps a `Problem` to an `Algorithm`; `METHODS` is the registry the CLI lists.
+"""The engine's baselines as registered methods: `local`, `fedavg`, `fedavg-tokens`,
+`centralized`; DP-FedAvg (`dp-fedavg`); FedAvg with a server optimizer (`fedavgm`, `fedadam`,
+`fedyogi`, `fedadagrad`); the client-drift corrections `fedprox` and `scaffold`
+(`fedjax_lora.algorithms.scaffold`). Importing this module imports every method module of the
+library, so the registry (`fedjax_lora.algorithms.registry.METHODS`) holds all of them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+import functools
 from typing import Literal
 
 from fedjax_lora.aggregation import fedavg_aggregator, local_aggregator
-from fedjax_lora.algorithms import (
+from fedjax_lora.algorithms import (  # noqa: F401  (each registers its methods)
     comigs,
     fdlora,
     fedamole,
     fedit,
     lora_baselines,
     prompt_baselines,
+    scaffold,
     trust_weighted,
 )
 from fedjax_lora.algorithms.base import (
@@ -27,88 +30,161 @@ from fedjax_lora.algorithms.base import (
     aggregating,
     build,
     federated,
+    nothing,
     standard_client,
 )
 from fedjax_lora.algorithms.problem import Problem
+from fedjax_lora.algorithms.registry import METHODS, NoOptions, get_method, register
+from fedjax_lora.errors import ConfigError
+from fedjax_lora.settings import DPOptions, ServerOptimizer
+
+__all__ = ["METHODS", "FedAvgOptions", "centralized", "fedavg", "get_method", "local", "register"]
 
 
-def local(problem: Problem) -> Algorithm:
+def local(problem: Problem, options: NoOptions = NoOptions()) -> Algorithm:
     """Local training only: every client trains its own adapters, nothing is exchanged; each client
     draws its own initial adapters."""
-    return federated("local", problem, local_aggregator(), shared_init=False)
+    del options
+    return federated("local", problem, local_aggregator(), shared_init=False, comm=nothing)
+
+
+@dataclasses.dataclass(frozen=True)
+class FedAvgOptions:
+    """weighting: `Σ_j w_j θ_j` with `w` uniform or proportional to the clients' training-token
+    counts. evaluate: `"aggregated"` (the average), or `"local"`: each client's model before the
+    average (the CoMiGS reference's timing; the CoMiGS grids set it). server_opt: a server
+    optimizer on the pseudo-gradient (`aggregation.server_opt`; FedAvgM, FedAdam, ...).
+    proximal_mu > 0: FedProx's proximal term `μ/2 ‖θ − θ_global‖²` on the local loss
+    (`base.proximal`). dp: client-level DP of the average (`settings.DPOptions`: DP-FedAvg,
+    McMahan et al., ICLR 2018; clipping, Gaussian noise, `ε` reported per round; the same as the
+    config's `aggregation.dp`); None: off."""
+
+    weighting: Literal["uniform", "tokens"] = "uniform"
+    evaluate: Evaluate = "aggregated"
+    server_opt: ServerOptimizer = ServerOptimizer()
+    proximal_mu: float = 0.0
+    dp: DPOptions | None = None
+
+    def __post_init__(self):
+        if self.weighting not in ("uniform", "tokens"):
+            raise ValueError(f"weighting must be 'uniform' or 'tokens', got {self.weighting!r}")
+        if not self.proximal_mu >= 0:
+            raise ValueError(
+                f"proximal_mu must be >= 0 (0: no proximal term), got {self.proximal_mu!r}"
+            )
 
 
 def fedavg(
-    problem: Problem,
-    weighting: Literal["uniform", "tokens"] = "uniform",
-    evaluate: Evaluate = "aggregated",
+    problem: Problem, options: FedAvgOptions = FedAvgOptions(), *, name: str = "fedavg"
 ) -> Algorithm:
     """FedAvg (McMahan et al., 2017) over the adapters: after every round each client receives
-    `Σ_j w_j θ_j`, `w` uniform or proportional to the clients' training-token counts. Optimizer
-    states stay local. All clients start from the same adapters. With a cohort
-    (`data.cohort_size`) the average is over the cohort and every client of the population
-    receives it (the server model). `evaluate="local"`: each client's model before the average
-    (the CoMiGS reference's timing; the CoMiGS grids set it)."""
-    if weighting not in ("uniform", "tokens"):
-        raise ValueError(f"fedavg weighting must be 'uniform' or 'tokens', got {weighting!r}")
+    `Σ_j w_j θ_j` (`FedAvgOptions`). Optimizer states stay local. All clients start from the same
+    adapters. With a cohort (`data.cohort_size`) the average is over the cohort and every client
+    of the population receives it (the server model). With `server_opt` the server steps the
+    pseudo-gradient with an optax transformation; with `proximal_mu` the clients train FedProx's
+    objective."""
+    kind = SERVER_KINDS.get(name)
+    if kind is not None and options.server_opt.kind != kind:
+        raise ValueError(
+            f"method {name!r} is FedAvg with server_opt.kind={kind!r}, got "
+            f"method_options.{name}.server_opt.kind={options.server_opt.kind!r}; for another "
+            "server optimizer set method_options.fedavg.server_opt.kind instead"
+        )
+    if options.dp is not None:
+        problem = _with_dp(problem, options.dp, name)
+    elif name == "dp-fedavg":
+        raise ConfigError("method_options.dp-fedavg.dp is null; give DP options or run fedavg")
     inputs = None
-    if weighting == "tokens":
+    if options.weighting == "tokens":
         inputs = lambda data, clients, eval_sets, base: {"weights": data.token_counts()}
     return federated(
-        "fedavg",
+        name,
         problem,
         fedavg_aggregator(),
         shared_init=True,
         inputs=inputs,
         server_model=True,
-        evaluate=evaluate,
+        evaluate=options.evaluate,
+        proximal_mu=options.proximal_mu or None,
+        policy="all",
+        server_opt=options.server_opt,
     )
 
 
-def centralized(problem: Problem) -> Algorithm:
+def _with_dp(problem: Problem, dp: DPOptions, name: str) -> Problem:
+    """The problem whose global rule is DP-FedAvg with `dp` (`algorithms.base.with_global_rule`),
+    refusing a second source of DP or a robust reduction."""
+    rule = problem.global_rule
+    if rule.dp is not None:
+        raise ConfigError(
+            f"method_options.{name}.dp and aggregation.dp both set DP; unset one of them"
+        )
+    if rule.reduction != "mean":
+        raise ConfigError(
+            f"method_options.{name}.dp certifies the clipped mean, not aggregation.reduction = "
+            f"{rule.reduction!r}; set aggregation.reduction=mean"
+        )
+    return dataclasses.replace(problem, global_rule=dataclasses.replace(rule, dp=dp))
+
+
+SERVER_KINDS = {"fedavgm": "sgd", "fedadam": "adam", "fedyogi": "yogi", "fedadagrad": "adagrad"}
+"""FedAvg with a server optimizer (`aggregation.server_opt`), as named methods: their
+`server_opt.kind`."""
+
+
+def centralized(problem: Problem, options: NoOptions = NoOptions()) -> Algorithm:
     """One model trained on all clients' pooled training data (the upper reference of
     collaboration without personalization), evaluated on every client's sets. It trains one
     model on all the data every round, so it takes no client cohorts."""
+    del options
     pooled = problem.train.pooled()
     method = Method(
         "centralized",
         standard_client(problem, shared_init=True, train=pooled),
-        aggregating(local_aggregator()),
+        aggregating(local_aggregator(), comm=nothing),
         capabilities=Capabilities(cohorts=False, data_axis=False),
         train=pooled,
     )
     return build(problem, method)
 
 
-def fedavg_tokens(problem: Problem) -> Algorithm:
-    """FedAvg weighted by the clients' training-token counts."""
-    return fedavg(problem, weighting="tokens")
-
-
-METHODS: dict[str, Callable[..., Algorithm]] = {
-    "local": local,
-    "fedavg": fedavg,
-    "fedavg-tokens": fedavg_tokens,
-    "centralized": centralized,
-    **trust_weighted.METHODS,
-    **fedamole.METHODS,
-    **fedit.METHODS,
-    **comigs.METHODS,
-    **lora_baselines.METHODS,
-    **prompt_baselines.METHODS,
-    **fdlora.METHODS,
-}
-
-
-def register(name: str, factory: Callable[..., Algorithm]) -> None:
-    """Adds a method to the registry (later method families register here)."""
-    if name in METHODS:
-        raise ValueError(f"method {name!r} is already registered")
-    METHODS[name] = factory
-
-
-def get_method(name: str) -> Callable[..., Algorithm]:
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise ValueError(f"unknown method {name!r}; available: {sorted(METHODS)}") from None
+register("local", local)
+register("fedavg", fedavg, FedAvgOptions())
+register(
+    "fedavg-tokens",
+    functools.partial(fedavg, name="fedavg-tokens"),
+    FedAvgOptions(weighting="tokens"),
+    doc="FedAvg weighted by the clients' training-token counts",
+)
+register(
+    "dp-fedavg",
+    functools.partial(fedavg, name="dp-fedavg"),
+    FedAvgOptions(dp=DPOptions()),
+    doc="DP-FedAvg (McMahan et al., ICLR 2018): FedAvg of client updates clipped to "
+    "`dp.clip_norm`, Gaussian noise `N(0, (z C / K)^2)` on the mean; `ε` at `dp.delta` reported "
+    "every round",
+)
+register("centralized", centralized)
+for _name, _doc in {
+    "fedavgm": "FedAvgM (Hsu et al., 2019): FedAvg whose server steps the pseudo-gradient with "
+    "`optax.sgd(lr, momentum)` (defaults lr 1, momentum 0.9)",
+    "fedadam": "FedAdam (Reddi et al., ICLR 2021): FedAvg whose server steps the pseudo-gradient "
+    "with `optax.adam(lr, b1, b2, eps)` (defaults 1e-2, 0.9, 0.99, 1e-3)",
+    "fedyogi": "FedYogi (Reddi et al., ICLR 2021): FedAvg whose server steps the pseudo-gradient "
+    "with `optax.yogi(lr, b1, b2, eps)` (defaults 1e-2, 0.9, 0.99, 1e-3)",
+    "fedadagrad": "FedAdagrad (Reddi et al., ICLR 2021): FedAvg whose server steps the "
+    "pseudo-gradient with `optax.adagrad(lr)`, `v_{-1} = eps²` (defaults 1e-1, 1e-3)",
+}.items():
+    register(
+        _name,
+        functools.partial(fedavg, name=_name),
+        FedAvgOptions(server_opt=ServerOptimizer(SERVER_KINDS[_name])),
+        doc=_doc,
+    )
+register(
+    "fedprox",
+    functools.partial(fedavg, name="fedprox"),
+    FedAvgOptions(proximal_mu=0.01),
+    doc="FedProx (Li et al., MLSys 2020): FedAvg whose clients minimise "
+    "`f(θ) + μ/2 ‖θ − θ_global‖²`, `θ_global` the adapters received at the round start",
+)

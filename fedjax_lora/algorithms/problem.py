@@ -1,10 +1,13 @@
 """`Problem`: everything a federated simulation holds fixed — base model, adapter template,
 client data on device, evaluation sets, the side data its methods declared (`SideData`),
-local-training and optimizer settings, strategy."""
+local-training and optimizer settings, strategy — and `install`, the one seam through which a
+method changes the problem's model (a *surgery*: LoRA ranks, mixtures of experts, AMoLE, soft
+prompts)."""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -13,7 +16,6 @@ import numpy as np
 import optax
 from flax import nnx
 
-from fedjax_lora import lora
 from fedjax_lora.data.federated import check_streams
 from fedjax_lora.data.streams import ClientTokens
 from fedjax_lora.engine.cohort import Cohort
@@ -23,6 +25,12 @@ from fedjax_lora.engine.optim import OptimizerConfig
 from fedjax_lora.engine.strategy import Strategy
 from fedjax_lora.engine.train import LocalTraining
 from fedjax_lora.errors import DataError
+from fedjax_lora.models.layers import Adapter, ClientFrozen
+from fedjax_lora.settings import GlobalRule
+
+Surgery = Callable[[nnx.Module], None]
+"""A change to a model with its adapters, in place (e.g. `fedjax_lora.amole.add_amole` with its
+config bound): attaches, replaces or removes adapter modules."""
 
 
 class TrainData(NamedTuple):
@@ -87,12 +95,15 @@ PER_CLIENT_SIDE = ("aux", "mixtures")
 
 @dataclasses.dataclass(frozen=True)
 class Problem:
-    """A simulation's fixed parts. `graphdef`/`template`/`base` come from `lora.split` of a model
-    with adapters attached; `eval_sets` maps a name (`val`, `test`, shared sets) to an `EvalSet`;
-    `cohort`: the clients drawn per round out of the population (None: every client, every
-    round; see `fedjax_lora.engine.cohort`); `task`: how a text-task set among `eval_sets` is
-    scored (`with_task`); `eval_progress`: every client's evaluation ticks the host's open
-    `fedjax_lora.tracking.evaluation_progress` bar (a host callback compiled into the round)."""
+    """A simulation's fixed parts. `graphdef`/`template`/`frozen`/`base` come from `split_model`
+    of a model with adapters attached (`frozen`: one client's `ClientFrozen` variables, e.g.
+    expert masks, which a method sets per client in `ClientState.frozen`); `eval_sets` maps a
+    name (`val`, `test`, shared sets) to an `EvalSet`; `cohort`: the clients drawn per round out
+    of the population (None: every client, every round; see `fedjax_lora.engine.cohort`);
+    `task`: how a text-task set among `eval_sets` is scored (`with_task`); `eval_progress`:
+    every client's evaluation ticks the host's open `fedjax_lora.tracking.evaluation_progress`
+    bar (a host callback compiled into the round); `global_rule`: how every method with a
+    global part reduces it (robust reduction, DP; `algorithms.base.with_global_rule`)."""
 
     graphdef: nnx.GraphDef
     template: nnx.State
@@ -108,6 +119,8 @@ class Problem:
     cohort: Cohort | None = None
     task: TextTask | None = None
     eval_progress: bool = False
+    global_rule: GlobalRule = GlobalRule()
+    frozen: nnx.State = dataclasses.field(default_factory=lambda: nnx.State({}))
 
     @property
     def num_clients(self) -> int:
@@ -169,7 +182,7 @@ class Problem:
         (prediction trust), `mixtures` the clients' known data proportions `[N, K]` (oracle
         trust).
         """
-        graphdef, template, base = lora.split(model)
+        graphdef, template, frozen, base = split_model(model)
         if not jax.tree.leaves(template):
             raise ValueError("the model holds no adapters; attach some with lora.add_lora first")
         cfg = model.config
@@ -207,6 +220,7 @@ class Problem:
             graphdef=graphdef,
             template=template,
             base=strategy.place_base(base),
+            frozen=frozen,
             train=strategy.place(data),  # `sharded`: client rows on their devices
             eval_sets=strategy.place(sets),
             training=training,
@@ -217,6 +231,32 @@ class Problem:
             side=side,
             cohort=cohort,
         )
+
+
+def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State, nnx.State]:
+    """`(graphdef, adapters, frozen, base)`: the trainable `Adapter` variables, the per-client
+    `ClientFrozen` ones and the shared rest; `nnx.merge(graphdef, adapters, frozen, base)`
+    rebuilds the model."""
+    return nnx.split(model, Adapter, ClientFrozen, ...)
+
+
+def model_of(problem: Problem) -> nnx.Module:
+    """The problem's model: its base with the template's adapters and frozen state."""
+    return nnx.merge(problem.graphdef, problem.template, problem.frozen, problem.base)
+
+
+def install(problem: Problem, surgery: Surgery) -> Problem:
+    """The problem with `surgery` applied to its model: the model is rebuilt from the problem
+    (`model_of`), changed in place, split again (`split_model`: graphdef, adapter template,
+    frozen template, base), and the base placed on devices as the problem's strategy wants it
+    (`Strategy.place_base`: sharded over the `model` axis when `strategy.model_devices > 1`)."""
+    model = model_of(problem)
+    surgery(model)
+    graphdef, template, frozen, base = split_model(model)
+    base = problem.strategy.place_base(base)
+    return dataclasses.replace(
+        problem, graphdef=graphdef, template=template, frozen=frozen, base=base
+    )
 
 
 def check_eval_vocab(windows: np.ndarray, vocab_size: int, name: str) -> None:

@@ -19,7 +19,7 @@ its token ids); P-tuning uses the reference's MLP encoder of hidden size 1024. L
 the optimizer are the problem's, as for `fedavg` (the reference re-creates Adam every round with
 a learning rate decayed by 0.99 per round; that schedule is not applied here).
 
-`fedptuning(reference_state_dict=True)` reproduces what the reference averages for P-tuning:
+`FedPTuningOptions(reference_state_dict=True)` reproduces what the reference averages for P-tuning:
 PEFT's state dict of a P-tuning model in training mode is the encoder's *output* `f(E)`
 (`get_prompt_embedding_to_save`), and loading it writes it into the *input* table `E`, so after a
 round every client's table is `(1/N) Σ_c f_c(E_c)` and passes through the encoder once more. (The
@@ -30,26 +30,28 @@ reproduce; here the encoders are averaged.)
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from fedjax_lora.aggregation import Aggregator, fedavg_aggregator
-from fedjax_lora.algorithms.base import Algorithm, federated
-from fedjax_lora.algorithms.problem import Problem
-from fedjax_lora.lora import detach_adapters, split
+from fedjax_lora.algorithms.base import Algorithm, Evaluate, federated
+from fedjax_lora.algorithms.problem import Problem, Surgery, install, model_of
+from fedjax_lora.algorithms.registry import register
+from fedjax_lora.lora import detach_adapters
 from fedjax_lora.prompt_tuning import PromptConfig, PromptTuningConfig, PTuningConfig, attach_prompt
 
 __all__ = [
     "DEFAULT_PROMPT",
     "DEFAULT_PTUNING",
-    "METHODS",
+    "FedPTuningOptions",
+    "FedPromptOptions",
     "fedprompt",
     "fedprompt_ft",
     "fedptuning",
     "fedptuning_ft",
+    "prompt_surgery",
     "reference_state_dict_aggregator",
     "with_prompt",
 ]
@@ -61,39 +63,68 @@ DEFAULT_PTUNING = PTuningConfig(num_virtual_tokens=20, encoder="mlp", hidden_siz
 """The registered FedPTuning's prompt: the reference's 20 tokens, MLP encoder of width 1024."""
 
 
+def prompt_surgery(config: PromptConfig, *, key: jax.Array | None = None) -> Surgery:
+    """The surgery replacing a model's adapters by the soft prompt of `config`
+    (`prompt_tuning.attach_prompt`; `key` draws a `vocab` init's token ids)."""
+
+    def surgery(model: nnx.Module) -> None:
+        detach_adapters(model)
+        attach_prompt(model, config, key=key)
+
+    return surgery
+
+
 def with_prompt(problem: Problem, config: PromptConfig, *, key: jax.Array | None = None) -> Problem:
     """The problem with its model's adapters replaced by the soft prompt of `config`
-    (`prompt_tuning.attach_prompt`; `key` draws a `vocab` init's token ids)."""
-    model = nnx.merge(problem.graphdef, problem.template, problem.base)
-    seq_len, context = problem.training.seq_len, model.config.max_positions
+    (`prompt_surgery`), which with the training windows must fit the model's context."""
+    seq_len, context = problem.training.seq_len, model_of(problem).config.max_positions
     if config.length + seq_len > context:
         raise ValueError(
             f"{config.length} virtual tokens + sequence length {seq_len} exceed the model's "
             f"context of {context} positions; lower num_virtual_tokens or training.seq_len"
         )
-    detach_adapters(model)
-    attach_prompt(model, config, key=key)
-    graphdef, template, base = split(model)
-    base = problem.strategy.place_base(base)
-    return dataclasses.replace(problem, graphdef=graphdef, template=template, base=base)
+    return install(problem, prompt_surgery(config, key=key))
 
 
-def fedprompt(
-    problem: Problem, config: PromptTuningConfig = DEFAULT_PROMPT, *, fine_tuned: bool = False
-) -> Algorithm:
-    """FedPrompt: FedAvg of soft prompts (prompt tuning). `fine_tuned` reports each client's
-    locally trained prompt (FedPrompt-FT)."""
-    if not isinstance(config, PromptTuningConfig):
-        raise ValueError(f"fedprompt needs a PromptTuningConfig, got {type(config).__name__}")
-    name = "fedprompt-ft" if fine_tuned else "fedprompt"
+@dataclasses.dataclass(frozen=True)
+class FedPromptOptions:
+    """prompt: the soft prompt every client trains (default `DEFAULT_PROMPT`)."""
+
+    prompt: PromptTuningConfig = DEFAULT_PROMPT
+
+
+@dataclasses.dataclass(frozen=True)
+class FedPTuningOptions:
+    """prompt: the P-tuning prompt (table and encoder; default `DEFAULT_PTUNING`).
+    reference_state_dict: average the encoder outputs into the table as the reference does
+    (module docstring)."""
+
+    prompt: PTuningConfig = DEFAULT_PTUNING
+    reference_state_dict: bool = False
+
+
+def _fedprompt(problem: Problem, options: FedPromptOptions, name: str, evaluate: Evaluate):
+    if not isinstance(options.prompt, PromptTuningConfig):
+        raise ValueError(f"{name} needs a PromptTuningConfig, got {type(options.prompt).__name__}")
     return federated(
         name,
-        with_prompt(problem, config),
+        with_prompt(problem, options.prompt),
         fedavg_aggregator(),
         shared_init=True,
-        evaluate="local" if fine_tuned else "aggregated",
+        evaluate=evaluate,
         server_model=True,
+        policy="all",
     )
+
+
+def fedprompt(problem: Problem, options: FedPromptOptions = FedPromptOptions()) -> Algorithm:
+    """FedPrompt: FedAvg of soft prompts (prompt tuning), tested on the aggregated prompt."""
+    return _fedprompt(problem, options, "fedprompt", "aggregated")
+
+
+def fedprompt_ft(problem: Problem, options: FedPromptOptions = FedPromptOptions()) -> Algorithm:
+    """FedPrompt-FT: FedAvg of soft prompts, each client tested after local fine-tuning."""
+    return _fedprompt(problem, options, "fedprompt-ft", "local")
 
 
 def reference_state_dict_aggregator(encoder_def: nnx.GraphDef) -> Aggregator:
@@ -116,44 +147,37 @@ def reference_state_dict_aggregator(encoder_def: nnx.GraphDef) -> Aggregator:
     return Aggregator(average.init, apply)
 
 
-def fedptuning(
-    problem: Problem,
-    config: PTuningConfig = DEFAULT_PTUNING,
-    *,
-    fine_tuned: bool = False,
-    reference_state_dict: bool = False,
-) -> Algorithm:
-    """FedPTuning: FedAvg of P-tuning prompts (table and encoder). `fine_tuned` reports each
-    client's locally trained prompt (FedPTuning-FT); `reference_state_dict` averages the encoder
-    outputs into the table as the reference does (module docstring)."""
-    if not isinstance(config, PTuningConfig):
-        raise ValueError(f"fedptuning needs a PTuningConfig, got {type(config).__name__}")
-    problem = with_prompt(problem, config)
-    aggregator = fedavg_aggregator()
-    if reference_state_dict:
-        model = nnx.merge(problem.graphdef, problem.template, problem.base)
-        aggregator = reference_state_dict_aggregator(nnx.graphdef(model.prompt))
-    name = "fedptuning-ft" if fine_tuned else "fedptuning"
-    evaluate = "local" if fine_tuned else "aggregated"
+def _fedptuning(problem: Problem, options: FedPTuningOptions, name: str, evaluate: Evaluate):
+    if not isinstance(options.prompt, PTuningConfig):
+        raise ValueError(f"{name} needs a PTuningConfig, got {type(options.prompt).__name__}")
+    problem = with_prompt(problem, options.prompt)
+    aggregator, policy = fedavg_aggregator(), "all"
+    if options.reference_state_dict:  # not a mean of the tensors: no replaceable global part
+        policy = None
+        aggregator = reference_state_dict_aggregator(nnx.graphdef(model_of(problem).prompt))
     return federated(
-        name, problem, aggregator, shared_init=True, evaluate=evaluate, server_model=True
+        name,
+        problem,
+        aggregator,
+        shared_init=True,
+        evaluate=evaluate,
+        server_model=True,
+        policy=policy,
     )
 
 
-def fedprompt_ft(problem: Problem, config: PromptTuningConfig = DEFAULT_PROMPT) -> Algorithm:
-    """FedPrompt-FT: FedAvg of soft prompts, each client tested after local fine-tuning."""
-    return fedprompt(problem, config, fine_tuned=True)
+def fedptuning(problem: Problem, options: FedPTuningOptions = FedPTuningOptions()) -> Algorithm:
+    """FedPTuning: FedAvg of P-tuning prompts (table and encoder), tested on the aggregated
+    prompt."""
+    return _fedptuning(problem, options, "fedptuning", "aggregated")
 
 
-def fedptuning_ft(problem: Problem, config: PTuningConfig = DEFAULT_PTUNING) -> Algorithm:
+def fedptuning_ft(problem: Problem, options: FedPTuningOptions = FedPTuningOptions()) -> Algorithm:
     """FedPTuning-FT: FedAvg of P-tuning prompts, each client tested after local tuning."""
-    return fedptuning(problem, config, fine_tuned=True)
+    return _fedptuning(problem, options, "fedptuning-ft", "local")
 
 
-METHODS: dict[str, Callable[..., Algorithm]] = {
-    "fedprompt": fedprompt,
-    "fedprompt-ft": fedprompt_ft,
-    "fedptuning": fedptuning,
-    "fedptuning-ft": fedptuning_ft,
-}
-"""The registered soft-prompt baselines; each takes `(problem, config=...)`."""
+register("fedprompt", fedprompt, FedPromptOptions())
+register("fedprompt-ft", fedprompt_ft, FedPromptOptions())
+register("fedptuning", fedptuning, FedPTuningOptions())
+register("fedptuning-ft", fedptuning_ft, FedPTuningOptions())

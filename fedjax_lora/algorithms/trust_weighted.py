@@ -23,21 +23,36 @@ optimizer states and schedules stay local. Rules:
   the top-100 sparsified last-position logits on the shared reference sequences;
 - `pcl-oracle` ("theoretical"): `W[i, j] ∝ ⟨m_i, m_j⟩` from the known data mixtures `m`;
 - `pcl-fedavg` (the reference's `naive`): `W = 1/N` on the same schedule and initialisation.
+
+Communication per client and aggregating round (`trust_comm`): every rule uploads the client's
+adapters and downloads its mixture; `pcl-val`'s cross-evaluation downloads the `N − 1` peers'
+adapters instead (the client evaluates and mixes them) and uploads its perplexity row `[N]`;
+`pcl-pred` also uploads its last-position logits on the reference set `[S, V]` and downloads the
+`N − 1` peers'.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from fedjax_lora.aggregation import fedavg_aggregator, trust_aggregator
-from fedjax_lora.algorithms.base import Algorithm, federated, uses
+from fedjax_lora.aggregation import (
+    Exchange,
+    fedavg_aggregator,
+    logits_exchange,
+    model_exchange,
+    tree_bytes,
+    trust_aggregator,
+)
+from fedjax_lora.algorithms.base import Algorithm, Comm, exchanged, federated, num_rows, per_client
 from fedjax_lora.algorithms.problem import Problem, SideData
+from fedjax_lora.algorithms.registry import register
 from fedjax_lora.engine.crosseval import CrossEval, attention_dropout_only, make_cross_eval
 from fedjax_lora.settings import TrustOptions
 
-__all__ = ["METHODS", "RULES", "TrustOptions", "trust_weighted"]
+__all__ = ["RULES", "TrustOptions", "trust_weighted"]
 
 RULES = ("weights", "validation", "prediction", "oracle", "fedavg")
 """Trust rules of `trust_weighted` (`fedavg`: uniform mixing, the reference's `naive`)."""
@@ -80,7 +95,26 @@ def trust_weighted(
         inputs=inputs,
         first_round=options.first_aggregation_round,
         client_eval=cross.client_eval,
+        comm=trust_comm(problem, rule),
     )
+
+
+def trust_comm(problem: Problem, rule: str) -> Comm:
+    """The bytes of rule `rule` per client and aggregating round (module docstring)."""
+    if rule not in ("validation", "prediction"):
+        return exchanged("all")
+
+    def comm(clients) -> Exchange:
+        n = num_rows(clients.params)
+        model = tree_bytes(clients.params) // n
+        if rule == "validation":
+            cross = model_exchange(model, n)
+            return per_client(Exchange(cross.upload + 4 * n, cross.download), n)
+        vocab = nnx.merge(problem.graphdef, problem.template, problem.base).config.vocab_size
+        logits = logits_exchange((problem.reference.shape[0], vocab), n, np.float32)
+        return per_client(Exchange(model + logits.upload, model + logits.download), n)
+
+    return comm
 
 
 def _inputs(problem: Problem, rule: str, options: TrustOptions, cross: CrossEval):
@@ -117,24 +151,24 @@ def _inputs(problem: Problem, rule: str, options: TrustOptions, cross: CrossEval
     return lambda data, clients, eval_sets, base: {"mixtures": mixtures}
 
 
-def _method(rule: str, doc: str):
-    def factory(problem: Problem, trust: TrustOptions = TrustOptions()) -> Algorithm:
-        return trust_weighted(problem, rule, trust)
+def _registered(rule: str, name: str):
+    def factory(problem: Problem, options: TrustOptions) -> Algorithm:
+        return trust_weighted(problem, rule, options, name=name)
 
-    factory.__doc__ = doc
-    factory.__name__ = f"pcl_{rule}"
-    return uses(SideData(reference=rule == "prediction", mixtures=rule == "oracle"))(factory)
+    return factory
 
 
-METHODS = {
-    "pcl-weights": _method("weights", "Trust from adapter (LoRA weight) similarity (Strategy 1)."),
-    "pcl-val": _method(
-        "validation", "Trust from peers' perplexity on own validation (Strategy 2)."
-    ),
-    "pcl-pred": _method(
-        "prediction", "Trust from predictions on a shared reference set (Strategy 3)."
-    ),
-    "pcl-oracle": _method("oracle", "Trust from the known data mixtures ('theoretical' weights)."),
-    "pcl-fedavg": _method("fedavg", "Uniform mixing on the trust-weighted schedule (`naive`)."),
-}
-"""The registered trust-weighted methods; each takes `(problem, trust=TrustOptions())`."""
+for _name, _rule, _doc in (
+    ("pcl-weights", "weights", "Trust from adapter (LoRA weight) similarity (Strategy 1)"),
+    ("pcl-val", "validation", "Trust from peers' perplexity on own validation (Strategy 2)"),
+    ("pcl-pred", "prediction", "Trust from predictions on a shared reference set (Strategy 3)"),
+    ("pcl-oracle", "oracle", "Trust from the known data mixtures ('theoretical' weights)"),
+    ("pcl-fedavg", "fedavg", "Uniform mixing on the trust-weighted schedule (`naive`)"),
+):
+    register(
+        _name,
+        _registered(_rule, _name),
+        TrustOptions(),
+        doc=_doc,
+        side=SideData(reference=_rule == "prediction", mixtures=_rule == "oracle"),
+    )

@@ -47,7 +47,7 @@ from flax import nnx
 
 from fedjax_lora.engine.loss import AUX_LOSS, routing_token_mask
 from fedjax_lora.lora import Init, LoRA, LoRAConfig, attach_adapters
-from fedjax_lora.models.layers import Adapter, dropout
+from fedjax_lora.models.layers import Adapter, ExpertMask, dropout
 
 __all__ = [
     "AMoLE",
@@ -62,13 +62,6 @@ __all__ = [
 ]
 
 EMBEDDINGS = "embeddings"
-
-
-class ExpertMask(nnx.Variable):
-    """Which domain experts of an AMoLE module a client holds: `bool [E]` (all by default).
-
-    Not an `Adapter`: it lands in the shared base at `split`; FedAMoLE keeps one mask per client
-    and module in `ClientState.aux` and merges it over the base for each client."""
 
 
 class RoutingEmbeddings(nnx.Variable):
@@ -193,7 +186,7 @@ def by_module(masks: nnx.State) -> dict[str, Any]:
 
 
 def expert_masks(state: nnx.State) -> nnx.State:
-    """The `ExpertMask` variables of a model's state (e.g. a `Problem.base`)."""
+    """The `ExpertMask` variables of a model's state (e.g. a `Problem.frozen`)."""
     masks, _ = nnx.split_state(state, ExpertMask, ...)
     if not jax.tree.leaves(masks):
         raise ValueError("the model holds no AMoLE modules; attach some with amole.add_amole")

@@ -24,10 +24,11 @@ class ClientState(NamedTuple):
     step: local optimizer steps taken.
     windows_seen: training windows drawn so far (the epoch sampler's position).
     aux: method-specific per-client trained-side arrays (FDLoRA's private and fused adapters,
-      CoMiGS's pending gradients); `{}` when unused.
-    frozen: per-client state that is not trained but parameterises the client's model (an
-      `nnx.State` of e.g. FedAMoLE's `ExpertMask`s), merged over the shared base for that client
-      in training and evaluation; None when unused.
+      CoMiGS's pending gradients, SCAFFOLD's control variates); `{}` when unused.
+    frozen: per-client state that is not trained but parameterises the client's model: the
+      `ClientFrozen` variables of the problem's model (`Problem.frozen`: CoMiGS's and FedAMoLE's
+      `ExpertMask`s, HetLoRA's `RankScale`s), merged over the shared base for that client in
+      training and evaluation; empty or None when the model has none.
     """
 
     params: PyTree

@@ -4,8 +4,10 @@ for decoding).
 
 Parameters are created as host (NumPy) arrays, so building a model compiles nothing; loaders and
 initialisers fill them and move them to devices in one transfer. Frozen base weights are
-`nnx.Param`; everything a client trains is an `Adapter` variable, so
-`nnx.split(model, Adapter, ...)` separates the per-client adapters from the shared base.
+`nnx.Param`; everything a client trains is an `Adapter` variable, and what parameterises one
+client's model without being trained (expert masks, rank scales) a `ClientFrozen` variable, so
+`nnx.split(model, Adapter, ClientFrozen, ...)` separates the per-client adapters and frozen state
+from the shared base.
 """
 
 from __future__ import annotations
@@ -23,6 +25,18 @@ from fedjax_lora.models.config import FrozenMapping
 
 class Adapter(nnx.Variable):
     """A trainable per-client variable (LoRA factors, routers, prompts)."""
+
+
+class ClientFrozen(nnx.Variable):
+    """A per-client variable that parameterises a client's model but is never trained by the
+    client (set by the method or its server: expert masks, rank scales). A simulation holds one
+    value per client in `ClientState.frozen`, merged over the shared base for that client; the
+    server never averages it (`fedjax_lora.aggregation.masks`)."""
+
+
+class ExpertMask(ClientFrozen):
+    """`bool [E]`: which expert slots of a mixture a client holds (all by default): CoMiGS's
+    per-client expert counts, FedAMoLE's expert assignment. Slots off are never routed to."""
 
 
 def dropout(x: jax.Array, rate: float, rngs: nnx.Rngs | None) -> jax.Array:
@@ -115,7 +129,8 @@ class LayerNorm(nnx.Module):
         mean = h.mean(-1, keepdims=True)
         var = jnp.square(h - mean).mean(-1, keepdims=True)
         h = (h - mean) * jax.lax.rsqrt(var + self.eps)
-        return (h * self.weight[...] + self.bias[...]).astype(x.dtype)
+        weight, bias = self.weight[...].astype(jnp.float32), self.bias[...].astype(jnp.float32)
+        return (h * weight + bias).astype(x.dtype)
 
 
 class RMSNorm(nnx.Module):

@@ -77,7 +77,7 @@ from fedjax_lora.engine.loss import routing_token_mask
 from fedjax_lora.lora import Init, init_adapters
 from fedjax_lora.models.config import ModelConfig
 from fedjax_lora.models.gpt2 import GPT2MLP, GPT2Block
-from fedjax_lora.models.layers import Adapter, Linear, activation, dropout
+from fedjax_lora.models.layers import Adapter, ExpertMask, Linear, activation, dropout
 from fedjax_lora.models.llama import LlamaMLP
 
 __all__ = [
@@ -105,10 +105,6 @@ ROUTING_WEIGHTS = "routing_weights"
 
 class Router(Adapter):
     """A token router's weight: a per-client adapter trained by the router optimizer."""
-
-
-class ExpertMask(nnx.Variable):
-    """`bool [E_max]`: which expert slots a client really has (per-client, never trained)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1026,7 +1026,7 @@ def section_f(ref):
     length = w * t + 1
     stream = np.arange(length)
     name = "router batch offsets, jax router_batches='random' vs reference get_batch"
-    if not (has_param(cm.comigs, "router_batches") and hasattr(cm, "val_stream")):
+    if not (has_field(cm.CoMiGSOptions, "router_batches") and hasattr(cm, "val_stream")):
         what = "comigs(router_batches='random') and comigs.val_stream (issue 14 point 5)"
         row("f", f"{name}: KS statistic", float("nan"), "missing", what)
         return

@@ -152,7 +152,7 @@ class JaxWorker:
         import jax
 
         from fedjax_lora import lora
-        from fedjax_lora.algorithms.comigs import BiLevel, comigs
+        from fedjax_lora.algorithms.comigs import BiLevel, CoMiGSOptions, comigs
         from fedjax_lora.algorithms.problem import Problem
         from fedjax_lora.data.streams import eval_windows, stack_streams
         from fedjax_lora.engine import LocalTraining, OptimizerConfig, Strategy
@@ -187,14 +187,16 @@ class JaxWorker:
         )
         self.algo = comigs(
             problem,
-            moe=MoEConfig(
-                num_experts=2, top_k=2, rank=8, alpha=16.0, lb_coef=0.01, generalist_share=0.5
-            ),
-            schedule=BiLevel(
-                router_every=a.router_every,
-                router_steps=a.router_steps,
-                router_optimizer=OptimizerConfig(lr=2e-3, weight_decay=0.01),
-                reference_grad_leak=a.leak,
+            CoMiGSOptions(
+                moe=MoEConfig(
+                    num_experts=2, top_k=2, rank=8, alpha=16.0, lb_coef=0.01, generalist_share=0.5
+                ),
+                schedule=BiLevel(
+                    router_every=a.router_every,
+                    router_steps=a.router_steps,
+                    router_optimizer=OptimizerConfig(lr=2e-3, weight_decay=0.01),
+                    reference_grad_leak=a.leak,
+                ),
             ),
         )
         self.sim = self.algo.init(jax.random.key(0))

@@ -43,7 +43,7 @@ import common  # noqa: E402
 from common import Tiny, max_abs  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from results import Results, has_field, has_param  # noqa: E402
+from results import Results, has_field  # noqa: E402
 
 TOL = 1e-5  # float32 rounding over 60 steps (first run: <= 1.4e-6)
 
@@ -171,35 +171,32 @@ def jax_problem(a, weights_dir, train, val, kind):
 
 
 def jax_algorithm(a, problem, leak):
-    from fedjax_lora.algorithms.comigs import BiLevel, comigs
+    from fedjax_lora.algorithms.comigs import BiLevel, CoMiGSOptions, comigs
     from fedjax_lora.engine import OptimizerConfig
     from fedjax_lora.moe import MoEConfig
 
     moe = dict(num_experts=a.experts, top_k=2, rank=8, alpha=16.0, lb_coef=0.01)
     if a.jax_lb_on_block_output:
         moe["reference_lb_on_block_output"] = True
-    options = {"evaluate": "local"} if has_param(comigs, "evaluate") else {}
-    if has_param(comigs, "router_batches"):
+    options = {"evaluate": "local"} if has_field(CoMiGSOptions, "evaluate") else {}
+    if has_field(CoMiGSOptions, "router_batches"):
         options["router_batches"] = a.router_batches
-    return comigs(
-        problem,
-        moe=MoEConfig(**moe, generalist_share=0.5),
-        **options,
-        schedule=BiLevel(
-            router_every=a.router_every,
-            router_steps=a.router_steps,
-            router_optimizer=OptimizerConfig(lr=a.lr, weight_decay=0.01),
-            reference_grad_leak=leak,
-        ),
+    schedule = BiLevel(
+        router_every=a.router_every,
+        router_steps=a.router_steps,
+        router_optimizer=OptimizerConfig(lr=a.lr, weight_decay=0.01),
+        reference_grad_leak=leak,
     )
+    moe = MoEConfig(**moe, generalist_share=0.5)
+    return comigs(problem, CoMiGSOptions(moe=moe, schedule=schedule, **options))
 
 
 def router_random(a) -> bool:
     """Whether fedjax_lora's router draws random offsets over the validation stream (the
     reference's `get_batch`; issue 14 point 5) rather than fixed windows."""
-    from fedjax_lora.algorithms.comigs import comigs
+    from fedjax_lora.algorithms.comigs import CoMiGSOptions
 
-    return has_param(comigs, "router_batches") and a.router_batches == "random"
+    return has_field(CoMiGSOptions, "router_batches") and a.router_batches == "random"
 
 
 def jax_batches(a, problem, rngs):
@@ -451,9 +448,9 @@ def main():
 
     problem = jax_problem(a, weights_dir, train, val, a.strategy)
     results = {"config": vars(a), "reference": "icml" if ref.is_icml else "epfml"}
-    from fedjax_lora.algorithms.comigs import comigs
+    from fedjax_lora.algorithms.comigs import CoMiGSOptions
 
-    results["comigs_evaluate_option"] = has_param(comigs, "evaluate")
+    results["comigs_evaluate_option"] = has_field(CoMiGSOptions, "evaluate")
     results["router_random"] = router_random(a)
     runs = [("leak", True)] + ([] if a.no_clean else [("clean", False)])
     jax_out = {}

@@ -110,10 +110,9 @@ def build(strategy="map", dispatch="static", examples=False, batch=T["batch"]):
         clients_per_expert=T["k"],
         min_experts=T["lo"],
         max_experts=T["hi"],
-        dispatch=dispatch,
         round_decay=T["lr_decay"],
     )
-    return problem, fedamole(problem, options)
+    return problem, fedamole(problem, options, dispatch=dispatch)
 
 
 def predict_order(problem, sim, examples=False) -> np.ndarray:
