@@ -223,10 +223,11 @@ def test_hetlora_bytes_follow_each_clients_rank(setup):
     assert exchange.upload.tolist() == want and exchange.download.tolist() == want
 
 
-def test_trust_rules_count_what_they_exchange(setup):
+def test_trust_rules_count_what_they_exchange():
     """pcl-pred adds the reference logits [S, V] (own up, N − 1 peers' down); pcl-val downloads the
     N − 1 peers' adapters and uploads its perplexity row."""
-    config, problem = setup
+    config = _config("methods=[pcl-pred,pcl-val]")  # pcl-pred's reference set is its side data
+    problem, _ = build_problem(config)
     pred = method_factory("pcl-pred", config)(problem)
     exchange = pred.method.server.comm(jax.device_get(pred.init(jax.random.key(0)).clients))
     logits = S * V * 4

@@ -111,7 +111,7 @@ def trust_comm(problem: Problem, rule: str) -> Comm:
             cross = model_exchange(model, n)
             return per_client(Exchange(cross.upload + 4 * n, cross.download), n)
         vocab = nnx.merge(problem.graphdef, problem.template, problem.base).config.vocab_size
-        logits = logits_exchange((problem.reference.shape[0], vocab), n, np.float32)
+        logits = logits_exchange((problem.side["reference"].shape[0], vocab), n, np.float32)
         return per_client(Exchange(model + logits.upload, model + logits.download), n)
 
     return comm
