@@ -526,7 +526,12 @@ def round_costs(algo: Algorithm, problem: Problem, sim: SimState) -> Costs:
     from fedjax_lora.aggregation import privacy
 
     server = algo.method.server if algo.method is not None else None
-    exchange = server.comm(jax.device_get(sim.clients)) if server and server.comm else None
+    exchange = None
+    if server and server.comm:  # the bytes follow the adapters' and frozen state's shapes
+        clients = sim.clients
+        exchange = server.comm(
+            clients._replace(params=host(clients.params), frozen=host(clients.frozen))
+        )
     dp = server.dp if server is not None else None
     n = problem.num_clients
     k = None if problem.cohort is None else problem.cohort.size

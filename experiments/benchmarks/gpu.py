@@ -199,13 +199,14 @@ def method_problem(c: dict, n: int):
     return Problem.create(
         model,
         stack_streams(list(streams)),
-        {"val": (windows(), valid), "aux": (windows(), valid)},
+        {"val": (windows(), valid)},
         training=LocalTraining(
             steps=c["method_steps"], batch_size=c["batch_size"], seq_len=t, dropout=False
         ),
         optimizer=OptimizerConfig(name="adamw", lr=1e-3),
         strategy=Strategy(kind="chunked", chunk_size=c["scaling_chunk"]),
         eval_batch_size=c["batch_size"],
+        side={"aux": (windows(), valid)},  # FedAMoLE's RSEA reads the auxiliary windows
     )
 
 
