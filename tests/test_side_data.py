@@ -1,8 +1,8 @@
-"""Side data owned by methods (`SideData`, declared with `register(..., side=...)`) and every method's metrics in
-`metrics.jsonl`: `fedjax-lora demo --methods <every registered method> --rounds 2` runs with no
-other flag (the demo's model and data made tiny, nothing method-specific), FDLoRA's fusion
-weights and FedAMoLE's `experts_held` reach the records namespaced by the method, and a method
-that declares side data gets it without a flag."""
+"""Side data owned by methods (`SideData`, declared with `register(..., side=...)`) and every
+method's metrics in `metrics.jsonl`: `fedjax-lora demo --methods <every registered method>
+--rounds 2` runs with no other flag (the demo's model and data made tiny, nothing
+method-specific), FDLoRA's fusion weights and FedAMoLE's `experts_held` reach the records
+namespaced by the method, and a method that declares side data gets it without a flag."""
 
 from __future__ import annotations
 
