@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator, ScalarFormatter
+from matplotlib.ticker import FuncFormatter, MaxNLocator, ScalarFormatter
 
 __all__ = ["plot_bytes", "plot_expert_assignment", "plot_history", "plot_trust"]
 
@@ -99,9 +99,11 @@ def plot_bytes(
     downloads of all clients, `cumulative_bytes` of the round records), one line per method with
     a marker per round, on one panel; a method that exchanges nothing sits at 0 bytes (shown at
     the left edge of the log axis, as a dashed level)."""
-    fig = Figure(figsize=(6.4, 3.8), layout="constrained")
-    ax = fig.subplots()
     exchanging = [m for m, rs in history.items() if rs[-1].get("cumulative_bytes", 0) > 0]
+    ncol = 1 + (len(exchanging) - 1) // 18  # legend columns right of the panel, 18 rows each
+    rows = -(-len(exchanging) // ncol) if exchanging else 0
+    fig = Figure(figsize=(6.4 + 1.6 * ncol, max(3.8, 0.75 + 0.2 * rows)), layout="constrained")
+    ax = fig.subplots()
     for method, records in history.items():
         ppl = [np.mean(r[f"{split}_ppl"]) for r in records]
         if method not in exchanging:
@@ -119,10 +121,17 @@ def plot_bytes(
         ax.plot(sent[1:], ppl[1:], "o-", ms=3, lw=1.5, label=method)
     if exchanging:
         ax.set_xscale("log")
-        ax.xaxis.set_major_formatter(ScalarFormatter())
-        ax.xaxis.set_minor_formatter(ScalarFormatter())
+        totals = [r["cumulative_bytes"] for m in exchanging for r in history[m][1:]]
+        decades = np.log10(max(totals) / min(totals))
+        # Minor ticks labelled: all within one decade, 2 and 5 up to three, none beyond.
+        shown = (1, 2, 3, 4, 5, 6, 7, 8, 9) if decades < 1 else (2, 5) if decades < 3 else ()
+        mantissa = lambda v: round(v / 10 ** np.floor(np.log10(v)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(
+            FuncFormatter(lambda v, _: f"{v:g}" if mantissa(v) in shown else "")
+        )
         ax.tick_params(axis="x", which="both", labelsize=7)
-        ax.legend(fontsize=8, loc="best")
+        fig.legend(fontsize=7, loc="outside right upper", ncol=ncol)
     ax.set_xlabel("cumulative MB exchanged (all clients, up + down; log)")
     ax.set_ylabel(f"mean {split} perplexity")
     ax.grid(True, which="both", alpha=0.2)
