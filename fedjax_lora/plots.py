@@ -122,6 +122,7 @@ def plot_bytes(
     if exchanging:
         ax.set_xscale("log")
         totals = [r["cumulative_bytes"] for m in exchanging for r in history[m][1:]]
+        totals = [t for t in totals if t > 0]  # warm-up rounds before the first exchange: 0
         decades = np.log10(max(totals) / min(totals))
         # Minor ticks labelled: all within one decade, 2 and 5 up to three, none beyond.
         shown = (1, 2, 3, 4, 5, 6, 7, 8, 9) if decades < 1 else (2, 5) if decades < 3 else ()

@@ -4,6 +4,7 @@ picking up every figure of a run directory."""
 from __future__ import annotations
 
 import json
+import warnings
 
 import jax.numpy as jnp
 import numpy as np
@@ -170,3 +171,21 @@ def test_bytes_figure_plots_perplexity_against_cumulative_bytes(tmp_path):
     assert level.get_linestyle() == "--"
     assert "MB exchanged" in ax.get_xlabel() and "perplexity" in ax.get_ylabel()
     assert (tmp_path / "bytes.png").read_bytes()[:4] == PNG
+
+
+def test_bytes_figure_takes_warm_up_rounds_and_many_methods(tmp_path):
+    """Rounds before the first exchange (0 bytes, e.g. trust's warm-up) and 30 methods spanning
+    four decades: the figure is written, the legend sits outside the panel in two columns, and
+    only decades label the log axis."""
+    record = lambda r, sent: {"round": r, "cumulative_bytes": sent, "val_ppl": [5.0 - r]}
+    history = {"warm": [record(0, 0), record(1, 0), record(2, 3e6)]}
+    history |= {f"m{i}": [record(0, 0), record(1, 10 ** (4 + i / 8))] for i in range(30)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no collapsed layout
+        fig = plot_bytes(history, tmp_path / "bytes.png")
+    (legend,) = fig.legends
+    assert legend._ncols == 2 and len(legend.get_texts()) == 31
+    (ax,) = fig.axes
+    fig.canvas.draw()
+    minor = [t.get_text() for t in ax.get_xticklabels(minor=True) if t.get_text()]
+    assert minor == []
