@@ -49,8 +49,9 @@ from fedjax_lora.data import (
 from fedjax_lora.data.streams import split_tail
 from fedjax_lora.distributed import host
 from fedjax_lora.engine.evaluate import EvalSet
+from fedjax_lora.engine.state import client_model_state
 from fedjax_lora.errors import CheckpointError, ConfigError, DivergenceError
-from fedjax_lora.export import ADAPTERS_DIR, client_model_state, save_run_adapters
+from fedjax_lora.export import ADAPTERS_DIR, save_run_adapters
 from fedjax_lora.models.config import ModelConfig
 from fedjax_lora.models.factory import from_config
 from fedjax_lora.options import resolve

@@ -41,6 +41,7 @@ from safetensors.numpy import save_file
 
 from fedjax_lora import config as config_lib
 from fedjax_lora.distributed import host
+from fedjax_lora.engine.state import client_model_state
 from fedjax_lora.families import family
 from fedjax_lora.lora import LoRA
 from fedjax_lora.models.config import ModelConfig
@@ -65,15 +66,6 @@ __all__ = [
 def client_adapters(stacked: PyTree, client: int) -> PyTree:
     """Client `client`'s row of a stacked adapter tree."""
     return jax.tree.map(lambda x: x[client], stacked)
-
-
-def client_model_state(clients) -> PyTree:
-    """What parameterises each client's model beyond the shared base, stacked `[N, ...]`: its
-    adapters (`ClientState.params`) with its frozen state (`ClientState.frozen`: expert masks,
-    rank scales) merged in."""
-    if not jax.tree.leaves(clients.frozen):
-        return clients.params
-    return nnx.merge_state(clients.params, clients.frozen)
 
 
 def with_client(graphdef: nnx.GraphDef, stacked: PyTree, base: nnx.State, client: int):

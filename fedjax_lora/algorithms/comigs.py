@@ -58,7 +58,7 @@ from fedjax_lora.algorithms.registry import register
 from fedjax_lora.engine.batches import Batch
 from fedjax_lora.engine.loss import lm_loss
 from fedjax_lora.engine.optim import OptimizerConfig
-from fedjax_lora.engine.state import ClientState
+from fedjax_lora.engine.state import ClientState, client_model_state
 from fedjax_lora.engine.strategy import map_clients
 from fedjax_lora.engine.train import accumulate_gradients, stream_sampler
 from fedjax_lora.lora import init_adapters
@@ -375,7 +375,7 @@ def routing_record(problem: Problem, sim: SimState, tokenizer, top_k: int = 10) 
     try:
         result = routing_analysis(
             problem.graphdef,
-            nnx.merge_state(sim.clients.params, sim.clients.frozen),
+            client_model_state(sim.clients),
             problem.base,
             problem.eval_sets["test"],
             top_k=top_k,

@@ -73,3 +73,12 @@ def init_clients(
         aux=dict(aux or {}),
         frozen=frozen,
     )
+
+
+def client_model_state(clients: ClientState) -> PyTree:
+    """What parameterises each client's model beyond the shared base, stacked `[N, ...]`: its
+    adapters (`ClientState.params`) with its frozen state (`ClientState.frozen`: expert masks,
+    rank scales) merged in."""
+    if not jax.tree.leaves(clients.frozen):
+        return clients.params
+    return nnx.merge_state(clients.params, clients.frozen)

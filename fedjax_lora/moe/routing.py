@@ -132,8 +132,8 @@ def routing_analysis(
     strategy: Strategy = Strategy(),
 ) -> Routing:
     """The routing of trained clients (`params [N, ...]`: a CoMiGS state's adapters with its
-    frozen expert masks merged in, `export.client_model_state`; the MoE problem's `graphdef` and
-    `base`, `fedjax_lora.algorithms.comigs.with_moe`) on their evaluation set
+    frozen expert masks merged in, `engine.state.client_model_state`; the MoE problem's
+    `graphdef` and `base`, `fedjax_lora.algorithms.comigs.with_moe`) on their evaluation set
     (`eval_set`, e.g. `problem.eval_sets["test"]`): mean generalist shares per client and block,
     and the most generalist- and specialist-routed tokens (decoded with `tokenizer.decode` when
     given)."""
