@@ -14,7 +14,7 @@ from flax import nnx
 from fedjax_lora.aggregation import fedavg_aggregator, local_aggregator
 from fedjax_lora.algorithms import FedAvgOptions, centralized, fedavg, federated, local
 from fedjax_lora.engine import OptimizerConfig, Strategy, one_cycle, sample_starts, windows_at
-from tests.tiny import SEQ, tiny_problem
+from tests.tiny import SEQ, compilations, tiny_problem
 
 
 def leaves(tree):
@@ -257,22 +257,14 @@ def test_loss_mask_excludes_prompt_tokens_from_the_gradient():
 
 
 def test_no_recompilation_after_the_first_round():
-    compiles = []
-    jax.monitoring.register_event_duration_secs_listener(
-        lambda event, duration, **kw: (
-            compiles.append(event)
-            if event == "/jax/core/compile/backend_compile_duration"
-            else None
-        )
-    )
     algo = fedavg(tiny_problem(num_clients=4))
     sim = algo.init(jax.random.key(7))
     sim, _ = algo.round(sim)
-    after_first = len(compiles)
-    for _ in range(3):
-        sim, _ = algo.round(sim)
-    jax.block_until_ready(sim)
-    assert len(compiles) == after_first
+    with compilations() as compiles:
+        for _ in range(3):
+            sim, _ = algo.round(sim)
+        jax.block_until_ready(sim)
+    assert compiles == []
     assert int(sim.round) == 4
 
 

@@ -91,24 +91,15 @@ def test_a_cells_seeds_run_as_one_sweep_equal_to_their_single_runs(tmp_path):
     """2 seeds × 2 methods in one cell: one compiled round per method (not per seed), and every
     seed's summary equals the single run of that seed."""
     import numpy as np
-    from jax import monitoring
 
     from fedjax_lora import grid as grid_lib
     from fedjax_lora.experiment import train_and_evaluate
+    from tests.tiny import compilations
 
     (tmp_path / "grid.yaml").write_text(GRID.replace("[fedavg]", "[local, fedavg]"))
     grid = grid_lib.load_grid(tmp_path / "grid.yaml")
-    compiled = []
-
-    def listen(event, duration, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiled.append(kwargs.get("fun_name"))
-
-    monitoring.register_event_duration_secs_listener(listen)
-    try:
+    with compilations() as compiled:
         grid_lib.run_grid(grid, tmp_path / "out", cells=["mixed"], progress=False)
-    finally:
-        monitoring.unregister_event_duration_listener(listen)
     assert compiled.count("jit(sweep_round)") == 2  # local and fedavg, each over both seeds
     _, configs = grid_lib.grid_configs(grid, ["mixed"])
     for seed in (0, 1):

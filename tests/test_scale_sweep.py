@@ -16,6 +16,7 @@ from fedjax_lora import config as config_lib
 from fedjax_lora.distributed import initialize_from_env, launcher
 from fedjax_lora.experiment import build_problem, run_method
 from fedjax_lora.sweep import run_sweep
+from tests.tiny import compilations
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -93,16 +94,7 @@ def test_heterogeneity_levels_run_in_one_compiled_round(tmp_path):
     compilation events), `pcl-oracle`'s mixtures included; a method that reads its data on the
     host (`centralized`'s pooled stream: `Capabilities.data_axis` false) runs one program per
     level."""
-    from jax import monitoring
-
-    compiled = []
-
-    def listen(event, duration, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiled.append(kwargs.get("fun_name"))
-
-    monitoring.register_event_duration_secs_listener(listen)
-    try:
+    with compilations() as compiled:
         config = config_lib.load(
             None,
             [*TINY, "rounds=2", "methods=[pcl-val]", "sweep.seeds=[0,1]"]
@@ -120,8 +112,6 @@ def test_heterogeneity_levels_run_in_one_compiled_round(tmp_path):
         pooled = config_lib.merge_base(config, {"methods": ["centralized"]})
         doc = run_sweep(pooled, tmp_path / "per-level")
         assert compiled.count("jit(sweep_round)") == 3 and doc["programs"][0]["programs"] == 3
-    finally:
-        monitoring.unregister_event_duration_listener(listen)
 
 
 def test_sweep_command_writes_the_table_over_heterogeneity_levels(tmp_path, capsys):

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
+import jax
 import numpy as np
 
 from fedjax_lora import lora
@@ -61,3 +65,20 @@ def tiny_problem(
         strategy=strategy,
         eval_batch_size=4,
     )
+
+
+@contextlib.contextmanager
+def compilations() -> Iterator[list[str]]:
+    """The names of the functions XLA compiles inside the block, in order (JAX's
+    backend-compile events)."""
+    names: list[str] = []
+
+    def listen(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            names.append(kwargs.get("fun_name"))
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        yield names
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
