@@ -664,7 +664,9 @@ RESUMABLE = ("rounds", "tracking", "checkpoint")
 
 
 def _flat(values: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(values, dict) and values:
+    """Every leaf field by its dotted path; an empty mapping (e.g. no `method_options`) holds no
+    field, so it equals a default filled in beside the saved run's entries."""
+    if isinstance(values, dict):
         out: dict[str, Any] = {}
         for key, value in values.items():
             out.update(_flat(value, f"{prefix}{key}."))

@@ -436,3 +436,14 @@ def test_resume_differences_treat_fields_the_saved_run_predates_as_defaults():
     assert config_lib.resume_differences(saved, config_lib.load(None, ["optimizer.lr=0.05"])) == []
     changed = config_lib.resume_differences(saved, config_lib.load(None, ["rounds=20"]))
     assert changed == ["optimizer.lr: 0.05 -> 0.01"]  # rounds may change, lr may not
+
+
+def test_resume_differences_compare_method_options_by_their_entries():
+    options = ["method_options.comigs.router_batches=windows"]
+    saved = config_lib.to_dict(config_lib.load(None, options))
+    assert config_lib.resume_differences(saved, config_lib.load(None, options)) == []
+    changed = config_lib.resume_differences(saved, config_lib.load(None, []))
+    assert changed == ["method_options.comigs.router_batches: 'windows' -> '(unset)'"]
+    unset = config_lib.to_dict(config_lib.load(None, []))
+    changed = config_lib.resume_differences(unset, config_lib.load(None, options))
+    assert changed == ["method_options.comigs.router_batches: '(unset)' -> 'windows'"]
