@@ -183,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     p_report.add_argument("--format", choices=("md", "html"), default="md")
 
     p_export = sub.add_parser(
-        "export", help="a finished run's client adapters to PEFT, or merged weights"
+        "export",
+        help="a finished run's client adapters to PEFT (CoMiGS: plus experts), or merged weights",
     )
     p_export.add_argument("run_dir")
     p_export.add_argument("--method", required=True, help="a method of the run")

@@ -10,8 +10,14 @@ that each slice's rows only write its own output columns — the same function e
 A rank-masked LoRA (`RankedLoRA`: HetLoRA, FlexLoRA; `δ(x) = ((x A) ⊙ m) B` with the client's
 rank scales `m` in its frozen state) exports as its effective LoRA: the active ranks `m_k > 0`
 only, `A' = A[:, active]`, `B' = diag(m_active / s) B[active]`, scale `s = max m` (for every
-client `m` is `s_i` on its active ranks, so `B' = B[active]`). Adapters without a LoRA form
-(mixtures of experts: CoMiGS, FedAMoLE; soft prompts) are refused with a message naming them.
+client `m` is `s_i` on its active ranks, so `B' = B[active]`).
+
+A CoMiGS mixture of LoRA experts (`fedjax_lora.moe`: comigs, comigs-2g, comigs-2s, comigs-tr,
+pfedmoe, local-moe, fedavg-moe) exports to PEFT as its attention LoRA (the files above) plus the
+experts, routers and expert masks of every MLP mixture in `experts.safetensors`, described by
+`experts.json` (`MIXTURE_FORMAT`; the layout, shapes and forward: `docs/export.md`). A mixture
+routes each token, so it has no merged weights: `save_merged` refuses it. Adapters without a
+LoRA form (FedAMoLE's mixtures, soft prompts) are refused with a message naming them.
 
 Merged weights: `W' = W + scale · A B` for every adapted projection, written with the HF names and
 layouts of the base (so `models.load` and transformers read them) with a `config.json`.
@@ -19,9 +25,9 @@ layouts of the base (so `models.load` and transformers read them) with a `config
 From a run: `train_and_evaluate` saves every method's final stacked adapters
 (`save_run_adapters`, `RUN_DIR/adapters/<method>.safetensors`); `export_run` (the CLI's
 `fedjax-lora export RUN_DIR --method M [--client C] [--format peft|merged] --out DIR`) rebuilds
-the base from the run's `config.json` (with the method's model surgery for hetlora and
-flexlora, `lora_baselines.ranked_run_surgery`) and writes one client's (or every client's)
-export.
+the base from the run's `config.json` (with the method's model surgery: hetlora and flexlora,
+`lora_baselines.ranked_run_surgery`; the CoMiGS family, `comigs.moe_surgery`) and writes one
+client's (or every client's) export.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ from fedjax_lora.lora import LoRA
 from fedjax_lora.models.config import ModelConfig
 from fedjax_lora.models.layers import Adapter, Linear
 from fedjax_lora.models.weights import hf_param_names
+from fedjax_lora.moe.comigs import LoRAExperts, MoEMLP, TokenRouter
 from fedjax_lora.typing import PyTree
 
 __all__ = [
@@ -57,6 +64,7 @@ __all__ = [
     "load_run_adapters",
     "merged_state_dict",
     "save_merged",
+    "save_mixtures",
     "save_run_adapters",
     "to_peft",
     "with_client",
@@ -89,24 +97,44 @@ def _lora_factors(lora: LoRA) -> tuple[np.ndarray, np.ndarray, float] | None:
     return a[:, active], b[active] * (m[active] / scale)[:, None], scale
 
 
-def _check_lora_only(model: nnx.Module) -> None:
-    """Raises unless every adapter of `model` belongs to a LoRA (plain or rank-masked)."""
+def _path(path) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def _mixtures(model: nnx.Module) -> dict[str, MoEMLP]:
+    """`{hf_module_path: block}` of the model's CoMiGS mixture blocks."""
+    return {_path(p): m for p, m in nnx.iter_graph(model) if isinstance(m, MoEMLP)}
+
+
+def _check_lora_only(model: nnx.Module, *, mixtures: bool) -> None:
+    """Raises unless every adapter of `model` belongs to a LoRA (plain or rank-masked) or, with
+    `mixtures`, to a CoMiGS mixture block (its experts and router)."""
     for path, node in nnx.iter_graph(model):
-        if isinstance(node, LoRA) or not isinstance(node, nnx.Module):
+        where = _path(path) or "the model"
+        if isinstance(node, MoEMLP) and not mixtures:
+            raise ValueError(
+                f"{where}: a mixture of LoRA experts routes each token, so it has no merged "
+                "weights; export it with --format peft (attention LoRA as PEFT, experts and "
+                "routers in experts.safetensors, docs/export.md)"
+            )
+        if isinstance(node, LoRA | LoRAExperts | TokenRouter) or not isinstance(node, nnx.Module):
             continue
         if any(isinstance(v, Adapter) for v in vars(node).values()):
-            where = ".".join(str(p) for p in path) or "the model"
             raise ValueError(
-                f"{where}: {type(node).__name__} adapters have no LoRA form; only LoRA and "
-                "rank-masked LoRA (hetlora, flexlora) export to PEFT or merged weights, not "
-                "mixtures of experts (comigs, fedamole) or soft prompts (fedprompt, fedptuning)"
+                f"{where}: {type(node).__name__} adapters have no LoRA form; only LoRA, "
+                "rank-masked LoRA (hetlora, flexlora) and, to PEFT, CoMiGS's mixtures (comigs, "
+                "pfedmoe, fedavg-moe, ...) export, not FedAMoLE's mixtures (fedamole) or soft "
+                "prompts (fedprompt, fedptuning)"
             )
 
 
-def _module_deltas(model: nnx.Module) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
+def _module_deltas(
+    model: nnx.Module, *, mixtures: bool = False
+) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
     """`{hf_module_path: (A (in, R), B (R, out), scale)}`, slices of a projection combined (each
-    slice's scale folded into its rows of B relative to the first slice's scale)."""
-    _check_lora_only(model)
+    slice's scale folded into its rows of B relative to the first slice's scale); `mixtures`:
+    CoMiGS mixture blocks are allowed (their frozen projections hold no LoRA)."""
+    _check_lora_only(model, mixtures=mixtures)
     out = {}
     for path, linear in nnx.iter_graph(model):
         if not isinstance(linear, Linear):
@@ -128,7 +156,7 @@ def _module_deltas(model: nnx.Module) -> dict[str, tuple[np.ndarray, np.ndarray,
         for pa, pb, s, start, stop in parts:
             b[row : row + pa.shape[1], start:stop] = pb * (s / scale)
             row += pa.shape[1]
-        out[".".join(str(p) for p in path)] = (a, b, scale)
+        out[_path(path)] = (a, b, scale)
     return out
 
 
@@ -141,9 +169,16 @@ def to_peft(
     """Writes `adapter_config.json` and `adapter_model.safetensors` (PEFT's names) for a model
     holding one client's LoRA adapters. Each module's `lora_alpha` reproduces its scale exactly
     (`alpha = scale · r`, `use_rslora` off); modules whose rank or alpha differ from the most
-    common one go into PEFT's `rank_pattern` / `alpha_pattern`."""
-    deltas = _module_deltas(model)
-    if not deltas:
+    common one go into PEFT's `rank_pattern` / `alpha_pattern`. A model with CoMiGS mixtures also
+    gets `experts.safetensors` and `experts.json` (`save_mixtures`; the PEFT files then hold its
+    attention LoRA, and are left out when it has none)."""
+    deltas = _module_deltas(model, mixtures=True)
+    out = Path(out_dir)
+    if _mixtures(model):
+        save_mixtures(model, out, base_model_name_or_path=base_model_name_or_path)
+        if not deltas:
+            return out
+    elif not deltas:
         raise ValueError("the model holds no LoRA adapters to export")
     tensors = {}
     ranks, alphas = {}, {}
@@ -170,10 +205,92 @@ def to_peft(
         "alpha_pattern": {m: k for m, k in alphas.items() if not math.isclose(k, alpha)},
         "inference_mode": True,
     }
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
     save_file(tensors, str(out / "adapter_model.safetensors"))
+    return out
+
+
+MIXTURE_FORMAT = "fedjax_lora.mixture_of_lora_experts/1"
+"""The `format` of `experts.json`: the layout `save_mixtures` writes (`docs/export.md`)."""
+
+_ROUTING = (
+    "z = h @ router.weight.T (gate linear) or tanh(h @ router.weight.T) @ router.out.weight.T "
+    "(gate tanh_mlp), h the MLP input [..., d], in f32; z_e = -inf where expert_mask_e = 0; "
+    "k = min(top_k, num_experts): k >= 2: w = softmax over the k largest z, 0 elsewhere; k = 1: "
+    "w = softmax(z) at the argmax, 0 elsewhere (not renormalised); num_experts = 1: w = 1, no "
+    "router"
+)
+_FORWARD = {
+    "gpt2": "g_e = act(h W_fc + b_fc + s (h A_fc_e^T) B_fc_e^T); y = sum_e w_e (g_e W_proj "
+    "+ b_proj + s (g_e A_proj_e^T) B_proj_e^T), W (in, out) the base's c_fc / c_proj (Conv1D), "
+    "A = experts.<proj>.lora_A.weight[e] (r, in), B = experts.<proj>.lora_B.weight[e] (out, r)",
+    "llama": "g_e = silu(h W_gate^T + s (h A_gate_e^T) B_gate_e^T) * (h W_up^T + s (h A_up_e^T) "
+    "B_up_e^T); y = sum_e w_e (g_e W_down^T + s (g_e A_down_e^T) B_down_e^T), W (out, in) the "
+    "base's gate_proj / up_proj / down_proj, A = experts.<proj>.lora_A.weight[e] (r, in), "
+    "B = experts.<proj>.lora_B.weight[e] (out, r)",
+}
+
+
+def save_mixtures(
+    model: nnx.Module, out_dir: str | os.PathLike, *, base_model_name_or_path: str | None = None
+) -> Path:
+    """Writes the CoMiGS mixtures of a model holding one client's adapters: `experts.safetensors`
+    (f32; per mixture block `m`, e.g. `transformer.h.0.mlp`: `m.experts.<proj>.lora_A.weight
+    [E, r, in]` and `lora_B.weight [E, out, r]` per projection, `m.router.weight [E, d]` (and
+    `m.router.out.weight [E, E]` for the `tanh_mlp` gate), `m.expert_mask [E]` uint8, the
+    client's experts) and `experts.json` (`MIXTURE_FORMAT`: the mixture's settings, the routing
+    and the forward as formulas, expert 0 the generalist, the blocks' tensor names and shapes)."""
+    blocks = _mixtures(model)
+    if not blocks:
+        raise ValueError("the model holds no mixture of LoRA experts to export")
+    cfg: ModelConfig = model.config
+    tensors: dict[str, np.ndarray] = {}
+    described = {}
+    for name, block in blocks.items():
+        own: dict[str, np.ndarray] = {}
+        for proj in (*block.inputs, block.output):
+            lora = getattr(block.experts, proj)
+            a, b = np.asarray(lora.a[...], np.float32), np.asarray(lora.b[...], np.float32)
+            own[f"{name}.experts.{proj}.lora_A.weight"] = a.transpose(0, 2, 1)
+            own[f"{name}.experts.{proj}.lora_B.weight"] = b.transpose(0, 2, 1)
+        mask = np.asarray(block.expert_mask[...], bool)
+        own[f"{name}.expert_mask"] = mask.astype(np.uint8)
+        if block.router is not None:
+            own[f"{name}.router.weight"] = np.asarray(block.router.w[...], np.float32).T
+            if block.router.w_out is not None:
+                own[f"{name}.router.out.weight"] = np.asarray(block.router.w_out[...], np.float32).T
+        tensors.update({k: np.ascontiguousarray(v) for k, v in own.items()})
+        described[name] = {
+            "inputs": list(block.inputs),
+            "output": block.output,
+            "expert_mask": mask.astype(int).tolist(),
+            "tensors": {k: list(v.shape) for k, v in own.items()},
+        }
+    first = next(iter(blocks.values()))
+    lora = getattr(first.experts, first.output)
+    rank = lora.a.get_value().shape[-1]
+    router = first.router
+    manifest = {
+        "format": MIXTURE_FORMAT,
+        "base_model_name_or_path": base_model_name_or_path,
+        "family": cfg.family,
+        "activation": "silu" if cfg.family == "llama" else cfg.activation,
+        "num_experts": int(first.expert_mask.get_value().shape[0]),
+        "top_k": first.k,
+        "rank": int(rank),
+        "scale": lora.scale,
+        "lora_alpha": lora.scale * math.sqrt(rank),
+        "generalist": 0,
+        "gate": None if router is None else "tanh_mlp" if router.w_out is not None else "linear",
+        "routing": _ROUTING,
+        "forward": _FORWARD[cfg.family],
+        "blocks": described,
+    }
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "experts.json").write_text(json.dumps(manifest, indent=2))
+    save_file(tensors, str(out / "experts.safetensors"))
     return out
 
 
@@ -273,10 +390,10 @@ def load_run_adapters(path: str | os.PathLike, template: nnx.State) -> tuple[nnx
             k for k in got if got[k] != tuple(expected[k])
         )
         raise ValueError(
-            f"{path} holds adapters other than the method's LoRA (first differences: "
+            f"{path} holds adapters other than the method's model (first differences: "
             f"{differ[:3]}); only methods whose adapters are LoRA (plain, or rank-masked: "
-            "hetlora, flexlora) export to PEFT or merged weights, not mixtures of experts "
-            "(comigs, fedamole) or soft prompts (fedprompt, fedptuning)"
+            "hetlora, flexlora) or CoMiGS's mixtures (comigs, pfedmoe, fedavg-moe, ...) export, "
+            "not FedAMoLE's mixtures (fedamole) or soft prompts (fedprompt, fedptuning)"
         )
     leaves = [(key, var.replace(saved[".".join(str(p) for p in key)])) for key, var in flat]
     return nnx.from_flat_state(leaves), names
@@ -285,8 +402,9 @@ def load_run_adapters(path: str | os.PathLike, template: nnx.State) -> tuple[nnx
 def _method_model(config, method: str) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
     """`(graphdef, client template, base)` of method `method`'s model in a run of `config`: the
     config's base and LoRA, changed by the method's surgery for the ranked methods (hetlora,
-    flexlora: `lora_baselines.ranked_run_surgery`); the template holds one client's adapters and
-    frozen state."""
+    flexlora: `lora_baselines.ranked_run_surgery`) and the CoMiGS family (`comigs.moe_surgery`);
+    the template holds one client's adapters and frozen state."""
+    from fedjax_lora.algorithms.comigs import CoMiGSOptions, moe_surgery
     from fedjax_lora.algorithms.lora_baselines import (
         FlexLoRAOptions,
         HetLoRAOptions,
@@ -299,6 +417,8 @@ def _method_model(config, method: str) -> tuple[nnx.GraphDef, nnx.State, nnx.Sta
     options = method_factory(method, config).keywords["options"]
     if isinstance(options, HetLoRAOptions | FlexLoRAOptions):
         ranked_run_surgery(options)(model)
+    elif isinstance(options, CoMiGSOptions):
+        moe_surgery(options.mixture)(model)
     graphdef, adapters, frozen, base = split_model(model)
     return graphdef, nnx.merge_state(adapters, frozen), base
 
@@ -313,8 +433,9 @@ def export_run(
 ) -> list[Path]:
     """Exports the final adapters of `method` in the run directory `run_dir` (its `config.json`
     and `adapters/<method>.safetensors`): for `client` (a client name or index; None: every
-    client) to `out_dir/<client name>/`, as PEFT adapters (`to_peft`) or merged weights
-    (`save_merged`, `fmt="merged"`). The base is rebuilt from the config (`model.source`, or the
+    client) to `out_dir/<client name>/`, as PEFT adapters (`to_peft`; with a CoMiGS method's
+    experts and routers, `save_mixtures`) or merged weights (`save_merged`, `fmt="merged"`;
+    refused for mixtures). The base is rebuilt from the config (`model.source`, or the
     tiny random base from its seed). Returns the written directories."""
     run = Path(run_dir)
     if fmt not in ("peft", "merged"):

@@ -18,7 +18,7 @@ from flax import nnx
 from fedjax_lora.aggregation.masks import POLICIES, global_mask, path_names
 from fedjax_lora.algorithms import get_method
 from fedjax_lora.algorithms.comigs import BiLevel, CoMiGSOptions, comigs
-from fedjax_lora.moe import ExpertMask, MoEConfig
+from fedjax_lora.moe import Expert, ExpertMask, MoEConfig, Router
 from tests.tiny import tiny_problem
 
 MOE = MoEConfig(num_experts=3, top_k=2, rank=2)
@@ -130,8 +130,13 @@ def test_mask_policies(policy):
         "h": {
             "attn": {"lora": {"a": jnp.zeros((n, 4, 2)), "b": jnp.zeros((n, 2, 4))}},
             "mlp": {
-                "experts": {"c_fc": {"a": jnp.zeros((n, e, 4, 2)), "b": jnp.zeros((n, e, 2, 8))}},
-                "router": {"w": jnp.zeros((n, 4, e))},
+                "experts": {
+                    "c_fc": {
+                        "a": Expert(jnp.zeros((n, e, 4, 2))),
+                        "b": Expert(jnp.zeros((n, e, 2, 8))),
+                    }
+                },
+                "router": {"w": Router(jnp.zeros((n, 4, e)))},
             },
         }
     }

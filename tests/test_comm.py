@@ -8,13 +8,15 @@ import numpy as np
 import pytest
 
 from fedjax_lora import aggregation as agg
+from fedjax_lora.models.layers import Expert, Router
 
 N = 3
-# One LoRA layer (d_in 8, rank 4, d_out 6) in f32, a bf16 router [5], and experts [N, E=3, 8, 2].
+# One LoRA layer (d_in 8, rank 4, d_out 6) in f32, a bf16 router [5], and experts [N, E=3, 8, 2]
+# (their roles are their variable types).
 TREE = {
     "attn": {"a": jax.ShapeDtypeStruct((N, 8, 4), jnp.float32), "b": np.zeros((N, 4, 6))},
-    "router": jax.ShapeDtypeStruct((N, 5), jnp.bfloat16),
-    "experts": {"a": jax.ShapeDtypeStruct((N, 3, 8, 2), jnp.float32)},
+    "router": Router(jax.ShapeDtypeStruct((N, 5), jnp.bfloat16)),
+    "experts": {"a": Expert(jax.ShapeDtypeStruct((N, 3, 8, 2), jnp.float32))},
 }
 
 

@@ -22,9 +22,11 @@ from fedjax_lora.algorithms.lora_baselines import rank_scales, with_ranks
 from fedjax_lora.algorithms.prompt_baselines import with_prompt
 from fedjax_lora.amole import AMoLEConfig
 from fedjax_lora.engine.state import ClientState
-from fedjax_lora.models.layers import Adapter
-from fedjax_lora.moe import MoEConfig
+from fedjax_lora.models.layers import Adapter, ClientFrozen
+from fedjax_lora.models.weights import hf_param_names
+from fedjax_lora.moe import MoEConfig, set_expert_counts
 from fedjax_lora.prompt_tuning import PromptTuningConfig
+from tests.test_comigs_moe import GPT2, LLAMA, moe_model
 from tests.tiny import CONFIG, tiny_model, tiny_problem
 
 
@@ -166,13 +168,13 @@ def test_hetlora_client_exports_its_effective_rank_masked_lora(tmp_path, ranked_
     np.testing.assert_allclose(models.load(tmp_path / "merged")(tokens), model(tokens), atol=1e-4)
 
 
-def test_mixtures_and_soft_prompts_are_refused(tmp_path):
-    """CoMiGS's and FedAMoLE's mixtures of LoRA experts and soft prompts have no LoRA form: both
-    exports refuse them, naming the module."""
+def test_fedamole_mixtures_and_soft_prompts_are_refused(tmp_path):
+    """FedAMoLE's mixtures of LoRA experts and soft prompts have no LoRA form: both exports
+    refuse them, naming the module. CoMiGS's mixtures export to PEFT (the attention LoRA plus
+    `experts.safetensors`), but have no merged weights: `save_merged` refuses them."""
     problem = tiny_problem(num_clients=2)
     amole_config = AMoLEConfig(targets=("c_attn.q",), num_experts=2, rank=2, top_k=1)
     for changed, kind in (
-        (with_moe(problem, MoEConfig(num_experts=2, rank=2)), "LoRAExperts"),
         (with_amole(problem, amole_config), "AMoLE"),
         (with_prompt(problem, PromptTuningConfig(num_virtual_tokens=2)), "SoftPrompt"),
     ):
@@ -180,3 +182,100 @@ def test_mixtures_and_soft_prompts_are_refused(tmp_path):
         for write in (export.to_peft, export.save_merged):
             with pytest.raises(ValueError, match=f"{kind} adapters have no LoRA form"):
                 write(model, tmp_path)
+    moe = model_of(with_moe(problem, MoEConfig(num_experts=2, rank=2)))
+    with pytest.raises(ValueError, match="mixture of LoRA experts routes each token"):
+        export.save_merged(moe, tmp_path / "merged")
+    written = sorted(p.name for p in export.to_peft(moe, tmp_path / "peft").iterdir())
+    assert written == [
+        "adapter_config.json", "adapter_model.safetensors", "experts.json", "experts.safetensors"
+    ]  # fmt: skip
+
+
+def _np_gelu_tanh(x: np.ndarray) -> np.ndarray:
+    return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x**3)))
+
+
+def _np_top_k_weights(z: np.ndarray, k: int) -> np.ndarray:
+    """Mixture weights `[T, E]` from masked logits `z [T, E]` (`-inf` off the client's experts):
+    softmax over the `k` largest logits (k >= 2), or the unnormalised top-1 probability."""
+    w = np.zeros_like(z)
+    for t in range(z.shape[0]):
+        if k == 1:
+            p = np.exp(z[t] - z[t].max())
+            e = int(np.argmax(z[t]))
+            w[t, e] = p[e] / p.sum()
+            continue
+        top = np.argsort(-z[t], kind="stable")[:k]
+        p = np.exp(z[t, top] - z[t, top].max())
+        w[t, top] = p / p.sum()
+    return w
+
+
+def np_exported_mixture(tensors, manifest, base, m, h):
+    """`(y [T, d], w [T, E])`: mixture block `m` on the MLP inputs `h [T, d]` from its exported
+    tensors and `experts.json` alone (`docs/export.md`) and the base's Hugging Face weights `base`
+    (GPT-2 Conv1D `(in, out)`, Llama `(out, in)`), in f64."""
+    s, k, family = manifest["scale"], manifest["top_k"], manifest["family"]
+    mask = tensors[f"{m}.expert_mask"].astype(bool)
+    if manifest["gate"] is None:
+        w = np.ones((h.shape[0], 1))
+    else:
+        z = h @ tensors[f"{m}.router.weight"].T.astype(np.float64)
+        if manifest["gate"] == "tanh_mlp":
+            z = np.tanh(z) @ tensors[f"{m}.router.out.weight"].T
+        w = _np_top_k_weights(np.where(mask, z, -np.inf), k)
+
+    def proj(name, x, e):
+        kernel = base[f"{m}.{name}.weight"]
+        y = x @ kernel if family == "gpt2" else x @ kernel.T
+        if f"{m}.{name}.bias" in base:
+            y = y + base[f"{m}.{name}.bias"]
+        a = tensors[f"{m}.experts.{name}.lora_A.weight"][e]
+        b = tensors[f"{m}.experts.{name}.lora_B.weight"][e]
+        return y + s * (x @ a.T) @ b.T
+
+    y = 0.0
+    for e in range(w.shape[1]):
+        if family == "gpt2":
+            out = proj("c_proj", _np_gelu_tanh(proj("c_fc", h, e)), e)
+        else:
+            gate = proj("gate_proj", h, e)
+            out = proj("down_proj", gate / (1.0 + np.exp(-gate)) * proj("up_proj", h, e), e)
+        y = y + w[:, e : e + 1] * out
+    return y, w
+
+
+@pytest.mark.parametrize(
+    ("family_cfg", "top_k", "gate", "count"),
+    [(GPT2, 1, "linear", 3), (GPT2, 2, "linear", 2), (LLAMA, 2, "tanh_mlp", 3)],
+    ids=["gpt2-k1", "gpt2-k2-two-of-three", "llama-tanh-k2"],
+)
+def test_exported_mixture_reproduces_the_block(tmp_path, family_cfg, top_k, gate, count):
+    """`to_peft` on a CoMiGS model (random non-zero adapters, `count` of 3 experts held): a NumPy
+    forward from `experts.safetensors`, `experts.json` and the base's HF weights reproduces
+    every mixture block's output; the attention LoRA is in the PEFT files."""
+    model = moe_model(family_cfg, MoEConfig(num_experts=3, top_k=top_k, rank=2, gate=gate))
+    frozen = set_expert_counts(nnx.state(model, ClientFrozen), count)
+    nnx.update(model, frozen)
+    out = export.to_peft(model, tmp_path)
+    tensors = load_file(out / "experts.safetensors")
+    manifest = json.loads((out / "experts.json").read_text())
+    assert manifest["format"] == export.MIXTURE_FORMAT and manifest["gate"] == gate
+    flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    base = {
+        hf: np.asarray(flat[path].get_value(), np.float64).T
+        if transpose
+        else np.asarray(flat[path].get_value(), np.float64)
+        for hf, (path, transpose) in hf_param_names(model).items()
+    }
+    layers = model.transformer.h if family_cfg.family == "gpt2" else model.model.layers
+    h = np.random.default_rng(0).normal(size=(6, family_cfg.d_model))
+    for i, layer in enumerate(layers):
+        m = f"transformer.h.{i}.mlp" if family_cfg.family == "gpt2" else f"model.layers.{i}.mlp"
+        assert manifest["blocks"][m]["expert_mask"] == [int(e < count) for e in range(3)]
+        want, w = np_exported_mixture(tensors, manifest, base, m, h)
+        assert np.all(w[:, count:] == 0) and np.all((w > 0).sum(1) == min(top_k, count))
+        got = np.asarray(layer.mlp(jnp.asarray(h[None], jnp.float32)))[0]
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    peft = load_file(out / "adapter_model.safetensors")
+    assert peft and not any(".mlp." in name for name in peft)

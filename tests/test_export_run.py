@@ -7,15 +7,20 @@ from __future__ import annotations
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from safetensors.numpy import load_file
 
 from fedjax_lora import config as config_lib
 from fedjax_lora import models
+from fedjax_lora.algorithms.comigs import with_moe
 from fedjax_lora.cli import main
 from fedjax_lora.experiment import build_model, build_problem
-from fedjax_lora.export import merged_state_dict
+from fedjax_lora.export import MIXTURE_FORMAT, load_run_adapters, merged_state_dict, with_client
+from fedjax_lora.moe import MoEConfig
 from tests.test_cli_imports import TINY
+from tests.test_export import np_exported_mixture
 
 D, FF, R = 32, 64, 8  # TINY's model.d_model, model.d_ff and the default LoRA rank
 SHAPES = {  # GPT-2 module -> (in, out) of the default LoRA targets, one block (n_layers=1)
@@ -126,3 +131,85 @@ def test_hetlora_run_exports_each_clients_effective_lora_and_prompts_are_refused
     assert main(["export", str(run), "--method", "fedprompt", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert "soft prompts" in err and len(err.strip().splitlines()) == 1
+
+
+def test_comigs_run_exports_attention_peft_plus_documented_experts(tmp_path, capsys):
+    """A CoMiGS run (3 expert slots, top-2, clients with 3, 2 or 1 experts): `export --format
+    peft` writes the attention LoRA as PEFT and the experts, router and expert mask in the
+    documented layout (`experts.json`, `experts.safetensors`); a NumPy forward of the MoE-LoRA MLP
+    from those files and the base's weights alone (router softmax over the top-k masked logits,
+    expert LoRA deltas, mixing after the nonlinearity) reproduces the library's layer output, and
+    the PEFT tensors its attention projection. `--format merged` is refused in one line."""
+    run = tmp_path / "run"
+    counts = [3, 2, 1] * 4  # the demo's 12 clients
+    argv = ["demo", "--rounds", "1", "--methods", "comigs", "--out", str(run), "--no-progress"]
+    options = [
+        "method_options.comigs.moe={num_experts: 3, top_k: 2, rank: 2}",
+        f"method_options.comigs.expert_counts=[{','.join(map(str, counts))}]",
+        "method_options.comigs.router_batches=windows",
+        "method_options.comigs.schedule.router_every=1",
+        "method_options.comigs.schedule.router_steps=1",
+    ]
+    assert main([*argv, "--set", *TINY, *options]) == 0
+    names = json.loads((run / "summary.json").read_text())["comigs"]["client_names"]
+    assert main(["export", str(run), "--method", "comigs", "--out", str(tmp_path / "peft")]) == 0
+
+    config = config_lib.from_dict(
+        config_lib.ExperimentConfig, json.loads((run / "config.json").read_text())
+    )
+    base = merged_state_dict(build_model(config)[0])  # B = 0 at init: the base's own weights
+    problem = with_moe(build_problem(config)[0], MoEConfig(num_experts=3, top_k=2, rank=2))
+    template = nnx.merge_state(problem.template, problem.frozen)
+    stacked, _ = load_run_adapters(run / "adapters" / "comigs.safetensors", template)
+    m = "transformer.h.0.mlp"
+    rng = np.random.default_rng(0)
+    for c in (0, 1, 2):  # 3, 2 and 1 experts
+        out = tmp_path / "peft" / names[c]
+        manifest = json.loads((out / "experts.json").read_text())
+        t = load_file(out / "experts.safetensors")
+        assert manifest["format"] == MIXTURE_FORMAT and manifest["generalist"] == 0
+        assert (manifest["num_experts"], manifest["top_k"], manifest["rank"]) == (3, 2, 2)
+        assert manifest["gate"] == "linear" and manifest["blocks"][m]["output"] == "c_proj"
+        assert manifest["blocks"][m]["expert_mask"] == [int(e < counts[c]) for e in range(3)]
+        assert (
+            {k: list(v.shape) for k, v in t.items()}
+            == manifest["blocks"][m]["tensors"]
+            == {
+                f"{m}.experts.c_fc.lora_A.weight": [3, 2, D],
+                f"{m}.experts.c_fc.lora_B.weight": [3, FF, 2],
+                f"{m}.experts.c_proj.lora_A.weight": [3, 2, FF],
+                f"{m}.experts.c_proj.lora_B.weight": [3, D, 2],
+                f"{m}.router.weight": [3, D],
+                f"{m}.expert_mask": [3],
+            }
+        )
+        assert np.abs(t[f"{m}.experts.c_proj.lora_B.weight"]).max() > 0  # trained, B = 0 at init
+        s = manifest["scale"]
+        np.testing.assert_allclose(s, 16.0 / np.sqrt(2.0))
+
+        h = rng.normal(size=(7, D)).astype(np.float64)
+        y, w = np_exported_mixture(t, manifest, base, m, h)
+        model = with_client(problem.graphdef, stacked, problem.base, c)
+        got = np.asarray(model.transformer.h[0].mlp(jnp.asarray(h[None], jnp.float32)))[0]
+        np.testing.assert_allclose(got, y, rtol=1e-5, atol=1e-5)
+        assert counts[c] > 1 or np.allclose(w[:, 0], 1.0)  # one expert: the generalist alone
+
+        # The attention LoRA as PEFT: x W + b + (alpha / r) · x Aᵀ Bᵀ is the library's c_attn.
+        peft = load_file(out / "adapter_model.safetensors")
+        adapter_config = json.loads((out / "adapter_config.json").read_text())
+        attn = "transformer.h.0.attn.c_attn"
+        assert not any(".mlp." in k for k in peft)
+        a, b = (
+            peft[f"base_model.model.{attn}.lora_A.weight"],
+            peft[f"base_model.model.{attn}.lora_B.weight"],
+        )
+        want = h @ base[f"{attn}.weight"] + base[f"{attn}.bias"]
+        want = want + adapter_config["lora_alpha"] / adapter_config["r"] * (h @ a.T) @ b.T
+        got = np.asarray(model.transformer.h[0].attn.c_attn(jnp.asarray(h, jnp.float32)))
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+    capsys.readouterr()
+    argv = ["export", str(run), "--method", "comigs", "--format", "merged"]
+    assert main([*argv, "--out", str(tmp_path / "merged")]) == 2
+    err = capsys.readouterr().err
+    assert "routes each token" in err and len(err.strip().splitlines()) == 1

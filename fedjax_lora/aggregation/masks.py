@@ -1,12 +1,15 @@
 r"""Which adapter tensors are global (averaged by the server) and which are trained: pure mask
 policies over stacked client trees, and the aggregator that averages only the global part.
 
-Leaves are classified by their path (the CoMiGS reference classifies parameter names the same way):
-a path with a `router` component is a *router*; one with an `experts` component holds stacked
-mixture experts `[N, E, ...]` (slot 0 the generalist); everything else (attention LoRA, plain
-LoRA) is *shared* LoRA. Per-client structure (expert masks) is not among the adapters: it is the
-clients' frozen state (`ClientFrozen`, `ClientState.frozen`), which no policy averages. Policies
-(Fan et al., CoMiGS, arXiv:2409.13931, `collaboration_strategies.py`):
+Leaves are classified by their variable type, which the module creating them declares
+(`fedjax_lora.models.layers`): a `Router` variable is a *router*; an `Expert` variable holds
+stacked mixture experts `[N, E, ...]` (slot 0 the generalist); everything else (attention LoRA,
+plain LoRA, and any leaf that is not an NNX variable) is *shared* LoRA. NNX states keep their
+variables' types through `jax.tree` maps, `vmap`, `nnx.split_state` / `merge_state` and a
+checkpoint restore (the restored tree is the run's own template). Within a LoRA, `a` and `b` are
+the factors' attribute names (`fedsa`, `ffa`). Per-client structure (expert masks) is not among
+the adapters: it is the clients' frozen state (`ClientFrozen`, `ClientState.frozen`), which no
+policy averages. Policies (Fan et al., CoMiGS, arXiv:2409.13931, `collaboration_strategies.py`):
 
 - `none`: nothing global (local training).
 - `all`: everything global, routers included.
@@ -33,10 +36,12 @@ from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 from jax.typing import ArrayLike
 from jaxtyping import Real
 
 from fedjax_lora.aggregation.core import Aggregator, Inputs, fedavg
+from fedjax_lora.models.layers import Expert, Router
 from fedjax_lora.typing import PyTree
 
 __all__ = [
@@ -68,12 +73,18 @@ def path_names(path: Sequence[Any]) -> tuple[str, ...]:
     return tuple(names[:-1] if names and names[-1] == "value" else names)
 
 
-def leaf_role(names: Sequence[str]) -> Role:
-    if "router" in names:
+def leaf_role(leaf: Any) -> Role:
+    """A leaf's role by its variable type: `"router"` for a `Router`, `"experts"` for an
+    `Expert` (stacked mixture experts), `"shared"` for anything else."""
+    if isinstance(leaf, Router):
         return "router"
-    if "experts" in names:
+    if isinstance(leaf, Expert):
         return "experts"
     return "shared"
+
+
+def _is_variable(x: Any) -> bool:
+    return isinstance(x, nnx.Variable)
 
 
 def _check(policy: Policy | Callable[[tuple[str, ...]], bool]) -> None:
@@ -81,11 +92,10 @@ def _check(policy: Policy | Callable[[tuple[str, ...]], bool]) -> None:
         raise ValueError(f"unknown mask policy {policy!r}; expected one of {POLICIES}")
 
 
-def _leaf_mask(names: tuple[str, ...], leaf: ArrayLike, policy) -> jax.Array:
+def _leaf_mask(names: tuple[str, ...], role: Role, leaf: ArrayLike, policy) -> jax.Array:
     """`bool`, broadcastable to the stacked leaf `[N, ...]`."""
     if callable(policy):
         return jnp.bool_(policy(names))
-    role = leaf_role(names)
     if policy == "none":
         return jnp.bool_(False)
     if policy == "all":
@@ -103,11 +113,17 @@ def _leaf_mask(names: tuple[str, ...], leaf: ArrayLike, policy) -> jax.Array:
 
 
 def global_mask(stacked_tree: PyTree, policy: Policy | Callable[[tuple[str, ...]], bool]) -> PyTree:
-    """Per leaf, a boolean broadcastable to it: True where the tensor is averaged by the server."""
+    """Per leaf, a boolean broadcastable to it: True where the tensor is averaged by the server
+    (a variable's mask is held in a variable of its type, so the mask tree has the tree's
+    structure)."""
     _check(policy)
-    return jax.tree_util.tree_map_with_path(
-        lambda path, leaf: _leaf_mask(path_names(path), leaf, policy), stacked_tree
-    )
+
+    def mask(path, leaf):
+        value = leaf.get_value() if _is_variable(leaf) else leaf
+        m = _leaf_mask(path_names(path), leaf_role(leaf), value, policy)
+        return leaf.replace(m) if _is_variable(leaf) else m
+
+    return jax.tree_util.tree_map_with_path(mask, stacked_tree, is_leaf=_is_variable)
 
 
 def merge_global(
@@ -118,11 +134,12 @@ def merge_global(
     return jax.tree.map(jnp.where, global_mask(stacked_tree, policy), aggregated, stacked_tree)
 
 
-def trainable(names: Sequence[str], policy: Policy) -> bool:
-    """Whether the expert-side optimizer trains this (non-router) adapter leaf: everything except
-    the frozen expert `A` of `ffa`."""
+def trainable(path: Sequence[Any], leaf: Any, policy: Policy) -> bool:
+    """Whether the expert-side optimizer trains this (non-router) adapter leaf at `path` (an NNX
+    filter's `(path, variable)`): everything except the frozen expert `A` of `ffa`."""
     _check(policy)
-    return not (policy == "ffa" and leaf_role(names) == "experts" and names[-1] == "a")
+    frozen_a = leaf_role(leaf) == "experts" and path_names(path)[-1] == "a"
+    return not (policy == "ffa" and frozen_a)
 
 
 def masked_aggregator(

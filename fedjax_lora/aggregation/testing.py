@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_lora.aggregation.core import INPUT_CLIENT_AXES, Aggregator, Inputs, MixState
+from fedjax_lora.models.layers import Router
 from fedjax_lora.typing import PyTree
 
 __all__ = ["PROPERTIES", "Reference", "check_aggregator", "example_tree"]
@@ -56,12 +57,13 @@ PROPERTIES: tuple[str, ...] = ("permutation_equivariant", "mixing", "within_rang
 
 def example_tree(rng: np.random.Generator, num_clients: int = 5) -> dict[str, Any]:
     """A stacked client tree with LoRA-like f32 leaves `lora_a [N, 6, 2]`, `lora_b [N, 2, 7]` and
-    a bf16 `router [N, 3]` (the leaf names the mask policies of `aggregation.masks` read)."""
+    a bf16 `router [N, 3]`, a `Router` variable (the type the mask policies of
+    `aggregation.masks` recognise: routers stay local under every policy but `all`)."""
     n = num_clients
     return {
         "lora_a": rng.uniform(-0.5, 0.5, (n, 6, 2)).astype(np.float32),
         "lora_b": rng.normal(size=(n, 2, 7)).astype(np.float32),
-        "router": jnp.asarray(rng.normal(size=(n, 3)), jnp.bfloat16),
+        "router": Router(jnp.asarray(rng.normal(size=(n, 3)), jnp.bfloat16)),
     }
 
 

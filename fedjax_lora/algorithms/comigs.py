@@ -40,7 +40,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from fedjax_lora.aggregation.masks import Policy, global_mask, masked_aggregator, path_names
+from fedjax_lora.aggregation.masks import Policy, global_mask, masked_aggregator
 from fedjax_lora.aggregation.masks import trainable as policy_trains
 from fedjax_lora.algorithms.base import (
     Algorithm,
@@ -183,6 +183,15 @@ class CoMiGSOptions:
     evaluate: Evaluate = "local"
     server_opt: ServerOptimizer = ServerOptimizer()
 
+    @property
+    def mixture(self) -> MoEConfig:
+        """The MLP mixtures these options install: `moe` (default `MoEConfig()`), with
+        `reference_lb_on_block_output` when either sets it."""
+        moe = self.moe or MoEConfig()
+        if self.reference_lb_on_block_output:
+            moe = dataclasses.replace(moe, reference_lb_on_block_output=True)
+        return moe
+
     def __post_init__(self):
         if self.router_batches not in ("random", "windows"):
             raise ValueError(
@@ -204,9 +213,7 @@ def comigs(
     """
     expert_counts, policy, schedule = options.expert_counts, options.policy, options.schedule
     router_batches, evaluate = options.router_batches, options.evaluate
-    moe = options.moe or MoEConfig()
-    if options.reference_lb_on_block_output:
-        moe = dataclasses.replace(moe, reference_lb_on_block_output=True)
+    moe = options.mixture
     moe_problem = with_moe(problem, moe)
     graphdef, template = moe_problem.graphdef, moe_problem.template
     n = problem.num_clients
@@ -229,7 +236,7 @@ def comigs(
     def expert_filter(path, value):
         if isinstance(value, Router):
             return not schedule.alternating
-        return isinstance(value, Adapter) and policy_trains(path_names(path), policy)
+        return isinstance(value, Adapter) and policy_trains(path, value, policy)
 
     groups = (expert_filter, Router) if schedule.alternating else (expert_filter,)
 

@@ -7,7 +7,9 @@ initialisers fill them and move them to devices in one transfer. Frozen base wei
 `nnx.Param`; everything a client trains is an `Adapter` variable, and what parameterises one
 client's model without being trained (expert masks, rank scales) a `ClientFrozen` variable, so
 `nnx.split(model, Adapter, ClientFrozen, ...)` separates the per-client adapters and frozen state
-from the shared base.
+from the shared base. An adapter's role for the server is its type: `Router` (mixture routers)
+and `Expert` (stacked mixture experts) are `Adapter`s that the mask policies of
+`fedjax_lora.aggregation.masks` recognise; every other adapter is shared LoRA.
 """
 
 from __future__ import annotations
@@ -25,6 +27,17 @@ from fedjax_lora.models.config import FrozenMapping
 
 class Adapter(nnx.Variable):
     """A trainable per-client variable (LoRA factors, routers, prompts)."""
+
+
+class Router(Adapter):
+    """A mixture's token-router weights (CoMiGS): trained per client by the router optimizer and
+    never averaged by the mask policies other than `all` (`fedjax_lora.aggregation.masks`)."""
+
+
+class Expert(Adapter):
+    """One LoRA factor of a mixture's experts, stacked on a leading expert axis `[E, ...]`
+    (CoMiGS's `LoRAExperts`); slot 0 is the generalist, which the `expert_0` and `expert_01`
+    policies average (`fedjax_lora.aggregation.masks`)."""
 
 
 class ClientFrozen(nnx.Variable):

@@ -3,6 +3,7 @@ of its routing (`routing`)."""
 
 from fedjax_lora.moe.comigs import (
     ROUTING_WEIGHTS,
+    Expert,
     ExpertMask,
     GPT2MoEMLP,
     LlamaMoEMLP,
@@ -27,6 +28,7 @@ from fedjax_lora.moe.routing import (
 )
 
 __all__ = [
+    "Expert",
     "ExpertMask",
     "GPT2MoEMLP",
     "LlamaMoEMLP",

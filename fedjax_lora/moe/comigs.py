@@ -16,7 +16,9 @@ activations, `Σ_e w_e g_e W_2 = (Σ_e w_e g_e) W_2`, and the bias enters as `(�
 `b_2`: with top-1 gating `Σ_e w_e = p_max < 1`). Expert 0 is the generalist (aggregated with the
 attention LoRA), experts `1..` the client's specialists.
 
-**Router** (per client, per layer; `Router` variables, trained on validation data): logits
+**Router** (per client, per layer; `Router` variables, trained on validation data; the experts'
+stacked LoRA factors are `Expert` variables: these types, not parameter names, tell the server's
+mask policies what a tensor is, `fedjax_lora.aggregation.masks`): logits
 `z = h W_r` with `W_r ∈ R^{d×E}` ~ N(0, 0.02²), no bias (GPT-2 reference); the Llama reference's
 llama-moe gate is `z = tanh(h W_1) W_2` (both ~ N(0, 0.02²), no biases) with optional Gaussian noise
 of constant std during training. Experts a client does not have are masked, `z_e = -∞`
@@ -77,10 +79,19 @@ from fedjax_lora.engine.loss import routing_token_mask
 from fedjax_lora.lora import Init, init_adapters
 from fedjax_lora.models.config import ModelConfig
 from fedjax_lora.models.gpt2 import GPT2MLP, GPT2Block
-from fedjax_lora.models.layers import Adapter, ExpertMask, Linear, activation, dropout
+from fedjax_lora.models.layers import (
+    Adapter,
+    Expert,
+    ExpertMask,
+    Linear,
+    Router,
+    activation,
+    dropout,
+)
 from fedjax_lora.models.llama import LlamaMLP
 
 __all__ = [
+    "Expert",
     "ExpertMask",
     "GPT2BlockLBOnOutput",
     "GPT2MoEMLP",
@@ -101,10 +112,6 @@ __all__ = [
 
 ROUTING_WEIGHTS = "routing_weights"
 """Name of the sown `nnx.Intermediate` holding a block's mixture weights `[B, T, E]`."""
-
-
-class Router(Adapter):
-    """A token router's weight: a per-client adapter trained by the router optimizer."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -292,13 +299,14 @@ def cv2_balancing_loss(
 
 
 class LoRAExperts(nnx.Module):
-    """E LoRAs on one projection, stacked: `a: [E, in, r]`, `b: [E, r, out]`;
+    """E LoRAs on one projection, stacked (`Expert` variables, slot 0 the generalist):
+    `a: [E, in, r]`, `b: [E, r, out]`;
     `delta_e(x) = s · (x a_e) b_e` for a shared input `[B, T, in]` or per-expert `[E, B, T, in]`."""
 
     def __init__(self, num: int, in_features: int, out_features: int, config: MoEConfig, dtype):
         init_a = Init("uniform", bound=1.0 / math.sqrt(in_features))
-        self.a = Adapter(np.zeros((num, in_features, config.rank), dtype), init=init_a)
-        self.b = Adapter(np.zeros((num, config.rank, out_features), dtype), init=Init("zeros"))
+        self.a = Expert(np.zeros((num, in_features, config.rank), dtype), init=init_a)
+        self.b = Expert(np.zeros((num, config.rank, out_features), dtype), init=Init("zeros"))
         self.scale = config.scale
 
     def __call__(self, x: jax.Array) -> jax.Array:
