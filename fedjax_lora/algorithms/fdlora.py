@@ -20,6 +20,16 @@ Every client holds a *shared* LoRA `θ` (the problem's adapters, trained every r
    adapter is the client's personalised model (evaluated; `aux["personal"]`). It does not feed
    back into training: the next round starts again from `θ_s`.
 
+**The federated toolbox** (`docs/aggregation.md`): the mean `(1/N) Σ_c θ_c` above is the
+global part's rule; `aggregation.reduction` or `aggregation.dp` replaces it by a robust consensus
+or DP-FedAvg of the shared LoRAs (clipped relative to `θ_s`, the tree they trained from), which
+the outer optimizer then steps towards (`ServerProgram.global_part`); nothing is applied in the
+local rounds `r < L − 1`. The private and fused adapters never leave the client.
+
+| `server_opt` | `proximal_mu` | `scaffold` | `reduction` | `dp` |
+|---|---|---|---|---|
+| – (its own outer optimizer) | – | – | ✓ shared LoRA | ✓ shared LoRA |
+
 In the rounds `r < L` the clients' local adapters are evaluated. Local training is the problem's;
 with `round_decay` (the FedAMoLE reference: AdamW, 0.99) the problem's optimizer is re-created
 every round with its step scaled by `round_decay^r`, as in `fedamole`.

@@ -26,6 +26,17 @@ shared expert, `W_tok`) and, with RSEA, its statistics (`t̄ [r]`, `ū [E, r]` i
 down, the new averages of what it holds and, unless the architecture is static, its assignment
 (`E` bytes per module; counted at the round-0 architecture's holdings).
 
+**The federated toolbox** (`docs/aggregation.md`): the global part is what every client holds,
+the shared expert and `W_tok` (`amole.held_by_all`); the server's mean of it can be replaced by
+a robust reduction or DP-FedAvg (`aggregation.reduction`, `aggregation.dp`: `ServerProgram.
+global_part`) and stepped by a server optimizer (`server_opt`), while each domain expert stays
+the mean over its holders. Under DP, `ε` covers the shared expert and `W_tok` only: the held
+experts and the RSEA statistics are exchanged without it.
+
+| `server_opt` | `proximal_mu` | `scaffold` | `reduction` | `dp` |
+|---|---|---|---|---|
+| ✓ shared expert, `W_tok` | – (optimizer re-created every round) | – | ✓ same part | ✓ same part |
+
 Round 0 (`init`): every client starts from the same pool (independent `A` per expert, `B = 0`) and
 a random architecture per module (`rsea.random_assignment`). Homogeneous architectures (the
 reference's `--homo_arch`) are `min_experts = max_experts = E·k/C`.
