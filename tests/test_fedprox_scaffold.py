@@ -35,6 +35,7 @@ from fedjax_lora.checkpoint import Checkpointer
 from fedjax_lora.engine import cohort as cohorts
 from fedjax_lora.engine.state import ClientState
 from fedjax_lora.errors import ConfigError
+from fedjax_lora.prompt_tuning import PromptTuningConfig, PTuningConfig
 from fedjax_lora.settings import GlobalRule, ServerOptimizer
 from tests.tiny import tiny_problem
 
@@ -266,6 +267,33 @@ def test_fedprox_with_mu_zero_is_fedavg(problem):
         (a, ma), (b, mb) = fedavg.round(a), fedprox.round(b)
     for x, y in zip(_leaves((a.clients.params, ma)), _leaves((b.clients.params, mb)), strict=True):
         np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    ("name", "prompt"),
+    [
+        ("fedprompt", PromptTuningConfig(num_virtual_tokens=4, init="vocab")),
+        ("fedptuning", PTuningConfig(num_virtual_tokens=3, hidden_size=16)),
+    ],
+)
+def test_prompt_baselines_take_proximal_mu(problem, name, prompt):
+    """`proximal_mu` on the soft-prompt baselines: `μ = 0` is the method itself; `μ > 0` anchors
+    the local steps at the prompt received (`DriftState.anchor`) and changes the training."""
+    plain = METHODS[name](problem, prompt=prompt)
+    zero = METHODS[name](problem, prompt=prompt, proximal_mu=0.0)
+    strong = METHODS[name](problem, prompt=prompt, proximal_mu=10.0)
+    a, b, c = (m.init(jax.random.key(0)) for m in (plain, zero, strong))
+    sim0 = c
+    (a, _), (b, _), (c, _) = plain.round(a), zero.round(b), strong.round(c)
+    for x, y in zip(_leaves(a.clients.params), _leaves(b.clients.params), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+    assert isinstance(c.clients.opt_state[0], DriftState)
+    for anchor, x0 in zip(
+        _leaves(c.clients.opt_state[0].anchor), _leaves(sim0.clients.params), strict=True
+    ):
+        np.testing.assert_array_equal(anchor, x0)
+    pairs = zip(_leaves(a.clients.params), _leaves(c.clients.params), strict=True)
+    assert max(np.abs(x - y).max() for x, y in pairs) > 1e-6
 
 
 def test_fedprox_anchors_at_the_received_adapters(problem):
