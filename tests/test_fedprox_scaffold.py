@@ -395,7 +395,10 @@ def test_scaffold_option_controls_only_the_global_part(problem, name, global_lea
             np.testing.assert_array_equal(c, 0)
             if name == "ffa-lora":
                 np.testing.assert_array_equal(y, x)
-    assert algo.method.server.comm(jax.device_get(sim0.clients)).upload[0] > 0
+    exchange = algo.method.server.comm(jax.device_get(sim0.clients))
+    plain = METHODS[name](problem).method.server.comm(jax.device_get(sim0.clients))
+    assert exchange.upload.tolist() == (2 * plain.upload).tolist() and plain.upload[0] > 0
+    assert exchange.download.tolist() == (2 * plain.download).tolist()
 
     checkpoints = Checkpointer(tmp_path)
     checkpoints.save(1, sim1, [])

@@ -28,10 +28,10 @@ down, the new averages of what it holds and, unless the architecture is static, 
 
 **The federated toolbox** (`docs/aggregation.md`): the global part is what every client holds,
 the shared expert and `W_tok` (`amole.held_by_all`); the server's mean of it can be replaced by
-a robust reduction or DP-FedAvg (`aggregation.reduction`, `aggregation.dp`: `ServerProgram.
-global_part`) and stepped by a server optimizer (`server_opt`), while each domain expert stays
-the mean over its holders. Under DP, `ε` covers the shared expert and `W_tok` only: the held
-experts and the RSEA statistics are exchanged without it.
+a robust reduction or DP-FedAvg (`aggregation.reduction`, `aggregation.dp`;
+`ServerProgram.global_part`) and stepped by a server optimizer (`server_opt`), while each domain
+expert stays the mean over its holders. Under DP, `ε` covers the shared expert and `W_tok` only:
+the held experts and the RSEA statistics are exchanged without it.
 
 | `server_opt` | `proximal_mu` | `scaffold` | `reduction` | `dp` |
 |---|---|---|---|---|
