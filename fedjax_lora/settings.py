@@ -452,7 +452,8 @@ class DPOptions:
 @dataclasses.dataclass(frozen=True)
 class GlobalRule:
     """How every method with a global part (a tensor set averaged into one server model: FedAvg,
-    FedIT, FFA-LoRA's `B`, FedSA-LoRA's `A`, CoMiGS's generalist, the soft prompts) reduces it
+    FedIT, FFA-LoRA's `B`, FedSA-LoRA's `A`, CoMiGS's generalist, the soft prompts, FedAMoLE's
+    shared expert and `W_tok`, FDLoRA's global LoRA) reduces it
     (`algorithms.base.with_global_rule`; the config's `aggregation` section).
 
     reduction: `mean` (the method's own rule), or a Byzantine-robust one

@@ -26,6 +26,7 @@ from fedjax_lora.algorithms import METHODS
 from fedjax_lora.algorithms.base import RoundInputs
 from fedjax_lora.checkpoint import Checkpointer
 from fedjax_lora.experiment import method_factory
+from fedjax_lora.prompt_tuning import PromptTuningConfig, PTuningConfig
 from fedjax_lora.settings import ServerOptimizer
 from tests.tiny import tiny_problem
 
@@ -255,6 +256,25 @@ def test_server_opt_sgd_one_is_the_method_itself(problem):
             strict=True,
         ):
             np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize("name", ["fedit", "fedit-ft", "fedprompt", "fedptuning"])
+def test_fedavg_baselines_take_server_opt(problem, name):
+    """`server_opt` on FedIT (its per-round re-created optimizer) and the soft-prompt baselines
+    (every tensor global): two rounds equal `optax.adam` applied by hand to the mean client
+    update."""
+    options = {"server_opt": ServerOptimizer("adam", 0.05)}
+    if name == "fedprompt":
+        options["prompt"] = PromptTuningConfig(num_virtual_tokens=4, init="vocab")
+    if name == "fedptuning":
+        options["prompt"] = PTuningConfig(num_virtual_tokens=3, hidden_size=16)
+    algo = METHODS[name](problem, **options)
+    sim = algo.init(jax.random.key(0))
+    want = _np_leaves(_by_hand(algo, optax.adam(0.05, 0.9, 0.99, 1e-3), sim, problem))
+    for _ in range(2):
+        sim, _ = algo.round(sim)
+    for got, w in zip(_np_leaves(sim.clients.params), want, strict=True):
+        np.testing.assert_allclose(got, np.broadcast_to(w, got.shape), rtol=1e-4, atol=1e-5)
 
 
 def test_fedsa_server_adam_steps_a_and_keeps_b_local(problem):

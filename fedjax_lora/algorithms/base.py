@@ -176,8 +176,9 @@ class ServerProgram(NamedTuple):
     e.g. an LP); `server_model`: the aggregate is one model for everyone, so under a cohort the
     idle clients receive it too; `comm`: what each client uploads and downloads in a round that
     aggregates (`Comm`; None: not declared, no bytes reported); `global_part`: the server's
-    aggregation is the mean of a global part, replaceable (`GlobalPart`); `dp`: the client-level
-    DP it applies (set by `with_global_rule`; the run reports `ε`)."""
+    aggregation is the mean of a global part, replaceable (`GlobalPart`); `own_rule`: for a server
+    without one, why no `GlobalRule` can replace its aggregation (the refusal names it); `dp`: the
+    client-level DP it applies (set by `with_global_rule`; the run reports `ε`)."""
 
     init: Callable[[jax.Array, ClientState], PyTree]
     apply: Callable[[ClientState, PyTree, RoundInputs], tuple[ClientState, PyTree, Metrics, PyTree]]
@@ -186,6 +187,7 @@ class ServerProgram(NamedTuple):
     comm: Comm | None = None
     global_part: GlobalPart | None = None
     dp: DPOptions | None = None
+    own_rule: str | None = None
 
 
 class Capabilities(NamedTuple):
@@ -579,9 +581,10 @@ def private_aggregator(
 def with_global_rule(method: Method, rule: GlobalRule, problem: Problem) -> Method:
     """`method` with its global part reduced by `rule` (`GlobalRule`): a robust reduction or
     DP-FedAvg in place of the mean (`ServerProgram.global_part`); the DP noise key drawn from the
-    simulation's key (`fold_in(key, DP_KEY_STREAM)`, in the checkpointed server state). A method
-    that exchanges nothing is unchanged; one whose server is not a mean over a global part (trust
-    mixing, HetLoRA, FedAMoLE, ...) is refused (`ConfigError`)."""
+    simulation's key (`fold_in(key, DP_KEY_STREAM)`, set in every `DPState` of the checkpointed
+    server state, wherever the server keeps it). A method that exchanges nothing is unchanged; one
+    whose server is not a mean over a global part (trust mixing, HetLoRA, FlexLoRA, ...) is
+    refused (`ConfigError`, with the server's `own_rule` as the reason when it declares one)."""
     server = method.server
     if rule.default or server.comm is nothing:
         return method
@@ -589,9 +592,10 @@ def with_global_rule(method: Method, rule: GlobalRule, problem: Problem) -> Meth
         setting, fix = f"aggregation.reduction = {rule.reduction}", "set aggregation.reduction=mean"
         if rule.dp is not None:
             setting, fix = "aggregation.dp", "unset aggregation.dp"
+        why = server.own_rule or "its server is its own rule"
         raise ConfigError(
             f"method {method.name!r} has no global part (a tensor set averaged into one model) "
-            f"for {setting}: its server is its own rule; {fix} or drop the method"
+            f"for {setting}: {why}; {fix} or drop the method"
         )
     policy = server.global_part.policy
     cohort = problem.cohort
@@ -606,11 +610,13 @@ def with_global_rule(method: Method, rule: GlobalRule, problem: Problem) -> Meth
     private = server.global_part.rebuild(aggregator)
 
     def init(key: jax.Array, clients: ClientState):
-        state = private.init(key, clients)  # a DPState, or one inside a ServerOptState
         noise_key = jax.random.key_data(jax.random.fold_in(key, DP_KEY_STREAM))
-        if isinstance(state, DPState):
-            return state._replace(key=noise_key)
-        return state._replace(inner=state.inner._replace(key=noise_key))
+        dp_state = lambda s: isinstance(s, DPState)  # alone, in a ServerOptState or a server's own
+        return jax.tree.map(
+            lambda s: s._replace(key=noise_key) if dp_state(s) else s,
+            private.init(key, clients),
+            is_leaf=dp_state,
+        )
 
     return method._replace(server=private._replace(init=init, dp=rule.dp))
 

@@ -20,6 +20,16 @@ Every client holds a *shared* LoRA `θ` (the problem's adapters, trained every r
    adapter is the client's personalised model (evaluated; `aux["personal"]`). It does not feed
    back into training: the next round starts again from `θ_s`.
 
+**The federated toolbox** (`docs/aggregation.md`): the mean `(1/N) Σ_c θ_c` above is the
+global part's rule; `aggregation.reduction` or `aggregation.dp` replaces it by a robust consensus
+or DP-FedAvg of the shared LoRAs (clipped relative to `θ_s`, the tree they trained from), which
+the outer optimizer then steps towards (`ServerProgram.global_part`); nothing is applied in the
+local rounds `r < L − 1`. The private and fused adapters never leave the client.
+
+| `server_opt` | `proximal_mu` | `scaffold` | `reduction` | `dp` |
+|---|---|---|---|---|
+| – (its own outer optimizer) | – | – | ✓ shared LoRA | ✓ shared LoRA |
+
 In the rounds `r < L` the clients' local adapters are evaluated. Local training is the problem's;
 with `round_decay` (the FedAMoLE reference: AdamW, 0.99) the problem's optimizer is re-created
 every round with its step scaled by `round_decay^r`, as in `fedamole`.
@@ -48,11 +58,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_lora.aggregation import fedavg
+from fedjax_lora.aggregation import Aggregator, fedavg
 from fedjax_lora.algorithms.base import (
     Algorithm,
     Capabilities,
     ClientProgram,
+    GlobalPart,
     Method,
     RoundInputs,
     ServerProgram,
@@ -154,11 +165,13 @@ state persists across rounds."""
 
 class FDLoRAServer(NamedTuple):
     """`SimState.agg_state` of FDLoRA: the global LoRA `θ_s` (no client axis), the outer
-    optimizer's state, and the key of the random fusion candidates."""
+    optimizer's state, the key of the random fusion candidates, and the state of the rule that
+    replaces the mean (`()` for the mean)."""
 
     params: PyTree
     opt_state: PyTree
     key: jax.Array
+    rule: PyTree = ()
 
 
 def fusion_candidates(key: jax.Array, num_clients: int, options: FDLoRAOptions) -> jax.Array:
@@ -242,57 +255,84 @@ def fdlora(
         clients = standard.init(jax.random.split(key)[0])
         return clients._replace(aux={"private": clients.params, "personal": clients.params})
 
-    def server_init(key: jax.Array, clients: ClientState) -> FDLoRAServer:
-        shared = jax.tree.map(lambda x: x[0], clients.params)
-        return FDLoRAServer(shared, outer.init(shared), jax.random.split(key)[1])
+    def server_of(rule: Aggregator | None) -> ServerProgram:
+        """The server whose consensus of the shared LoRAs is `rule`'s (a `GlobalRule` over every
+        adapter, clipping relative to `θ_s` under DP) instead of their mean; None: the mean."""
 
-    def server_apply(clients: ClientState, server: FDLoRAServer, inputs: RoundInputs):
-        r, base = inputs.round, inputs.base
-        trained = clients.params
-        mean = jax.tree.map(lambda x: x[0], fedavg(trained))
-        phase = jnp.where(r < big_l - 1, 0, jnp.where(r == big_l - 1, 1, 2))
+        def server_init(key: jax.Array, clients: ClientState) -> FDLoRAServer:
+            shared = jax.tree.map(lambda x: x[0], clients.params)
+            state = () if rule is None else rule.init(clients.params)
+            return FDLoRAServer(shared, outer.init(shared), jax.random.split(key)[1], state)
 
-        def first_average(server):
-            return server._replace(params=mean, opt_state=outer.init(mean))
+        def server_apply(clients: ClientState, server: FDLoRAServer, inputs: RoundInputs):
+            r, base = inputs.round, inputs.base
+            trained = clients.params
+            phase = jnp.where(r < big_l - 1, 0, jnp.where(r == big_l - 1, 1, 2))
+            if rule is None:
+                mean = jax.tree.map(lambda x: x[0], fedavg(trained))
+            else:
 
-        def outer_step(server):
-            grad = jax.tree.map(jnp.subtract, server.params, mean)
-            updates, opt_state = outer.update(grad, server.opt_state, server.params)
-            return server._replace(
-                params=optax.apply_updates(server.params, updates), opt_state=opt_state
+                def consensus(state):
+                    ruled, state = rule.apply(trained, state, {"global": server.params})
+                    return jax.tree.map(lambda x: x[0], ruled), state
+
+                skip = lambda state: (server.params, state)  # local rounds: nothing aggregated
+                mean, state = jax.lax.cond(phase >= 1, consensus, skip, server.rule)
+                server = server._replace(rule=state)
+
+            def first_average(server):
+                return server._replace(params=mean, opt_state=outer.init(mean))
+
+            def outer_step(server):
+                grad = jax.tree.map(jnp.subtract, server.params, mean)
+                updates, opt_state = outer.update(grad, server.opt_state, server.params)
+                return server._replace(
+                    params=optax.apply_updates(server.params, updates), opt_state=opt_state
+                )
+
+            server = jax.lax.switch(phase, [lambda s: s, first_average, outer_step], server)
+            params = jax.tree.map(
+                lambda t, s: jnp.where(phase == 0, t, jnp.broadcast_to(s, t.shape)),
+                trained,
+                server.params,
             )
+            sync = (phase == 2) & ((r - big_l) % options.sync_every == 0)
+            private = jax.tree.map(
+                lambda p, t: jnp.where(sync, t, p), clients.aux["private"], trained
+            )
+            windows, weights = inputs.windows(options.fusion_set)
+            fusion_data = (windows[:, :m], weights[:, :m] * keep[None, :, None])
 
-        server = jax.lax.switch(phase, [lambda s: s, first_average, outer_step], server)
-        params = jax.tree.map(
-            lambda t, s: jnp.where(phase == 0, t, jnp.broadcast_to(s, t.shape)),
-            trained,
-            server.params,
+            def fused(_):
+                cands = fusion_candidates(jax.random.fold_in(server.key, r), n, options)
+                personal, w, scores = map_clients(
+                    search_one,
+                    problem.strategy,
+                    (private, cands, *fusion_data),
+                    (server.params, base),
+                )
+                return personal, w, scores, cands
+
+            def local(_):
+                zeros = jnp.zeros((n, k, 2), jnp.float32)
+                return trained, zeros[:, 0], zeros[..., 0], zeros
+
+            personal, w, scores, cands = jax.lax.cond(phase == 2, fused, local, None)
+            metrics = {
+                "applied": phase >= 1,
+                "fusion_weights": w,
+                "fusion_scores": scores,
+                "fusion_candidates": cands,
+            }
+            aux = {"private": private, "personal": personal}
+            return clients._replace(params=params, aux=aux), server, metrics, None
+
+        return ServerProgram(
+            server_init,
+            server_apply,
+            comm=exchanged("all"),
+            global_part=GlobalPart("all", server_of),
         )
-        sync = (phase == 2) & ((r - big_l) % options.sync_every == 0)
-        private = jax.tree.map(lambda p, t: jnp.where(sync, t, p), clients.aux["private"], trained)
-        windows, weights = inputs.windows(options.fusion_set)
-        fusion_data = (windows[:, :m], weights[:, :m] * keep[None, :, None])
-
-        def fused(_):
-            cands = fusion_candidates(jax.random.fold_in(server.key, r), n, options)
-            personal, w, scores = map_clients(
-                search_one, problem.strategy, (private, cands, *fusion_data), (server.params, base)
-            )
-            return personal, w, scores, cands
-
-        def local(_):
-            zeros = jnp.zeros((n, k, 2), jnp.float32)
-            return trained, zeros[:, 0], zeros[..., 0], zeros
-
-        personal, w, scores, cands = jax.lax.cond(phase == 2, fused, local, None)
-        metrics = {
-            "applied": phase >= 1,
-            "fusion_weights": w,
-            "fusion_scores": scores,
-            "fusion_candidates": cands,
-        }
-        clients = clients._replace(params=params, aux={"private": private, "personal": personal})
-        return clients, server, metrics, None
 
     client = ClientProgram(init, standard.update)
     if decay is not None:
@@ -300,7 +340,7 @@ def fdlora(
     method = Method(
         name,
         client,
-        ServerProgram(server_init, server_apply, comm=exchanged("all")),
+        server_of(None),
         evaluate=lambda trained, aggregated: aggregated.aux["personal"],
         capabilities=Capabilities(cohorts=False),
     )

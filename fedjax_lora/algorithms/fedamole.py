@@ -26,6 +26,17 @@ shared expert, `W_tok`) and, with RSEA, its statistics (`t̄ [r]`, `ū [E, r]` i
 down, the new averages of what it holds and, unless the architecture is static, its assignment
 (`E` bytes per module; counted at the round-0 architecture's holdings).
 
+**The federated toolbox** (`docs/aggregation.md`): the global part is what every client holds,
+the shared expert and `W_tok` (`amole.held_by_all`); the server's mean of it can be replaced by
+a robust reduction or DP-FedAvg (`aggregation.reduction`, `aggregation.dp`;
+`ServerProgram.global_part`) and stepped by a server optimizer (`server_opt`), while each domain
+expert stays the mean over its holders. Under DP, `ε` covers the shared expert and `W_tok` only:
+the held experts and the RSEA statistics are exchanged without it.
+
+| `server_opt` | `proximal_mu` | `scaffold` | `reduction` | `dp` |
+|---|---|---|---|---|
+| ✓ shared expert, `W_tok` | – (optimizer re-created every round) | – | ✓ same part | ✓ same part |
+
 Round 0 (`init`): every client starts from the same pool (independent `A` per expert, `B = 0`) and
 a random architecture per module (`rsea.random_assignment`). Homogeneous architectures (the
 reference's `--homo_arch`) are `min_experts = max_experts = E·k/C`.
@@ -34,7 +45,7 @@ reference's `--homo_arch`) are `min_experts = max_experts = E·k/C`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -42,11 +53,19 @@ import numpy as np
 from flax import nnx
 
 from fedjax_lora import amole
-from fedjax_lora.aggregation import Exchange, expert_aggregator, rsea
+from fedjax_lora.aggregation import (
+    Aggregator,
+    Exchange,
+    holder_average,
+    rsea,
+    with_server_optimizer,
+)
+from fedjax_lora.aggregation.masks import masked_aggregator, merge_global
 from fedjax_lora.algorithms.base import (
     Algorithm,
     Capabilities,
     ClientProgram,
+    GlobalPart,
     Method,
     RoundInputs,
     ServerProgram,
@@ -65,9 +84,12 @@ from fedjax_lora.engine.strategy import map_clients
 from fedjax_lora.engine.train import make_client_update
 from fedjax_lora.families import family
 from fedjax_lora.lora import detach_adapters
+from fedjax_lora.settings import ServerOptimizer
+from fedjax_lora.typing import PyTree
 
 __all__ = [
     "FedAMoLEOptions",
+    "FedAMoLEServer",
     "amole_comm",
     "amole_surgery",
     "expert_assignment",
@@ -95,6 +117,8 @@ class FedAMoLEOptions:
     noise_eta: `η` of the optional noise on the uploaded embeddings (`amole.add_noise`); None: off.
     amole: the mixture (pool size, rank, targets) replacing the problem's adapters; None: the
       problem's AMoLE modules, or `with_amole`'s default mixture for a model without any.
+    server_opt: a server optimizer on the global part, the shared expert and `W_tok`
+      (`aggregation.server_opt`; the domain experts keep their holder average).
     """
 
     clients_per_expert: int = 2
@@ -104,10 +128,19 @@ class FedAMoLEOptions:
     round_decay: float = 0.99
     noise_eta: float | None = None
     amole: amole.AMoLEConfig | None = None
+    server_opt: ServerOptimizer = ServerOptimizer()
 
     def __post_init__(self):
         if self.noise_eta is not None and self.noise_eta <= 0:
             raise ValueError(f"noise_eta must be positive, got {self.noise_eta}")
+
+
+class FedAMoLEServer(NamedTuple):
+    """`SimState.agg_state` of FedAMoLE: `key`, the PRNG key of the random architectures; `rule`,
+    the state of the rule on the global part (`()` for the mean)."""
+
+    key: jax.Array
+    rule: PyTree = ()
 
 
 def input_weights(weights: jax.Array) -> jax.Array:
@@ -158,7 +191,8 @@ def fedamole(
     expert assignment, `rsea` (FedAMoLE), `static` (FedAMoLE-R: the random round-0 architecture
     for all rounds) or `random` (a fresh random architecture every round).
 
-    `SimState.agg_state` is the server's PRNG key of the random architectures. Metrics per round:
+    `SimState.agg_state` is a `FedAMoLEServer` (the PRNG key of the random architectures, the
+    state of the global part's rule: `options.server_opt`, a `GlobalRule`). Metrics per round:
     `train`, every evaluation set (local models after local training) and `aggregation`
     (`applied`, `experts_held`: per client, the mean number of held experts over modules; in
     `metrics.jsonl` as `<name>/experts_held`). The last round's record holds the final
@@ -194,7 +228,6 @@ def fedamole(
         max_windows=problem.train.max_windows(problem.training.seq_len),
     )
     client_stats = amole.make_client_stats(problem.graphdef, problem.eval_batch_size)
-    aggregator = expert_aggregator()
 
     def masks_from(assignments: dict[str, np.ndarray]) -> nnx.State:
         flat = [
@@ -222,24 +255,44 @@ def fedamole(
         masks = random_masks(jax.random.fold_in(k_server, 0))
         return init_clients(problem.template, tx, n, k_clients, shared_init=True, frozen=masks)
 
-    def server_apply(clients: ClientState, key: jax.Array, inputs: RoundInputs):
-        masks = clients.frozen
-        stats = None
-        if dispatch == "rsea":
-            aux = inputs.windows(options.aux_set)
-            weights = input_weights(aux.weights)
-            per_client = ((clients.params, masks), aux.windows[..., :-1], weights)
-            stats = map_clients(
-                with_frozen(client_stats), problem.strategy, per_client, (inputs.base,)
-            )
-            if options.noise_eta is not None:
-                keys = jax.random.split(jax.random.fold_in(key, inputs.round + 1), n)
-                stats = jax.vmap(amole.add_noise, (0, 0, None))(keys, stats, options.noise_eta)
-        holders = {"holders": amole.holders(clients.params, masks)}
-        params, _ = aggregator.apply(clients.params, aggregator.init(clients.params), holders)
-        held = jnp.stack([m.sum(-1) for m in jax.tree.leaves(masks)]).astype(jnp.float32)
-        metrics = {"applied": jnp.asarray(True), "experts_held": held.mean(0)}
-        return clients._replace(params=params), key, metrics, stats
+    def server_of(rule: Aggregator | None) -> ServerProgram:
+        """The server with `rule` on the global part (`amole.held_by_all`: the shared expert and
+        `W_tok`) in place of their mean over all clients; None: the mean. The domain experts are
+        the holder average either way."""
+
+        def init(key: jax.Array, clients: ClientState) -> FedAMoLEServer:
+            state = () if rule is None else rule.init(clients.params)
+            return FedAMoLEServer(jax.random.split(key)[1], state)
+
+        def apply(clients: ClientState, server: FedAMoLEServer, inputs: RoundInputs):
+            masks = clients.frozen
+            stats = None
+            if dispatch == "rsea":
+                aux = inputs.windows(options.aux_set)
+                weights = input_weights(aux.weights)
+                per_client = ((clients.params, masks), aux.windows[..., :-1], weights)
+                stats = map_clients(
+                    with_frozen(client_stats), problem.strategy, per_client, (inputs.base,)
+                )
+                if options.noise_eta is not None:
+                    keys = jax.random.split(jax.random.fold_in(server.key, inputs.round + 1), n)
+                    stats = jax.vmap(amole.add_noise, (0, 0, None))(keys, stats, options.noise_eta)
+            params = holder_average(clients.params, amole.holders(clients.params, masks))
+            state = server.rule
+            if rule is not None:
+                own = merge_global(params, clients.params, amole.held_by_all)
+                params, state = rule.apply(own, state, {})
+            held = jnp.stack([m.sum(-1) for m in jax.tree.leaves(masks)]).astype(jnp.float32)
+            metrics = {"applied": jnp.asarray(True), "experts_held": held.mean(0)}
+            return clients._replace(params=params), server._replace(rule=state), metrics, stats
+
+        return ServerProgram(
+            init,
+            apply,
+            host,
+            comm=lambda clients: amole_comm(clients, dispatch),
+            global_part=GlobalPart(amole.held_by_all, lambda rule: server_of(stepped(rule))),
+        )
 
     def next_masks(sim: SimState, stats) -> SimState:
         """The next round's architecture, on the host: RSEA's assignment from the uploaded
@@ -247,16 +300,13 @@ def fedamole(
         if dispatch == "rsea":
             masks = rsea_masks(stats, sim.clients.frozen)
         else:
-            masks = random_masks(jax.random.fold_in(sim.agg_state, int(sim.round)))
+            masks = random_masks(jax.random.fold_in(sim.agg_state.key, int(sim.round)))
         return sim._replace(clients=sim.clients._replace(frozen=masks))
 
     host = None if dispatch == "static" else next_masks
-    server = ServerProgram(
-        lambda key, clients: jax.random.split(key)[1],
-        server_apply,
-        host,
-        comm=lambda clients: amole_comm(clients, dispatch),
-    )
+    stepped = lambda rule: with_server_optimizer(rule, options.server_opt, amole.held_by_all)
+    stepped_mean = stepped(masked_aggregator(amole.held_by_all))
+    server = server_of(None if options.server_opt.kind == "none" else stepped_mean)
     client = ClientProgram(init, local_training(problem, update))
     default = {"rsea": "fedamole", "static": "fedamole-r", "random": "fedamole-random"}
     method = Method(

@@ -18,6 +18,12 @@ and every client continues from the average (FedAvg).
 As for FedAMoLE, the optimizer (Adam in the reference) is re-created at every round and its
 learning rate is `lr · decay^{r-1}` in round `r` (`round_decay`, 0.99); `round_decay=None` keeps
 the problem's optimizer state and schedule across rounds instead.
+
+The federated toolbox (`docs/aggregation.md`): the adapter is the global part.
+
+| `server_opt` | `proximal_mu` | `scaffold` | `reduction` | `dp` |
+|---|---|---|---|---|
+| ✓ | – (the optimizer is re-created every round) | – | ✓ | ✓ |
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from fedjax_lora.algorithms.base import (
 )
 from fedjax_lora.algorithms.problem import Problem
 from fedjax_lora.algorithms.registry import register
+from fedjax_lora.settings import ServerOptimizer
 
 __all__ = ["FedITOptions", "fedit", "fedit_ft"]
 
@@ -45,9 +52,11 @@ __all__ = ["FedITOptions", "fedit", "fedit_ft"]
 @dataclasses.dataclass(frozen=True)
 class FedITOptions:
     """round_decay: learning-rate factor per round, the optimizer re-created every round (the
-    FedAMoLE reference's schedule); None: the problem's optimizer runs on across rounds."""
+    FedAMoLE reference's schedule); None: the problem's optimizer runs on across rounds.
+    server_opt: a server optimizer on the averaged adapter (`aggregation.server_opt`)."""
 
     round_decay: float | None = 0.99
+    server_opt: ServerOptimizer = ServerOptimizer()
 
     def __post_init__(self):
         if self.round_decay is not None and not 0 < self.round_decay <= 1:
@@ -66,12 +75,15 @@ def _fedit(problem: Problem, options: FedITOptions, name: str, evaluate: Evaluat
             evaluate=evaluate,
             server_model=True,
             policy="all",
+            server_opt=options.server_opt,
         )
     tx = scaled_tx(problem)
     client = round_decayed(
         standard_client(problem, shared_init=True, tx=tx), tx, options.round_decay
     )
-    server = aggregating(fedavg_aggregator(), server_model=True, policy="all")
+    server = aggregating(
+        fedavg_aggregator(), server_model=True, policy="all", server_opt=options.server_opt
+    )
     return build(problem, Method(name, client, server, evaluate=evaluate))
 
 

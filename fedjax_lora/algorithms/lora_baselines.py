@@ -29,10 +29,21 @@ them again at every truncation). All clients start from the server's init trunca
 Client `i` uploads and downloads its LoRA at rank `r_i` (`ranked_comm`: `r_i (d_in + d_out)`
 elements per ranked projection, every other adapter in full).
 
-**Server optimizer and FedProx.** `ffa-lora` and `fedsa-lora` take `server_opt`
-(`aggregation.server_opt`: an optax step on the pseudo-gradient of the averaged part, `B` and
-`A` respectively); `ffa-lora` also FedProx's `proximal_mu` (its trained tensors are all global;
-FedSA-LoRA's local `B` has no global model to stay close to).
+**Server optimizer, FedProx, SCAFFOLD and the global rule** (`docs/aggregation.md`).
+`ffa-lora` and `fedsa-lora` take `server_opt` (`aggregation.server_opt`: an optax step on the
+pseudo-gradient of the averaged part, `B` and `A` respectively) and `scaffold` (SCAFFOLD's
+control variates over that part, `algorithms.scaffold.federated_scaffold`); `ffa-lora` also
+FedProx's `proximal_mu` (its trained tensors are all global; FedSA-LoRA's local `B` has no global
+model to stay close to). The config's `aggregation.reduction` / `aggregation.dp` replace the mean
+of that part (not with `scaffold`: its server also averages the control updates). HetLoRA's and
+FlexLoRA's servers are their own rules and refuse them (`HETLORA_RULE`, `FLEXLORA_RULE`).
+
+| method | `server_opt` | `proximal_mu` | `scaffold` | `reduction` | `dp` |
+|---|---|---|---|---|---|
+| `ffa-lora` | ✓ `B` | ✓ | ✓ `B` | ✓ `B` | ✓ `B` |
+| `fedsa-lora` | ✓ `A` | – | ✓ `A` | ✓ `A` | ✓ `A` |
+| `hetlora` | – | – | – | ✗ zero-padded ranks bias a coordinate rule | ✗ drops sparsity weights |
+| `flexlora` | – | – | – | ✗ the rule would act on factors, not `ΔW_i` | ✗ same |
 
 **Evaluation** (`evaluate`, every method here): `"local"` (default), each client's model after its
 local steps and before the server average, as the CoMiGS reference evaluates every method;
@@ -74,6 +85,7 @@ from fedjax_lora.algorithms.base import (
 )
 from fedjax_lora.algorithms.problem import Problem, Surgery, install
 from fedjax_lora.algorithms.registry import register
+from fedjax_lora.algorithms.scaffold import federated_scaffold, local_learning_rate
 from fedjax_lora.engine.loss import AUX_LOSS
 from fedjax_lora.engine.state import ClientState, init_clients
 from fedjax_lora.engine.train import make_client_update
@@ -217,11 +229,13 @@ def _ranked_method(
     aggregator: Aggregator,
     inputs: Callable[..., dict] | None = None,
     evaluate: Evaluate = "local",
+    own_rule: str | None = None,
 ) -> Algorithm:
     """The aggregator's method on a `with_ranks` problem: clients start from one shared draw
     truncated to their ranks (their `RankScale`s in `ClientState.frozen`, `rank_scales`), the
     server sees and updates the rank scales with the adapters (`aggregating(frozen=True)`);
-    `evaluate`: the local models before the server average, or the aggregated ones."""
+    `evaluate`: the local models before the server average, or the aggregated ones; `own_rule`:
+    why no `GlobalRule` replaces the aggregator (`ServerProgram.own_rule`)."""
     ranks = _check_ranks(problem, ranks, ranked)
     problem = with_ranks(problem, ranks, ranked, prune_coef=prune_coef, keep=keep)
     scales = rank_scales(problem.frozen, ranks, ranked)
@@ -243,7 +257,9 @@ def _ranked_method(
     method = Method(
         name,
         client,
-        aggregating(aggregator, inputs=inputs, comm=ranked_comm, frozen=True),
+        aggregating(aggregator, inputs=inputs, comm=ranked_comm, frozen=True)._replace(
+            own_rule=own_rule
+        ),
         evaluate=evaluate,
         capabilities=Capabilities(cohorts=False),
     )
@@ -286,12 +302,15 @@ class FFALoRAOptions:
     """train_attention_a: the attention's `A` trained and averaged (the icml reference); only the
     MLP `A` frozen. evaluate: module docstring. server_opt: a server optimizer on the averaged
     part (`aggregation.server_opt`). proximal_mu > 0: FedProx's proximal term on the local loss
-    (every trained tensor is global)."""
+    (every trained tensor is global). scaffold: SCAFFOLD's control variates over the trained `B`
+    (`algorithms.scaffold`, option II); local_lr: its `η_l` (None: `optimizer.lr`)."""
 
     train_attention_a: bool = False
     evaluate: Evaluate = "local"
     server_opt: ServerOptimizer = ServerOptimizer()
     proximal_mu: float = 0.0
+    scaffold: bool = False
+    local_lr: float | None = None
 
     def __post_init__(self):
         if not self.proximal_mu >= 0:
@@ -303,10 +322,26 @@ class FFALoRAOptions:
 @dataclasses.dataclass(frozen=True)
 class FedSALoRAOptions:
     """evaluate: module docstring. server_opt: a server optimizer on the `A`s
-    (`aggregation.server_opt`)."""
+    (`aggregation.server_opt`). scaffold: SCAFFOLD's control variates over the `A`s
+    (`algorithms.scaffold`, option II; the local `B`s train uncorrected); local_lr: its `η_l`
+    (None: `optimizer.lr`)."""
 
     evaluate: Evaluate = "local"
     server_opt: ServerOptimizer = ServerOptimizer()
+    scaffold: bool = False
+    local_lr: float | None = None
+
+
+HETLORA_RULE = (
+    "HetLoRA's server averages zero-padded rank-r_i factors with sparsity weights ||dW_i|| and "
+    "self-prunes; a coordinate median or trimmed mean over zero-padded ranks is pulled to 0 on "
+    "the ranks few clients hold, and DP-FedAvg's uniform clipped mean drops the sparsity weights"
+)
+FLEXLORA_RULE = (
+    "FlexLoRA averages the products dW_i = s_i A_i B_i and re-factorises them by SVD to each "
+    "client's rank; a coordinate rule or clipping and noise on the padded factors A_i, B_i is "
+    "not that rule on dW_i"
+)
 
 
 def hetlora(problem: Problem, options: HetLoRAOptions = HetLoRAOptions()) -> Algorithm:
@@ -315,7 +350,15 @@ def hetlora(problem: Problem, options: HetLoRAOptions = HetLoRAOptions()) -> Alg
     o = options
     aggregator = hetlora_aggregator(o.keep, o.self_prune, o.reference_weights)
     return _ranked_method(
-        "hetlora", problem, o.ranks, o.ranked, o.prune_coef, o.keep, aggregator, evaluate=o.evaluate
+        "hetlora",
+        problem,
+        o.ranks,
+        o.ranked,
+        o.prune_coef,
+        o.keep,
+        aggregator,
+        evaluate=o.evaluate,
+        own_rule=HETLORA_RULE,
     )
 
 
@@ -334,6 +377,7 @@ def flexlora(problem: Problem, options: FlexLoRAOptions = FlexLoRAOptions()) -> 
         aggregator,
         inputs,
         options.evaluate,
+        FLEXLORA_RULE,
     )
 
 
@@ -351,33 +395,39 @@ def ffa_lora(problem: Problem, options: FFALoRAOptions = FFALoRAOptions()) -> Al
     labels = lambda params: jax.tree_util.tree_map_with_path(
         lambda path, _: "frozen" if frozen(path_names(path)) else "trained", params
     )
+    local_lr = options.local_lr
+    if options.scaffold:  # η_l from the problem's optimizer, before it becomes a transformation
+        local_lr = local_learning_rate(problem, local_lr, "ffa-lora")
     tx = optax.multi_transform({"trained": problem.tx(), "frozen": optax.set_to_zero()}, labels)
     problem = dataclasses.replace(problem, optimizer=tx)
     trained = lambda names: not frozen(names)
-    return federated(
-        "ffa-lora",
-        problem,
-        masked_aggregator(trained),
-        shared_init=True,
+    common = dict(
         evaluate=options.evaluate,
         proximal_mu=options.proximal_mu or None,
         policy=trained,
         server_opt=options.server_opt,
     )
+    if options.scaffold:
+        return federated_scaffold(
+            "ffa-lora", problem, masked_aggregator(trained), local_lr=local_lr, **common
+        )
+    return federated("ffa-lora", problem, masked_aggregator(trained), shared_init=True, **common)
 
 
 def fedsa_lora(problem: Problem, options: FedSALoRAOptions = FedSALoRAOptions()) -> Algorithm:
     """FedSA-LoRA: every LoRA `A` averaged uniformly after every round, every `B` kept local; all
-    clients start from the same adapters. `server_opt`: a server optimizer on the `A`s."""
-    return federated(
-        "fedsa-lora",
-        problem,
-        masked_aggregator("fedsa"),
-        shared_init=True,
-        evaluate=options.evaluate,
-        policy="fedsa",
-        server_opt=options.server_opt,
-    )
+    clients start from the same adapters. `server_opt`: a server optimizer on the `A`s;
+    `scaffold`: control variates over the `A`s."""
+    common = dict(evaluate=options.evaluate, policy="fedsa", server_opt=options.server_opt)
+    if options.scaffold:
+        return federated_scaffold(
+            "fedsa-lora",
+            problem,
+            masked_aggregator("fedsa"),
+            local_lr=options.local_lr,
+            **common,
+        )
+    return federated("fedsa-lora", problem, masked_aggregator("fedsa"), shared_init=True, **common)
 
 
 register("ffa-lora", ffa_lora, FFALoRAOptions())

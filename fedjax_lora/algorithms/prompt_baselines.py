@@ -19,6 +19,15 @@ its token ids); P-tuning uses the reference's MLP encoder of hidden size 1024. L
 the optimizer are the problem's, as for `fedavg` (the reference re-creates Adam every round with
 a learning rate decayed by 0.99 per round; that schedule is not applied here).
 
+The federated toolbox (`docs/aggregation.md`): the prompt is the global part, so every option of
+FedAvg applies: `server_opt`, `proximal_mu`, and the config's `aggregation.reduction` /
+`aggregation.dp` (not with `reference_state_dict`, whose server writes the encoders' outputs into
+the table: not a mean of the tensors).
+
+| `server_opt` | `proximal_mu` | `scaffold` | `reduction` | `dp` |
+|---|---|---|---|---|
+| ✓ | ✓ | – | ✓ (✗ `reference_state_dict`) | ✓ (✗ `reference_state_dict`) |
+
 `FedPTuningOptions(reference_state_dict=True)` reproduces what the reference averages for P-tuning:
 PEFT's state dict of a P-tuning model in training mode is the encoder's *output* `f(E)`
 (`get_prompt_embedding_to_save`), and loading it writes it into the *input* table `E`, so after a
@@ -41,6 +50,7 @@ from fedjax_lora.algorithms.problem import Problem, Surgery, install, model_of
 from fedjax_lora.algorithms.registry import register
 from fedjax_lora.lora import detach_adapters
 from fedjax_lora.prompt_tuning import PromptConfig, PromptTuningConfig, PTuningConfig, attach_prompt
+from fedjax_lora.settings import ServerOptimizer
 
 __all__ = [
     "DEFAULT_PROMPT",
@@ -88,19 +98,25 @@ def with_prompt(problem: Problem, config: PromptConfig, *, key: jax.Array | None
 
 @dataclasses.dataclass(frozen=True)
 class FedPromptOptions:
-    """prompt: the soft prompt every client trains (default `DEFAULT_PROMPT`)."""
+    """prompt: the soft prompt every client trains (default `DEFAULT_PROMPT`). server_opt: a server
+    optimizer on the averaged prompt (`aggregation.server_opt`). proximal_mu > 0: FedProx's
+    proximal term on the local loss (the prompt is all global)."""
 
     prompt: PromptTuningConfig = DEFAULT_PROMPT
+    server_opt: ServerOptimizer = ServerOptimizer()
+    proximal_mu: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
 class FedPTuningOptions:
     """prompt: the P-tuning prompt (table and encoder; default `DEFAULT_PTUNING`).
     reference_state_dict: average the encoder outputs into the table as the reference does
-    (module docstring)."""
+    (module docstring). server_opt, proximal_mu: as `FedPromptOptions`."""
 
     prompt: PTuningConfig = DEFAULT_PTUNING
     reference_state_dict: bool = False
+    server_opt: ServerOptimizer = ServerOptimizer()
+    proximal_mu: float = 0.0
 
 
 def _fedprompt(problem: Problem, options: FedPromptOptions, name: str, evaluate: Evaluate):
@@ -114,6 +130,8 @@ def _fedprompt(problem: Problem, options: FedPromptOptions, name: str, evaluate:
         evaluate=evaluate,
         server_model=True,
         policy="all",
+        server_opt=options.server_opt,
+        proximal_mu=options.proximal_mu or None,
     )
 
 
@@ -163,6 +181,8 @@ def _fedptuning(problem: Problem, options: FedPTuningOptions, name: str, evaluat
         evaluate=evaluate,
         server_model=True,
         policy=policy,
+        server_opt=options.server_opt,
+        proximal_mu=options.proximal_mu or None,
     )
 
 

@@ -38,7 +38,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from fedjax_lora.aggregation import Aggregator, Exchange, fedavg_aggregator, with_server_optimizer
+from fedjax_lora.aggregation import Aggregator, Exchange, fedavg_aggregator
+from fedjax_lora.aggregation.masks import PolicyArg, merge_global
 from fedjax_lora.aggregation.server_opt import client_mean
 from fedjax_lora.algorithms.base import (
     Algorithm,
@@ -48,6 +49,7 @@ from fedjax_lora.algorithms.base import (
     Method,
     RoundInputs,
     ServerProgram,
+    aggregating,
     anchored,
     build,
     exchanged,
@@ -67,6 +69,9 @@ __all__ = [
     "ScaffoldOptions",
     "ScaffoldState",
     "control_delta",
+    "controlled",
+    "federated_scaffold",
+    "local_learning_rate",
     "scaffold",
     "scaffold_client",
     "scaffold_server",
@@ -90,11 +95,15 @@ def control_delta(x: PyTree, y: PyTree, c: PyTree, steps: int, lr: float) -> PyT
     return jax.tree.map(lambda a, b, s: ((a - b) / (steps * lr) - s).astype(b.dtype), x, y, c)
 
 
-def scaffold_client(client: ClientProgram, steps: int, lr: float) -> ClientProgram:
+def scaffold_client(
+    client: ClientProgram, steps: int, lr: float, policy: PolicyArg = "all"
+) -> ClientProgram:
     """`client` (optimizer `drift_corrected`, `steps` local steps of learning rate `lr`) with
     SCAFFOLD's client side: `c_i = 0` at init (`aux`), every round's updates corrected by
     `η_l (c_i − c)` (`c` from `RoundInputs.server`, a `ScaffoldState`) and then
-    `c_i ← c_i + Δc_i` (`control_delta`), `Δc_i` kept as the upload."""
+    `c_i ← c_i + Δc_i` (`control_delta`), `Δc_i` kept as the upload. Only `policy`'s global part
+    (`aggregation.masks`) has control variates: elsewhere `Δc_i = 0`, so `c_i = c = 0` and the
+    local tensors train uncorrected."""
 
     def init(key: jax.Array) -> ClientState:
         clients = client.init(key)
@@ -114,6 +123,7 @@ def scaffold_client(client: ClientProgram, steps: int, lr: float) -> ClientProgr
         trained, metrics = corrected.update(clients, inputs)
         c = inputs.server.control
         delta = control_delta(clients.params, trained.params, c, steps, lr)
+        delta = merge_global(jax.tree.map(jnp.zeros_like, delta), delta, policy)
         control = jax.tree.map(jnp.add, clients.aux[CONTROL], delta)
         aux = {**trained.aux, CONTROL: control, CONTROL_DELTA: delta}
         return trained._replace(aux=aux), metrics
@@ -121,32 +131,99 @@ def scaffold_client(client: ClientProgram, steps: int, lr: float) -> ClientProgr
     return ClientProgram(init, update)
 
 
-def scaffold_server(aggregator: Aggregator, population: int) -> ServerProgram:
-    """SCAFFOLD's server (a server model): `aggregator` over the adapters (its state in
-    `ScaffoldState.inner`) and `c ← c + (|S|/N) mean_S Δc_i`, `N = population`, `|S|` the
-    clients it is given (the cohort)."""
+SCAFFOLD_RULE = (
+    "SCAFFOLD's server also averages the clients' control-variate updates dc_i, which neither a "
+    "robust reduction nor DP clipping and noise would cover"
+)
+
+
+def controlled(server: ServerProgram, population: int) -> ServerProgram:
+    """SCAFFOLD's server around `server` (its state in `ScaffoldState.inner`): after `server`'s
+    aggregation, `c ← c + (|S|/N) mean_S Δc_i`, `N = population`, `|S|` the clients it is given
+    (the cohort); each client uploads and downloads twice `server`'s bytes (the tensors and
+    their control variates). No `GlobalRule` replaces its aggregation (`own_rule`)."""
 
     def init(key: jax.Array, clients: ClientState) -> ScaffoldState:
         control = jax.tree.map(jnp.zeros_like, client_mean(clients.params))
-        return ScaffoldState(aggregator.init(clients.params), control)
+        return ScaffoldState(server.init(key, clients), control)
 
     def apply(clients: ClientState, state: ScaffoldState, inputs: RoundInputs):
-        params, inner = aggregator.apply(clients.params, state.inner, {})
-        fraction = jax.tree.leaves(params)[0].shape[0] / population  # |S| / N
+        aggregated, inner, metrics, host_inputs = server.apply(clients, state.inner, inputs)
+        fraction = jax.tree.leaves(clients.params)[0].shape[0] / population  # |S| / N
         control = jax.tree.map(
             lambda c, d: c + fraction * client_mean(d), state.control, clients.aux[CONTROL_DELTA]
         )
-        metrics = {"applied": jnp.asarray(True)}
-        return clients._replace(params=params), ScaffoldState(inner, control), metrics, None
+        return aggregated, ScaffoldState(inner, control), metrics, host_inputs
 
-    return ServerProgram(init, apply, None, server_model=True, comm=scaffold_comm)
+    def comm(clients: ClientState) -> Exchange:
+        one = server.comm(clients)
+        return Exchange(2 * one.upload, 2 * one.download)
+
+    return ServerProgram(
+        init,
+        apply,
+        server.host,
+        server.server_model,
+        comm,
+        global_part=None,
+        own_rule=SCAFFOLD_RULE,
+    )
 
 
-def scaffold_comm(clients: ClientState) -> Exchange:
-    """Every client uploads its adapters and its control-variate update `Δc_i` (one adapter tree
-    each) and downloads the server's adapters and control variate `c`: twice FedAvg's bytes."""
-    one = exchanged("all")(clients)
-    return Exchange(2 * one.upload, 2 * one.download)
+def scaffold_server(aggregator: Aggregator, population: int) -> ServerProgram:
+    """SCAFFOLD's server (a server model): `aggregator` over the adapters, `controlled`."""
+    return controlled(aggregating(aggregator, server_model=True, comm=exchanged("all")), population)
+
+
+def local_learning_rate(problem: Problem, local_lr: float | None, name: str) -> float:
+    """`η_l` of SCAFFOLD's control update: `local_lr`, or the problem's `optimizer.lr`; refused
+    (one line naming `method_options.<name>.local_lr`) when neither is known or it is not
+    positive."""
+    if local_lr is None:
+        if not isinstance(problem.optimizer, OptimizerConfig):
+            raise ValueError(
+                f"{name} with SCAFFOLD needs the local learning rate η_l of its control update "
+                "and the clients' optimizer is an optax transformation (your own, or a sweep's: "
+                "SCAFFOLD cannot be vectorized over learning rates); set "
+                f"method_options.{name}.local_lr"
+            )
+        local_lr = problem.optimizer.lr
+    if not local_lr > 0:
+        raise ValueError(f"method_options.{name}.local_lr must be positive, got {local_lr}")
+    return local_lr
+
+
+def federated_scaffold(
+    name: str,
+    problem: Problem,
+    aggregator: Aggregator,
+    *,
+    policy: PolicyArg,
+    server_opt: ServerOptimizer = ServerOptimizer(),
+    proximal_mu: float | None = None,
+    evaluate: Evaluate = "aggregated",
+    server_model: bool = False,
+    local_lr: float | None = None,
+) -> Algorithm:
+    """The method of `aggregator` (the mean of `policy`'s global part, stepped by `server_opt`)
+    with SCAFFOLD's control variates over that part (`scaffold_client`, `controlled`): the named
+    `scaffold`, and the `scaffold` option of FedAvg, FFA-LoRA and FedSA-LoRA. proximal_mu:
+    FedProx's term as well (None: none); local_lr: `η_l` (`local_learning_rate`)."""
+    lr = local_learning_rate(problem, local_lr, name)
+    population, steps = problem.num_clients, problem.training.steps
+    problem = proximal(problem, proximal_mu or 0.0)  # the drift-corrected optimizer
+    client = scaffold_client(standard_client(problem, shared_init=True), steps, lr, policy)
+    server = aggregating(
+        aggregator, server_model=server_model, policy=policy, server_opt=server_opt
+    )
+    method = Method(
+        name,
+        client,
+        controlled(server, population),
+        evaluate=evaluate,
+        capabilities=Capabilities(sweeps=False),
+    )
+    return build(problem, method)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,29 +240,16 @@ class ScaffoldOptions:
 def scaffold(problem: Problem, options: ScaffoldOptions = ScaffoldOptions()) -> Algorithm:
     """SCAFFOLD (Karimireddy et al., ICML 2020, option II): FedAvg with server and per-client
     control variates correcting the local steps (module docstring, `ScaffoldOptions`)."""
-    server_opt, local_lr, evaluate = options.server_opt, options.local_lr, options.evaluate
-    if local_lr is None:
-        if not isinstance(problem.optimizer, OptimizerConfig):
-            raise ValueError(
-                "scaffold needs the local learning rate η_l of its control update and the "
-                "clients' optimizer is an optax transformation (your own, or a sweep's: scaffold "
-                "cannot be vectorized over learning rates); set method_options.scaffold.local_lr"
-            )
-        local_lr = problem.optimizer.lr
-    if not local_lr > 0:
-        raise ValueError(f"method_options.scaffold.local_lr must be positive, got {local_lr}")
-    population, steps = problem.num_clients, problem.training.steps
-    problem = proximal(problem, 0.0)  # the drift-corrected optimizer, no proximal term
-    client = scaffold_client(standard_client(problem, shared_init=True), steps, local_lr)
-    aggregator = with_server_optimizer(fedavg_aggregator(), server_opt)
-    method = Method(
+    return federated_scaffold(
         "scaffold",
-        client,
-        scaffold_server(aggregator, population),
-        evaluate=evaluate,
-        capabilities=Capabilities(sweeps=False),
+        problem,
+        fedavg_aggregator(),
+        policy="all",
+        server_opt=options.server_opt,
+        evaluate=options.evaluate,
+        server_model=True,
+        local_lr=options.local_lr,
     )
-    return build(problem, method)
 
 
 register("scaffold", scaffold, ScaffoldOptions())

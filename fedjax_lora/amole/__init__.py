@@ -13,6 +13,7 @@ from fedjax_lora.amole.module import (
     add_amole,
     by_module,
     expert_masks,
+    held_by_all,
     holders,
     module_path,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "add_noise",
     "by_module",
     "expert_masks",
+    "held_by_all",
     "holders",
     "make_client_stats",
     "module_path",

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -207,3 +208,10 @@ def holders(params: nnx.State, masks: nnx.State) -> nnx.State:
 
 
 _EXPERT_LEAVES = ("experts_a", "experts_b")
+
+
+def held_by_all(names: Sequence[str]) -> bool:
+    """Whether every client holds the adapter leaf at path `names` (the shared expert, `W_tok`, any
+    other adapter; not a domain expert pool): FedAMoLE's global part, a mask policy predicate of
+    `fedjax_lora.aggregation.masks`."""
+    return names[-1] not in _EXPERT_LEAVES
