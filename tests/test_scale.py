@@ -29,6 +29,7 @@ from fedjax_lora.algorithms import (
     local,
     standard_client,
 )
+from fedjax_lora.algorithms.lora_baselines import fedsa_lora
 from fedjax_lora.checkpoint import _from_saved, _to_saveable
 from fedjax_lora.engine import LocalTraining, lm_loss
 from fedjax_lora.engine.batches import Batch
@@ -255,6 +256,37 @@ def test_fedavg_over_a_cohort_averages_the_drawn_clients_and_broadcasts_the_serv
         rows(sim.clients.opt_state, idle), rows(start.clients.opt_state, idle), strict=True
     ):
         np.testing.assert_array_equal(got, want)
+
+
+def test_fedsa_lora_over_a_cohort_sends_its_global_a_to_the_idle_clients():
+    # A client downloads the current global part when it is drawn again: after the round every
+    # client holds the cohort's mean A; B stays each client's own (idle: untouched).
+    problem = _with_cohort(tiny_problem(num_clients=6), 3)
+    plain = federated("plain", problem, local_aggregator(), shared_init=True)
+    selective = fedsa_lora(problem)
+    key = jax.random.key(3)
+    local_sim, local_metrics = plain.round(plain.init(key))
+    start = selective.init(key)
+    sim, metrics = selective.round(start)
+    idx = np.asarray(metrics["train"]["cohort"])
+    np.testing.assert_array_equal(idx, local_metrics["train"]["cohort"])
+    idle = np.setdiff1d(np.arange(6), idx)
+    named = lambda tree: {jax.tree_util.keystr(p): np.asarray(x) for p, x in _paths(tree)}
+    trained, got, before = (named(t.clients.params) for t in (local_sim, sim, start))
+    global_a = [k for k in got if k.endswith("['a'].value")]
+    assert global_a and len(global_a) < len(got)
+    for key_, value in got.items():
+        if key_ in global_a:  # global: everyone holds the cohort's mean
+            mean = trained[key_][idx].astype(np.float64).mean(axis=0)
+            for c in range(6):
+                np.testing.assert_allclose(value[c], mean, atol=1e-6)
+        else:  # local B: drawn clients their trained B, idle clients their own
+            np.testing.assert_allclose(value[idx], trained[key_][idx], atol=1e-6)
+            np.testing.assert_array_equal(value[idle], before[key_][idle])
+
+
+def _paths(tree):
+    return jax.tree_util.tree_leaves_with_path(tree)
 
 
 def _adam_counts(sim):

@@ -24,7 +24,7 @@ The round (compiled once; the round counter is data, so later rounds never recom
     [cohort] draw K clients, gather their state, data, evaluation windows and side data
     clients, train = client.update(clients, RoundInputs(data, eval_sets, base, round, server, side))
     clients', server, agg, host_in = server.apply(clients, server, inputs)   # aggregation
-    [cohort] scatter the rows back (the server model to everyone when server.server_model)
+    [cohort] scatter the rows back (server.server_model, the server model or global part, to all)
     metrics = {"train": train, "aggregation": agg, <set>: evaluate(clients, clients')}
     (host) sim = server.host(sim, host_in)                                   # outside jit
 
@@ -64,7 +64,7 @@ from fedjax_lora.aggregation import (
     with_server_optimizer,
 )
 from fedjax_lora.aggregation.dp import DPState, update_noise_multiplier
-from fedjax_lora.aggregation.masks import PolicyArg
+from fedjax_lora.aggregation.masks import PolicyArg, global_mask
 from fedjax_lora.aggregation.privacy import check_certifiable
 from fedjax_lora.algorithms.problem import PER_CLIENT_SIDE, Problem, TrainData
 from fedjax_lora.engine import cohort as cohorts
@@ -173,17 +173,18 @@ class ServerProgram(NamedTuple):
     `init` got) and the initial (cohort's) clients; `apply(clients, state,
     inputs) -> (clients, state, metrics, host_inputs)` (pure, inside `jit`): the clients after
     aggregation; `host(sim, host_inputs) -> sim` (optional, on the host after the compiled round,
-    e.g. an LP); `server_model`: the aggregate is one model for everyone, so under a cohort the
-    idle clients receive it too; `comm`: what each client uploads and downloads in a round that
-    aggregates (`Comm`; None: not declared, no bytes reported); `global_part`: the server's
-    aggregation is the mean of a global part, replaceable (`GlobalPart`); `own_rule`: for a server
-    without one, why no `GlobalRule` can replace its aggregation (the refusal names it); `dp`: the
-    client-level DP it applies (set by `with_global_rule`; the run reports `ε`)."""
+    e.g. an LP); `server_model`: what the aggregation makes one model for everyone, so under a
+    cohort the idle clients receive it too (True: every adapter; a policy: its global part;
+    False: nothing, personalised aggregation); `comm`: what each client uploads and downloads in
+    a round that aggregates (`Comm`; None: not declared, no bytes reported); `global_part`: the
+    server's aggregation is the mean of a global part, replaceable (`GlobalPart`); `own_rule`: for
+    a server without one, why no `GlobalRule` can replace its aggregation (the refusal names it);
+    `dp`: the client-level DP it applies (set by `with_global_rule`; the run reports `ε`)."""
 
     init: Callable[[jax.Array, ClientState], PyTree]
     apply: Callable[[ClientState, PyTree, RoundInputs], tuple[ClientState, PyTree, Metrics, PyTree]]
     host: Callable[[SimState, PyTree], SimState] | None = None
-    server_model: bool = False
+    server_model: bool | PolicyArg = False
     comm: Comm | None = None
     global_part: GlobalPart | None = None
     dp: DPOptions | None = None
@@ -448,7 +449,9 @@ def aggregating(
     first_round: the first round (1-based) that ends with an aggregation; earlier rounds are local
     warm-up (`lax.cond`: neither the inputs nor the aggregation are computed there).
     policy: the aggregator is the mean of this global part (`GlobalPart`: a `GlobalRule` may
-    replace it; `"none"`: nothing is global, nothing exchanged). server_opt: a server optimizer
+    replace it; `"none"`: nothing is global, nothing exchanged); that part is one model after an
+    aggregation, which idle clients of a cohort receive too (`server_model`, also when not
+    given as True). server_opt: a server optimizer
     stepping the aggregate of that part (`aggregation.with_server_optimizer`; it stays around a
     replacing rule). comm: the bytes moved (default `exchanged(policy or "all")`, the whole
     adapters when no policy is declared).
@@ -459,6 +462,7 @@ def aggregating(
     if policy == "none":
         policy, comm = None, comm or nothing
     comm = comm or exchanged(policy or "all")
+    server_model = server_model or (False if policy is None else policy)
     stepped = lambda rule: with_server_optimizer(
         rule, server_opt or ServerOptimizer(), policy or "all"
     )
@@ -477,7 +481,7 @@ def _aggregator_server(
     aggregator: Aggregator,
     inputs: Callable | None,
     first_round: int,
-    server_model: bool,
+    server_model: bool | PolicyArg,
     comm: Comm,
     part: GlobalPart | None,
     frozen: bool,
@@ -690,9 +694,10 @@ def build(problem: Problem, method: Method) -> Algorithm:
         if cohort is not None:
             train_metrics = {**train_metrics, "cohort": idx}
             trained = cohorts.merge(population, idx, trained, False)
-            aggregated = cohorts.merge(
-                population, idx, aggregated, server.server_model and agg_metrics["applied"]
-            )
+            shared = server.server_model
+            if not isinstance(shared, bool):  # a policy: its global part
+                shared = global_mask(population.params, shared)
+            aggregated = cohorts.merge(population, idx, aggregated, shared, agg_metrics["applied"])
         metrics = {
             "train": train_metrics,
             "aggregation": agg_metrics,

@@ -12,8 +12,9 @@ Adam moments, ≈200 KB per client, so thousands fit on one device). Inside the 
    matrices `K × K`);
 4. `put(population, idx, cohort)` scatters the rows back (`.at[idx].set`); idle clients keep
    everything they had. With a server model (FedAvg) the aggregated model is also written to the
-   idle clients' adapters: a client that joins a later round starts from the newest global model,
-   as FedAvg's download at the start of a round (McMahan et al., 2017).
+   idle clients' adapters, and with a global part (FedSA-LoRA's `A`, FFA-LoRA's `B`) that part: a
+   client that joins a later round starts from the newest global model, as FedAvg's download at
+   the start of a round (McMahan et al., 2017); its local tensors stay its own.
 
 Sampling, without replacement:
 
@@ -108,16 +109,28 @@ def put(population: PyTree, idx: jax.Array, rows: PyTree) -> PyTree:
     return jax.tree.map(lambda x, r: x.at[idx].set(r), population, rows)
 
 
-def merge(population: Any, idx: jax.Array, cohort: Any, server_model: jax.Array | bool) -> Any:
-    """The population `ClientState` after a round: the cohort's rows scattered back (`put`); where
-    `server_model` holds (FedAvg after an aggregation: the cohort's rows are one model), every
-    client's adapters become the cohort's row 0."""
+def merge(
+    population: Any,
+    idx: jax.Array,
+    cohort: Any,
+    shared: PyTree | bool = False,
+    applied: jax.Array | bool = True,
+) -> Any:
+    """The population `ClientState` after a round: the cohort's rows scattered back (`put`); then,
+    after an aggregation (`applied`), every client receives the entries the server made one model
+    for the cohort, its row 0, as a client downloads the current global part when it is next
+    drawn. `shared`: those entries: False none (personalised aggregation), True every adapter
+    (FedAvg's server model), or a mask tree of the adapters (`aggregation.masks.global_mask`, e.g.
+    FedSA-LoRA's `A`)."""
     out = put(population, idx, cohort)
-    if server_model is False:
+    if shared is False:
         return out
+    if shared is True:
+        shared = jax.tree.map(lambda _: True, out.params)
     params = jax.tree.map(
-        lambda x, r: jnp.where(server_model, jnp.broadcast_to(r[0], x.shape), x),
+        lambda x, r, m: jnp.where(m & applied, jnp.broadcast_to(r[0], x.shape), x),
         out.params,
         cohort.params,
+        shared,
     )
     return out._replace(params=params)
