@@ -205,10 +205,8 @@ def sources_section() -> list[str]:
         else:
             builder = f"`{builder.__name__}`"
         reads = ", ".join(f"`{field}`" for field in spec.fields)
-        supports = ["`eval_mixture=uniform`"] * spec.uniform_eval + [
-            "`eval.generation`"
-        ] * spec.task
-        lines.append(f"| `{name}` | {spec.doc} | {builder} | {reads} | {', '.join(supports)} |")
+        supports = ", ".join(f"`{setting}`" for setting in spec.supports)
+        lines.append(f"| `{name}` | {spec.doc} | {builder} | {reads} | {supports} |")
     lines.append("")
     for name in ("register_source", "SourceSpec", "checked_source"):
         lines += _entry(name, getattr(sources, name))

@@ -96,7 +96,13 @@ def _with_task(problem: Problem, config: ExperimentConfig, data: FederatedData) 
     gen = config.eval.generation
     if gen is None:
         return problem
-    task = data.task  # a source with a task (checked_source)
+    task = data.task  # the source declares one (checked_source)
+    if task is None:
+        raise ValueError(
+            f"data.source={config.data.source!r} is registered with task=True but its builder "
+            "returned data without a task (FederatedData.task); set it, or register the source "
+            "without task"
+        )
     context = nnx.merge(problem.graphdef, problem.template, problem.base).config.max_positions
     if gen.metric == "rouge_l":
         budget = gen.max_prompt_tokens or context - gen.max_new_tokens

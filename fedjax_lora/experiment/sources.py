@@ -67,6 +67,12 @@ class SourceSpec:
     def __call__(self, config: ExperimentConfig, vocab_size: int, tokenizer: Any) -> FederatedData:
         return self.builder(config, vocab_size, tokenizer)
 
+    @property
+    def supports(self) -> tuple[str, ...]:
+        """The settings only some sources build: `data.eval_mixture=uniform`,
+        `eval.generation`."""
+        return ("data.eval_mixture=uniform",) * self.uniform_eval + ("eval.generation",) * self.task
+
 
 SOURCES: dict[str, SourceSpec] = {}
 """Every registered data source by name (this module registers the library's)."""
@@ -95,8 +101,8 @@ def register_source(
     if unknown:
         raise ValueError(f"data source {name!r}: fields {unknown} are not DataSpec fields")
     if doc is None:
-        text_ = " ".join((getattr(builder, "__doc__", None) or "").split())
-        doc = text_.split(". ")[0].rstrip(".")
+        words = " ".join((getattr(builder, "__doc__", None) or "").split())
+        doc = words.split(". ")[0].rstrip(".")
     spec = SourceSpec(name, builder, doc, tuple(fields), text, uniform_eval, task, check)
     SOURCES[name] = spec
     return spec
@@ -142,12 +148,10 @@ def describe_sources(sources: dict[str, SourceSpec] | None = None) -> str:
     sources = SOURCES if sources is None else sources
     lines = []
     for name, spec in sources.items():
-        also = [k for k, on in (("eval_mixture=uniform", spec.uniform_eval),) if on]
-        also += ["eval.generation"] * spec.task
         lines.append(f"{name}  {spec.doc}")
         lines.append(f"    reads: {', '.join(f'data.{f}' for f in spec.fields) or '-'}")
-        if also:
-            lines.append(f"    supports: {', '.join(also)}")
+        if spec.supports:
+            lines.append(f"    supports: {', '.join(spec.supports)}")
     return "\n".join(lines)
 
 
@@ -367,66 +371,68 @@ register_source(
     uniform_eval=True,
     check=_needs_categories,
 )
+# The trust-weighted and CoMiGS splits: `from_spec` of their data module reads `data.source`.
 _TRUST = ("variant", "paper_bug_compatible", "paths", "clients_per_group", "reference_sequences")
-for _name, _doc, _fields in (
-    (
-        "ag_news",
-        "the trust-weighted paper's AG News split (`trust_datasets.ag_news`)",
-        _TRUST,
-    ),
-    (
-        "multilingual_wikipedia",
-        "the trust-weighted paper's German / Italian / French Wikipedia split "
-        "(`trust_datasets.multilingual_wikipedia`)",
-        (*_TRUST, "tokens_per_client", "val_fraction", "seed"),
-    ),
-    (
-        "code_wiki",
-        "the trust-weighted paper's English Wikipedia / Java code split "
-        "(`trust_datasets.code_wiki`)",
-        (*_TRUST, "tokens_per_client", "val_fraction", "seed"),
-    ),
-    (
-        "comigs_wikipedia",
-        "CoMiGS's users, one Wikipedia language each (`comigs_datasets.wikipedia`)",
-        ("categories", "paths", "clients_per_group", "tokens_per_client", *_SPLIT),
-    ),
-    (
-        "comigs_slimpajama",
-        "CoMiGS's users, one SlimPajama subset each (`comigs_datasets.slimpajama`)",
-        ("categories", "paths", "clients_per_group", "tokens_per_client", *_SPLIT),
-    ),
-    (
-        "comigs_ag_news",
-        "CoMiGS's users, one AG News class each for training, every class in validation and "
-        "test (out-of-distribution; `comigs_datasets.ag_news`)",
-        ("paths", "clients_per_group", "tokens_per_client", *_SPLIT),
-    ),
-):
-    register_source(_name, _paper_splits, doc=_doc, fields=_fields)
+_TRUST_POOLS = (*_TRUST, "tokens_per_client", "val_fraction", "seed")
+_COMIGS = ("paths", "clients_per_group", "tokens_per_client", *_SPLIT)
+register_source(
+    "ag_news",
+    _paper_splits,
+    doc="the trust-weighted paper's AG News split (`trust_datasets.ag_news`)",
+    fields=_TRUST,
+)
+register_source(
+    "multilingual_wikipedia",
+    _paper_splits,
+    doc="the trust-weighted paper's German / Italian / French Wikipedia split "
+    "(`trust_datasets.multilingual_wikipedia`)",
+    fields=_TRUST_POOLS,
+)
+register_source(
+    "code_wiki",
+    _paper_splits,
+    doc="the trust-weighted paper's English Wikipedia / Java code split "
+    "(`trust_datasets.code_wiki`)",
+    fields=_TRUST_POOLS,
+)
+register_source(
+    "comigs_wikipedia",
+    _paper_splits,
+    doc="CoMiGS's users, one Wikipedia language each (`comigs_datasets.wikipedia`)",
+    fields=("categories", *_COMIGS),
+)
+register_source(
+    "comigs_slimpajama",
+    _paper_splits,
+    doc="CoMiGS's users, one SlimPajama subset each (`comigs_datasets.slimpajama`)",
+    fields=("categories", *_COMIGS),
+)
+register_source(
+    "comigs_ag_news",
+    _paper_splits,
+    doc="CoMiGS's users, one AG News class each for training, every class in validation and "
+    "test (out-of-distribution; `comigs_datasets.ag_news`)",
+    fields=_COMIGS,
+)
 _INSTRUCTION = ("paths", "num_clients", "aux_fraction", "instruction_packing", *_SPLIT)
-for _name, _doc, _load, _partition, _fields in (
-    (
-        "dolly",
-        "FedAMoLE's Dolly-15k clients, Dirichlet(`alpha`) over categories",
-        _dolly,
-        "dirichlet",
-        (*_INSTRUCTION, "alpha", "max_rows"),
-    ),
-    (
-        "snli",
-        "FedAMoLE's SNLI clients, Dirichlet(`alpha`) over the labels",
-        _snli,
-        "dirichlet",
-        (*_INSTRUCTION, "alpha", "max_rows"),
-    ),
-    (
-        "natural_instructions",
-        "FedAMoLE's Natural Instructions clients, one task each of the `num_tasks` largest",
-        _natural_instructions,
-        "task",
-        (*_INSTRUCTION, "num_tasks"),
-    ),
-):
-    _build = functools.partial(_instruction_data, load=_load, partition=_partition)
-    register_source(_name, _build, doc=_doc, fields=_fields, task=True)
+register_source(
+    "dolly",
+    functools.partial(_instruction_data, load=_dolly, partition="dirichlet"),
+    doc="FedAMoLE's Dolly-15k clients, Dirichlet(`alpha`) over categories",
+    fields=(*_INSTRUCTION, "alpha", "max_rows"),
+    task=True,
+)
+register_source(
+    "snli",
+    functools.partial(_instruction_data, load=_snli, partition="dirichlet"),
+    doc="FedAMoLE's SNLI clients, Dirichlet(`alpha`) over the labels",
+    fields=(*_INSTRUCTION, "alpha", "max_rows"),
+    task=True,
+)
+register_source(
+    "natural_instructions",
+    functools.partial(_instruction_data, load=_natural_instructions, partition="task"),
+    doc="FedAMoLE's Natural Instructions clients, one task each of the `num_tasks` largest",
+    fields=(*_INSTRUCTION, "num_tasks"),
+    task=True,
+)
