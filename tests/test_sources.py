@@ -5,6 +5,7 @@ line naming the registered ones, answered before JAX is imported."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import textwrap
 from pathlib import Path
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 
 from fedjax_lora import config as config_lib
+from fedjax_lora.config import DataSpec
 from fedjax_lora.data import FederatedData
 from fedjax_lora.data import comigs_datasets as cd
 from fedjax_lora.data.instruction import ByteTokenizer
@@ -152,9 +154,11 @@ def test_the_battery_covers_every_registered_source(cases):
 @pytest.mark.parametrize("name", sorted(set(SOURCES) - HUB_SIZED))
 def test_every_source_builds_and_validates_from_a_config(name, cases):
     """`build_data`: the registered builder of `data.source`, then the shared steps; every
-    client holds tokens in every split, each below the vocabulary, and the fields the source
-    declares are `DataSpec` fields."""
+    client holds tokens in every split, each below the vocabulary, the fields the source
+    declares are `DataSpec` fields, and `data.train_fractions` keeps the first
+    `round(f · |train_i|)` training tokens of client i."""
     overrides, tokenizer, clients = cases[name]
+    assert set(SOURCES[name].fields) <= {f.name for f in dataclasses.fields(DataSpec)}
     config = config_lib.load(None, [f"data.source={name}", f"training.seq_len={SEQ}", *overrides])
     assert checked_source(config) is SOURCES[name]
     data = build_data(config, 256, tokenizer)
@@ -164,17 +168,16 @@ def test_every_source_builds_and_validates_from_a_config(name, cases):
         for i in range(clients):
             stream = np.asarray(tokens.stream(i))
             assert stream.size > 0 and stream.min() >= 0 and stream.max() < 256, (split, i)
-    # The shared step after any source: client i keeps the first train_fractions[i] of its
-    # training stream.
-    halves = f"data.train_fractions=[{','.join(['0.5'] * clients)}]"
+    fractions = [0.5 + 0.25 * (i % 2) for i in range(clients)]
     config = config_lib.load(
-        None, [f"data.source={name}", f"training.seq_len={SEQ}", *overrides, halves]
+        None,
+        [f"data.source={name}", f"training.seq_len={SEQ}", *overrides]
+        + [f"data.train_fractions=[{','.join(map(str, fractions))}]"],
     )
-    halved = build_data(config, 256, tokenizer)
-    for i in range(clients):
+    kept = build_data(config, 256, tokenizer)
+    for i, f in enumerate(fractions):
         full = np.asarray(data.train.stream(i))
-        np.testing.assert_array_equal(halved.train.stream(i), full[: len(halved.train.stream(i))])
-        assert len(halved.train.stream(i)) <= len(full) // 2 + 1
+        np.testing.assert_array_equal(kept.train.stream(i), full[: int(round(f * len(full)))])
 
 
 def test_requirements_are_checked_before_building():
