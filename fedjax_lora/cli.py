@@ -1,13 +1,14 @@
-"""The `fedjax-lora` command line: `demo`, `methods`, `run CONFIG.yaml`, `grid GRID.yaml`,
-`sweep CONFIG.yaml`, `report RUN_DIR`, `export RUN_DIR --method M [--client C] [--format
-peft|merged] --out DIR`.
+"""The `fedjax-lora` command line: `demo`, `methods`, `sources`, `run CONFIG.yaml`,
+`grid GRID.yaml`, `sweep CONFIG.yaml`, `report RUN_DIR`, `export RUN_DIR --method M [--client C]
+[--format peft|merged] --out DIR`.
 
 Configs and arguments are checked before JAX is imported, so a wrong key answers at once.
 `--import MODULE` (or the config's `imports:`) imports your own modules, e.g. one that
-`register`s a method, before methods are looked up. Commands that compute first call
-`fedjax_lora.distributed.initialize_from_env()` (a no-op for one process); in a multi-process run
-the other processes write under `OUT/process_<i>`. Compiled rounds are kept in JAX's persistent
-compilation cache (`compilation_cache_dir`; `FEDJAX_LORA_COMPILATION_CACHE=0` turns it off)."""
+`register`s a method or `register_source`s a data source, before the config is read. Commands
+that compute first call `fedjax_lora.distributed.initialize_from_env()` (a no-op for one
+process); in a multi-process run the other processes write under `OUT/process_<i>`. Compiled
+rounds are kept in JAX's persistent compilation cache (`compilation_cache_dir`;
+`FEDJAX_LORA_COMPILATION_CACHE=0` turns it off)."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ def _import_flag(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="MODULE",
-        help="import MODULE first (e.g. one that registers your method); repeatable",
+        help="import MODULE first (e.g. one that registers your method or data source); repeatable",
     )
 
 
@@ -178,6 +179,10 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
 
+    _import_flag(
+        sub.add_parser("sources", help="list every registered data source and what it reads")
+    )
+
     p_report = sub.add_parser("report", help="write a Markdown or HTML report of a finished run")
     p_report.add_argument("run_dir")
     p_report.add_argument("--format", choices=("md", "html"), default="md")
@@ -228,16 +233,21 @@ def main(argv: list[str] | None = None) -> int:
     _import_flag(p_sweep)
 
     args = parser.parse_args(argv)
+    try:  # before any config is read: a module may register a method or data source it names
+        config_lib.import_modules(getattr(args, "imports", ()))
+    except ValueError as e:
+        print(f"fedjax-lora: error: {e}", file=sys.stderr)
+        return 2
     if args.command == "methods":
-        try:
-            config_lib.import_modules(args.imports)
-        except ValueError as e:
-            print(f"fedjax-lora: error: {e}", file=sys.stderr)
-            return 2
         from fedjax_lora.algorithms import METHODS
         from fedjax_lora.options import describe_methods
 
         print(describe_methods(METHODS))
+        return 0
+    if args.command == "sources":
+        from fedjax_lora.experiment.sources import describe_sources
+
+        print(describe_sources())
         return 0
     try:
         if args.command == "report":

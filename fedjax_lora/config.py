@@ -59,8 +59,10 @@ class ModelSpec:
 
 @dataclasses.dataclass(frozen=True)
 class DataSpec:
-    """Client data. `synthetic`: the embedded heterogeneous corpus (groups of clients drawn from
-    distinct token sources, `overlap` in [0, 1]); `fortunes`: Debian fortune files by topic or
+    """Client data. `source`: a registered data source (`fedjax_lora.experiment.sources`,
+    `fedjax-lora sources`; a module in `imports` may `register_source` its own).
+    `synthetic`: the embedded heterogeneous corpus (groups of clients drawn from distinct token
+    sources, `overlap` in [0, 1]); `fortunes`: Debian fortune files by topic or
     language (`categories`; each file decoded strictly in the first of `encodings` that reads
     all of it, default UTF-8 only), tokenized with the model's tokenizer (bytes for a base without
     one whose vocabulary is the 256 bytes: `experiment.text_tokenizer`); the last fortunes of
@@ -105,19 +107,7 @@ class DataSpec:
     (`seq_len`-token windows of each client's stream of concatenated examples). A model without
     tokenizer files reads bytes (`ByteTokenizer`, vocabulary 256)."""
 
-    source: Literal[
-        "synthetic",
-        "fortunes",
-        "ag_news",
-        "multilingual_wikipedia",
-        "code_wiki",
-        "comigs_wikipedia",
-        "comigs_slimpajama",
-        "comigs_ag_news",
-        "dolly",
-        "snli",
-        "natural_instructions",
-    ] = "synthetic"
+    source: str = "synthetic"  # a registered source: `fedjax_lora.experiment.sources.SOURCES`
     num_groups: int = 2
     clients_per_group: int = 2
     tokens_per_client: int = 4096
@@ -308,7 +298,19 @@ class ExperimentConfig:
             raise ConfigError(f"unknown preset {self.preset!r}; available: {sorted(PRESETS)}")
         if not self.methods:
             raise ConfigError("methods is empty; name at least one (see `fedjax-lora methods`)")
+        check_source(self)
         check_ranges(self)
+
+
+def check_source(config: ExperimentConfig) -> None:
+    """Raises `ConfigError` unless `data.source` is a registered data source
+    (`fedjax_lora.experiment.sources.SOURCES`, JAX-free); a name not yet registered is looked up
+    again after importing the config's `imports`, whose modules may `register_source` it."""
+    from fedjax_lora.experiment.sources import SOURCES, get_source
+
+    if config.data.source not in SOURCES:
+        import_modules(config.imports)
+        get_source(config.data.source)
 
 
 # Range rules of every numeric config value: (field, test, requirement). Pure Python, so a config

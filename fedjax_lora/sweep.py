@@ -167,13 +167,9 @@ def _run_members(
     """`run_members` as one program: `jit(vmap over levels (vmap over seeds × lrs (round)))`;
     with `data_axis` the levels' data and the base are arguments of the round, otherwise there
     is one level and its data are constants of the program."""
-    from fedjax_lora.experiment import (
-        _finite_per_client,
-        _round_record,
-        method_factory,
-        round_costs,
-        scored,
-    )
+    from fedjax_lora.experiment.problem import method_factory
+    from fedjax_lora.experiment.records import _round_record, round_costs, scored
+    from fedjax_lora.experiment.run import _finite_per_client
 
     problem = problems[0]
     if problem.strategy.kind == "sharded":
