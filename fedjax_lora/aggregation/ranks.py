@@ -10,20 +10,31 @@ update is
 and the padded columns of `A_i` / rows of `B_i` are zero. Every other leaf of the tree (attention
 LoRA of a fixed rank, ...) is a plain tensor. HetLoRA and FlexLoRA (`hetlora.py`, `flexlora.py`)
 treat the ranked modules specially and average the other leaves uniformly.
+
+**A global rule in place of their mean** (`rule_reduce`): a robust reduction or DP-FedAvg
+(`robust.py`, `dp.py`, an `Aggregator`) reduces the *view* the server averages, one stacked tree
+`{"ranked": {path: view(path, a, b, rank_scale)}, "rest": the other leaves}` (`ranked_view`:
+HetLoRA's truncated factors, FlexLoRA's products `ΔW_i`), with `inputs["start"]` the same view of
+the clients at the round start (the server's last output, kept in `RuledState.start`; DP measures
+each client's update from it) and, optionally, `inputs["present"]` (which clients hold each
+coordinate). The rule's consensus replaces the server's weighted mean; client weights (token
+counts, sparsity weights) are not passed on.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
+from fedjax_lora.aggregation.core import Aggregator
 from fedjax_lora.aggregation.masks import path_names
 from fedjax_lora.typing import PyTree
 
-__all__ = ["RANK_SCALE", "map_ranked", "truncate"]
+__all__ = ["RANK_SCALE", "RuledState", "map_ranked", "ranked_view", "rule_reduce", "truncate"]
 
 RANK_SCALE = "rank_scale"
 _RANKED = ("a", "b", RANK_SCALE)
@@ -59,3 +70,47 @@ def truncate(
         jnp.where(active[:, None, :], a, jnp.zeros((), a.dtype)),
         jnp.where(active[:, :, None], b, jnp.zeros((), b.dtype)),
     )
+
+
+View = Callable[[str, jax.Array, jax.Array, jax.Array], PyTree]
+
+
+class RuledState(NamedTuple):
+    """The state of a HetLoRA or FlexLoRA server whose mean a global rule replaces: own: the
+    server's own state; rule: the rule's; start: the clients' tree (adapters and rank scales) at
+    the round start, the server's last output."""
+
+    own: PyTree
+    rule: PyTree
+    start: PyTree
+
+
+def ranked_view(tree: PyTree, view: View) -> dict:
+    """`{"ranked": {path: view(path, a, b, rank_scale)}, "rest": tree}` with the ranked modules'
+    leaves in `rest` emptied (`[N, 0]`): what a global rule reduces (module docstring)."""
+    ranked = {}
+
+    def collect(path, a, b, scale):
+        ranked[path] = view(path, a, b, scale)
+        return tuple(jnp.zeros((x.shape[0], 0), x.dtype) for x in (a, b, scale))
+
+    rest = map_ranked(tree, collect)
+    return {"ranked": ranked, "rest": rest}
+
+
+def rule_reduce(
+    rule: Aggregator,
+    tree: PyTree,
+    state: RuledState,
+    view: View,
+    present: View | None = None,
+) -> tuple[dict, PyTree]:
+    """`(consensus, rule_state)`: `rule` over `ranked_view(tree, view)` with `inputs["start"]`
+    the view of `state.start` and `inputs["present"]` the view `present` (bool masks; every other
+    leaf held by all), when given; `consensus` has `ranked_view`'s layout, one row per client."""
+    inputs = {"start": ranked_view(state.start, view)}
+    if present is not None:
+        held = ranked_view(tree, present)
+        everyone = lambda x: jnp.ones((x.shape[0],) + (1,) * (x.ndim - 1), bool)
+        inputs["present"] = {"ranked": held["ranked"], "rest": jax.tree.map(everyone, held["rest"])}
+    return rule.apply(ranked_view(tree, view), state.rule, inputs)
