@@ -18,6 +18,7 @@ from fedjax_lora import amole
 from fedjax_lora import config as config_lib
 from fedjax_lora.aggregation.masks import path_names
 from fedjax_lora.algorithms.base import DP_KEY_STREAM, RoundInputs
+from fedjax_lora.checkpoint import Checkpointer
 from fedjax_lora.errors import ConfigError
 from fedjax_lora.experiment import build_problem, method_factory
 from fedjax_lora.settings import DPOptions, GlobalRule
@@ -219,9 +220,10 @@ def test_flexlora_median_in_a_run_is_the_median_of_the_products():
 
 
 @pytest.mark.parametrize("method", ["hetlora", "flexlora"])
-def test_ranked_methods_take_dp_and_report_it(method):
+def test_ranked_methods_take_dp_and_report_it(method, tmp_path):
     """`aggregation.dp` on HetLoRA and FlexLoRA: the server carries the DP options (the run's `ε`),
-    the noise key of the documented stream, and a round stays finite."""
+    the noise key of the documented stream; a round stays finite and resumes from a checkpoint
+    bit for bit (the round-start clients and the DP state in `RuledState`)."""
     config, problem = _ranked(method)
     rule = GlobalRule(dp=DPOptions(clip_norm=0.5, noise_multiplier=1.0))
     problem = dataclasses.replace(problem, global_rule=rule)
@@ -232,6 +234,13 @@ def test_ranked_methods_take_dp_and_report_it(method):
     np.testing.assert_array_equal(sim0.agg_state.rule.key, key)
     sim1, _ = algo.round(sim0)
     assert all(np.isfinite(x).all() for x in _leaves(sim1.clients.params))
+    checkpoints = Checkpointer(tmp_path)
+    checkpoints.save(1, sim1, [])
+    _, restored, _ = checkpoints.restore_latest(sim1)
+    checkpoints.close()
+    state = lambda sim: _leaves((sim.clients.params, sim.agg_state))
+    for a, b in zip(state(algo.round(sim1)[0]), state(algo.round(restored)[0]), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize(

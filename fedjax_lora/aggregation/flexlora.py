@@ -50,6 +50,7 @@ import jax.numpy as jnp
 from fedjax_lora.aggregation.core import Aggregator, Inputs, fedavg
 from fedjax_lora.aggregation.ranks import (
     RuledState,
+    from_view,
     map_ranked,
     ranked_view,
     rule_reduce,
@@ -137,7 +138,7 @@ def flexlora_aggregator(
         del inputs
         consensus, rule_state = rule_reduce(rule, stacked_tree, state, products)
         ranked = lambda path, a, b, scale: refactor(consensus["ranked"][path][0], a, b, scale)
-        out = map_ranked(stacked_tree, ranked, consensus["rest"])
+        out = from_view(stacked_tree, ranked, consensus["rest"])
         return out, RuledState((), rule_state, out)
 
     return Aggregator(init, ruled)

@@ -57,7 +57,14 @@ import optax
 from jaxtyping import Array, Bool, Float
 
 from fedjax_lora.aggregation.core import Aggregator, Inputs, fedavg
-from fedjax_lora.aggregation.ranks import RuledState, map_ranked, ranked_view, rule_reduce, truncate
+from fedjax_lora.aggregation.ranks import (
+    RuledState,
+    from_view,
+    map_ranked,
+    ranked_view,
+    rule_reduce,
+    truncate,
+)
 from fedjax_lora.typing import PyTree
 
 __all__ = [
@@ -206,7 +213,7 @@ def hetlora_aggregator(
         consensus, rule_state = rule_reduce(rule, tree, state, factors, holders)
         f32 = lambda x: x[0].astype(jnp.float32)
         server = {path: (f32(a), f32(b)) for path, (a, b) in consensus["ranked"].items()}
-        out = map_ranked(tree, received(server), consensus["rest"])
+        out = from_view(tree, received(server), consensus["rest"])
         return out, RuledState(HetLoRAState(server), rule_state, out)
 
     return Aggregator(ruled_init, ruled)

@@ -13,7 +13,7 @@ treat the ranked modules specially and average the other leaves uniformly.
 
 **A global rule in place of their mean** (`rule_reduce`): a robust reduction or DP-FedAvg
 (`robust.py`, `dp.py`, an `Aggregator`) reduces the *view* the server averages, one stacked tree
-`{"ranked": {path: view(path, a, b, rank_scale)}, "rest": the other leaves}` (`ranked_view`:
+`{"ranked": {path: view(path, a, b, rank_scale)}, "rest": [the other leaves]}` (`ranked_view`:
 HetLoRA's truncated factors, FlexLoRA's products `ΔW_i`), with `inputs["start"]` the same view of
 the clients at the round start (the server's last output, kept in `RuledState.start`; DP measures
 each client's update from it) and, optionally, `inputs["present"]` (which clients hold each
@@ -34,7 +34,15 @@ from fedjax_lora.aggregation.core import Aggregator
 from fedjax_lora.aggregation.masks import path_names
 from fedjax_lora.typing import PyTree
 
-__all__ = ["RANK_SCALE", "RuledState", "map_ranked", "ranked_view", "rule_reduce", "truncate"]
+__all__ = [
+    "RANK_SCALE",
+    "RuledState",
+    "from_view",
+    "map_ranked",
+    "ranked_view",
+    "rule_reduce",
+    "truncate",
+]
 
 RANK_SCALE = "rank_scale"
 _RANKED = ("a", "b", RANK_SCALE)
@@ -86,16 +94,26 @@ class RuledState(NamedTuple):
 
 
 def ranked_view(tree: PyTree, view: View) -> dict:
-    """`{"ranked": {path: view(path, a, b, rank_scale)}, "rest": tree}` with the ranked modules'
-    leaves in `rest` emptied (`[N, 0]`): what a global rule reduces (module docstring)."""
+    """`{"ranked": {path: view(path, a, b, rank_scale)}, "rest": [every other leaf, in order]}`:
+    what a global rule reduces (module docstring); `from_view` puts a reduced `rest` back."""
     ranked = {}
 
     def collect(path, a, b, scale):
         ranked[path] = view(path, a, b, scale)
-        return tuple(jnp.zeros((x.shape[0], 0), x.dtype) for x in (a, b, scale))
+        return None, None, None
 
-    rest = map_ranked(tree, collect)
-    return {"ranked": ranked, "rest": rest}
+    marked = jax.tree.leaves(map_ranked(tree, collect), is_leaf=lambda x: x is None)
+    return {"ranked": ranked, "rest": [x for x in marked if x is not None]}
+
+
+def from_view(tree: PyTree, ranked: RankedFn, rest: list) -> PyTree:
+    """`map_ranked(tree, ranked)` with every other leaf taken from `rest` (a `ranked_view`'s
+    `rest`, e.g. a rule's consensus of it)."""
+    marked = jax.tree.leaves(map_ranked(tree, lambda *_: (None,) * 3), is_leaf=lambda x: x is None)
+    values = iter(rest)
+    leaves = [x if x is None else next(values) for x in marked]
+    kept = [x if v is None else v for x, v in zip(jax.tree.leaves(tree), leaves, strict=True)]
+    return map_ranked(tree, ranked, jax.tree.unflatten(jax.tree.structure(tree), kept))
 
 
 def rule_reduce(
