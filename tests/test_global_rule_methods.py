@@ -1,8 +1,8 @@
 """The global rule (`aggregation.reduction`, `aggregation.dp`) and `server_opt` on methods whose
 server is its own but has a global part: FedAMoLE's shared expert and `W_tok`, FDLoRA's global
-LoRA; and the one-line refusals, with their reasons, of the servers without one (HetLoRA,
-FlexLoRA). References: NumPy loops (median, clipping, holder averages), the noise drawn from the
-documented key, an optax step computed outside the round."""
+LoRA; HetLoRA's and FlexLoRA's rule in a run (their servers' NumPy references:
+`tests/test_ranked_rules.py`). References: NumPy loops (median, clipping, holder averages), the
+noise drawn from the documented key, an optax step computed outside the round."""
 
 from __future__ import annotations
 
@@ -12,10 +12,13 @@ import jax
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
 from fedjax_lora import amole
 from fedjax_lora import config as config_lib
+from fedjax_lora.aggregation.masks import path_names
 from fedjax_lora.algorithms.base import DP_KEY_STREAM, RoundInputs
+from fedjax_lora.checkpoint import Checkpointer
 from fedjax_lora.errors import ConfigError
 from fedjax_lora.experiment import build_problem, method_factory
 from fedjax_lora.settings import DPOptions, GlobalRule
@@ -174,18 +177,79 @@ def test_fdlora_dp_clips_relative_to_the_global_lora(setup):
         np.testing.assert_allclose(s, want, rtol=1e-4, atol=1e-6)
 
 
+RANKED = ["method_options.{m}.ranks=[2,4,3,4]", "method_options.{m}.ranked.rank=4"]
+
+
+def _ranked(method: str, *extra: str):
+    """`(config, problem)` of a run of `method` with ranks 2, 4, 3, 4 on the MLP projections."""
+    options = [o.format(m=method) for o in RANKED]
+    config = config_lib.load(None, [*OVERRIDES, f"methods=[{method}]", *options, *extra])
+    return config, build_problem(config)[0]
+
+
+def _ranked_modules(params) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Per ranked module path: `(a, b, rank_scale)` as float64 arrays."""
+    flat = {
+        ".".join(path_names(p)): np.asarray(x, np.float64)
+        for p, x in jax.tree_util.tree_leaves_with_path(jax.device_get(params))
+    }
+    return {
+        path[: -len(".rank_scale")]: tuple(flat[path.replace("rank_scale", n)] for n in "ab")
+        + (flat[path],)
+        for path in flat
+        if path.endswith(".rank_scale")
+    }
+
+
+def test_flexlora_median_in_a_run_is_the_median_of_the_products():
+    """`aggregation.reduction=median` on FlexLoRA: every client's `s_i A_i B_i` after the round is
+    the rank-`r_i` SVD truncation of `np.median` over the trained clients' `ΔW_i`."""
+    config, problem = _ranked("flexlora")
+    _, trained, sim1 = _first_round(config, problem, "flexlora", GlobalRule("median"))
+    merged = lambda clients: nnx.merge_state(clients.params, clients.frozen)
+    before, after = _ranked_modules(merged(trained)), _ranked_modules(merged(sim1.clients))
+    assert before
+    for path, (a, b, scale) in before.items():
+        deltas = np.einsum("nir,nr,nro->nio", a, scale, b)
+        u, sv, vt = np.linalg.svd(np.median(deltas, 0), full_matrices=False)
+        new_a, new_b, _ = after[path]
+        for i, r in enumerate([2, 4, 3, 4]):
+            got = scale[i, 0] * new_a[i] @ new_b[i]
+            want = u[:, :r] @ np.diag(sv[:r]) @ vt[:r]
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["hetlora", "flexlora"])
+def test_ranked_methods_take_dp_and_report_it(method, tmp_path):
+    """`aggregation.dp` on HetLoRA and FlexLoRA: the server carries the DP options (the run's `ε`),
+    the noise key of the documented stream; a round stays finite and resumes from a checkpoint
+    bit for bit (the round-start clients and the DP state in `RuledState`)."""
+    config, problem = _ranked(method)
+    rule = GlobalRule(dp=DPOptions(clip_norm=0.5, noise_multiplier=1.0))
+    problem = dataclasses.replace(problem, global_rule=rule)
+    algo = method_factory(method, config)(problem)
+    assert algo.method.server.dp == rule.dp
+    sim0 = algo.init(jax.random.key(7))
+    key = jax.random.key_data(jax.random.fold_in(jax.random.key(7), DP_KEY_STREAM))
+    np.testing.assert_array_equal(sim0.agg_state.rule.key, key)
+    sim1, _ = algo.round(sim0)
+    assert all(np.isfinite(x).all() for x in _leaves(sim1.clients.params))
+    checkpoints = Checkpointer(tmp_path)
+    checkpoints.save(1, sim1, [])
+    _, restored, _ = checkpoints.restore_latest(sim1)
+    checkpoints.close()
+    state = lambda sim: _leaves((sim.clients.params, sim.agg_state))
+    for a, b in zip(state(algo.round(sim1)[0]), state(algo.round(restored)[0]), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize(
-    ("method", "extra", "why"),
-    [
-        ("hetlora", "aggregation.reduction=median", "zero-padded ranks"),
-        ("hetlora", "aggregation.dp={}", "sparsity weights"),
-        ("flexlora", "aggregation.reduction=median", "SVD"),
-        ("flexlora", "aggregation.dp={}", "SVD"),
-    ],
+    ("method", "option"),
+    [("hetlora", "reference_weights"), ("flexlora", "reference_accumulator")],
 )
-def test_servers_without_a_global_part_say_why(method, extra, why):
-    config = config_lib.load(None, [*OVERRIDES, f"methods=[{method}]", extra])
-    problem, _ = build_problem(config)
-    with pytest.raises(ConfigError, match=why) as info:
+def test_ranked_reference_weights_refuse_a_rule(method, option):
+    config, problem = _ranked(method, f"method_options.{method}.{option}=true")
+    problem = dataclasses.replace(problem, global_rule=GlobalRule("median"))
+    with pytest.raises(ConfigError, match=f"method_options.{method}.{option}") as info:
         method_factory(method, config)(problem)
     assert "\n" not in str(info.value)

@@ -69,3 +69,28 @@ def test_median_keeps_local_leaves():
     out, _ = aggregator.apply(tree, aggregator.init(tree))
     np.testing.assert_array_equal(out["lora"]["b"], tree["lora"]["b"])
     np.testing.assert_allclose(out["lora"]["a"][3], np.median(tree["lora"]["a"], axis=0), rtol=1e-6)
+
+
+@pytest.mark.parametrize("beta", [None, 0.0, 0.2, 0.3])
+def test_median_and_trimmed_mean_over_the_holders(beta):
+    """`inputs["present"]`: each coordinate reduced over the clients holding it (`np.median`,
+    `scipy.stats.trim_mean` of those values, a loop), 0 where nobody holds it; a mask of all
+    clients gives the plain rule."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(N, 4, 3)).astype(np.float32)
+    present = rng.uniform(size=(N, 4, 1)) < 0.6
+    present[:, 0] = False  # nobody holds row 0
+    present[:, 1] = True
+    aggregator = agg.median_aggregator() if beta is None else agg.trimmed_mean_aggregator(beta)
+    reduce = np.median if beta is None else lambda v: stats.trim_mean(v, beta)
+    out, _ = jax.jit(aggregator.apply)({"w": x}, (), {"present": {"w": present}})
+    want = np.zeros((4, 3))
+    for j, k in np.ndindex(4, 3):
+        held = x[present[:, j, 0], j, k]
+        want[j, k] = reduce(held.astype(np.float64)) if held.size else 0.0
+    np.testing.assert_allclose(out["w"], np.broadcast_to(want, x.shape), rtol=1e-5, atol=1e-6)
+    everyone, _ = jax.jit(aggregator.apply)(
+        {"w": x}, (), {"present": {"w": np.ones((N, 1, 1), bool)}}
+    )
+    plain, _ = jax.jit(aggregator.apply)({"w": x}, ())
+    np.testing.assert_allclose(everyone["w"], plain["w"], rtol=1e-6, atol=1e-7)

@@ -22,7 +22,11 @@ for the total noise multiplier `z` (the one the accountant sees) the update's is
 :math:`η_C = 0.2`, :math:`σ_b = n / 20`.
 
 The global tree is `inputs["global"]` when an outer `server_optimizer` passes it, else the
-previous round's noisy consensus kept in the state (initially the clients' mean).
+previous round's noisy consensus kept in the state (initially the clients' mean). When the clients
+started the round from different points (HetLoRA and FlexLoRA: the global truncated to each
+client's rank), `inputs["start"]` (a stacked tree `[N, ...]`) holds each client's own, and the
+update is :math:`Δ_i = θ_i − θ_i^{start}`; the clipped clients are :math:`θ_i^{start} + \tilde Δ_i`,
+so the uniform mean moves by at most `C/n` per client all the same.
 """
 
 from __future__ import annotations
@@ -53,7 +57,8 @@ class DPState(NamedTuple):
 
 
 def client_update_norms(stacked_tree: PyTree, global_tree: PyTree, mask: PyTree) -> jax.Array:
-    """`f32[N]`: each client's L2 norm of `θ_i − θ` over the masked (global) part of all leaves."""
+    """`f32[N]`: each client's L2 norm of `θ_i − θ` over the masked (global) part of all leaves
+    (`global_tree`: `θ`, or each client's own start `[N, ...]`)."""
     squares = [
         jnp.sum(jnp.where(m, x.astype(jnp.float32) - g, 0.0) ** 2, axis=tuple(range(1, x.ndim)))
         for x, g, m in zip(
@@ -124,20 +129,22 @@ def dp_aggregator(
         n = num_clients(stacked_tree)
         inputs = {k: v for k, v in (inputs or {}).items() if k != "weights"}
         theta = inputs.setdefault("global", state.global_tree)
+        start = inputs.pop("start", None)
+        ref = theta if start is None else jax.tree.map(lambda x: x.astype(jnp.float32), start)
         mask = unstacked_mask(stacked_tree, theta, policy)
         sigma_b = n / 20 if count_noise_std is None else count_noise_std
         z_update = update_noise_multiplier(
             noise_multiplier, None if adaptive_quantile is None else sigma_b
         )
         c = state.clip_norm
-        norms = client_update_norms(stacked_tree, theta, mask)
+        norms = client_update_norms(stacked_tree, ref, mask)
         scale = jnp.minimum(1.0, c / jnp.maximum(norms, jnp.finfo(jnp.float32).tiny))
         clipped = jax.tree.map(
             lambda x, g: (
                 g + scale.reshape((-1,) + (1,) * (x.ndim - 1)) * (x.astype(g.dtype) - g)
             ).astype(x.dtype),
             stacked_tree,
-            theta,
+            ref,
         )
         clipped = merge_global(stacked_tree, clipped, policy)
         aggregated, inner_state = inner.apply(clipped, state.inner, inputs)

@@ -23,10 +23,32 @@ update (the paper). `reference_weights=True`: the CoMiGS reference's per-matrix 
 **Truncation.** Client `i` receives `A_g`, `B_g` truncated to its (possibly pruned) rank. Every
 other leaf (the fixed-rank attention LoRA) is the uniform mean; `rank_scale` changes only by
 pruning.
+
+**A global rule** (`rule`: the run's `aggregation.reduction` or `aggregation.dp`, through
+`ranks.rule_reduce`) replaces the sparsity-weighted sum, after self-pruning, by a rule over the
+clients' zero-padded, truncated factors and other leaves: the coordinate-wise median or trimmed
+mean of each rank coordinate over the clients *holding* that rank (`robust.py`'s
+`inputs["present"]`: a rank only high-rank clients hold is their median, not pulled to the others'
+zero padding; a rank nobody holds is 0); Krum's distances over the padded factors (well defined:
+a rank a client lacks is its 0 for everyone); DP-FedAvg (`dp.py`) clipping each client's whole
+update of its rank-`r_i` factors and other leaves,
+
+.. math:: U_i = θ_i − θ_i^{start}, \qquad
+    (A_g, B_g, \dots) = \frac1n \sum_i \big(θ_i^{start} + U_i \min(1, C/\lVert U_i\rVert)\big)
+    + \mathcal N(0, (zC/n)^2),
+
+`θ_i^{start}` the factors it started from (last round's `A_g`, `B_g` truncated to its rank; its
+own pruning is part of its update), the noise on every entry of `A_g [in, r_max]`,
+`B_g [r_max, out]` and the other leaves. The sparsity weights are dropped under any rule: they
+depend on every client's private `‖ΔW_i‖`, so one client would move all weights and the sum's
+sensitivity would not be `C/n` (DP-FedAvg's uniform mean, the sensitivity the accountant's `ε`
+assumes; the robust rules ignore weights). The ranks the clients keep travel without DP, as their
+ranks do. `reference_weights` only changes those weights (refused with a rule).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -35,7 +57,14 @@ import optax
 from jaxtyping import Array, Bool, Float
 
 from fedjax_lora.aggregation.core import Aggregator, Inputs, fedavg
-from fedjax_lora.aggregation.ranks import map_ranked, truncate
+from fedjax_lora.aggregation.ranks import (
+    RuledState,
+    from_view,
+    map_ranked,
+    ranked_view,
+    rule_reduce,
+    truncate,
+)
 from fedjax_lora.typing import PyTree
 
 __all__ = [
@@ -99,13 +128,20 @@ def _weighted_sum(p: jax.Array, x: jax.Array) -> jax.Array:
 
 
 def hetlora_aggregator(
-    keep: float = 0.99, self_prune: bool = True, reference_weights: bool = False
+    keep: float = 0.99,
+    self_prune: bool = True,
+    reference_weights: bool = False,
+    rule: Aggregator | None = None,
 ) -> Aggregator:
     """HetLoRA's server (module docstring): self-pruning with ratio `keep` (`γ`; off with
     `self_prune=False`), sparsity-weighted aggregation of the zero-padded ranked LoRAs, truncation
-    to each client's rank; other leaves averaged uniformly. State: `HetLoRAState`."""
+    to each client's rank; other leaves averaged uniformly. `rule`: a global rule over the
+    truncated factors of the holders in place of the weighted sum (state `RuledState` around
+    `HetLoRAState`). State: `HetLoRAState`."""
     if not 0.0 < keep <= 1.0:
         raise ValueError(f"HetLoRA keep ratio must be in (0, 1], got {keep}")
+    if rule is not None and reference_weights:
+        raise ValueError("HetLoRA: reference_weights are weights of the sum a rule replaces")
 
     def init(stacked_tree: PyTree) -> HetLoRAState:
         server = {}
@@ -120,9 +156,8 @@ def hetlora_aggregator(
         map_ranked(stacked_tree, zeros)
         return HetLoRAState(server)
 
-    def apply(stacked_tree: PyTree, state: HetLoRAState, inputs: Inputs | None = None):
-        del inputs
-        server = {}
+    def pruned(stacked_tree: PyTree, state: HetLoRAState) -> PyTree:
+        """Every ranked module self-pruned against `state`'s factors, truncated to its ranks."""
 
         def ranked(path, a, b, scale):
             active = scale > 0
@@ -132,17 +167,53 @@ def hetlora_aggregator(
                 last = jax.vmap(tail_norm_product, (None, None, 0))(*state.server[path], tail)
                 active = active & ~((own < last)[:, None] & tail)
                 scale = jnp.where(active, scale, jnp.zeros((), scale.dtype))
-            a, b = truncate(a, b, active)
+            return *truncate(a, b, active), scale
+
+        return map_ranked(stacked_tree, ranked)
+
+    def received(server: dict) -> Callable:
+        """The ranked map giving every client `server`'s factors truncated to its rank."""
+
+        def ranked(path, a, b, scale):
+            full = lambda g, x: jnp.broadcast_to(g.astype(x.dtype), x.shape)
+            return *truncate(full(server[path][0], a), full(server[path][1], b), scale > 0), scale
+
+        return ranked
+
+    def apply(stacked_tree: PyTree, state: HetLoRAState, inputs: Inputs | None = None):
+        del inputs
+        tree = pruned(stacked_tree, state)
+        server = {}
+
+        def weighted(path, a, b, scale):
             if reference_weights:
                 norms = lambda x: jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), (1, 2)))
                 p_a, p_b = _normalize(norms(a)), _normalize(norms(b))
             else:
                 p_a = p_b = sparsity_weights(a, b, scale)
             server[path] = (_weighted_sum(p_a, a), _weighted_sum(p_b, b))
-            full = lambda g, x: jnp.broadcast_to(g.astype(x.dtype), x.shape)
-            a, b = truncate(full(server[path][0], a), full(server[path][1], b), active)
             return a, b, scale
 
-        return map_ranked(stacked_tree, ranked, fedavg(stacked_tree)), HetLoRAState(server)
+        map_ranked(tree, weighted)
+        return map_ranked(tree, received(server), fedavg(tree)), HetLoRAState(server)
 
-    return Aggregator(init, apply)
+    if rule is None:
+        return Aggregator(init, apply)
+
+    factors = lambda path, a, b, scale: (a, b)
+    holders = lambda path, a, b, scale: ((scale > 0)[:, None, :], (scale > 0)[:, :, None])
+
+    def ruled_init(stacked_tree: PyTree) -> RuledState:
+        view = ranked_view(stacked_tree, factors)
+        return RuledState(init(stacked_tree), rule.init(view), stacked_tree)
+
+    def ruled(stacked_tree: PyTree, state: RuledState, inputs: Inputs | None = None):
+        del inputs
+        tree = pruned(stacked_tree, state.own)
+        consensus, rule_state = rule_reduce(rule, tree, state, factors, holders)
+        f32 = lambda x: x[0].astype(jnp.float32)
+        server = {path: (f32(a), f32(b)) for path, (a, b) in consensus["ranked"].items()}
+        out = from_view(tree, received(server), consensus["rest"])
+        return out, RuledState(HetLoRAState(server), rule_state, out)
+
+    return Aggregator(ruled_init, ruled)

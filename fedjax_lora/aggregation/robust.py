@@ -18,6 +18,13 @@ to one consensus tree that every client receives; local leaves are kept. Client 
 
 Median and trimmed mean are not mixings (each coordinate picks its own clients), so the
 aggregator battery checks them against the reduced leaves rather than a matrix.
+
+**Holders.** `inputs["present"]` (optional, a tree of bool arrays `[N, ...]` broadcastable to the
+leaves) restricts median and trimmed mean, per coordinate, to the `h` clients holding it: the
+median of those `h` values, the mean after dropping `⌊βh⌋` at each end; a coordinate nobody holds
+is 0 (HetLoRA's zero-padded ranks: a rank few clients hold is their median, not pulled to the
+zeros of the others). Krum ignores it: its distances over zero padding are well defined (a rank
+one client lacks counts as its 0).
 """
 
 from __future__ import annotations
@@ -37,27 +44,37 @@ PyTree = Any
 
 
 def _coordinate_aggregator(
-    reduce: Callable[[jax.Array], jax.Array], policy: PolicyArg
+    reduce: Callable[[jax.Array], jax.Array],
+    held: Callable[[jax.Array, jax.Array], jax.Array],
+    policy: PolicyArg,
 ) -> Aggregator:
     """Every client receives `reduce(leaf)` (a reduction over the client axis, in f32) on the
-    global part; stateless."""
+    global part, or `held(leaf, present)` over the holders when `inputs["present"]` is given
+    (module docstring); stateless."""
     global_mask(None, policy)  # fail early on an unknown policy
 
     def apply(stacked_tree: PyTree, state: tuple, inputs: Inputs | None = None):
-        del inputs
+        present = (inputs or {}).get("present")
 
-        def reduce_leaf(leaf: jax.typing.ArrayLike) -> jax.Array:
-            out = reduce(leaf.astype(jnp.float32))
+        def reduce_leaf(leaf: jax.typing.ArrayLike, *mask: jax.Array) -> jax.Array:
+            x = leaf.astype(jnp.float32)
+            out = reduce(x) if not mask else held(x, jnp.broadcast_to(mask[0], leaf.shape))
             return jnp.broadcast_to(out, leaf.shape).astype(leaf.dtype)
 
-        return merge_global(stacked_tree, jax.tree.map(reduce_leaf, stacked_tree), policy), state
+        trees = (stacked_tree,) if present is None else (stacked_tree, present)
+        return merge_global(stacked_tree, jax.tree.map(reduce_leaf, *trees), policy), state
 
     return Aggregator(lambda stacked_tree: (), apply)
 
 
+def _held_median(x: jax.Array, present: jax.Array) -> jax.Array:
+    out = jnp.nanmedian(jnp.where(present, x, jnp.nan), axis=0)
+    return jnp.where(jnp.any(present, axis=0), out, 0.0)
+
+
 def median_aggregator(policy: PolicyArg = "all") -> Aggregator:
     """Coordinate-wise median of the clients' global part (module docstring)."""
-    return _coordinate_aggregator(lambda x: jnp.median(x, axis=0), policy)
+    return _coordinate_aggregator(lambda x: jnp.median(x, axis=0), _held_median, policy)
 
 
 def trimmed_mean_aggregator(beta: float = 0.2, policy: PolicyArg = "all") -> Aggregator:
@@ -69,7 +86,17 @@ def trimmed_mean_aggregator(beta: float = 0.2, policy: PolicyArg = "all") -> Agg
         b = int(beta * x.shape[0])
         return jnp.mean(jnp.sort(x, axis=0)[b : x.shape[0] - b], axis=0)
 
-    return _coordinate_aggregator(reduce, policy)
+    def held(x: jax.Array, present: jax.Array) -> jax.Array:
+        n = x.shape[0]
+        h = jnp.sum(present, axis=0)
+        b = jnp.asarray([int(beta * k) for k in range(n + 1)])[h]  # ⌊βh⌋, as `reduce` rounds
+        ordered = jnp.sort(jnp.where(present, x, jnp.inf), axis=0)  # the holders' values first
+        rank = jnp.arange(n).reshape((n,) + (1,) * (x.ndim - 1))
+        kept = (rank >= b) & (rank < h - b)
+        count = jnp.maximum(h - 2 * b, 1).astype(jnp.float32)
+        return jnp.sum(jnp.where(kept, ordered, 0.0), axis=0) / count
+
+    return _coordinate_aggregator(reduce, held, policy)
 
 
 def krum_scores(stacked_tree: PyTree, f: int) -> jax.Array:

@@ -162,7 +162,9 @@ def nothing(clients: ClientState) -> Exchange:
 class GlobalPart(NamedTuple):
     """A server whose aggregation is the mean of `policy`'s global part (`aggregation.masks`);
     `rebuild(aggregator)`: the same server with `aggregator`, a rule over that part, in place of
-    the mean (`with_global_rule`)."""
+    the mean (`with_global_rule`). The part is what the server's own rule averages: the tensors
+    themselves, or a view of them that the server forms and hands the rule (HetLoRA's truncated
+    factors, FlexLoRA's products `ΔW_i`, `aggregation.ranks.rule_reduce`)."""
 
     policy: PolicyArg
     rebuild: Callable[[Aggregator], ServerProgram]
@@ -587,8 +589,8 @@ def with_global_rule(method: Method, rule: GlobalRule, problem: Problem) -> Meth
     DP-FedAvg in place of the mean (`ServerProgram.global_part`); the DP noise key drawn from the
     simulation's key (`fold_in(key, DP_KEY_STREAM)`, set in every `DPState` of the checkpointed
     server state, wherever the server keeps it). A method that exchanges nothing is unchanged; one
-    whose server is not a mean over a global part (trust mixing, HetLoRA, FlexLoRA, ...) is
-    refused (`ConfigError`, with the server's `own_rule` as the reason when it declares one)."""
+    whose server is not a mean over a global part (trust mixing, SCAFFOLD, ...) is refused
+    (`ConfigError`, with the server's `own_rule` as the reason when it declares one)."""
     server = method.server
     if rule.default or server.comm is nothing:
         return method

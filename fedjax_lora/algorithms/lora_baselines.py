@@ -36,14 +36,19 @@ control variates over that part, `algorithms.scaffold.federated_scaffold`); `ffa
 FedProx's `proximal_mu` (its trained tensors are all global; FedSA-LoRA's local `B` has no global
 model to stay close to). The config's `aggregation.reduction` / `aggregation.dp` replace the mean
 of that part (not with `scaffold`: its server also averages the control updates). HetLoRA's and
-FlexLoRA's servers are their own rules and refuse them (`HETLORA_RULE`, `FLEXLORA_RULE`).
+FlexLoRA's servers take them in place of their weighted sums (their `GlobalPart` rebuilds the
+aggregator with the rule): HetLoRA's over the truncated factors (median and trimmed mean over the
+clients holding each rank), FlexLoRA's over the products `ΔW_i`; DP clips each client's update
+from the factors it downloaded, the weights dropped (`aggregation.hetlora`,
+`aggregation.flexlora`). Not with `reference_weights` / `reference_accumulator` (weights of the
+replaced sum).
 
 | method | `server_opt` | `proximal_mu` | `scaffold` | `reduction` | `dp` |
 |---|---|---|---|---|---|
 | `ffa-lora` | ✓ `B` | ✓ | ✓ `B` | ✓ `B` | ✓ `B` |
 | `fedsa-lora` | ✓ `A` | – | ✓ `A` | ✓ `A` | ✓ `A` |
-| `hetlora` | – | – | – | ✗ zero-padded ranks bias a coordinate rule | ✗ drops sparsity weights |
-| `flexlora` | – | – | – | ✗ the rule would act on factors, not `ΔW_i` | ✗ same |
+| `hetlora` | – | – | – | ✓ factors, over each rank's holders | ✓ factors, uniform weights |
+| `flexlora` | – | – | – | ✓ `ΔW_i` | ✓ `ΔW_i`, uniform weights |
 
 **Evaluation** (`evaluate`, every method here): `"local"` (default), each client's model after its
 local steps and before the server average, as the CoMiGS reference evaluates every method;
@@ -76,6 +81,7 @@ from fedjax_lora.algorithms.base import (
     Capabilities,
     ClientProgram,
     Evaluate,
+    GlobalPart,
     Method,
     aggregating,
     build,
@@ -89,6 +95,7 @@ from fedjax_lora.algorithms.scaffold import federated_scaffold, local_learning_r
 from fedjax_lora.engine.loss import AUX_LOSS
 from fedjax_lora.engine.state import ClientState, init_clients
 from fedjax_lora.engine.train import make_client_update
+from fedjax_lora.errors import ConfigError
 from fedjax_lora.lora import LoRA, LoRAConfig, attach_adapters
 from fedjax_lora.models.layers import Adapter, ClientFrozen, dropout
 from fedjax_lora.settings import ServerOptimizer
@@ -226,16 +233,17 @@ def _ranked_method(
     ranked: LoRAConfig,
     prune_coef: float,
     keep: float,
-    aggregator: Aggregator,
+    server: Callable[[Aggregator | None], Aggregator],
     inputs: Callable[..., dict] | None = None,
     evaluate: Evaluate = "local",
-    own_rule: str | None = None,
 ) -> Algorithm:
-    """The aggregator's method on a `with_ranks` problem: clients start from one shared draw
-    truncated to their ranks (their `RankScale`s in `ClientState.frozen`, `rank_scales`), the
+    """The method of a ranked server (`server(rule)`: the aggregator, with a global rule in place
+    of its mean, or its own with None) on a `with_ranks` problem: clients start from one shared
+    draw truncated to their ranks (their `RankScale`s in `ClientState.frozen`, `rank_scales`), the
     server sees and updates the rank scales with the adapters (`aggregating(frozen=True)`);
-    `evaluate`: the local models before the server average, or the aggregated ones; `own_rule`:
-    why no `GlobalRule` replaces the aggregator (`ServerProgram.own_rule`)."""
+    `evaluate`: the local models before the server average, or the aggregated ones. The
+    server's `GlobalPart` (`policy` `all`: every uploaded tensor) rebuilds it with the problem's
+    `GlobalRule` (`with_global_rule`)."""
     ranks = _check_ranks(problem, ranks, ranked)
     problem = with_ranks(problem, ranks, ranked, prune_coef=prune_coef, keep=keep)
     scales = rank_scales(problem.frozen, ranks, ranked)
@@ -253,13 +261,12 @@ def _ranked_method(
         merged = map_ranked(merged, lambda _, a, b, m: (*truncate(a, b, m > 0), m))
         return clients._replace(params=nnx.split_state(merged, Adapter, ...)[0])
 
-    client = ClientProgram(init, local_training(problem, update))
+    serve = lambda aggregator: aggregating(aggregator, inputs=inputs, comm=ranked_comm, frozen=True)
+    part = GlobalPart("all", lambda rule: serve(server(rule)))
     method = Method(
         name,
-        client,
-        aggregating(aggregator, inputs=inputs, comm=ranked_comm, frozen=True)._replace(
-            own_rule=own_rule
-        ),
+        ClientProgram(init, local_training(problem, update)),
+        serve(server(None))._replace(global_part=part),
         evaluate=evaluate,
         capabilities=Capabilities(cohorts=False),
     )
@@ -332,33 +339,24 @@ class FedSALoRAOptions:
     local_lr: float | None = None
 
 
-HETLORA_RULE = (
-    "HetLoRA's server averages zero-padded rank-r_i factors with sparsity weights ||dW_i|| and "
-    "self-prunes; a coordinate median or trimmed mean over zero-padded ranks is pulled to 0 on "
-    "the ranks few clients hold, and DP-FedAvg's uniform clipped mean drops the sparsity weights"
-)
-FLEXLORA_RULE = (
-    "FlexLoRA averages the products dW_i = s_i A_i B_i and re-factorises them by SVD to each "
-    "client's rank; a coordinate rule or clipping and noise on the padded factors A_i, B_i is "
-    "not that rule on dW_i"
-)
+def _refuse(option: str, why: str) -> None:
+    raise ConfigError(
+        f"{option} = true {why}, which aggregation.reduction / aggregation.dp replace; unset one"
+    )
 
 
 def hetlora(problem: Problem, options: HetLoRAOptions = HetLoRAOptions()) -> Algorithm:
     """HetLoRA with per-client ranks (module docstring, `HetLoRAOptions`): the rank self-pruning
     regulariser, self-pruning at upload, sparsity-weighted aggregation."""
     o = options
-    aggregator = hetlora_aggregator(o.keep, o.self_prune, o.reference_weights)
+
+    def server(rule: Aggregator | None) -> Aggregator:
+        if rule is not None and o.reference_weights:
+            _refuse("method_options.hetlora.reference_weights", "sets the weights of the sum")
+        return hetlora_aggregator(o.keep, o.self_prune, o.reference_weights, rule)
+
     return _ranked_method(
-        "hetlora",
-        problem,
-        o.ranks,
-        o.ranked,
-        o.prune_coef,
-        o.keep,
-        aggregator,
-        evaluate=o.evaluate,
-        own_rule=HETLORA_RULE,
+        "hetlora", problem, o.ranks, o.ranked, o.prune_coef, o.keep, server, evaluate=o.evaluate
     )
 
 
@@ -366,18 +364,16 @@ def flexlora(problem: Problem, options: FlexLoRAOptions = FlexLoRAOptions()) -> 
     """FlexLoRA with per-client ranks (module docstring, `FlexLoRAOptions`): the token-count
     weighted average of the full updates, SVD back to each client's rank."""
     inputs = lambda data, clients, eval_sets, base: {"weights": data.token_counts()}
-    aggregator = flexlora_aggregator(options.merge_alpha, options.reference_accumulator)
+    o = options
+
+    def server(rule: Aggregator | None) -> Aggregator:
+        if rule is not None and o.reference_accumulator:
+            why = "keeps the last client's term of the weighted sum"
+            _refuse("method_options.flexlora.reference_accumulator", why)
+        return flexlora_aggregator(o.merge_alpha, o.reference_accumulator, rule)
+
     return _ranked_method(
-        "flexlora",
-        problem,
-        options.ranks,
-        options.ranked,
-        0.0,
-        0.99,
-        aggregator,
-        inputs,
-        options.evaluate,
-        FLEXLORA_RULE,
+        "flexlora", problem, o.ranks, o.ranked, 0.0, 0.99, server, inputs, o.evaluate
     )
 
 
