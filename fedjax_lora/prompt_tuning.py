@@ -84,7 +84,7 @@ class PromptTuningConfig:
             return SoftPrompt(np.zeros((self.length, d), dtype), Init("normal", std=1.0))
         vocab = model.config.vocab_size
         if self.init == "vocab":
-            ids = np.asarray(jax.random.randint(key, (self.length,), 0, vocab))
+            ids = jax.random.randint(key, (self.length,), 0, vocab)
         else:
             if max(self.init_token_ids) >= vocab or min(self.init_token_ids) < 0:
                 raise ValueError(
@@ -93,8 +93,9 @@ class PromptTuningConfig:
                 )
             reps = -(-self.length // len(self.init_token_ids))
             ids = np.asarray((self.init_token_ids * reps)[: self.length], np.int32)
-        table = np.asarray(model.embedding().weight[...], np.float32)
-        return SoftPrompt(table[ids].astype(dtype), Init("fixed"))
+        # jnp, not NumPy: the base may be traced (a factory called inside a vectorized sweep).
+        rows = jnp.take(model.embedding().weight[...].astype(jnp.float32), jnp.asarray(ids), 0)
+        return SoftPrompt(rows.astype(dtype), Init("fixed"))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -241,8 +241,10 @@ def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State, 
 
 
 def model_of(problem: Problem) -> nnx.Module:
-    """The problem's model: its base with the template's adapters and frozen state."""
-    return nnx.merge(problem.graphdef, problem.template, problem.frozen, problem.base)
+    """The problem's model: its base with the template's adapters and frozen state, in variables
+    of its own (`copy`), so changing it (`install`'s surgery, also inside a traced factory)
+    never touches the problem's templates."""
+    return nnx.merge(problem.graphdef, problem.template, problem.frozen, problem.base, copy=True)
 
 
 def install(problem: Problem, surgery: Surgery) -> Problem:
