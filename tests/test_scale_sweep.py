@@ -13,6 +13,7 @@ import pytest
 
 from fedjax_lora import cli
 from fedjax_lora import config as config_lib
+from fedjax_lora.algorithms import METHODS
 from fedjax_lora.distributed import initialize_from_env, launcher
 from fedjax_lora.experiment import build_problem, run_method
 from fedjax_lora.sweep import run_sweep
@@ -44,7 +45,7 @@ TINY = [
 
 def test_every_sweep_member_equals_its_single_run(tmp_path):
     """Seeds × learning rates × two heterogeneity levels, one compiled round: each member equals
-    the single run of its seed, learning rate and overlap."""
+    the single run of its seed, learning rate and overlap; the method is built once per level."""
     config = config_lib.load(
         None,
         [
@@ -56,7 +57,13 @@ def test_every_sweep_member_equals_its_single_run(tmp_path):
             "sweep.overlaps=[0.0,0.5]",
         ],
     )
-    doc = run_sweep(config, tmp_path)
+    spec, built = METHODS["fedavg"], []
+    counted = lambda problem, options: built.append(problem) or spec.factory(problem, options)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(METHODS, "fedavg", dataclasses.replace(spec, factory=counted))
+        doc = run_sweep(config, tmp_path)
+    # built once per level, and traced once in each compiled program (round, evaluation)
+    assert len(built) == 2 + 2
     members = doc["members"]
     assert [(m["overlap"], m["seed"], m["lr"]) for m in members] == [
         (overlap, seed, lr) for overlap in (0.0, 0.5) for seed in (0, 1) for lr in (0.01, 0.03)
@@ -141,6 +148,18 @@ def test_sweep_settings_are_validated(tmp_path):
     with pytest.raises(ValueError, match="cannot nest the 'sharded' strategy"):
         run_sweep(config, tmp_path / "never")
     assert not (tmp_path / "never").exists()
+
+
+def test_a_method_without_sweeps_is_refused_before_any_method_runs(tmp_path):
+    """`scaffold` (no vectorized sweeps) listed after `fedavg`: refused before `fedavg`'s sweep
+    round is compiled, nothing written."""
+    config = config_lib.load(None, [*TINY, "methods=[fedavg,scaffold]", "sweep.seeds=[0,1]"])
+    with (
+        compilations() as compiled,
+        pytest.raises(ValueError, match="scaffold.* cannot be vectorized"),
+    ):
+        run_sweep(config, tmp_path / "never")
+    assert "jit(sweep_round)" not in compiled and not (tmp_path / "never").exists()
 
 
 def test_multi_process_launchers_are_detected_from_the_environment():
