@@ -69,7 +69,7 @@ OPTIONS += [
 # placements, so this runs every code path that `vmap` and `sharded` (inner `map`) run; the
 # strategies themselves are compared on every kind in tests/test_engine.py.
 SHARDED_VMAP = Strategy(kind="sharded", inner="vmap", num_devices=2)
-# One pooled client: one client group, the base over all devices.
+# One pooled client: one client group of the 4 devices.
 POOLED = Strategy(kind="sharded", inner="vmap", model_devices=4)
 # Cohort and sweep runs compile the round again: run on these (every other method's refusal is
 # still checked); the capabilities decide, so a new round kind belongs here.
