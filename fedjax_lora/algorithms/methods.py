@@ -136,8 +136,8 @@ def centralized(problem: Problem, options: NoOptions = NoOptions()) -> Algorithm
     """One model trained on all clients' pooled training data (the upper reference of
     collaboration without personalization), evaluated on every client's sets. It trains one
     model on all the data every round, so it takes no client cohorts, and under the `sharded`
-    strategy it needs one client group (`strategy.model_devices` = `strategy.num_devices`: the
-    base sharded over the devices); more groups are refused."""
+    strategy it needs one client group (`strategy.model_devices` = the number of devices it
+    uses: the base sharded over them); more groups are refused."""
     del options
     strategy = problem.strategy
     if strategy.kind == "sharded" and (groups := strategy.mesh().shape[CLIENT_AXIS]) > 1:
