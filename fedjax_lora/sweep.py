@@ -18,7 +18,9 @@ r"""Vectorized sweeps: `S` independent simulations as one more mapped axis of on
   reads its data on the host (`Capabilities.data_axis` false, e.g. `centralized`'s pooled
   stream), or levels of different shapes, run one program per level; `sweep.json`'s `programs`
   says how many each method compiled. A method whose round has a host step
-  (`Capabilities.sweeps` false: FedAMoLE with RSEA) is refused (`NotVectorizable`).
+  (`Capabilities.sweeps` false: FedAMoLE with RSEA) is refused (`NotVectorizable`). Every
+  method is built once (`prepare`), all of them before the first one runs, so a refusal comes
+  before any compute.
 
 Results: `sweep.json` (every member's per-round validation and test perplexities and final
 metrics) and `sweep.md` (per method, heterogeneity and learning rate: mean ± sample standard
@@ -122,6 +124,46 @@ def _shapes(tree: PyTree) -> tuple:
 Check = Callable[[int, int, dict, PyTree], None]
 
 
+@dataclasses.dataclass(frozen=True)
+class SweepMethod:
+    """One method built for a sweep over heterogeneity levels: `levels` (the problems with the
+    sweep's optimizer, `sweep_optimizer`), `algos` (the method built on each) and `factory`
+    (the method's `Problem -> Algorithm`, traced again on the stacked data when `data_axis`).
+    `data_axis`: the levels run as one vmapped axis of one program (their data have equal
+    shapes and the method does not read its data on the host)."""
+
+    name: str
+    factory: Callable
+    levels: list
+    algos: list
+    data_axis: bool
+
+
+def prepare(name: str, problems: list, config: ExperimentConfig) -> SweepMethod:
+    """Builds `name` on every problem for a sweep, refusing before any compute
+    (`NotVectorizable`) a `sharded` strategy, an optimizer that is not an `OptimizerConfig` and a
+    method without vectorized sweeps (`check_sweepable`)."""
+    from fedjax_lora.experiment.problem import method_factory
+
+    if problems[0].strategy.kind == "sharded":
+        raise NotVectorizable(
+            "a sweep maps simulations with vmap and cannot nest the 'sharded' strategy; set "
+            "strategy.kind to map, chunked or vmap"
+        )
+    if not isinstance(problems[0].optimizer, OptimizerConfig):
+        raise NotVectorizable(
+            "a sweep needs the optimizer as an OptimizerConfig (config.optimizer)"
+        )
+    optimizer = sweep_optimizer(problems[0].optimizer)
+    levels = [dataclasses.replace(p, optimizer=optimizer) for p in problems]
+    factory = method_factory(name, config)
+    algos = [factory(p) for p in levels]
+    check_sweepable(algos[0])
+    equal = len({_shapes(_level_data(p)) for p in problems}) == 1
+    data_axis = equal and algos[0].method.capabilities.data_axis
+    return SweepMethod(name, factory, levels, algos, data_axis)
+
+
 def run_members(
     name: str,
     problems: list,
@@ -140,54 +182,47 @@ def run_members(
     one vmapped axis of one program when their data have equal shapes, and problems of equal
     shapes share compiled programs; a method whose factory needs its data on the host runs one
     program per level with its data as constants (`program`: the member's program)."""
-    if len({_shapes(_level_data(p)) for p in problems}) == 1:
-        try:
-            return _run_members(name, problems, config, seeds, lrs, check, data_axis=True)
-        except NotVectorizable:
-            pass
+    return _run(prepare(name, problems, config), config, seeds, lrs, check)
+
+
+def _run(
+    method: SweepMethod,
+    config: ExperimentConfig,
+    seeds: list[int],
+    lrs: list[float],
+    check: Check | None = None,
+) -> list[dict[str, Any]]:
+    """`run_members` of a prepared method."""
+    every = list(range(len(method.levels)))
+    if method.data_axis:
+        return _run_members(method, every, config, seeds, lrs, check)
     members = []
-    for level, problem in enumerate(problems):
+    for level in every:
         offset = level * len(seeds) * len(lrs)
         shifted = None if check is None else lambda i, *a, o=offset: check(i + o, *a)
-        for m in _run_members(name, [problem], config, seeds, lrs, shifted, data_axis=False):
+        for m in _run_members(method, [level], config, seeds, lrs, shifted):
             members.append({**m, "level": level, "program": level})
     return members
 
 
 def _run_members(
-    name: str,
-    problems: list,
+    method: SweepMethod,
+    run_levels: list[int],
     config: ExperimentConfig,
     seeds: list[int],
     lrs: list[float],
     check: Check | None,
-    *,
-    data_axis: bool,
 ) -> list[dict[str, Any]]:
-    """`run_members` as one program: `jit(vmap over levels (vmap over seeds × lrs (round)))`;
-    with `data_axis` the levels' data and the base are arguments of the round, otherwise there
-    is one level and its data are constants of the program."""
-    from fedjax_lora.experiment.problem import method_factory
+    """`run_members` over the levels `run_levels` of `method` as one program:
+    `jit(vmap over levels (vmap over seeds × lrs (round)))`; with `method.data_axis` the levels'
+    data and the base are arguments of the round, otherwise there is one level and its data are
+    constants of the program."""
     from fedjax_lora.experiment.records import _round_record, round_costs, scored
     from fedjax_lora.experiment.run import _finite_per_client
 
-    problem = problems[0]
-    if problem.strategy.kind == "sharded":
-        raise NotVectorizable(
-            "a sweep maps simulations with vmap and cannot nest the 'sharded' strategy; set "
-            "strategy.kind to map, chunked or vmap"
-        )
-    if not isinstance(problem.optimizer, OptimizerConfig):
-        raise NotVectorizable(
-            "a sweep needs the optimizer as an OptimizerConfig (config.optimizer)"
-        )
-    optimizer = sweep_optimizer(problem.optimizer)
-    levels = [dataclasses.replace(p, optimizer=optimizer) for p in problems]
-    factory = method_factory(name, config)
-    algos = [factory(p) for p in levels]
-    check_sweepable(algos[0])
-    if data_axis and not algos[0].method.capabilities.data_axis:
-        raise NotVectorizable(f"method {name!r} reads its data on the host")
+    name, factory, data_axis = method.name, method.factory, method.data_axis
+    levels = [method.levels[level] for level in run_levels]
+    algos = [method.algos[level] for level in run_levels]
     grid = list(itertools.product(seeds, lrs))
     sims, costs = [], []
     for algo, level in zip(algos, levels, strict=True):
@@ -292,7 +327,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 def run_sweep(config: ExperimentConfig, out_dir: str | Path) -> dict[str, Any]:
     """Runs the config's sweep grid for every method; writes `sweep.json` and `sweep.md` under
     `out_dir` and returns the JSON document."""
-    from fedjax_lora.experiment import build_problem, method_factory
+    from fedjax_lora.experiment.problem import build_problem
 
     spec = config.sweep
     spec.check_seeds()
@@ -305,12 +340,12 @@ def run_sweep(config: ExperimentConfig, out_dir: str | Path) -> dict[str, Any]:
     for overlap in overlaps:
         problem, _ = build_problem(merge_base(config, {"data": {"overlap": overlap}}))
         problems.append(problem)
-    for name in config.methods:  # every method checked before any runs
-        check_sweepable(method_factory(name, config)(problems[0]))
+    # Every method is built (and refused) before any of them runs.
+    methods = [prepare(name, problems, config) for name in config.methods]
     members, compiled = [], []
-    for name in config.methods:
+    for name, method in zip(config.methods, methods, strict=True):
         start = time.perf_counter()
-        run = run_members(name, problems, config, seeds, lrs)
+        run = _run(method, config, seeds, lrs)
         programs = len({m.pop("program") for m in run})
         for m in run:
             m.pop("state")

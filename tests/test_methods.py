@@ -5,7 +5,10 @@ Per method: two rounds run and stay finite; round 2 compiles nothing; a checkpoi
 after round 1 round-trips and the resumed round 2 equals the uninterrupted one bit for bit; a
 cohort of K = N equals full participation, or the method refuses cohorts before any compute; a
 method that declares vectorized sweeps runs under the sweep's vmapped round, the others are
-refused. The client strategies `map`, `vmap` and `sharded` (4 forced CPU devices) agree to 1e-5.
+refused. Round 1 under `map` (the setup's strategy) agrees to 1e-5 with round 1 under `sharded`
+over 2 of the 4 forced CPU devices with `vmap` inside: every method's client program batched
+and its server program on client-sharded arrays, in one more compilation (`centralized`'s one
+pooled client: one group of 4 devices; more groups are refused).
 Every method declares what a round moves (`ServerProgram.comm`): bytes for every client, zero
 exactly for the methods that exchange nothing.
 """
@@ -22,6 +25,7 @@ from fedjax_lora import config as config_lib
 from fedjax_lora.algorithms import METHODS
 from fedjax_lora.checkpoint import Checkpointer
 from fedjax_lora.engine.cohort import Cohort
+from fedjax_lora.errors import ConfigError
 from fedjax_lora.experiment import build_problem, method_factory
 from fedjax_lora.settings import Strategy
 from fedjax_lora.sweep import run_members
@@ -60,12 +64,16 @@ OPTIONS += [
     if hasattr(spec.options, "router_batches")
 ]
 
-# The strategy comparison compiles every round twice more; these cover every kind of round
-# (generic, trust matrix, own client program, own server program, host step). Not centralized:
-# its one pooled client does not split over 4 devices.
-STRATEGY_METHODS = ["fedavg", "pcl-val", "comigs", "hetlora", "fdlora", "fedamole"]
-# Cohort and sweep runs compile the round again: run on these (every other method's refusal is
-# still checked); the capabilities decide, so a new round kind belongs here.
+# The strategies compared with `map`, in one compilation: `vmap` clients (2 per device) inside
+# `sharded` client groups. A method sees the strategy only through `map_clients` and the
+# placements, so this runs every code path that `vmap` and `sharded` (inner `map`) run; the
+# strategies themselves are compared on every kind in tests/test_engine.py.
+SHARDED_VMAP = Strategy(kind="sharded", inner="vmap", num_devices=2)
+# One pooled client: one client group of the 4 devices.
+POOLED = Strategy(kind="sharded", inner="vmap", model_devices=4)
+# Cohort runs compile the round again: run on these (every other method's refusal is still
+# checked); the capabilities decide, so a new round kind belongs here. Every method that declares
+# sweeps runs one (a method's factory runs traced there: surgery, host reads).
 RUN_METHODS = ["fedavg", "pcl-val", "fedit", "fedamole-r", "fedadam", "fedprox", "scaffold"]
 
 
@@ -85,9 +93,11 @@ def _leaves(tree) -> list[np.ndarray]:
     return [np.asarray(data(x)) for x in jax.tree.leaves(jax.device_get(tree))]
 
 
-def _close(a, b, tol: float = 1e-5) -> None:
+def _close(a, b, tol: float = 1e-5, what: str = "") -> None:
     for x, y in zip(_leaves(a), _leaves(b), strict=True):
-        np.testing.assert_allclose(x.astype(np.float64), y.astype(np.float64), rtol=tol, atol=tol)
+        np.testing.assert_allclose(
+            x.astype(np.float64), y.astype(np.float64), rtol=tol, atol=tol, err_msg=what
+        )
 
 
 def _lowerings() -> list[str]:
@@ -118,6 +128,13 @@ def test_method_contract(name, setup, tmp_path):
         for x in _leaves(metrics1[split]):
             assert np.all(np.isfinite(x)), f"{name}: non-finite {split} metric"
 
+    assert problem.strategy.kind == "map"
+    strategy = POOLED if name == "centralized" else SHARDED_VMAP
+    sharded = method_factory(name, config)(dataclasses.replace(problem, strategy=strategy))
+    _, sharded_metrics = sharded.round(sharded.init(jax.random.key(0)))
+    for split in ("val", "train"):
+        _close(metrics1[split], sharded_metrics[split], what=f"{name}: {split} under {strategy}")
+
     checkpoints = Checkpointer(tmp_path)
     checkpoints.save(1, sim1, [])
     step, restored, _ = checkpoints.restore_latest(sim1)
@@ -146,7 +163,7 @@ def test_method_contract(name, setup, tmp_path):
             method_factory(name, config)(everyone)
 
     one_round = dataclasses.replace(config, rounds=1)
-    if algo.method.capabilities.sweeps and name in RUN_METHODS:
+    if algo.method.capabilities.sweeps:
         (member,) = run_members(name, [problem], one_round, [0], [config.optimizer.lr])
         assert not member["diverged"] and len(member["records"]) == 2
     elif not algo.method.capabilities.sweeps:
@@ -175,13 +192,8 @@ def test_every_method_reports_its_bytes(name, setup):
             assert np.all(sent > 0), f"{name}: no bytes reported for some client: {sent}"
 
 
-@pytest.mark.parametrize("name", STRATEGY_METHODS)
-def test_strategies_agree(name, setup):
+def test_centralized_refuses_client_groups_it_cannot_split(setup):
     config, problem = setup
-    results = []
-    for strategy in (Strategy(kind="map"), Strategy(kind="vmap"), Strategy(kind="sharded")):
-        algo = method_factory(name, config)(dataclasses.replace(problem, strategy=strategy))
-        sim, metrics = algo.round(algo.init(jax.random.key(0)))
-        results.append((metrics["val"], metrics["train"]["train_loss"]))
-    for other in results[1:]:
-        _close(results[0], other)
+    four = dataclasses.replace(problem, strategy=Strategy(kind="sharded"))
+    with pytest.raises(ConfigError, match="one pooled client.*4 client groups.*model_devices"):
+        method_factory("centralized", config)(four)

@@ -13,6 +13,7 @@ import pytest
 
 from fedjax_lora import cli
 from fedjax_lora import config as config_lib
+from fedjax_lora.algorithms import METHODS
 from fedjax_lora.distributed import initialize_from_env, launcher
 from fedjax_lora.experiment import build_problem, run_method
 from fedjax_lora.sweep import run_sweep
@@ -42,9 +43,11 @@ TINY = [
 ]
 
 
-def test_every_sweep_member_equals_its_single_run(tmp_path):
-    """Seeds × learning rates × two heterogeneity levels, one compiled round: each member equals
-    the single run of its seed, learning rate and overlap."""
+def test_sweep_members_equal_their_single_runs(tmp_path):
+    """Seeds × learning rates × two heterogeneity levels, one compiled round: a member equals the
+    single run of its seed, learning rate and overlap (checked on 4 of the 8 members, which hold
+    every pair of values of any two of the three axes: a member given another's seed, rate or
+    data shows); the method is built once per level."""
     config = config_lib.load(
         None,
         [
@@ -56,16 +59,25 @@ def test_every_sweep_member_equals_its_single_run(tmp_path):
             "sweep.overlaps=[0.0,0.5]",
         ],
     )
-    doc = run_sweep(config, tmp_path)
+    spec, built = METHODS["fedavg"], []
+    counted = lambda problem, options: built.append(problem) or spec.factory(problem, options)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(METHODS, "fedavg", dataclasses.replace(spec, factory=counted))
+        doc = run_sweep(config, tmp_path)
+    # built once per level, and traced once in each compiled program (round, evaluation)
+    assert len(built) == 2 + 2
     members = doc["members"]
     assert [(m["overlap"], m["seed"], m["lr"]) for m in members] == [
         (overlap, seed, lr) for overlap in (0.0, 0.5) for seed in (0, 1) for lr in (0.01, 0.03)
     ]
     assert doc["programs"][0]["programs"] == 1  # the levels are one more mapped axis
+    odd = lambda m: (m["overlap"] == 0.5) != (m["seed"] == 1)
+    checked = [m for m in members if (m["lr"] == 0.03) == odd(m)]  # lr = level XOR seed
+    assert len(checked) == 4
     for overlap in (0.0, 0.5):
         level = config_lib.merge_base(config, {"data": {"overlap": overlap}})
         problem, _ = build_problem(level)
-        for m in (m for m in members if m["overlap"] == overlap):
+        for m in (m for m in checked if m["overlap"] == overlap):
             single = config_lib.merge_base(level, {"seed": m["seed"], "optimizer": {"lr": m["lr"]}})
             records = run_method(
                 "fedavg",
@@ -93,7 +105,7 @@ def test_heterogeneity_levels_run_in_one_compiled_round(tmp_path):
     """Three overlap levels × 2 seeds compile the sweep's round and evaluation once (JAX's
     compilation events), `pcl-oracle`'s mixtures included; a method that reads its data on the
     host (`centralized`'s pooled stream: `Capabilities.data_axis` false) runs one program per
-    level."""
+    level (two levels here)."""
     with compilations() as compiled:
         config = config_lib.load(
             None,
@@ -109,9 +121,9 @@ def test_heterogeneity_levels_run_in_one_compiled_round(tmp_path):
         doc = run_sweep(oracle, tmp_path / "oracle")
         assert compiled.count("jit(sweep_round)") == 1 and doc["programs"][0]["programs"] == 1
         compiled.clear()
-        pooled = config_lib.merge_base(config, {"methods": ["centralized"]})
-        doc = run_sweep(pooled, tmp_path / "per-level")
-        assert compiled.count("jit(sweep_round)") == 3 and doc["programs"][0]["programs"] == 3
+        two = {"methods": ["centralized"], "sweep": {"overlaps": [0.0, 0.5]}}
+        doc = run_sweep(config_lib.merge_base(config, two), tmp_path / "per-level")
+        assert compiled.count("jit(sweep_round)") == 2 and doc["programs"][0]["programs"] == 2
 
 
 def test_sweep_command_writes_the_table_over_heterogeneity_levels(tmp_path, capsys):
@@ -141,6 +153,18 @@ def test_sweep_settings_are_validated(tmp_path):
     with pytest.raises(ValueError, match="cannot nest the 'sharded' strategy"):
         run_sweep(config, tmp_path / "never")
     assert not (tmp_path / "never").exists()
+
+
+def test_a_method_without_sweeps_is_refused_before_any_method_runs(tmp_path):
+    """`scaffold` (no vectorized sweeps) listed after `fedavg`: refused before `fedavg`'s sweep
+    round is compiled, nothing written."""
+    config = config_lib.load(None, [*TINY, "methods=[fedavg,scaffold]", "sweep.seeds=[0,1]"])
+    with (
+        compilations() as compiled,
+        pytest.raises(ValueError, match="scaffold.* cannot be vectorized"),
+    ):
+        run_sweep(config, tmp_path / "never")
+    assert "jit(sweep_round)" not in compiled and not (tmp_path / "never").exists()
 
 
 def test_multi_process_launchers_are_detected_from_the_environment():

@@ -36,7 +36,7 @@ from fedjax_lora.algorithms.base import (
 from fedjax_lora.algorithms.problem import Problem
 from fedjax_lora.algorithms.registry import METHODS, NoOptions, get_method, register
 from fedjax_lora.errors import ConfigError
-from fedjax_lora.settings import DPOptions, ServerOptimizer
+from fedjax_lora.settings import CLIENT_AXIS, DPOptions, ServerOptimizer
 
 __all__ = ["METHODS", "FedAvgOptions", "centralized", "fedavg", "get_method", "local", "register"]
 
@@ -135,8 +135,17 @@ SERVER_KINDS = {"fedavgm": "sgd", "fedadam": "adam", "fedyogi": "yogi", "fedadag
 def centralized(problem: Problem, options: NoOptions = NoOptions()) -> Algorithm:
     """One model trained on all clients' pooled training data (the upper reference of
     collaboration without personalization), evaluated on every client's sets. It trains one
-    model on all the data every round, so it takes no client cohorts."""
+    model on all the data every round, so it takes no client cohorts, and under the `sharded`
+    strategy it needs one client group (`strategy.model_devices` = the number of devices it
+    uses: the base sharded over them); more groups are refused."""
     del options
+    strategy = problem.strategy
+    if strategy.kind == "sharded" and (groups := strategy.mesh().shape[CLIENT_AXIS]) > 1:
+        raise ConfigError(
+            f"centralized trains one pooled client, which strategy 'sharded' cannot split over "
+            f"{groups} client groups of devices; set strategy.kind to map or vmap, or "
+            "strategy.model_devices to the device count"
+        )
     pooled = problem.train.pooled()
     method = Method(
         "centralized",
