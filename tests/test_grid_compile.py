@@ -117,3 +117,24 @@ def test_a_cells_seeds_run_as_one_sweep_equal_to_their_single_runs(tmp_path):
                     rtol=2e-5,
                     err_msg=f"{seed} {method} {key}",
                 )
+
+
+def test_the_toolbox_grid_composes_what_the_docs_say():
+    from fedjax_lora.experiment import method_factory
+    from fedjax_lora.grid import cell_config, load_grid
+
+    grid = load_grid(ROOT / "experiments" / "configs" / "toolbox.yaml")
+    cells = {}
+    for cell in grid["cells"]:
+        methods = cell.get("methods", grid["methods"])
+        config = cell_config(grid, cell, grid["seeds"][0], methods, [])
+        for m in methods:
+            method_factory(m, config)  # raises on an unknown option or a bad value
+        cells[cell["name"]] = config
+    dp = cells["dp-fedadam"]
+    assert dp.aggregation.dp.noise_multiplier == 1.0 and dp.aggregation.dp.clip_norm == 0.5
+    assert dp.method_options["ffa-lora"]["server_opt"]["kind"] == "adam"
+    assert cells["fedyogi-generalist"].method_options["comigs"]["server_opt"]["kind"] == "yogi"
+    trimmed = cells["cohort-4-trimmed-mean"]
+    assert trimmed.data.cohort_size == 4 and trimmed.aggregation.reduction == "trimmed_mean"
+    assert cells["defaults"].aggregation.default and cells["cohort-4"].aggregation.default
