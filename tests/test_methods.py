@@ -3,12 +3,13 @@ the guarantees of the one round (`fedjax_lora.algorithms.base.build`).
 
 Per method: two rounds run and stay finite; round 2 compiles nothing; a checkpoint of the state
 after round 1 round-trips and the resumed round 2 equals the uninterrupted one bit for bit; a
-cohort of K = N equals full participation, or the method refuses cohorts before any compute; a
 method that declares vectorized sweeps runs under the sweep's vmapped round, the others are
 refused. Round 1 under `map` (the setup's strategy) agrees to 1e-5 with round 1 under `sharded`
-over 2 of the 4 forced CPU devices with `vmap` inside: every method's client program batched
-and its server program on client-sharded arrays, in one more compilation (`centralized`'s one
-pooled client: one group of 4 devices; more groups are refused).
+over 2 of the 4 forced CPU devices with `vmap` inside, under a cohort of every client (K = N)
+for a method that takes cohorts: every method's client program batched, its server program on
+client-sharded arrays, and the cohort's gather and scatter, in one more compilation
+(`centralized`'s one pooled client: one group of 4 devices; more groups are refused). A method
+that does not take cohorts refuses them before any compute.
 Every method declares what a round moves (`ServerProgram.comm`): bytes for every client, zero
 exactly for the methods that exchange nothing.
 """
@@ -71,10 +72,6 @@ OPTIONS += [
 SHARDED_VMAP = Strategy(kind="sharded", inner="vmap", num_devices=2)
 # One pooled client: one client group of the 4 devices.
 POOLED = Strategy(kind="sharded", inner="vmap", model_devices=4)
-# Cohort runs compile the round again: run on these (every other method's refusal is still
-# checked); the capabilities decide, so a new round kind belongs here. Every method that declares
-# sweeps runs one (a method's factory runs traced there: surgery, host reads).
-RUN_METHODS = ["fedavg", "pcl-val", "fedit", "fedamole-r", "fedadam", "fedprox", "scaffold"]
 
 
 @pytest.fixture(scope="module")
@@ -128,12 +125,21 @@ def test_method_contract(name, setup, tmp_path):
         for x in _leaves(metrics1[split]):
             assert np.all(np.isfinite(x)), f"{name}: non-finite {split} metric"
 
+    # One more compilation checks two guarantees: the strategies agree, and a method that takes
+    # cohorts gives under a cohort of every client (K = N) what full participation gives.
     assert problem.strategy.kind == "map"
     strategy = POOLED if name == "centralized" else SHARDED_VMAP
-    sharded = method_factory(name, config)(dataclasses.replace(problem, strategy=strategy))
+    cohorts = algo.method.capabilities.cohorts
+    everyone = Cohort(problem.num_clients) if cohorts else None
+    other = dataclasses.replace(problem, strategy=strategy, cohort=everyone)
+    sharded = method_factory(name, config)(other)
     _, sharded_metrics = sharded.round(sharded.init(jax.random.key(0)))
-    for split in ("val", "train"):
-        _close(metrics1[split], sharded_metrics[split], what=f"{name}: {split} under {strategy}")
+    train = dict(sharded_metrics["train"])
+    if cohorts:
+        np.testing.assert_array_equal(train.pop("cohort"), np.arange(problem.num_clients))
+    what = f"{name} under {strategy}" + (" and a cohort of every client" if cohorts else "")
+    _close(metrics1["val"], sharded_metrics["val"], what=f"{what}: val")
+    _close(metrics1["train"], train, what=f"{what}: train")
 
     checkpoints = Checkpointer(tmp_path)
     checkpoints.save(1, sim1, [])
@@ -152,15 +158,11 @@ def test_method_contract(name, setup, tmp_path):
     for a, b in zip(_leaves((sim2, metrics2)), _leaves((resumed, resumed_metrics)), strict=True):
         np.testing.assert_array_equal(a, b)
 
-    everyone = dataclasses.replace(problem, cohort=Cohort(problem.num_clients))
-    if algo.method.capabilities.cohorts and name in RUN_METHODS:
-        cohort_algo = method_factory(name, config)(everyone)
-        sampled1, sampled_metrics = cohort_algo.round(cohort_algo.init(jax.random.key(0)))
-        _close(sampled1.clients, sim1.clients)
-        _close(sampled_metrics["val"], metrics1["val"])
-    elif not algo.method.capabilities.cohorts:
+    if not cohorts:  # refused before any compute
         with pytest.raises(ValueError, match="unset data.cohort_size"):
-            method_factory(name, config)(everyone)
+            method_factory(name, config)(
+                dataclasses.replace(problem, cohort=Cohort(problem.num_clients))
+            )
 
     one_round = dataclasses.replace(config, rounds=1)
     if algo.method.capabilities.sweeps:
