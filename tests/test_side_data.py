@@ -14,7 +14,8 @@ import pytest
 from fedjax_lora import config as config_lib
 from fedjax_lora.algorithms import METHODS, MethodSpec, NoOptions, SideData, local
 from fedjax_lora.cli import main
-from fedjax_lora.experiment import build_problem
+from fedjax_lora.errors import ConfigError
+from fedjax_lora.experiment import SOURCES, build_problem
 
 # Sizing only (the vocabulary stays the demo's, so pcl-pred's top-100 fits; the validation
 # stream fits eval.max_windows, as CoMiGS's random router batches need).
@@ -117,3 +118,26 @@ def test_declared_side_data_reaches_the_problem_without_flags(monkeypatch):
         config_lib.load(None, [*SMALL, "methods=[needs-all]", "data.aux_fraction=0.2"])
     )
     np.testing.assert_array_equal(explicit.train.lengths, full - np.round(full * 0.2))
+
+
+def test_side_data_a_source_does_not_provide_is_refused_before_anything_is_built(
+    monkeypatch, tmp_path
+):
+    # dolly provides neither a reference set nor mixtures (`SourceSpec.provides`): the refusal
+    # comes before its file (absent here) is read or a model is built.
+    monkeypatch.setitem(METHODS, "needs-all", _NEEDS_ALL)
+    missing = tmp_path / "absent.jsonl"
+    config = config_lib.load(
+        None, [*SMALL, "methods=[needs-all]", "data.source=dolly", f"data.paths=[{missing}]"]
+    )
+    with pytest.raises(ConfigError) as refused:
+        build_problem(config)
+    message = str(refused.value)
+    assert "\n" not in message and "['needs-all'] need the data's reference" in message
+    assert "data.source='dolly' does not provide" in message
+    providers = [name for name, spec in SOURCES.items() if "reference" in spec.provides]
+    assert providers and f"({', '.join(providers)})" in message
+    # A source that declares it but builds none (no reference windows asked for) still says so.
+    empty = config_lib.load(None, [*SMALL, "methods=[needs-all]", "data.reference_sequences=0"])
+    with pytest.raises(ValueError, match="need the data's reference.*reference_sequences > 0"):
+        build_problem(empty)

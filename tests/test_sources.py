@@ -163,6 +163,8 @@ def test_every_source_builds_and_validates_from_a_config(name, cases):
     assert checked_source(config) is SOURCES[name]
     data = build_data(config, 256, tokenizer)
     assert isinstance(data, FederatedData) and data.num_clients == clients
+    for what in ("reference", "mixtures"):  # the side data it declares, and no other
+        assert (getattr(data, what) is not None) == (what in SOURCES[name].provides), what
     for split in ("train", "val", "test"):
         tokens = data.split(split)
         for i in range(clients):

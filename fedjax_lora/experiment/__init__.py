@@ -22,20 +22,22 @@ from typing import Any
 _EXPORTS = {
     "sources": (
         "SOURCES",
+        "SIDE_DATA",
         "SourceSpec",
         "checked_source",
         "describe_sources",
         "get_source",
         "register_source",
+        "side_data_fix",
         "text_tokenizer",
     ),
     "problem": (
-        "SIDE_DATA_FIX",
         "SPLITS",
         "base_tokenizer",
         "build_data",
         "build_model",
         "build_problem",
+        "check_side_data",
         "method_factory",
         "side_needs",
     ),

@@ -12,6 +12,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from fedjax_lora import lora
@@ -24,7 +25,8 @@ from fedjax_lora.data import (
     stack_streams,
 )
 from fedjax_lora.data.streams import split_tail
-from fedjax_lora.experiment.sources import checked_source, get_source
+from fedjax_lora.errors import ConfigError
+from fedjax_lora.experiment.sources import SIDE_DATA, checked_source, get_source, side_data_fix
 from fedjax_lora.models.config import ModelConfig
 from fedjax_lora.models.factory import from_config
 from fedjax_lora.options import resolve
@@ -142,6 +144,7 @@ def build_problem(config: ExperimentConfig) -> tuple[Problem, FederatedData]:
     for name in dict.fromkeys((*config.methods, *config.method_options)):
         method_factory(name, config)  # unknown methods and options fail before any compute
     needs = side_needs(config)
+    check_side_data(config, needs)
     aux_fraction = config.data.aux_fraction
     if aux_fraction is None:
         aux_fraction = max((need.aux for need in needs.values()), default=0.0)
@@ -171,12 +174,12 @@ def build_problem(config: ExperimentConfig) -> tuple[Problem, FederatedData]:
         side["aux"] = eval_windows(
             aux, seq, ev.max_windows, data.client_names, stride=stride, masked=data.example_rows
         )
-    for what in ("reference", "mixtures"):
+    for what in SIDE_DATA:  # declared, but not built (e.g. data.reference_sequences = 0)
         wanting = [name for name, need in needs.items() if getattr(need, what)]
-        if wanting and getattr(data, what) is None:
-            raise ValueError(
+        if wanting and (getattr(data, what) is None or not np.size(getattr(data, what))):
+            raise ConfigError(
                 f"method(s) {wanting} need the data's {what}, which data.source="
-                f"{config.data.source!r} does not provide; {SIDE_DATA_FIX[what]}"
+                f"{config.data.source!r} does not provide; {side_data_fix(what)}"
             )
         if wanting:
             side[what] = getattr(data, what)
@@ -201,12 +204,18 @@ def build_problem(config: ExperimentConfig) -> tuple[Problem, FederatedData]:
     return _with_task(problem, config, data), data
 
 
-SIDE_DATA_FIX = {
-    "reference": "set data.reference_sequences > 0 with a source that holds out a reference set "
-    "(synthetic, fortunes, the trust-weighted datasets), or drop the method",
-    "mixtures": "choose a source with known client mixtures (synthetic, the trust-weighted or "
-    "CoMiGS datasets), or drop the method",
-}
+def check_side_data(config: ExperimentConfig, needs: dict[str, SideData]) -> None:
+    """Refuses, before anything is built, methods whose declared side data `config.data.source`
+    does not provide (`SourceSpec.provides`); one line naming the methods and the sources that
+    do."""
+    provides = get_source(config.data.source).provides
+    for what in SIDE_DATA:
+        wanting = [name for name, need in needs.items() if getattr(need, what)]
+        if wanting and what not in provides:
+            raise ConfigError(
+                f"method(s) {wanting} need the data's {what}, which data.source="
+                f"{config.data.source!r} does not provide; {side_data_fix(what)}"
+            )
 
 
 def side_needs(config: ExperimentConfig) -> dict[str, SideData]:

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from fedjax_lora.data import FederatedData
 
 __all__ = [
+    "SIDE_DATA",
     "SOURCES",
     "Builder",
     "SourceSpec",
@@ -39,6 +40,7 @@ __all__ = [
     "describe_sources",
     "get_source",
     "register_source",
+    "side_data_fix",
     "text_tokenizer",
 ]
 
@@ -53,7 +55,10 @@ class SourceSpec:
     one-line `doc`, the `DataSpec` `fields` it reads (besides those every source shares:
     `train_fractions`, `aux_fraction`, `cohort_*`), whether it reads `text` with a tokenizer,
     builds `data.eval_mixture=uniform` (`uniform_eval`), yields an instruction `task` for
-    `eval.generation`, and `check(config)`: its own requirements, raising `ConfigError`."""
+    `eval.generation`, `check(config)`: its own requirements, raising `ConfigError`, and the side
+    data it `provides` for the methods that declare them (`SideData`): `"reference"` (a held-out
+    reference set of `data.reference_sequences` windows, prediction trust) and `"mixtures"` (the
+    clients' known domain mixtures, the oracle)."""
 
     name: str
     builder: Builder
@@ -63,16 +68,22 @@ class SourceSpec:
     uniform_eval: bool = False
     task: bool = False
     check: Callable[[ExperimentConfig], None] | None = None
+    provides: tuple[str, ...] = ()
 
     def __call__(self, config: ExperimentConfig, vocab_size: int, tokenizer: Any) -> FederatedData:
         return self.builder(config, vocab_size, tokenizer)
 
     @property
     def supports(self) -> tuple[str, ...]:
-        """The settings only some sources build: `data.eval_mixture=uniform`,
-        `eval.generation`."""
-        return ("data.eval_mixture=uniform",) * self.uniform_eval + ("eval.generation",) * self.task
+        """What only some sources build: `data.eval_mixture=uniform`, `eval.generation`, the side
+        data it `provides`."""
+        settings = ("data.eval_mixture=uniform",) * self.uniform_eval
+        side = tuple(f"side data: {what}" for what in self.provides)
+        return settings + ("eval.generation",) * self.task + side
 
+
+SIDE_DATA = ("reference", "mixtures")
+"""The side data a source may provide beyond its splits (`SourceSpec.provides`)."""
 
 SOURCES: dict[str, SourceSpec] = {}
 """Every registered data source by name (this module registers the library's)."""
@@ -88,13 +99,18 @@ def register_source(
     uniform_eval: bool = False,
     task: bool = False,
     check: Callable[[ExperimentConfig], None] | None = None,
+    provides: tuple[str, ...] = (),
 ) -> SourceSpec:
     """Registers `builder` as `data.source: name`. `doc`: one line for `fedjax-lora sources`
     (default: the first sentence of the builder's docstring); `fields`: the `DataSpec` fields it
     reads; `text`: it reads text with the base's tokenizer (False: token ids of its own);
     `uniform_eval`: it builds `data.eval_mixture=uniform`; `task`: its data carries the
     instruction task of `eval.generation`; `check(config)`: its own requirements, raising
-    `ConfigError` before anything is built."""
+    `ConfigError` before anything is built; `provides`: the side data its `FederatedData` holds
+    (`"reference"`, `"mixtures"`; `SourceSpec`)."""
+    unknown = sorted(set(provides) - set(SIDE_DATA))
+    if unknown:
+        raise ValueError(f"data source {name!r}: provides {unknown}, not among {SIDE_DATA}")
     if name in SOURCES:
         raise ValueError(f"data source {name!r} is already registered")
     unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(DataSpec)})
@@ -103,7 +119,9 @@ def register_source(
     if doc is None:
         words = " ".join((getattr(builder, "__doc__", None) or "").split())
         doc = words.split(". ")[0].rstrip(".")
-    spec = SourceSpec(name, builder, doc, tuple(fields), text, uniform_eval, task, check)
+    spec = SourceSpec(
+        name, builder, doc, tuple(fields), text, uniform_eval, task, check, tuple(provides)
+    )
     SOURCES[name] = spec
     return spec
 
@@ -117,6 +135,18 @@ def get_source(name: str) -> SourceSpec:
             f"config field 'data.source' must be a registered data source {tuple(SOURCES)}, got "
             f"{name!r}; a module named in imports: (--import) may register_source its own"
         ) from None
+
+
+def side_data_fix(what: str) -> str:
+    """How to obtain side data `what` ("reference", "mixtures"): the registered sources that
+    provide it (`SourceSpec.provides`)."""
+    providers = ", ".join(name for name, spec in SOURCES.items() if what in spec.provides)
+    if what == "reference":
+        return (
+            f"set data.reference_sequences > 0 with a source that holds out a reference set "
+            f"({providers}), or drop the method"
+        )
+    return f"choose a source with known client mixtures ({providers}), or drop the method"
 
 
 def checked_source(config: ExperimentConfig) -> SourceSpec:
@@ -353,6 +383,7 @@ register_source(
     "sources (`data.overlap` shared between groups)",
     text=False,
     uniform_eval=True,
+    provides=("reference", "mixtures"),
 )
 register_source(
     "fortunes",
@@ -370,16 +401,19 @@ register_source(
     "`categories`, the last fortunes of each held out as the shared reference set",
     uniform_eval=True,
     check=_needs_categories,
+    provides=("reference",),
 )
 # The trust-weighted and CoMiGS splits: `from_spec` of their data module reads `data.source`.
 _TRUST = ("variant", "paper_bug_compatible", "paths", "clients_per_group", "reference_sequences")
 _TRUST_POOLS = (*_TRUST, "tokens_per_client", "val_fraction", "seed")
 _COMIGS = ("paths", "clients_per_group", "tokens_per_client", *_SPLIT)
+_TRUST_SIDE = ("reference", "mixtures")
 register_source(
     "ag_news",
     _paper_splits,
     doc="the trust-weighted paper's AG News split (`trust_datasets.ag_news`)",
     fields=_TRUST,
+    provides=_TRUST_SIDE,
 )
 register_source(
     "multilingual_wikipedia",
@@ -387,6 +421,7 @@ register_source(
     doc="the trust-weighted paper's German / Italian / French Wikipedia split "
     "(`trust_datasets.multilingual_wikipedia`)",
     fields=_TRUST_POOLS,
+    provides=_TRUST_SIDE,
 )
 register_source(
     "code_wiki",
@@ -394,18 +429,21 @@ register_source(
     doc="the trust-weighted paper's English Wikipedia / Java code split "
     "(`trust_datasets.code_wiki`)",
     fields=_TRUST_POOLS,
+    provides=_TRUST_SIDE,
 )
 register_source(
     "comigs_wikipedia",
     _paper_splits,
     doc="CoMiGS's users, one Wikipedia language each (`comigs_datasets.wikipedia`)",
     fields=("categories", *_COMIGS),
+    provides=("mixtures",),
 )
 register_source(
     "comigs_slimpajama",
     _paper_splits,
     doc="CoMiGS's users, one SlimPajama subset each (`comigs_datasets.slimpajama`)",
     fields=("categories", *_COMIGS),
+    provides=("mixtures",),
 )
 register_source(
     "comigs_ag_news",
@@ -413,6 +451,7 @@ register_source(
     doc="CoMiGS's users, one AG News class each for training, every class in validation and "
     "test (out-of-distribution; `comigs_datasets.ag_news`)",
     fields=_COMIGS,
+    provides=("mixtures",),
 )
 _INSTRUCTION = ("paths", "num_clients", "aux_fraction", "instruction_packing", *_SPLIT)
 register_source(
