@@ -174,14 +174,9 @@ def build_problem(config: ExperimentConfig) -> tuple[Problem, FederatedData]:
         side["aux"] = eval_windows(
             aux, seq, ev.max_windows, data.client_names, stride=stride, masked=data.example_rows
         )
-    for what in SIDE_DATA:  # declared, but not built (e.g. data.reference_sequences = 0)
-        wanting = [name for name, need in needs.items() if getattr(need, what)]
-        if wanting and (getattr(data, what) is None or not np.size(getattr(data, what))):
-            raise ConfigError(
-                f"method(s) {wanting} need the data's {what}, which data.source="
-                f"{config.data.source!r} does not provide; {side_data_fix(what)}"
-            )
-        if wanting:
+    check_side_data(config, needs, data)
+    for what in SIDE_DATA:
+        if any(getattr(need, what) for need in needs.values()):
             side[what] = getattr(data, what)
     shared = {}
     for name, stream in (data.shared_eval or {}).items():
@@ -204,14 +199,19 @@ def build_problem(config: ExperimentConfig) -> tuple[Problem, FederatedData]:
     return _with_task(problem, config, data), data
 
 
-def check_side_data(config: ExperimentConfig, needs: dict[str, SideData]) -> None:
-    """Refuses, before anything is built, methods whose declared side data `config.data.source`
-    does not provide (`SourceSpec.provides`); one line naming the methods and the sources that
-    do."""
+def check_side_data(
+    config: ExperimentConfig, needs: dict[str, SideData], data: FederatedData | None = None
+) -> None:
+    """Refuses methods whose declared side data `config.data.source` does not provide: before
+    anything is built, by the source's declaration (`SourceSpec.provides`); given the built
+    `data`, also side data it declares but did not build (e.g. `data.reference_sequences = 0`).
+    One line naming the methods and the sources that provide it."""
     provides = get_source(config.data.source).provides
     for what in SIDE_DATA:
         wanting = [name for name, need in needs.items() if getattr(need, what)]
-        if wanting and what not in provides:
+        held = None if data is None else getattr(data, what)
+        unbuilt = data is not None and (held is None or not np.size(held))
+        if wanting and (what not in provides or unbuilt):
             raise ConfigError(
                 f"method(s) {wanting} need the data's {what}, which data.source="
                 f"{config.data.source!r} does not provide; {side_data_fix(what)}"
